@@ -1,0 +1,327 @@
+"""Codecs: a flat fp32 pseudo-gradient to bytes for the wire, and back.
+
+Every codec is a pure, deterministic function pair over CPU tensors: the same input
+gives the same bytes, bit for bit, on every member (invariant 1 relies on it: the
+owner of a chunk encodes it once and everyone decodes those bytes). Byte layouts,
+for ``n`` elements and block size ``b`` (scales are fp32 in native byte order,
+little-endian on every platform torch supports):
+
+- ``fp32``: the ``4n`` raw bytes of the tensor. Lossless.
+- ``bf16``: ``2n`` bytes of ``x.to(bfloat16)`` (round to nearest even). Values beyond
+  the bf16 finite range are clamped to it first, so a finite input never becomes inf.
+- ``fp16``: ``2n`` bytes of ``x.to(float16)`` after clamping to [-65504, 65504]
+  (the fp16 finite range): 1e6 is sent as 65504, never as inf.
+- ``int8``: ``n`` bytes of int8 codes ``q``, then ``ceil(n/b)`` fp32 scales. Block ``i``
+  holds elements ``[i*b, (i+1)*b)``; the last block may be short (padding is never
+  sent). ``s = absmax / 127``, ``q = clamp(round_half_even(x / s), -127, 127)``,
+  decoded as ``q * s``. An all-zero block has ``s = 0`` and decodes to zeros.
+- ``fp4`` (E3M0): ``ceil(n/2)`` bytes of nibbles, then ``ceil(n/b)`` fp32 scales
+  ``s = absmax`` of each block. Element ``2j`` is the low nibble of byte ``j``,
+  element ``2j+1`` the high nibble (zero if ``n`` is odd). Nibble = ``sign << 3 | c``;
+  ``c = 0`` is zero (sign bit always 0), ``c = 1..7`` is ``±s * 2**(c - 7)``, i.e. the
+  magnitudes ``{0, s/64, s/32, ..., s/2, s}``. Each ``|x|`` goes to the nearest
+  magnitude in the linear domain, ties to the larger one (so ``|x| >= s/128`` never
+  rounds to zero). Values equal to ``±s * 2**-k`` (k = 0..6) decode exactly.
+
+Non-finite input never crashes ``encode``. With bf16/fp16/fp32 a NaN stays NaN and an
+inf becomes the largest finite value (bf16/fp16) or stays inf (fp32). With int8/fp4 a
+block holding an inf or NaN gets a non-finite scale, so its whole block decodes to
+non-finite values. Callers must reject non-finite pseudo-gradients themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+__all__ = ["CODEC_NAMES", "Codec", "get_codec"]
+
+CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
+
+_FP16_MAX = torch.finfo(torch.float16).max
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+# fp4 value (before scaling) of each nibble: 0, 2**-6, ..., 2**0, then the negatives
+# (nibble 8, "negative zero", is never produced and decodes to 0). 0 * inf is NaN, so a
+# non-finite scale makes its whole block non-finite.
+_FP4_VALUES = torch.tensor(
+    [0.0] + [2.0 ** (c - 7) for c in range(1, 8)] + [0.0] + [-(2.0 ** (c - 7)) for c in range(1, 8)]
+)
+# Rounding boundaries of fp4 relative to the scale: s/128 (between 0 and s/64), then
+# the midpoints 1.5 * 2**(c-8) between codes c-1 and c, for c = 2..7. float64 on purpose.
+_FP4_MIDPOINTS = torch.tensor([2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)], dtype=torch.float64)
+_CHUNK_NUMEL = 1 << 20
+
+
+def _check_input(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+        raise ValueError(
+            f"codecs take a 1-D fp32 CPU tensor, got dtype={x.dtype} "
+            f"shape={tuple(x.shape)} device={x.device}"
+        )
+    return x.contiguous()
+
+
+def _as(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret a uint8 slice as ``dtype`` (copying if it is not aligned for a view)."""
+    try:
+        return buf.view(dtype)
+    except RuntimeError:
+        return buf.clone().view(dtype)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` as ``(num_blocks, block_size)``, zero-padded at the end (padding is local only)."""
+    pad = -x.numel() % block_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(-1, block_size)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One wire format. Subclasses are immutable and stateless."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool] = False
+    block_size: int = 1
+
+    def encoded_nbytes(self, numel: int) -> int:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_buf(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        expected = self.encoded_nbytes(numel)
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != expected:
+            raise ValueError(
+                f"{self.name} buffer for {numel} elements must be 1-D uint8 of {expected} "
+                f"bytes, got dtype={buf.dtype} shape={tuple(buf.shape)}"
+            )
+        return buf.contiguous()
+
+
+@dataclass(frozen=True)
+class _CastCodec(Codec):
+    """Raw bytes of ``x`` cast to a float dtype (clamped to its finite range)."""
+
+    dtype: ClassVar[torch.dtype]
+    max_finite: ClassVar[float]
+
+    def encoded_nbytes(self, numel: int) -> int:
+        return numel * self.dtype.itemsize
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        if self.dtype == torch.float32:
+            return x.clone().view(torch.uint8)
+        return x.clamp(-self.max_finite, self.max_finite).to(self.dtype).view(torch.uint8)
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        buf = self._check_buf(buf, numel)
+        return _as(buf, self.dtype).to(torch.float32, copy=True)
+
+
+class _Fp32(_CastCodec):
+    name, lossless, dtype, max_finite = "fp32", True, torch.float32, math.inf
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class _Bf16(_CastCodec):
+    name, dtype, max_finite = "bf16", torch.bfloat16, _BF16_MAX
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        # Half an ulp: 8 significant bits; subnormal bf16 spacing is 2**-133.
+        a = x.abs()
+        return a * 2.0**-8 + 2.0**-134 + (a - self.max_finite).clamp(min=0)
+
+
+class _Fp16(_CastCodec):
+    name, dtype, max_finite = "fp16", torch.float16, _FP16_MAX
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        # Half an ulp: 11 significant bits; subnormal fp16 spacing is 2**-24.
+        a = x.abs()
+        return a * 2.0**-11 + 2.0**-25 + (a - self.max_finite).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class _BlockCodec(Codec):
+    """Shared layout of the blockwise codecs: payload bytes, then fp32 scales.
+
+    Work is done in chunks of whole blocks (about 1M elements) so that temporaries
+    stay in cache; only the last, possibly short, block is ever padded (locally).
+    """
+
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"{self.name} block_size must be >= 1, got {self.block_size}")
+
+    def _num_blocks(self, numel: int) -> int:
+        return -(-numel // self.block_size)
+
+    def _payload_nbytes(self, numel: int) -> int:
+        raise NotImplementedError
+
+    def encoded_nbytes(self, numel: int) -> int:
+        return self._payload_nbytes(numel) + 4 * self._num_blocks(numel)
+
+    def _chunks(self, numel: int):
+        """Yield (element slice, block slice) covering ``numel`` in whole blocks."""
+        step = self._chunk_rows() * self.block_size
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            b0 = start // self.block_size
+            yield slice(start, stop), slice(b0, b0 + self._num_blocks(stop - start))
+
+    def _chunk_rows(self) -> int:
+        return max(1, _CHUNK_NUMEL // self.block_size)
+
+    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """A (chunk rows, block_size) buffer, reused across chunks (no page faults)."""
+        return torch.empty(self._chunk_rows(), self.block_size, dtype=dtype)
+
+    def _split(self, buf: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = self._check_buf(buf, numel)
+        k = self._payload_nbytes(numel)
+        return buf[:k], _as(buf[k:], torch.float32)
+
+
+class _Int8(_BlockCodec):
+    name = "int8"
+
+    def _payload_nbytes(self, numel: int) -> int:
+        return numel
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        n = x.numel()
+        q_out = torch.empty(n, dtype=torch.int8)
+        scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
+        work = self._scratch(torch.float32)
+        for el, bl in self._chunks(n):
+            xb = _blocks(x[el], self.block_size)
+            w = work[: xb.shape[0]]
+            scale = torch.abs(xb, out=w).amax(dim=1, keepdim=True).div_(127)
+            divisor = torch.where(scale > 0, scale, 1.0)
+            torch.div(xb, divisor, out=w).round_().nan_to_num_(nan=0.0).clamp_(-127, 127)
+            q_out[el] = w.view(-1)[: el.stop - el.start]
+            scales[bl] = scale.view(-1)
+        return torch.cat([q_out.view(torch.uint8), scales.view(torch.uint8)])
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        q, scale = self._split(buf, numel)
+        q = q.view(torch.int8)
+        out = torch.empty(numel, dtype=torch.float32)
+        work = self._scratch(torch.float32)
+        for el, bl in self._chunks(numel):
+            qb = _blocks(q[el], self.block_size)
+            w = work[: qb.shape[0]]
+            w.copy_(qb).mul_(scale[bl, None])
+            out[el] = w.view(-1)[: el.stop - el.start]
+        return out
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        # s/2 from rounding to the grid, plus fp32 rounding of x/s and q*s (each about
+        # 127 * 2**-24 * s), plus an absolute term for subnormal scales.
+        absmax = _blocks(x.abs(), self.block_size).amax(dim=1, keepdim=True)
+        s = (absmax / 127).expand(-1, self.block_size).reshape(-1)[: x.numel()]
+        return s * (0.5 + 2.0**-14) + 2.0**-140
+
+
+class _Fp4(_BlockCodec):
+    name = "fp4"
+
+    def _payload_nbytes(self, numel: int) -> int:
+        return -(-numel // 2)
+
+    @staticmethod
+    def _thresholds(scale: torch.Tensor) -> torch.Tensor:
+        """Per block (rows), the 7 fp32 values t_c such that code >= c  <=>  |x| >= t_c.
+
+        The exact midpoints s/128 and 1.5 * s * 2**(c-8) are formed in float64 and
+        rounded *up* to fp32, so the fp32 comparison equals the exact one and ties go
+        to the larger magnitude. An all-zero block gets +inf (everything codes to 0).
+        """
+        exact = scale.double() * _FP4_MIDPOINTS
+        t = exact.float()
+        t = torch.where(t.double() < exact, torch.nextafter(t, torch.tensor(math.inf)), t)
+        return torch.where(scale > 0, t, math.inf)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        n = x.numel()
+        nib = torch.zeros(n + n % 2, dtype=torch.uint8)
+        scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
+        a_work, code_work, hit_work = (self._scratch(d) for d in (torch.float32, torch.uint8, torch.uint8))
+        for el, bl in self._chunks(n):
+            xb = _blocks(x[el], self.block_size)
+            k = xb.shape[0]
+            a, code, hit = a_work[:k], code_work[:k], hit_work[:k]
+            scale = torch.abs(xb, out=a).amax(dim=1, keepdim=True)
+            t = self._thresholds(scale)
+            torch.ge(a, t[:, :1], out=code)
+            for c in range(1, 7):
+                code.add_(torch.ge(a, t[:, c : c + 1], out=hit))
+            # Sign bit only for nonzero codes: x <= -t_1 is "negative and code >= 1".
+            code.add_(torch.le(xb, -t[:, :1], out=hit), alpha=8)
+            nib[el] = code.view(-1)[: el.stop - el.start]
+            scales[bl] = scale.view(-1)
+        packed = nib[0::2] | (nib[1::2] << 4)
+        return torch.cat([packed, scales.view(torch.uint8)])
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        packed, scale = self._split(buf, numel)
+        nib = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
+        out = torch.empty(numel, dtype=torch.float32)
+        idx_work, val_work = self._scratch(torch.int64), self._scratch(torch.float32)
+        for el, bl in self._chunks(numel):
+            nb = _blocks(nib[el], self.block_size)
+            idx, val = idx_work[: nb.shape[0]], val_work[: nb.shape[0]]
+            idx.copy_(nb)
+            torch.index_select(_FP4_VALUES, 0, idx.view(-1), out=val.view(-1))
+            val.mul_(scale[bl, None])
+            out[el] = val.view(-1)[: el.stop - el.start]
+        return out
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        # Exactly the distance from |x| to the nearest representable magnitude, with
+        # the magnitudes formed as the decoder forms them (s * 2**(c-7) in fp32). Both
+        # differences are exact in fp32 for the neighbours (Sterbenz). For |x| in
+        # [m, 2m] this is <= m/2; below s/64 it is <= s/128.
+        x = _check_input(x)
+        out = torch.empty_like(x)
+        for el, _ in self._chunks(x.numel()):
+            a = _blocks(x[el].abs(), self.block_size)
+            mags = a.amax(dim=1, keepdim=True) * _FP4_VALUES[:8]  # (blocks, 8), mags[:, 0] = 0
+            lo_code = torch.searchsorted(mags[:, 1:].contiguous(), a, right=True)
+            lo = mags.gather(1, lo_code)
+            hi = mags.gather(1, (lo_code + 1).clamp_(max=7))
+            err = torch.minimum(a - lo, (hi - a).abs())
+            out[el] = err.view(-1)[: el.stop - el.start]
+        return out
+
+
+_CODECS: dict[str, type[Codec]] = {c.name: c for c in (_Fp32, _Bf16, _Fp16, _Int8, _Fp4)}
+assert tuple(_CODECS) == CODEC_NAMES
+
+
+def get_codec(name: str, block_size: int = 256) -> Codec:
+    """The codec called ``name``; ``block_size`` applies to int8 and fp4 only."""
+    if name not in _CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    cls = _CODECS[name]
+    return cls(block_size=block_size) if issubclass(cls, _BlockCodec) else cls()

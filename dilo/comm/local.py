@@ -1,0 +1,58 @@
+"""An in-process backend: members are threads of one process (tests, research).
+
+`local_groups(n)` returns n groups that share a rendezvous; give one to each thread.
+The byte collectives are the same two-phase exchange the network backends use.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from dilo.codecs import Codec
+from dilo.comm.protocol import ExchangeResult, Group, two_phase_average
+
+
+class _Rendezvous:
+    def __init__(self, size: int, timeout_s: float):
+        self.size = size
+        self.timeout_s = timeout_s
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def exchange(self, rank: int, value: object) -> list:
+        """Every member's value, in member order. Raises BrokenBarrierError on timeout."""
+        self.slots[rank] = value
+        self.barrier.wait(self.timeout_s)
+        values = list(self.slots)
+        self.barrier.wait(self.timeout_s)  # nobody overwrites a slot before all have read
+        return values
+
+
+class LocalGroup(Group):
+    def __init__(self, rendezvous: _Rendezvous, rank: int):
+        self._rv = rendezvous
+        self.rank = rank
+        self.size = rendezvous.size
+
+    def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
+        slices = self._rv.exchange(self.rank, buf.view(self.size, -1))
+        return torch.cat([s[self.rank] for s in slices])
+
+    def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._rv.exchange(self.rank, buf.clone()))
+
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])
+
+    def all_gather_object(self, obj: object) -> list:
+        return self._rv.exchange(self.rank, obj)
+
+
+def local_groups(size: int, timeout_s: float = 60.0) -> list[LocalGroup]:
+    rv = _Rendezvous(size, timeout_s)
+    return [LocalGroup(rv, rank) for rank in range(size)]

@@ -1,0 +1,137 @@
+"""The contract between the DiLoCo algorithm and a backend, and the exchange they share.
+
+A `Group` is the set of workers that average one pseudo-gradient together. The
+algorithm hands it a flat fp32 CPU tensor and a codec; the group returns the mean over
+its members, **the same bytes on every member**. That guarantee comes from the
+two-phase exchange below (as in PCCL):
+
+1. reduce-scatter: the vector is cut into one chunk per member; every member encodes
+   each chunk with the codec and sends chunk j to member j (its *owner*);
+2. the owner decodes the contributions, drops non-finite ones, sums them in fp32 in
+   member order and divides by their number, then encodes the result **once**;
+3. all-gather: every member (the owner too) decodes the owner's bytes.
+
+Because every member decodes identical bytes with the same deterministic decoder, the
+global state stays bit-identical with any codec, lossy or not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dilo.codecs import Codec
+
+
+@dataclass
+class ExchangeResult:
+    average: torch.Tensor
+    """Mean of the members' vectors (fp32, CPU), identical bytes on every member."""
+    bytes_sent: int
+    """Bytes this member put on the wire in this exchange."""
+    bytes_received: int
+    """Bytes this member took off the wire in this exchange."""
+    num_peers: int
+    """Members that took part (including this one)."""
+    seconds: float
+    """Wall time of the exchange."""
+    dropped: int = 0
+    """Contributions (chunk, member) this member rejected as owner (non-finite)."""
+    codec_error: float = 0.0
+    """Relative L2 error of the owner's encode of its averaged chunk."""
+
+
+class Group(ABC):
+    """Members that share one global state. Implemented once per backend."""
+
+    rank: int
+    size: int
+
+    @abstractmethod
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        """Mean of `flat` over the members, bit-identical everywhere."""
+
+    @abstractmethod
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        """Overwrite `flat` in place with member `src`'s copy (start-up and recovery)."""
+
+    @abstractmethod
+    def all_gather_object(self, obj: object) -> list:
+        """Every member's `obj`, in member order (small metadata: hashes, steps)."""
+
+    def close(self) -> None:
+        """Release the backend's resources."""
+
+
+class SoloGroup(Group):
+    """A lone worker: its pseudo-gradient is the average, exactly, with no wire."""
+
+    rank, size = 0, 1
+
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        pass
+
+    def all_gather_object(self, obj: object) -> list:
+        return [obj]
+
+
+def chunk_numel(numel: int, size: int, block_size: int) -> int:
+    """Elements per owner chunk: equal chunks, each a whole number of codec blocks."""
+    per_member = math.ceil(numel / size)
+    return max(block_size, math.ceil(per_member / block_size) * block_size)
+
+
+def two_phase_average(
+    flat: torch.Tensor,
+    codec: Codec,
+    rank: int,
+    size: int,
+    all_to_all: Callable[[torch.Tensor], torch.Tensor],
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+) -> ExchangeResult:
+    """The exchange described in the module docstring over two byte collectives.
+
+    `all_to_all(buf)` takes `size` equal byte slices (slice j for member j) and returns
+    `size` equal slices (slice i from member i); `all_gather(buf)` returns the
+    concatenation of every member's `buf` in member order. Both are blocking.
+    """
+    start = time.perf_counter()
+    numel = flat.numel()
+    chunk = chunk_numel(numel, size, codec.block_size)
+    padded = torch.zeros(chunk * size, dtype=torch.float32)
+    padded[:numel] = flat
+    nbytes = codec.encoded_nbytes(chunk)
+
+    send = torch.cat([codec.encode(part) for part in padded.view(size, chunk)])
+    recv = all_to_all(send).view(size, nbytes)
+
+    total = torch.zeros(chunk, dtype=torch.float32)
+    accepted = 0
+    for member in range(size):  # fixed member order: the sum is the same everywhere
+        part = codec.decode(recv[member], chunk)
+        if not torch.isfinite(part).all():
+            continue
+        total += part
+        accepted += 1
+    mean = total / accepted if accepted else total
+    encoded = codec.encode(mean)
+    decoded_own = codec.decode(encoded, chunk)
+    norm = mean.norm().item()
+    codec_error = (decoded_own - mean).norm().item() / norm if norm > 0 else 0.0
+
+    gathered = all_gather(encoded).view(size, nbytes)
+    average = torch.cat([codec.decode(gathered[m], chunk) for m in range(size)])[:numel]
+    # Counted from the buffers themselves: what leaves for other members in each phase
+    # (a member's own slice never touches the wire), and symmetrically what arrives.
+    sent = (send.numel() - nbytes) + encoded.numel() * (size - 1)
+    received = (recv.numel() - nbytes) + (gathered.numel() - encoded.numel())
+    return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
+                          dropped=size - accepted, codec_error=codec_error)

@@ -1,0 +1,69 @@
+"""The torch.distributed backend: members are the ranks of a process group (torchrun).
+
+Membership is fixed for the life of the process group; elasticity comes from
+torchrun restarting the workers, which then resume (see checkpoint.py). The exchange
+runs on CPU tensors, so the group must have a CPU-capable backend (gloo, or
+`cpu:gloo,cuda:nccl` as `init_default_group` sets up on GPU machines).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from dilo.codecs import Codec
+from dilo.comm.protocol import ExchangeResult, Group, two_phase_average
+
+# torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_default_group(timeout_s: float, use_cuda: bool) -> None:
+    """Initialise the default process group from torchrun's environment variables."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class TorchGroup(Group):
+    """All ranks of a torch.distributed process group (the default one if `pg` is None)."""
+
+    def __init__(self, pg: dist.ProcessGroup | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("TorchGroup needs an initialised torch.distributed process group")
+        self.pg = pg
+        self.rank = dist.get_rank(pg)
+        self.size = dist.get_world_size(pg)
+
+    def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(buf)
+        dist.all_to_all_single(out, buf, group=self.pg)
+        return out
+
+    def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(buf.numel() * self.size, dtype=buf.dtype)
+        _all_gather_single(out, buf, group=self.pg)
+        return out
+
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
+
+    def all_gather_object(self, obj: object) -> list:
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.pg)
+        return out
+
+    def close(self) -> None:
+        if self.pg is None and dist.is_initialized():
+            dist.destroy_process_group()

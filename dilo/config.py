@@ -1,0 +1,319 @@
+"""Configuration: nested dataclasses, TOML presets, command-line overrides.
+
+A run is described by one `Config`. It is built from defaults, then a TOML preset
+(`--config configs/tiny.toml`), then command-line overrides `--section.key value` or
+`--section.key=value`, in that order. Every value is checked before training starts;
+a mistake raises `ValueError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dilo.codecs import CODEC_NAMES
+
+MODES = ("diloco", "ddp")
+BACKENDS = ("torch", "hivemind")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Where metrics, summaries and checkpoints go."""
+    seed: int = 0
+    """Seed for model init (same on every worker) and data order."""
+    steps: int = 1000
+    """Inner steps per worker for the whole run."""
+    mode: str = "diloco"
+    """`diloco` (outer steps every H inner steps) or `ddp` (gradient all-reduce every step)."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`."""
+    threads: int = 0
+    """torch intra-op threads per process; 0 = CPU cores / local processes."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    """256 for bytes; raise it for token files made with another tokenizer."""
+    seq_len: int = 128
+    """Context length in tokens."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model."""
+    dropout: float = 0.0
+    """Dropout probability inside blocks."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """"" = embedded default (this Python's stdlib sources); else text file, folder, glob, .npy or .bin of uint16 tokens."""
+    max_bytes: int = 4_000_000
+    """Byte budget for text sources; 0 = no limit."""
+    val_fraction: float = 0.05
+    """Share of the stream held out for evaluation (every k-th 4096-token block)."""
+    batch_size: int = 16
+    """Sequences per inner step per worker."""
+    eval_batches: int = 8
+    """Batches in each evaluation."""
+    eval_every: int = 0
+    """Evaluate every N outer steps (0 = only at the end)."""
+
+
+@dataclass
+class InnerConfig:
+    lr: float = 4e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    """Linear warmup steps, then cosine decay to min_lr_ratio * lr at run.steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 = no clipping."""
+
+
+@dataclass
+class OuterConfig:
+    inner_steps: int = 500
+    """H: inner steps between outer steps."""
+    lr: float = 0.7
+    """Outer (Nesterov SGD) learning rate."""
+    momentum: float = 0.9
+    """Outer momentum."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer step."""
+
+
+@dataclass
+class CommConfig:
+    backend: str = "torch"
+    """`torch` (torch.distributed under torchrun) or `hivemind` (swarm)."""
+    codec: str = "int8"
+    """Pseudo-gradient wire format: fp32, bf16, fp16, int8, fp4."""
+    block_size: int = 256
+    """Elements per scale block for int8/fp4."""
+    timeout: float = 600.0
+    """Seconds a collective may take before the worker gives up."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Write a checkpoint every N outer steps (0 = never)."""
+    keep: int = 3
+    """How many checkpoints each worker keeps."""
+    resume: str = ""
+    """"" = start fresh, `auto` = newest valid checkpoint in run.dir (fresh if none), or a step directory path."""
+    init_from: str = ""
+    """Start a new run from the global weights of this checkpoint file or step directory."""
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 0
+    """Prometheus port (+ local rank); 0 = off."""
+    log_every: int = 10
+    """Write an inner-step metrics line every N inner steps."""
+    progress: str = "auto"
+    """Progress bar: auto (on a TTY, rank 0), on, off."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings every worker of one run must share (model, algorithm, codec)."""
+        shared = {k: self.to_dict()[k] for k in ("model", "outer")}
+        shared["comm"] = {"codec": self.comm.codec, "block_size": self.comm.block_size}
+        shared["mode"] = self.run.mode
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sections(cfg: Config) -> dict[str, object]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_type(section: object, key: str) -> type:
+    hints = typing.get_type_hints(type(section))
+    return hints[key]
+
+
+def _coerce(value: object, typ: type, key: str) -> object:
+    """Turn a TOML or command-line value into the field's type, or say what is wrong."""
+    if isinstance(typ, types.UnionType):  # pragma: no cover - no union fields yet
+        typ = typing.get_args(typ)[0]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {typ} for {key}")
+
+
+def set_value(cfg: Config, dotted: str, value: object) -> None:
+    """Set `section.key` on cfg, converting and checking the type."""
+    sections = _sections(cfg)
+    if "." not in dotted:
+        raise ValueError(f"config key {dotted!r} must look like section.key; sections: {', '.join(sections)}")
+    name, key = dotted.split(".", 1)
+    if name not in sections:
+        raise ValueError(f"unknown config section {name!r} in {dotted!r}; sections: {', '.join(sections)}")
+    section = sections[name]
+    keys = [f.name for f in dataclasses.fields(section)]
+    if key not in keys:
+        raise ValueError(f"unknown config key {dotted!r}; keys of [{name}]: {', '.join(keys)}")
+    setattr(section, key, _coerce(value, _field_type(section, key), dotted))
+
+
+def load_toml(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: not valid TOML: {e}") from None
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: top-level key {name!r} must be a [section] table")
+        for key, value in table.items():
+            set_value(cfg, f"{name}.{key}", value)
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Build a Config from `--config FILE` and `--section.key value` / `--section.key=value`."""
+    pairs: list[tuple[str, str]] = []
+    config_files: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(help_text())
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{arg} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_files.append(value)
+        else:
+            pairs.append((key, value))
+    cfg = Config()
+    for path in config_files:
+        load_toml(cfg, path)
+    for key, value in pairs:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings before anything starts."""
+    r, m, d, i, o, c, k, x = (cfg.run, cfg.model, cfg.data, cfg.inner, cfg.outer, cfg.comm,
+                              cfg.checkpoint, cfg.metrics)
+    _require(r.mode in MODES, f"run.mode must be one of {', '.join(MODES)}, got {r.mode!r}")
+    _require(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
+    _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
+    _require(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
+    _require(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
+    for key in ("seq_len", "d_model", "n_layers", "n_heads"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _require(m.d_model % m.n_heads == 0,
+             f"model.n_heads ({m.n_heads}) must divide model.d_model ({m.d_model})")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(d.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {d.max_bytes}")
+    _require(0.0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}")
+    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _require(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    _require(d.eval_every >= 0, f"data.eval_every must be >= 0, got {d.eval_every}")
+    _require(i.lr > 0, f"inner.lr must be > 0, got {i.lr}")
+    _require(i.weight_decay >= 0, f"inner.weight_decay must be >= 0, got {i.weight_decay}")
+    for key in ("beta1", "beta2"):
+        _require(0.0 <= getattr(i, key) < 1.0, f"inner.{key} must be in [0, 1), got {getattr(i, key)}")
+    _require(i.warmup_steps >= 0, f"inner.warmup_steps must be >= 0, got {i.warmup_steps}")
+    _require(0.0 <= i.min_lr_ratio <= 1.0, f"inner.min_lr_ratio must be in [0, 1], got {i.min_lr_ratio}")
+    _require(i.grad_clip >= 0, f"inner.grad_clip must be >= 0 (0 = off), got {i.grad_clip}")
+    _require(o.inner_steps >= 1, f"outer.inner_steps (H) must be >= 1, got {o.inner_steps}")
+    _require(o.lr > 0, f"outer.lr must be > 0, got {o.lr}")
+    _require(0.0 <= o.momentum < 1.0, f"outer.momentum must be in [0, 1), got {o.momentum}")
+    _require(not (o.nesterov and o.momentum == 0),
+             "outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum")
+    _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
+    _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
+    _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
+    _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
+    _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
+    _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
+    _require(not (k.resume and k.init_from),
+             "checkpoint.resume and checkpoint.init_from exclude each other: resume continues a run, "
+             "init_from starts a new one from its weights")
+    _require(0 <= x.port <= 65535, f"metrics.port must be in 0..65535, got {x.port}")
+    _require(x.log_every >= 1, f"metrics.log_every must be >= 1, got {x.log_every}")
+    _require(x.progress in ("auto", "on", "off"), f"metrics.progress must be auto, on or off, got {x.progress!r}")
+
+
+def help_text() -> str:
+    lines = ["usage: dilo train [--config FILE.toml] [--section.key VALUE ...]", ""]
+    for name, section in _sections(Config()).items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"  --{name}.{f.name} (default {getattr(section, f.name)!r})")
+    return "\n".join(lines)
