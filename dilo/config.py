@@ -38,6 +38,8 @@ class RunConfig:
     """`auto` (cuda if available), `cpu` or `cuda`."""
     threads: int = 0
     """torch intra-op threads per process; 0 = CPU cores / local processes."""
+    worker_size: int = 1
+    """Processes per DiLoCo worker (e.g. 8 = a node of 8 GPUs): data-parallel inside, outer exchange between workers; must divide the world size (docs/islands.md)."""
 
 
 @dataclass
@@ -273,6 +275,10 @@ def validate(cfg: Config) -> None:
     _require(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
     _require(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
+    _require(r.worker_size >= 1, f"run.worker_size must be >= 1, got {r.worker_size}")
+    _require(r.mode == "diloco" or r.worker_size == 1,
+             f"run.worker_size = {r.worker_size} needs run.mode = diloco; with run.mode = ddp every "
+             "process is one data-parallel replica of one worker (leave run.worker_size at 1)")
     _require(m.vocab_size >= 2, f"model.vocab_size must be >= 2, got {m.vocab_size}")
     for key in ("seq_len", "d_model", "n_layers", "n_heads"):
         _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
@@ -308,6 +314,17 @@ def validate(cfg: Config) -> None:
     _require(0 <= x.port <= 65535, f"metrics.port must be in 0..65535, got {x.port}")
     _require(x.log_every >= 1, f"metrics.log_every must be >= 1, got {x.log_every}")
     _require(x.progress in ("auto", "on", "off"), f"metrics.progress must be auto, on or off, got {x.progress!r}")
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    """Refuse a run.worker_size that does not divide the number of processes (at start-up,
+    before any rendezvous, so every process refuses alike)."""
+    size = cfg.run.worker_size
+    if world_size % size:
+        allowed = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"run.worker_size = {size} does not divide the world size {world_size} (torchrun's "
+            f"nnodes x nproc-per-node); allowed values: {', '.join(map(str, allowed))}")
 
 
 def help_text() -> str:

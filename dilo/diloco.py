@@ -42,6 +42,7 @@ class SyncStats:
     dropped: int
     codec_error: float
     pseudo_grad_norm: float
+    intra_bytes: int = 0
 
 
 def default_group() -> Group:
@@ -149,7 +150,9 @@ class DiLoCo:
         self._copy_global_to_model()
         self._sync_buffers()
         digest = self.global_hash()
-        if self.check_hashes and self.group.size > 1:
+        if self.check_hashes:
+            # One entry per process that holds θ: with a HierarchicalGroup a one-worker
+            # group still has several processes to compare (a lone process gets [itself]).
             hashes = self.group.all_gather_object((self.outer_step, digest))
             if len(set(hashes)) != 1:
                 raise RuntimeError(f"global state diverged at outer step {self.outer_step}: {hashes}")
@@ -163,6 +166,7 @@ class DiLoCo:
             dropped=result.dropped,
             codec_error=result.codec_error,
             pseudo_grad_norm=pseudo_grad.norm().item(),
+            intra_bytes=result.intra_bytes,
         )
 
     # -- identity and persistence ------------------------------------------------------

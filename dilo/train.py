@@ -1,7 +1,12 @@
-"""The training loop: one process = one DiLoCo worker (or one data-parallel rank).
+"""The training loop: one process = one DiLoCo worker, one rank of a worker, or one
+data-parallel rank.
 
     torchrun --nproc-per-node 4 -m dilo.train --config configs/tiny.toml
+    torchrun --nproc-per-node 4 -m dilo.train --config configs/tiny.toml --run.worker_size 2
     python -m dilo.train --config configs/tiny.toml          # a single worker
+
+With run.worker_size = S > 1 (docs/islands.md) the processes form workers of S ranks:
+DDP inside a worker, DiLoCo between workers through a HierarchicalGroup.
 
 Reads top to bottom: config → process group → model, data, inner optimizer →
 DiLoCo (or DDP) → resume → inner steps, outer steps, checkpoints, metrics → summary.
@@ -23,9 +28,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dilo import checkpoint
+from dilo.comm.hierarchical import HierarchicalGroup, Island, join_islands
 from dilo.comm.torch_dist import TorchGroup, init_default_group, launched_by_torchrun
-from dilo.comm.protocol import SoloGroup
-from dilo.config import Config, parse_args
+from dilo.comm.protocol import Group, SoloGroup
+from dilo.config import Config, parse_args, validate_world_size
 from dilo.data import ShardedBatches, eval_batches, load_tokens
 from dilo.diloco import DiLoCo, SyncStats
 from dilo.metrics import Metrics
@@ -83,23 +89,34 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.start_time = time.time()
-        distributed = launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+        self.world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+        validate_world_size(cfg, self.world_size)  # before the rendezvous: every rank refuses alike
+        distributed = self.world_size > 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg, self.local_rank)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world))
         if distributed:
             init_default_group(cfg.comm.timeout, self.device.type == "cuda")
-        self.worker = dist.get_rank() if distributed else 0
-        self.num_workers = dist.get_world_size() if distributed else 1
-        setup_logging(self.worker == 0)
+        self.rank = dist.get_rank() if distributed else 0
+        # A worker is worker_size consecutive ranks; rank_in_worker 0 speaks for it
+        # (summary, checkpoint, metrics-<worker>.jsonl).
+        self.worker_size = cfg.run.worker_size
+        self.worker, self.rank_in_worker = divmod(self.rank, self.worker_size)
+        self.num_workers = self.world_size // self.worker_size
+        self.island: Island | None = join_islands(self.worker_size) if self.worker_size > 1 else None
+        setup_logging(self.rank == 0)
 
         train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
         if int(train_tokens.max()) >= cfg.model.vocab_size:
             raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
                              f"is {cfg.model.vocab_size}; raise model.vocab_size")
+        # The worker reads shard `worker` of num_workers with worker_size x data.batch_size
+        # rows per step; its rank r trains on rows r, r + S, r + 2S, ... (see next_batch).
+        # A worker of S ranks thus sees exactly the stream of a one-process worker with
+        # S times the batch, and the position (batch_index) is the same on all its ranks.
         self.batches = ShardedBatches(train_tokens, self.worker, self.num_workers,
-                                      cfg.data.batch_size, cfg.model.seq_len)
+                                      cfg.data.batch_size * self.worker_size, cfg.model.seq_len)
         self.eval_set = eval_batches(val_tokens if len(val_tokens) else train_tokens,
                                      cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
 
@@ -111,28 +128,46 @@ class Trainer:
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
         self.diloco: DiLoCo | None = None
         self.ddp: nn.Module | None = None
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
         if cfg.run.mode == "diloco":
-            group = TorchGroup() if distributed else SoloGroup()
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
-                                 nesterov=cfg.outer.nesterov, codec=cfg.comm.codec, group=group,
-                                 block_size=cfg.comm.block_size)
+                                 nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
+                                 group=self.outer_group(), block_size=cfg.comm.block_size)
+            if self.island:  # inner steps: data-parallel over the worker's own ranks only
+                self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
+                                                   process_group=self.island.intra_pg)
         elif distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.step = 0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
-                       "dropped": 0}
+                       "dropped": 0, "intra_bytes": 0}
 
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port else 0
-        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.worker == 0 else False
-        self.metrics = Metrics(cfg.run.dir, self.worker, port=port, total_steps=cfg.run.steps,
+        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.rank == 0 else False
+        # metrics-<worker>.jsonl for the worker's rank 0, metrics-<worker>.<r>.jsonl for its rank r > 0
+        name = str(self.worker) if self.rank_in_worker == 0 else f"{self.worker}.{self.rank_in_worker}"
+        self.metrics = Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps,
                                progress=show)
         self.metrics.log("event", event="start", workers=self.num_workers, mode=cfg.run.mode,
+                         worker_size=self.worker_size, rank=self.rank,
                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
                          synced_params=self.diloco.numel if self.diloco else self.model.num_params())
+
+    def outer_group(self) -> Group:
+        """Who DiLoCo averages with: every worker, as one member each."""
+        if self.island is None:
+            return TorchGroup() if self.world_size > 1 else SoloGroup()
+        # Local rank r exchanges slice r with local rank r of every other worker.
+        inter = TorchGroup(self.island.slice_pg) if self.num_workers > 1 else SoloGroup()
+        return HierarchicalGroup(inter, self.island.intra_pg)
+
+    @property
+    def speaks_for_worker(self) -> bool:
+        """The worker's rank 0 writes its summary and checkpoints and runs evaluations."""
+        return self.rank_in_worker == 0
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -147,6 +182,7 @@ class Trainer:
             "fingerprint": self.cfg.fingerprint(),
             "config": self.cfg.to_dict(),
             "num_workers": self.num_workers,
+            "worker_size": self.worker_size,
             "step": self.step,
             "data": self.batches.state_dict(),
             "totals": dict(self.totals),
@@ -170,6 +206,9 @@ class Trainer:
         if state["num_workers"] != self.num_workers:
             raise ValueError(f"{source} was written by {state['num_workers']} workers, this run has "
                              f"{self.num_workers}; an exact resume needs the same number of workers")
+        if state.get("worker_size", 1) != self.worker_size:
+            raise ValueError(f"{source} was written with run.worker_size = {state.get('worker_size', 1)}, "
+                             f"this run has {self.worker_size}; an exact resume needs the same worker size")
         self.step = int(state["step"])
         self.batches.load_state_dict(state["data"])
         self.totals.update(state["totals"])
@@ -207,7 +246,7 @@ class Trainer:
             return
         if cfg.resume == "auto":
             mine = checkpoint.valid_steps(self.cfg.run.dir, self.worker)
-            everyone = [mine] if self.num_workers == 1 else self.all_gather(mine)
+            everyone = [mine] if self.world_size == 1 else self.all_gather(mine)
             step = checkpoint.newest_common_step(everyone)
             if step is None:
                 log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", self.cfg.run.dir)
@@ -220,16 +259,24 @@ class Trainer:
         self.metrics.log("event", event="resume", path=str(path), step=self.step, outer_step=self.outer_step)
 
     def all_gather(self, obj: object) -> list:
-        out: list = [None] * self.num_workers
+        """Every process's obj (all ranks of all workers)."""
+        out: list = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the worker's batch: rows r, r + S, r + 2S, ... (S = worker_size)."""
+        x, y = self.batches.next_batch()
+        if self.worker_size > 1:
+            x, y = x[self.rank_in_worker::self.worker_size], y[self.rank_in_worker::self.worker_size]
+        return x, y
 
     # -- steps --------------------------------------------------------------------------
     def inner_step(self) -> float:
         lr = lr_at(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.batches.next_batch()
+        x, y = self.next_batch()
         net = self.ddp or self.model
         loss = net(x.to(self.device), y.to(self.device))
         loss.backward()
@@ -247,16 +294,19 @@ class Trainer:
         t["syncs"] += 1
         t["sync_seconds"] += stats.seconds
         t["dropped"] += stats.dropped
+        t["intra_bytes"] += stats.intra_bytes
         self.metrics.log("sync", step=self.step, outer_step=stats.outer_step, loss=loss,
                          seconds=stats.seconds, bytes_sent=stats.bytes_sent,
-                         bytes_received=stats.bytes_received, peers=stats.num_peers,
+                         bytes_received=stats.bytes_received, intra_bytes=stats.intra_bytes,
+                         peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
                          codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
-        log.info("outer %d | step %d | loss %.4f | sent %s recv %s | %.3f s | peers %d | hash %s",
+        intra = f" (+{_mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
+        log.info("outer %d | step %d | loss %.4f | sent %s recv %s%s | %.3f s | peers %d | hash %s",
                  stats.outer_step, self.step, loss, _mb(stats.bytes_sent), _mb(stats.bytes_received),
-                 stats.seconds, stats.num_peers, stats.global_hash[:12])
+                 intra, stats.seconds, stats.num_peers, stats.global_hash[:12])
 
     def ddp_round(self) -> None:
         """Data-parallel bookkeeping at the outer-step cadence: ring all-reduce traffic."""
@@ -267,6 +317,10 @@ class Trainer:
             self.totals["bytes_received"] += per_step * self.cfg.outer.inner_steps
 
     def save_checkpoint(self) -> None:
+        # One file per worker: its ranks hold the same θ, inner optimizer state (DDP),
+        # data position and RNG states (same seed, same ops), so rank 0's is everyone's.
+        if not self.speaks_for_worker:
+            return
         path = checkpoint.save(self.cfg.run.dir, self.worker, self.outer_step, self.state_dict(),
                                self.cfg.checkpoint.keep)
         self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step)
@@ -274,7 +328,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.resume()
-        tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+        tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.run.steps:
             loss = self.inner_step()
@@ -299,7 +353,8 @@ class Trainer:
                 self.metrics.progress(self.step, loss=loss, tok_per_s=tok_s, outer=self.outer_step)
                 window_start, window_steps = time.perf_counter(), 0
             if synced:
-                if cfg.data.eval_every and self.outer_step % cfg.data.eval_every == 0:
+                if (cfg.data.eval_every and self.outer_step % cfg.data.eval_every == 0
+                        and self.speaks_for_worker):
                     self.metrics.log("eval", step=self.step, outer_step=self.outer_step,
                                      eval_loss=evaluate(self.model, self.eval_set, self.device))
                 if cfg.checkpoint.every and (self.outer_step % cfg.checkpoint.every == 0
@@ -308,6 +363,11 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        # Every rank joins this gather (a collective); then only the worker's rank 0
+        # evaluates and writes summary-<worker>.json.
+        per_rank = self.worker_totals()
+        if not self.speaks_for_worker:
+            return {}
         eval_loss = evaluate(self.model, self.eval_set, self.device)
         self.metrics.log("eval", step=self.step, outer_step=self.outer_step, eval_loss=eval_loss)
         summary = {
@@ -324,6 +384,10 @@ class Trainer:
             "bytes_received": self.totals["bytes_received"],
             "bytes_are_estimated": self.diloco is None,
             "sync_seconds": self.totals["sync_seconds"],
+            "worker_size": self.worker_size,
+            "intra_bytes": self.totals["intra_bytes"],
+            "worker_bytes_sent": sum(t["bytes_sent"] for t in per_rank),
+            "worker_bytes_received": sum(t["bytes_received"] for t in per_rank),
             "dropped_contributions": self.totals["dropped"],
             "synced_params": self.diloco.numel if self.diloco else self.model.num_params(),
             "global_hash": self.global_hash(),
@@ -334,6 +398,14 @@ class Trainer:
                  eval_loss, self.step, self.outer_step, summary["wall_seconds"],
                  _mb(summary["bytes_sent"]), summary["global_hash"][:12])
         return summary
+
+    def worker_totals(self) -> list[dict]:
+        """The byte totals of every rank of this worker (bytes_sent is per process)."""
+        if self.island is None:
+            return [self.totals]
+        out: list = [None] * self.worker_size
+        dist.all_gather_object(out, self.totals, group=self.island.intra_pg)
+        return out
 
     def close(self) -> None:
         self.metrics.close()

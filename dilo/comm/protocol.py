@@ -44,6 +44,9 @@ class ExchangeResult:
     """Contributions (chunk, member) this member rejected as owner (non-finite)."""
     codec_error: float = 0.0
     """Relative L2 error of the owner's encode of its averaged chunk."""
+    intra_bytes: int = 0
+    """Bytes this member received from the other processes of its own worker (fast
+    intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
 
 
 class Group(ABC):

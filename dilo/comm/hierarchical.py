@@ -1,0 +1,216 @@
+"""Islands: a DiLoCo worker made of several processes (a node or rack of GPUs).
+
+Inside a worker the ranks train together with data-parallel over fast links (NVLink,
+the node's network); between workers only the outer exchange runs, over slow links.
+The DiLoCo algorithm is not told: it receives a `HierarchicalGroup`, which behaves as
+one member of the group of workers, and composes two things:
+
+* `inter`: any `Group` (torch.distributed, swarm, in-process) that averages a vector
+  with the *other workers*, and
+* `intra_pg`: a torch.distributed process group of the ranks of *this* worker.
+
+Two ways to compose them, chosen with `sliced`:
+
+sliced (default; what `--run.worker_size` uses)
+    The vector is cut into `worker_size` equal slices (zero-padded at the end). Local
+    rank r averages slice r through its own `inter` group, made of local rank r of
+    every worker, so all the worker's ranks use the slow links at once and each sends
+    ~1/worker_size of the bytes a one-process worker would. Then the averaged slices
+    are all-gathered inside the worker. Every local rank needs an `inter` group.
+
+leader (`sliced=False`)
+    Only local rank 0 has an `inter` group (e.g. the one process that joins a swarm);
+    it averages the whole vector and broadcasts the result inside the worker. The
+    other ranks pass `inter=None` and never touch the outside network.
+
+Bit-identical global state holds in both: each slice (or the whole vector) comes out
+of `inter` as identical bytes on every worker, and the intra-worker step only copies
+those fp32 bytes, never re-encodes or re-reduces them.
+
+Who is "a member": `rank` and `size` are those of the *workers* (taken from local rank
+0's `inter`), so `broadcast(src=0)` means worker 0. `all_gather_object` returns one
+entry per *process* of every worker (worker-major), so DiLoCo's hash comparison covers
+every process that holds θ.
+
+Building the torch.distributed groups for torchrun (`join_islands`): global rank g
+belongs to worker g // worker_size as local rank g % worker_size. torchrun numbers ranks
+node by node, so with `--nproc-per-node 8 --run.worker_size 8` a worker is a node.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dilo.codecs import Codec
+from dilo.comm.protocol import ExchangeResult, Group
+from dilo.comm.torch_dist import _all_gather_single
+
+
+@dataclass
+class Island:
+    """This process's place among `num_workers` workers of `worker_size` ranks each."""
+
+    rank: int
+    """Global rank (0 .. world_size - 1)."""
+    world_size: int
+    worker_size: int
+    intra_pg: dist.ProcessGroup
+    """The ranks of this worker: inner data-parallel and the intra-worker gather."""
+    slice_pg: dist.ProcessGroup
+    """Local rank `rank_in_worker` of every worker: the outer exchange of one slice."""
+
+    @property
+    def worker(self) -> int:
+        return self.rank // self.worker_size
+
+    @property
+    def rank_in_worker(self) -> int:
+        return self.rank % self.worker_size
+
+    @property
+    def num_workers(self) -> int:
+        return self.world_size // self.worker_size
+
+
+def worker_ranks(worker: int, worker_size: int) -> list[int]:
+    """Global ranks of one worker."""
+    return list(range(worker * worker_size, (worker + 1) * worker_size))
+
+
+def slice_ranks(rank_in_worker: int, worker_size: int, num_workers: int) -> list[int]:
+    """Global ranks that exchange slice `rank_in_worker`: that local rank of every worker."""
+    return [w * worker_size + rank_in_worker for w in range(num_workers)]
+
+
+def join_islands(worker_size: int) -> Island:
+    """Create the intra-worker and per-slice process groups; call on every rank.
+
+    DEADLOCK HAZARD: `dist.new_group` is a collective over the whole default group:
+    every rank must call it for *every* group, members or not, with the same ranks and
+    in the same order. A rank that only created "its" groups would wait in a
+    different `new_group` call than its peers until the timeout (and with some
+    backends pair up the wrong groups). So every rank creates all `num_workers`
+    intra-worker groups, then all `worker_size` slice groups, in index order, and
+    keeps the two it belongs to. Nothing else may run collectives in between.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("join_islands needs an initialised torch.distributed default group")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if worker_size < 1 or world_size % worker_size:
+        raise ValueError(f"run.worker_size = {worker_size} must divide the world size {world_size}")
+    num_workers = world_size // worker_size
+    intra = [dist.new_group(worker_ranks(w, worker_size)) for w in range(num_workers)]
+    slices = [dist.new_group(slice_ranks(r, worker_size, num_workers)) for r in range(worker_size)]
+    return Island(rank, world_size, worker_size,
+                  intra_pg=intra[rank // worker_size], slice_pg=slices[rank % worker_size])
+
+
+class HierarchicalGroup(Group):
+    """One worker of several processes, seen by DiLoCo as one member (see module doc)."""
+
+    def __init__(self, inter: Group | None, intra_pg: dist.ProcessGroup, sliced: bool = True):
+        if not dist.is_initialized():
+            raise RuntimeError("HierarchicalGroup needs an initialised torch.distributed process group")
+        self.inter = inter
+        self.intra_pg = intra_pg
+        self.sliced = sliced
+        self.local_rank = dist.get_rank(intra_pg)
+        self.local_size = dist.get_world_size(intra_pg)
+        self._leader = dist.get_global_rank(intra_pg, 0)
+        # Every rank learns who the worker is among the workers, and checks that the
+        # composition is consistent on all its ranks. The check runs after this one
+        # collective, so a mistake raises on every rank alike instead of leaving some
+        # ranks blocked in the next collective while others have raised.
+        ident = (inter.rank, inter.size) if inter is not None else None
+        idents = self._intra_objects(ident)
+        talkers = [r for r, i in enumerate(idents) if i is not None]
+        expected = list(range(self.local_size)) if sliced else [0]
+        if talkers != expected:
+            mode = "sliced: every rank of the worker" if sliced else "leader: only local rank 0"
+            raise ValueError(f"HierarchicalGroup({mode} must have an inter group); local ranks "
+                             f"{talkers} of {self.local_size} have one")
+        if len(set(i for i in idents if i is not None)) != 1:
+            raise ValueError(f"the slice groups of one worker disagree on (worker, number of "
+                             f"workers): {idents}; build them with join_islands")
+        self.rank, self.size = idents[0]
+
+    # -- collectives inside the worker (fast links) -------------------------------------
+    def _intra_objects(self, obj: object) -> list:
+        out: list = [None] * self.local_size
+        dist.all_gather_object(out, obj, group=self.intra_pg)
+        return out
+
+    def _intra_gather(self, part: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(part.numel() * self.local_size, dtype=part.dtype)
+        _all_gather_single(out, part.contiguous(), group=self.intra_pg)
+        return out
+
+    def _intra_broadcast(self, flat: torch.Tensor) -> None:
+        dist.broadcast(flat, src=self._leader, group=self.intra_pg)
+
+    def _slice(self, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This rank's slice of `flat` (zero-padded to equal slices) and the slice length."""
+        length = math.ceil(flat.numel() / self.local_size)
+        padded = torch.zeros(length * self.local_size, dtype=flat.dtype)
+        padded[:flat.numel()] = flat
+        return padded[self.local_rank * length:(self.local_rank + 1) * length].clone(), length
+
+    # -- the Group interface ------------------------------------------------------------
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        start = time.perf_counter()
+        numel = flat.numel()
+        if self.sliced:
+            part, length = self._slice(flat)
+            res = self.inter.average(part, codec)
+            average = self._intra_gather(res.average)[:numel]
+            intra_bytes = (self.local_size - 1) * length * average.element_size()
+            return ExchangeResult(average, res.bytes_sent, res.bytes_received, res.num_peers,
+                                  time.perf_counter() - start, dropped=res.dropped,
+                                  codec_error=res.codec_error, intra_bytes=intra_bytes)
+        # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
+        sent = received = dropped = 0
+        meta = torch.zeros(2, dtype=torch.float64)  # num_peers, codec_error
+        if self.local_rank == 0:
+            res = self.inter.average(flat, codec)
+            average = res.average.contiguous()
+            sent, received, dropped = res.bytes_sent, res.bytes_received, res.dropped
+            meta = torch.tensor([res.num_peers, res.codec_error], dtype=torch.float64)
+        else:
+            average = torch.empty(numel, dtype=torch.float32)
+        self._intra_broadcast(average)
+        self._intra_broadcast(meta)
+        intra_bytes = 0 if self.local_rank == 0 else numel * average.element_size()
+        return ExchangeResult(average, sent, received, int(meta[0]), time.perf_counter() - start,
+                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes)
+
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        """Overwrite `flat` with worker `src`'s copy, on every rank of every worker."""
+        if self.sliced:
+            part, _ = self._slice(flat)
+            self.inter.broadcast(part, src=src)
+            flat.copy_(self._intra_gather(part)[:flat.numel()])
+            return
+        if self.local_rank == 0:
+            self.inter.broadcast(flat, src=src)
+        self._intra_broadcast(flat)
+
+    def all_gather_object(self, obj: object) -> list:
+        """Every process's `obj`, worker-major: [w0.r0, w0.r1, ..., w1.r0, ...]."""
+        if self.sliced:
+            per_worker = self.inter.all_gather_object(obj)     # local rank r of every worker
+            grid = self._intra_objects(per_worker)             # grid[r][w]
+            return [grid[r][w] for w in range(len(grid[0])) for r in range(self.local_size)]
+        mine = self._intra_objects(obj)                        # this worker's ranks
+        everyone = self.inter.all_gather_object(mine) if self.local_rank == 0 else None
+        everyone = self._intra_objects(everyone)[0]            # local rank 0's answer
+        return [o for worker in everyone for o in worker]
+
+    def close(self) -> None:
+        # The intra-worker group dies with the default group (destroy_process_group).
+        if self.inter is not None:
+            self.inter.close()
