@@ -70,6 +70,19 @@ def run(island, sliced: bool, codec: str) -> dict:
     return out
 
 
+def misbuilt(island) -> str | None:
+    """A sliced composition where local rank 1 forgot its inter group: every rank must refuse."""
+    from dilo.comm.hierarchical import HierarchicalGroup
+    from dilo.comm.torch_dist import TorchGroup
+
+    inter = TorchGroup(island.slice_pg) if island.rank_in_worker == 0 else None
+    try:
+        HierarchicalGroup(inter, island.intra_pg, sliced=True)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(out_dir: Path) -> None:
     from dilo.codecs import get_codec
     from dilo.comm.hierarchical import join_islands
@@ -87,6 +100,7 @@ def main(out_dir: Path) -> None:
             codec: flat.average(torch.ones(numel), get_codec(codec, BLOCK)).bytes_sent
             for codec in ("fp32", "int8")}
         results["island"] = (island.worker, island.rank_in_worker, island.num_workers)
+        results["misbuilt"] = misbuilt(island)
         torch.save(results, out_dir / f"rank-{dist.get_rank()}.pt")
     finally:
         dist.destroy_process_group()

@@ -161,6 +161,12 @@ def test_layout_and_membership(island_results):
             assert res[name]["gathered"] == [0, 1, 2, 3]  # one entry per process, worker-major
 
 
+def test_a_misbuilt_composition_is_refused_on_every_rank(island_results):
+    for res in island_results:
+        assert "every rank of the worker must have an inter group" in res["misbuilt"]
+        assert "local ranks [0] of 2" in res["misbuilt"]
+
+
 @pytest.mark.parametrize("name", ["sliced_fp32", "leader_fp32"])
 def test_update_equals_reference(island_results, name):
     expected = reference()
