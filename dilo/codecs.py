@@ -41,8 +41,6 @@ __all__ = ["CODEC_NAMES", "Codec", "get_codec"]
 
 CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
 
-_FP16_MAX = torch.finfo(torch.float16).max
-_BF16_MAX = torch.finfo(torch.bfloat16).max
 # fp4 value (before scaling) of each nibble: 0, 2**-6, ..., 2**0, then the negatives
 # (nibble 8, "negative zero", is never produced and decodes to 0). 0 * inf is NaN, so a
 # non-finite scale makes its whole block non-finite.
@@ -51,7 +49,9 @@ _FP4_VALUES = torch.tensor(
 )
 # Rounding boundaries of fp4 relative to the scale: s/128 (between 0 and s/64), then
 # the midpoints 1.5 * 2**(c-8) between codes c-1 and c, for c = 2..7. float64 on purpose.
-_FP4_MIDPOINTS = torch.tensor([2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)], dtype=torch.float64)
+_FP4_MIDPOINTS = torch.tensor(
+    [2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)], dtype=torch.float64
+)
 _CHUNK_NUMEL = 1 << 20
 
 
@@ -86,18 +86,22 @@ class Codec:
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
-    block_size: int = 1
+    block_size: int = 1  # elements per scale block
 
     def encoded_nbytes(self, numel: int) -> int:
+        """Exact size of ``encode`` output for ``numel`` elements."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """1-D fp32 CPU tensor -> new 1-D uint8 tensor of ``encoded_nbytes(x.numel())``."""
         raise NotImplementedError
 
     def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        """``encode`` output -> new 1-D fp32 tensor of ``numel`` (ValueError on a wrong size)."""
         raise NotImplementedError
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Per element, an upper bound on ``|decode(encode(x)) - x|`` (finite ``x``)."""
         raise NotImplementedError
 
     def _check_buf(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
@@ -116,13 +120,15 @@ class _CastCodec(Codec):
 
     dtype: ClassVar[torch.dtype]
     max_finite: ClassVar[float]
+    half_ulp: ClassVar[float]  # relative rounding error: 2**-(significand bits)
+    half_subnormal: ClassVar[float]  # absolute rounding error below the normal range
 
     def encoded_nbytes(self, numel: int) -> int:
         return numel * self.dtype.itemsize
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x)
-        if self.dtype == torch.float32:
+        if self.lossless:
             return x.clone().view(torch.uint8)
         return x.clamp(-self.max_finite, self.max_finite).to(self.dtype).view(torch.uint8)
 
@@ -130,38 +136,33 @@ class _CastCodec(Codec):
         buf = self._check_buf(buf, numel)
         return _as(buf, self.dtype).to(torch.float32, copy=True)
 
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lossless:
+            return torch.zeros_like(x)
+        a = x.abs()
+        return a * self.half_ulp + self.half_subnormal + (a - self.max_finite).clamp(min=0)
+
 
 class _Fp32(_CastCodec):
-    name, lossless, dtype, max_finite = "fp32", True, torch.float32, math.inf
-
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
+    name, lossless, dtype = "fp32", True, torch.float32
 
 
 class _Bf16(_CastCodec):
-    name, dtype, max_finite = "bf16", torch.bfloat16, _BF16_MAX
-
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        # Half an ulp: 8 significant bits; subnormal bf16 spacing is 2**-133.
-        a = x.abs()
-        return a * 2.0**-8 + 2.0**-134 + (a - self.max_finite).clamp(min=0)
+    name, dtype, max_finite = "bf16", torch.bfloat16, torch.finfo(torch.bfloat16).max
+    half_ulp, half_subnormal = 2.0**-8, 2.0**-134
 
 
 class _Fp16(_CastCodec):
-    name, dtype, max_finite = "fp16", torch.float16, _FP16_MAX
-
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        # Half an ulp: 11 significant bits; subnormal fp16 spacing is 2**-24.
-        a = x.abs()
-        return a * 2.0**-11 + 2.0**-25 + (a - self.max_finite).clamp(min=0)
+    name, dtype, max_finite = "fp16", torch.float16, torch.finfo(torch.float16).max  # 65504
+    half_ulp, half_subnormal = 2.0**-11, 2.0**-25
 
 
 @dataclass(frozen=True)
 class _BlockCodec(Codec):
     """Shared layout of the blockwise codecs: payload bytes, then fp32 scales.
 
-    Work is done in chunks of whole blocks (about 1M elements) so that temporaries
-    stay in cache; only the last, possibly short, block is ever padded (locally).
+    Work is done in chunks of whole blocks (about 1M elements) with scratch buffers
+    reused across chunks; only the last, possibly short, block is padded (locally).
     """
 
     block_size: int = 256
@@ -266,15 +267,16 @@ class _Fp4(_BlockCodec):
         n = x.numel()
         nib = torch.zeros(n + n % 2, dtype=torch.uint8)
         scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
-        a_work, code_work, hit_work = (self._scratch(d) for d in (torch.float32, torch.uint8, torch.uint8))
+        a_work = self._scratch(torch.float32)
+        code_work, hit_work = self._scratch(torch.uint8), self._scratch(torch.bool)
         for el, bl in self._chunks(n):
             xb = _blocks(x[el], self.block_size)
             k = xb.shape[0]
             a, code, hit = a_work[:k], code_work[:k], hit_work[:k]
             scale = torch.abs(xb, out=a).amax(dim=1, keepdim=True)
             t = self._thresholds(scale)
-            torch.ge(a, t[:, :1], out=code)
-            for c in range(1, 7):
+            code.zero_()
+            for c in range(7):
                 code.add_(torch.ge(a, t[:, c : c + 1], out=hit))
             # Sign bit only for nonzero codes: x <= -t_1 is "negative and code >= 1".
             code.add_(torch.le(xb, -t[:, :1], out=hit), alpha=8)

@@ -81,7 +81,9 @@ class InnerConfig:
     weight_decay: float = 0.1
     """AdamW weight decay."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     warmup_steps: int = 100
     """Linear warmup steps, then cosine decay to min_lr_ratio * lr at run.steps."""
     min_lr_ratio: float = 0.1

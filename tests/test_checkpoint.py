@@ -1,0 +1,114 @@
+"""Checkpoints: atomic, checksummed, refused whole when damaged; resume and init_from."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from dilo import checkpoint
+from dilo.config import parse_args
+from tests.conftest import SMALL, summaries
+
+
+def test_round_trip(tmp_path):
+    state = {"a": torch.arange(5.0), "b": {"step": 3, "name": "x"}}
+    path = checkpoint.save(tmp_path, 0, 3, state, keep=2)
+    loaded = checkpoint.read_verified(path)
+    assert torch.equal(loaded["a"], state["a"]) and loaded["b"] == state["b"]
+    assert not list(path.parent.glob(".*tmp*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "empty"])
+def test_damaged_file_is_refused(tmp_path, damage):
+    path = checkpoint.save(tmp_path, 0, 1, {"a": torch.ones(100)}, keep=2)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-10]
+    elif damage == "flip":
+        data[-5] ^= 0xFF
+    elif damage == "magic":
+        data[:8] = b"NOTDILO!"
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.read_verified(path)
+
+
+def test_keep_prunes_oldest_and_auto_skips_corrupt(tmp_path):
+    for step in (1, 2, 3):
+        for worker in (0, 1):
+            checkpoint.save(tmp_path, worker, step, {"s": step}, keep=2)
+    assert checkpoint.list_steps(tmp_path) == [2, 3]
+    newest = checkpoint.worker_file(checkpoint.step_dir(tmp_path, 3), 1)
+    newest.write_bytes(newest.read_bytes()[:20])
+    per_worker = [checkpoint.valid_steps(tmp_path, w) for w in (0, 1)]
+    assert per_worker == [[2, 3], [2]]
+    assert checkpoint.newest_common_step(per_worker) == 2
+
+
+def train(procs, tmp_path, run, *args, name="log"):
+    cmd = [sys.executable, "-m", "dilo.train", *SMALL, "--run.dir", str(run), *args]
+    return procs.run(cmd, tmp_path / f"{name}.txt", timeout=120)
+
+
+COMMON = ["--run.steps", "20", "--outer.inner_steps", "5", "--checkpoint.every", "1",
+          "--checkpoint.keep", "3"]
+
+
+def test_resume_auto_falls_back_over_a_corrupt_checkpoint(procs, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(procs, tmp_path, ref, *COMMON, name="ref").returncode == 0
+    assert train(procs, tmp_path, run, *COMMON[:1], "10", *COMMON[2:], name="a").returncode == 0
+    newest = checkpoint.worker_file(checkpoint.step_dir(run, 2), 0)
+    newest.write_bytes(newest.read_bytes()[:-100])  # a torn write of the last checkpoint
+    res = train(procs, tmp_path, run, *COMMON, "--checkpoint.resume", "auto", name="b")
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "skipping checkpoint" in res.stdout and "step-000001" in res.stdout
+    assert summaries(run)[0]["global_hash"] == summaries(ref)[0]["global_hash"]
+
+
+def test_explicit_corrupt_resume_fails_and_changes_nothing(procs, tmp_path):
+    run = tmp_path / "run"
+    assert train(procs, tmp_path, run, *COMMON[:1], "10", *COMMON[2:], name="a").returncode == 0
+    target = checkpoint.worker_file(checkpoint.step_dir(run, 2), 0)
+    target.write_bytes(target.read_bytes()[:-1])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = train(procs, tmp_path, run, *COMMON, "--checkpoint.resume", str(target.parent), name="b")
+    assert res.returncode == 2 and "truncated" in res.stdout
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and not p.name.startswith("metrics")}
+    assert after == {p: b for p, b in before.items() if not p.name.startswith("metrics")}
+
+
+def test_fresh_run_refuses_a_dir_with_checkpoints(procs, tmp_path):
+    run = tmp_path / "run"
+    assert train(procs, tmp_path, run, *COMMON[:1], "5", *COMMON[2:], name="a").returncode == 0
+    res = train(procs, tmp_path, run, *COMMON, name="b")
+    assert res.returncode == 2 and "checkpoint.resume auto" in res.stdout
+
+
+def test_init_from_starts_a_new_run_from_global_weights(procs, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    assert train(procs, tmp_path, src, *COMMON[:1], "10", *COMMON[2:], name="a").returncode == 0
+    step_dir = checkpoint.step_dir(src, 2)
+    want = checkpoint.read_verified(checkpoint.worker_file(step_dir, 0))["diloco"]["global_params"]
+
+    from dilo.train import Trainer
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parse_args([*SMALL, "--run.dir", str(tmp_path / "new"), *COMMON,
+                      "--checkpoint.init_from", str(step_dir), "--inner.lr", "1e-3"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.resume()
+        assert torch.equal(trainer.diloco.global_params.detach(), want)
+        assert trainer.step == 0 and trainer.diloco.outer_step == 0
+        assert not trainer.optimizer.state  # fresh inner optimizer
+    finally:
+        trainer.close()
+    lines = [json.loads(l) for l in (tmp_path / "new" / "metrics-0.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start"

@@ -1,0 +1,80 @@
+"""Config: presets, overrides, and mistakes refused before training with the key named."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from dilo.config import Config, parse_args
+from tests.conftest import REPO, SMALL
+
+TINY = str(REPO / "configs" / "tiny.toml")
+
+
+def test_presets_load_and_validate():
+    for preset in sorted((REPO / "configs").glob("*.toml")):
+        cfg = parse_args(["--config", str(preset)])
+        assert cfg.outer.inner_steps >= 1
+
+
+def test_overrides_both_spellings():
+    cfg = parse_args(["--config", TINY, "--outer.inner_steps", "7", "--comm.codec=fp16",
+                      "--outer.nesterov=false", "--outer.momentum", "0.5"])
+    assert (cfg.outer.inner_steps, cfg.comm.codec, cfg.outer.nesterov) == (7, "fp16", False)
+    assert cfg.outer.momentum == 0.5
+
+
+def test_overrides_beat_the_preset():
+    cfg = parse_args(["--outer.inner_steps", "9", "--config", TINY])
+    assert cfg.outer.inner_steps == 9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--outer.inner_stepz", "5"], "outer.inner_stepz"),
+    (["--nope.x", "1"], "unknown config section 'nope'"),
+    (["--outer.inner_steps", "five"], "outer.inner_steps: expected an integer"),
+    (["--outer.inner_steps", "0"], "outer.inner_steps (H) must be >= 1"),
+    (["--inner.lr", "0"], "inner.lr must be > 0"),
+    (["--outer.lr", "-1"], "outer.lr must be > 0"),
+    (["--comm.codec", "int3"], "comm.codec must be one of fp32, bf16, fp16, int8, fp4"),
+    (["--run.mode", "fsdp"], "run.mode must be one of diloco, ddp"),
+    (["--model.n_heads", "3"], "model.n_heads (3) must divide model.d_model (128)"),
+    (["--outer.nesterov", "maybe"], "outer.nesterov: expected true or false"),
+    (["--checkpoint.resume", "auto", "--checkpoint.init_from", "x"], "exclude each other"),
+    (["--config", "/no/such.toml"], "no such file"),
+    (["--outer.inner_steps"], "needs a value"),
+])
+def test_mistakes_name_the_key(args, needle):
+    with pytest.raises(ValueError) as e:
+        parse_args(args)
+    assert needle in str(e.value)
+
+
+def test_bad_toml_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[outer]\ninner_steps = 5\nlr = 'fast'\n")
+    with pytest.raises(ValueError, match="outer.lr: expected a number"):
+        parse_args(["--config", str(bad)])
+
+
+def test_fingerprint_tracks_shared_settings():
+    a, b = Config(), Config()
+    assert a.fingerprint() == b.fingerprint()
+    b.run.dir = "elsewhere"  # local setting: same run
+    assert a.fingerprint() == b.fingerprint()
+    b.comm.codec = "fp16"
+    assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--outer.inner_steps", "0"], "outer.inner_steps"),
+    (["--data.path", "/no/such/corpus.txt"], "data.path"),
+])
+def test_cli_refuses_before_training(procs, tmp_path, args, needle):
+    run = tmp_path / "run"
+    res = procs.run([sys.executable, "-m", "dilo.cli", "train", *SMALL, "--run.dir", str(run), *args],
+                    tmp_path / "log.txt", timeout=60)
+    assert res.returncode == 2
+    assert needle in res.stdout
+    assert not list(run.glob("checkpoints/*")) and not list(run.glob("summary-*"))
