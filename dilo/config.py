@@ -67,7 +67,7 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of the stream held out for evaluation (every k-th 4096-token block)."""
     batch_size: int = 16
-    """Sequences per inner step per worker."""
+    """Sequences per inner step per process (a worker of run.worker_size processes reads worker_size times this)."""
     eval_batches: int = 8
     """Batches in each evaluation."""
     eval_every: int = 0
