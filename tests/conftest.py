@@ -23,6 +23,29 @@ SMALL = [
 ]
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,10 +90,21 @@ class Procs:
 
     @staticmethod
     def kill(p: subprocess.Popen) -> None:
+        """SIGKILL the process, its process group and every descendant.
+
+        torchrun starts its workers in sessions of their own, so killing the launcher's
+        group alone would orphan them: walk the tree first, then kill it all.
+        """
+        victims = descendants(p.pid)
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         p.wait(timeout=30)
 
     def cleanup(self) -> None:

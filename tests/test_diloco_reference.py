@@ -62,9 +62,10 @@ def reference() -> list[list[torch.Tensor]]:
 
 def run_dilo(codec: str = "fp32", perturb_init: bool = False):
     groups = local_groups(WORKERS)
+    models = [make_model() for _ in range(WORKERS)]  # seeding is global: not inside the threads
 
     def worker(rank: int):
-        model = make_model()
+        model = models[rank]
         if perturb_init and rank > 0:  # DiLoCo must adopt worker 0's θ at start
             with torch.no_grad():
                 for p in model.parameters():
@@ -118,10 +119,13 @@ def test_replicas_bit_identical(codec):
 
 def test_only_trainable_params_sync_and_buffers_average():
     groups = local_groups(2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
 
     def worker(rank: int):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        model = models[rank]
         model[0].weight.requires_grad_(False)
         frozen_before = model[0].weight.detach().clone()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from dilo.codecs import get_codec
-from tests.conftest import SMALL, summaries, torchrun_cmd
+from tests.conftest import SMALL, children, summaries, torchrun_cmd
 
 
 def sync_lines(run_dir: Path, worker: int) -> list[dict]:
@@ -50,19 +50,6 @@ def test_ddp_baseline(procs, tmp_path):
     found = summaries(run)
     assert len(found) == 2 and found[0]["global_hash"] == found[1]["global_hash"]
     assert found[0]["bytes_are_estimated"] and found[0]["bytes_sent"] > 0
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_hash(procs, tmp_path):
