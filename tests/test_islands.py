@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -28,42 +27,10 @@ from dilo.comm.protocol import chunk_numel
 from dilo.config import Config, parse_args, validate_world_size
 from dilo.train import main as train_main
 from tests import islands_worker as iw
-from tests.conftest import SMALL, free_port, summaries, torchrun_cmd
-from tests.test_torchrun import children
+from tests.conftest import SMALL, children, free_port, summaries, torchrun_cmd
 
 NUM_WORKERS = 2
 WORLD = NUM_WORKERS * iw.WORKER_SIZE
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the processes under `pid`, then `pid`. torchrun starts each worker in a
-    session of its own, so killing torchrun's process group alone would orphan them."""
-    for child in children(pid):
-        kill_tree(child)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def run_to_end(procs, cmd: list[str], log, timeout: float = 180):
-    """Run a torchrun command to its end; on a timeout kill it with all its workers."""
-    p = procs.start(cmd, log)
-    try:
-        rc = p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(p.pid)
-        p.wait(timeout=30)
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return rc, log.read_text()
-
-
-@pytest.fixture
-def tree_procs(procs):
-    """The conftest `procs`, whose leftovers (a failed test) die with all their workers."""
-    yield procs
-    for p in procs.procs:
-        kill_tree(p.pid)
 
 
 def test_worker_size_must_divide_the_world_size():
@@ -143,11 +110,9 @@ def island_results(tmp_path_factory):
            "-m", "tests.islands_worker", str(out)]
     procs = Procs()
     try:
-        rc, text = run_to_end(procs, cmd, out / "log.txt", timeout=120)
-        assert rc == 0, text[-3000:]
+        res = procs.run(cmd, out / "log.txt", timeout=120)
+        assert res.returncode == 0, res.stdout[-3000:]
     finally:
-        for p in procs.procs:
-            kill_tree(p.pid)
         procs.cleanup()
     return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -226,12 +191,12 @@ def sync_hashes(path) -> list[str]:
     return [r["global_hash"] for r in records if r["kind"] == "sync"]
 
 
-def test_train_two_workers_of_two_ranks(tree_procs, tmp_path):
+def test_train_two_workers_of_two_ranks(procs, tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--run.dir", str(run), "--run.steps", "10", "--outer.inner_steps", "5",
             "--run.worker_size", "2", "--checkpoint.every", "1"]
-    rc, text = run_to_end(tree_procs, torchrun_cmd(WORLD, args), tmp_path / "log.txt")
-    assert rc == 0, text[-3000:]
+    res = procs.run(torchrun_cmd(WORLD, args), tmp_path / "log.txt")
+    assert res.returncode == 0, res.stdout[-3000:]
     found = summaries(run)
     assert [s["worker"] for s in found] == [0, 1]  # one summary per worker, by its rank 0
     assert len({s["global_hash"] for s in found}) == 1
@@ -250,15 +215,15 @@ def test_train_two_workers_of_two_ranks(tree_procs, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_with_islands_gives_the_uninterrupted_hash(tree_procs, tmp_path):
+def test_sigkill_and_resume_with_islands_gives_the_uninterrupted_hash(procs, tmp_path):
     common = [*SMALL, "--run.steps", "60", "--outer.inner_steps", "5", "--run.worker_size", "2",
               "--checkpoint.every", "1", "--checkpoint.keep", "2"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    rc, text = run_to_end(tree_procs, torchrun_cmd(WORLD, [*common, "--run.dir", str(ref)]),
-                          tmp_path / "ref.txt", timeout=240)
-    assert rc == 0, text[-3000:]
+    res = procs.run(torchrun_cmd(WORLD, [*common, "--run.dir", str(ref)]), tmp_path / "ref.txt",
+                    timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:]
 
-    agent = tree_procs.start(torchrun_cmd(WORLD, [*common, "--run.dir", str(cut)]), tmp_path / "cut1.txt")
+    agent = procs.start(torchrun_cmd(WORLD, [*common, "--run.dir", str(cut)]), tmp_path / "cut1.txt")
     deadline = time.time() + 120
     while not (cut / "checkpoints" / "step-000003" / "worker-1.pt").exists():
         assert time.time() < deadline and agent.poll() is None, "run ended before the kill"
@@ -269,11 +234,10 @@ def test_sigkill_and_resume_with_islands_gives_the_uninterrupted_hash(tree_procs
     assert agent.wait(timeout=60) != 0
     assert not summaries(cut), "the interrupted run finished before it was killed"
 
-    rc, text = run_to_end(tree_procs, torchrun_cmd(WORLD, [*common, "--run.dir", str(cut),
-                                                           "--checkpoint.resume", "auto"]),
-                          tmp_path / "cut2.txt", timeout=240)
-    assert rc == 0, text[-3000:]
-    assert "resumed from" in text
+    res = procs.run(torchrun_cmd(WORLD, [*common, "--run.dir", str(cut), "--checkpoint.resume", "auto"]),
+                    tmp_path / "cut2.txt", timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "resumed from" in res.stdout
     want = {s["global_hash"] for s in summaries(ref)}
     assert len(want) == 1 and {s["global_hash"] for s in summaries(cut)} == want
     assert [s["tokens"] for s in summaries(cut)] == [s["tokens"] for s in summaries(ref)]
