@@ -171,8 +171,11 @@ def test_bench_comm_summary_of_a_shared_loopback():
         return {"seconds": seconds, "wire_tx": tx, "wire_rx": tx, "bytes_sent": minimum}
     workers = [{"barrier": [rep(0.001, 100)] * 2,
                 "exchanges": {"fp32": [rep(0.1 + rank, 100 + 2 * minimum + 20)] * 2},
-                "download": [rep(0.2, 100 + 24_000)] * 2} for rank in range(2)]
-    exchange, download = bench_comm.summarize("loopback", "torch", workers, args)
+                "download": [rep(0.2, 100 + 24_000)] * 2,
+                "raw_tcp": [rep(0.05, 100 + 2 * minimum)] * 2} for rank in range(2)]
+    exchange, download, raw = bench_comm.summarize("loopback", "torch", workers, args)
+    assert raw["what"] == "raw_tcp" and raw["wire_over_min"] == 1.0
+    assert exchange["seconds_over_raw_tcp"] == pytest.approx(1.1 / 0.05)
     assert exchange["wire_bytes"]["median"] == minimum + 10
     assert exchange["seconds"]["median"] == 1.1  # the slowest member
     assert exchange["seconds_over_ideal"] is None  # no rate, no ideal
@@ -195,7 +198,8 @@ def test_bench_comm_runs_and_writes_its_json(tmp_path):
     assert doc["tool"] == "bench_comm" and doc["settings"]["workers"] == 2
     rows = doc["results"]
     assert [(r["rate"], r["what"], r["codec"]) for r in rows] == [
-        ("20mbit", "exchange", "fp32"), ("20mbit", "exchange", "int8"), ("20mbit", "download", "fp32")]
+        ("20mbit", "exchange", "fp32"), ("20mbit", "exchange", "int8"), ("20mbit", "download", "fp32"),
+        ("20mbit", "raw_tcp", "fp32")]
     for r in rows:
         assert r["wire_over_min"] >= 0.99, r  # headers come on top of the payload
         assert r["seconds"]["n"] == 1 and r["seconds_over_ideal"]["median"] > 0

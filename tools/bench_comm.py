@@ -18,7 +18,11 @@ exchange). Reported per codec, against theory:
   ratio to minimum bytes / rate (each worker's link carries its 2(N-1)·E(⌈P/N⌉) bytes out
   and as many in, at `rate` per direction);
 - the joiner's download of the global state (θ + outer momentum, 8P bytes): for the
-  torch backend a broadcast from member 0 to member N-1 (a two-member group).
+  torch backend a broadcast from member 0 to member N-1 (a two-member group);
+- a `raw_tcp` row, the link's reference in the same run (tools/tcp_reference.py): plain
+  TCP sockets, every member sending the fp32 exchange's minimum bytes to its peers all
+  at once. `seconds_over_raw_tcp` = an exchange's time ÷ the raw time scaled to the same
+  bytes: the backend's own cost, separated from the link's.
 
 Backends. A backend is a `CommBackend` subclass registered in `BACKENDS`: it connects
 the members, exposes a dilo `Group`, a barrier and the state download. `torch`
@@ -50,6 +54,7 @@ from tools import netsim  # noqa: E402
 from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
                           run_tool, write_json)
 from tools.runs import REPO, child_env, tail, wait_all  # noqa: E402
+from tools.tcp_reference import TcpMesh  # noqa: E402
 
 PORT = 29511  # inside private namespaces: no collision with anything else on the machine
 
@@ -147,11 +152,15 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     backend = BACKENDS[args.backend](args.rank, args.world, args.addr, args.port, args.timeout)
     flat = torch.randn(args.params, generator=torch.Generator().manual_seed(args.rank)) * 1e-3
-    out: dict = {"rank": args.rank, "exchanges": {}, "barrier": [], "download": []}
+    out: dict = {"rank": args.rank, "exchanges": {}, "barrier": [], "download": [], "raw_tcp": []}
+    mesh = TcpMesh(args.rank, args.addrs.split(","), args.port + 100, args.timeout)
+    backend.barrier()  # everyone listens before anyone connects
+    mesh.connect()
 
     def measured(fn) -> dict:
         backend.barrier()
         tx0, rx0 = read_counters(args.iface)
+        backend.barrier()  # nobody sends before every member has read its counters
         start = time.perf_counter()
         extra = fn() or {}
         seconds = time.perf_counter() - start
@@ -171,6 +180,11 @@ def worker(args: argparse.Namespace) -> int:
                 return {"bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}
             runs.append(measured(exchange))
         out["exchanges"][name] = runs
+    per_peer = exchange_min_bytes("fp32", args.params, args.world, args.block_size) // (args.world - 1)
+    mesh.exchange(per_peer)  # warm-up: TCP windows
+    for _ in range(args.repeats):
+        out["raw_tcp"].append(measured(lambda: mesh.exchange(per_peer)))
+    mesh.close()
     state = torch.zeros(2 * args.params) if args.rank else torch.ones(2 * args.params)
     for _ in range(args.repeats):
         out["download"].append(measured(lambda: backend.download(state, 0, args.world - 1)))
@@ -195,6 +209,7 @@ def measure_link(rate: str, args: argparse.Namespace, backend: str, tmp: Path) -
             cmd = [sys.executable, "-m", "tools.bench_comm", "--worker", "--backend", backend,
                    "--rank", str(rank), "--world", str(args.workers), "--addr", net.address(0),
                    "--port", str(PORT), "--iface", net.interface(host), "--params", str(args.params),
+                   "--addrs", ",".join(net.address(0 if hosts == 1 else r) for r in range(args.workers)),
                    "--codecs", ",".join(args.codecs), "--repeats", str(args.repeats),
                    "--block-size", str(args.block_size), "--timeout", str(args.timeout),
                    "--result", str(results[-1])]
@@ -230,6 +245,12 @@ def summarize(rate: str, backend: str, workers: list[dict], args: argparse.Names
                 "seconds_over_ideal": describe([s / ideal for s in seconds]) if ideal else None}
 
     base = {"backend": backend, "rate": rate, "rate_bps": rate_bps, "workers": n, "params": args.params}
+    raw_min = exchange_min_bytes("fp32", args.params, n, args.block_size) // (n - 1) * (n - 1)
+    raw_wire = describe(wire_bytes(None, "wire_tx", lambda w: w["raw_tcp"]))
+    raw = {**base, "what": "raw_tcp", "codec": "fp32", "min_bytes": raw_min, "payload_bytes": raw_min,
+           "wire_bytes": raw_wire, "payload_over_min": 1.0, "wire_over_min": raw_wire["median"] / raw_min,
+           **timing(lambda w: w["raw_tcp"], raw_min)}
+    raw_seconds_per_byte = raw["seconds"]["median"] / raw_min
     rows = []
     for codec in args.codecs:
         minimum = exchange_min_bytes(codec, args.params, n, args.block_size)
@@ -243,6 +264,7 @@ def summarize(rate: str, backend: str, workers: list[dict], args: argparse.Names
                      "payload_bytes": payload, "wire_bytes": wire,
                      "payload_over_min": payload / minimum, "wire_over_min": wire["median"] / minimum,
                      **timing(lambda w: w["exchanges"][codec], minimum)})
+        rows[-1]["seconds_over_raw_tcp"] = rows[-1]["seconds"]["median"] / (raw_seconds_per_byte * minimum)
     # The download: member 0 -> member n-1 only. Shared lo: its total is the transfer.
     state_bytes = 8 * args.params
     joiner = None if shared else n - 1
@@ -252,6 +274,7 @@ def summarize(rate: str, backend: str, workers: list[dict], args: argparse.Names
                  "payload_bytes": state_bytes, "wire_bytes": wire, "payload_over_min": 1.0,
                  "wire_over_min": wire["median"] / state_bytes,
                  **timing(lambda w: w["download"], state_bytes)})
+    rows.append(raw)
     return rows
 
 
@@ -263,12 +286,13 @@ def plot(rows: list[dict], path: Path) -> None:
     rates = sorted({r["rate"] for r in limited}, key=lambda x: netsim.parse_rate(x))
     for color, rate in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], rates):
         for r in (r for r in limited if r["rate"] == rate):
-            marker = "*" if r["what"] == "download" else markers.get(r["codec"], "o")
+            marker = {"download": "*", "raw_tcp": "x"}.get(r["what"]) or markers.get(r["codec"], "o")
             a.scatter(r["ideal_seconds"], r["seconds"]["median"], color=color, marker=marker, s=40)
         a.scatter([], [], color=color, label=rate)
     for codec, m in markers.items():
         a.scatter([], [], color="gray", marker=m, label=codec)
     a.scatter([], [], color="gray", marker="*", label="download θ+v")
+    a.scatter([], [], color="gray", marker="x", label="raw TCP (link reference)")
     if limited:
         lo = min(r["ideal_seconds"] for r in limited) / 2
         hi = max(r["ideal_seconds"] for r in limited) * 2
@@ -317,7 +341,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     # worker mode (started by the driver inside a namespace)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, typ in (("rank", int), ("world", int), ("addr", str), ("port", int),
-                      ("iface", str), ("result", str), ("backend", str)):
+                      ("iface", str), ("result", str), ("backend", str), ("addrs", str)):
         p.add_argument(f"--{name}", type=typ, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -371,7 +395,8 @@ def main(argv: list[str]) -> int:
         ratio = r["seconds_over_ideal"]["median"] if r["seconds_over_ideal"] else math.nan
         print(f"{r['backend']:6} {r['rate']:9} {r['what']:8} {r['codec']:5} "
               f"min {r['min_bytes'] / 1e6:8.3f} MB  wire/min {r['wire_over_min']:.3f}  "
-              f"{r['seconds']['median']:.3f} s  s/ideal {ratio:.2f}")
+              f"{r['seconds']['median']:.3f} s  s/ideal {ratio:.2f}  "
+              f"s/raw_tcp {r.get('seconds_over_raw_tcp', math.nan):.2f}")
     if picture:
         plot(rows, picture)
     print(f"bench_comm: wrote {args.out}" + (f" and {picture}" if picture else ""), file=sys.stderr)

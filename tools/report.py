@@ -10,9 +10,11 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,8 +93,19 @@ def png_path(out: str | Path, png: str | None) -> Path | None:
     return Path(out).with_suffix(".png")
 
 
+def _leave(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_tool(main_fn, argv: list[str] | None = None, name: str = "") -> int:
-    """Call main_fn(argv); print ToolError/ValueError as one clear line and return 2."""
+    """Call main_fn(argv); print ToolError/ValueError as one clear line and return 2.
+
+    SIGTERM and SIGHUP become SystemExit, so the tools' `finally` blocks end the runs
+    they started (their children live in sessions of their own and would survive).
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _leave)
     try:
         return main_fn(sys.argv[1:] if argv is None else argv) or 0
     except (ToolError, ValueError) as e:
