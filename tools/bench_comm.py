@@ -24,23 +24,22 @@ exchange). Reported per codec, against theory:
   at once. `seconds_over_raw_tcp` = an exchange's time ÷ the raw time scaled to the same
   bytes: the backend's own cost, separated from the link's.
 
-Backends. A backend is a `CommBackend` subclass registered in `BACKENDS`: it connects
-the members, exposes a dilo `Group`, a barrier and the state download. `torch`
-(torch.distributed/gloo) is here; the hivemind backend is built elsewhere and is added
-by writing its `CommBackend` (its download is the real joiner path) and registering it.
+Backends live in tools/comm_backends.py: a `CommBackend` subclass registered in
+`BACKENDS` connects the members, exposes a dilo `Group`, a barrier and the state
+download. `torch` (torch.distributed/gloo) is there; the hivemind backend is built
+elsewhere and is added by writing its `CommBackend` (its download is the real joiner
+path) and registering it; `--backends torch,hivemind` then measures both in one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import subprocess
 import sys
 import tempfile
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -49,11 +48,11 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from dilo.codecs import CODEC_NAMES, get_codec  # noqa: E402
-from dilo.comm.protocol import Group  # noqa: E402
 from tools import netsim  # noqa: E402
 from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
                           run_tool, write_json)
 from tools.runs import REPO, child_env, tail, wait_all  # noqa: E402
+from tools.comm_backends import BACKENDS  # noqa: E402
 from tools.tcp_reference import TcpMesh  # noqa: E402
 
 PORT = 29511  # inside private namespaces: no collision with anything else on the machine
@@ -82,64 +81,6 @@ def exchange_payload_bytes(codec: str, numel: int, members: int, block_size: int
 
 def ideal_seconds(nbytes: float, rate_bps: int | None) -> float | None:
     return None if rate_bps is None else nbytes * 8 / rate_bps
-
-
-# -- backends ------------------------------------------------------------------------------
-class CommBackend(ABC):
-    """One member's connection for the benchmark. Register subclasses in BACKENDS."""
-
-    def __init__(self, rank: int, size: int, addr0: str, port: int, timeout_s: float):
-        self.rank, self.size = rank, size
-
-    @property
-    @abstractmethod
-    def group(self) -> Group:
-        """The dilo Group whose `average` is measured."""
-
-    @abstractmethod
-    def barrier(self) -> None:
-        """Return once every member has called it."""
-
-    @abstractmethod
-    def download(self, state: torch.Tensor, src: int, dst: int) -> None:
-        """Member dst receives src's `state` in place (the joiner's download); others return."""
-
-    def close(self) -> None:
-        pass
-
-
-class TorchBackend(CommBackend):
-    def __init__(self, rank: int, size: int, addr0: str, port: int, timeout_s: float):
-        super().__init__(rank, size, addr0, port, timeout_s)
-        import torch.distributed as dist
-
-        from dilo.comm.torch_dist import TorchGroup
-
-        self.dist = dist
-        dist.init_process_group("gloo", init_method=f"tcp://{addr0}:{port}", rank=rank,
-                                world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
-        self._group = TorchGroup()
-        self._pairs: dict[tuple[int, int], object] = {}
-
-    @property
-    def group(self) -> Group:
-        return self._group
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    def download(self, state: torch.Tensor, src: int, dst: int) -> None:
-        if (src, dst) not in self._pairs:  # new_group is collective: every member calls it
-            self._pairs[(src, dst)] = self.dist.new_group(sorted({src, dst}))
-        if self.rank in (src, dst):
-            self.dist.broadcast(state, src=src, group=self._pairs[(src, dst)])
-
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
-
-
-BACKENDS: dict[str, type[CommBackend]] = {"torch": TorchBackend}
 
 
 # -- one worker (a subprocess inside a namespace) ------------------------------------------
@@ -278,6 +219,23 @@ def summarize(rate: str, backend: str, workers: list[dict], args: argparse.Names
     return rows
 
 
+def add_loopback_split(rows: list[dict]) -> None:
+    """With a loopback run in the same invocation, split time into local work and link.
+
+    The loopback time of a codec is what the exchange costs without a bandwidth limit
+    (encode, decode, reduce, protocol round trips on this machine's CPUs); a limited
+    link should add about bytes/rate on top. `seconds_over_loopback_plus_ideal` near 1
+    means the link is used at its rate and the rest is local compute.
+    """
+    local = {(r["backend"], r["what"], r["codec"]): r["seconds"]["median"]
+             for r in rows if r["rate_bps"] is None}
+    for r in rows:
+        base = local.get((r["backend"], r["what"], r["codec"]))
+        if r["ideal_seconds"] and base is not None:
+            r["loopback_seconds"] = base
+            r["seconds_over_loopback_plus_ideal"] = r["seconds"]["median"] / (base + r["ideal_seconds"])
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = require_matplotlib()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -302,17 +260,37 @@ def plot(rows: list[dict], path: Path) -> None:
           ylabel="measured seconds (median)", title="exchange time vs bytes/rate")
     a.legend(fontsize=7, ncol=2)
     ex = [r for r in rows if r["what"] == "exchange"]
-    names = [f"{r['codec']}\n{r['rate']}" for r in ex]
+    names = [f"{r['codec']} {r['rate']}" for r in ex]
     b.bar(range(len(ex)), [r["wire_over_min"] for r in ex], color="tab:blue", label="wire / minimum")
     b.scatter(range(len(ex)), [r["payload_over_min"] for r in ex], color="k", zorder=3,
               label="dilo payload / minimum")
     b.axhline(1.0, color="k", lw=0.8)
-    b.set_xticks(range(len(ex)), names, fontsize=6)
-    b.set(ylabel="bytes / two-phase minimum", title="bytes per worker per exchange")
+    b.set_xticks(range(len(ex)), names, fontsize=6, rotation=90)
+    top = max([r["wire_over_min"] for r in ex] + [1.0])
+    b.set(ylabel="bytes / two-phase minimum", title="bytes per worker per exchange",
+          ylim=(0.95, top + 0.05))
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def redo(args: argparse.Namespace) -> int:
+    """Derived fields and the picture again, from an earlier result (no measurement)."""
+    try:
+        doc = json.loads(Path(args.from_json).read_text())
+        rows = doc["results"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ToolError(f"--from-json {args.from_json}: not a bench_comm result ({e})") from None
+    picture = png_path(args.from_json, args.png)
+    if picture:
+        require_matplotlib()
+    add_loopback_split(rows)
+    write_json(args.from_json, doc)
+    if picture:
+        plot(rows, picture)
+    print(f"bench_comm: rewrote {args.from_json}" + (f" and {picture}" if picture else ""), file=sys.stderr)
+    return 0
 
 
 def tiny_params() -> int:
@@ -338,13 +316,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per link setting")
     p.add_argument("--out", default="runs/bench/comm.json", help="JSON output")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: recompute derived fields and the picture of an earlier --out")
     # worker mode (started by the driver inside a namespace)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, typ in (("rank", int), ("world", int), ("addr", str), ("port", int),
                       ("iface", str), ("result", str), ("backend", str), ("addrs", str)):
         p.add_argument(f"--{name}", type=typ, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
+    if args.worker or args.from_json:
         return args
     quick = args.quick
     args.params = args.params or (200_000 if quick else tiny_params())
@@ -371,6 +351,8 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.worker:
         return worker(args)
+    if args.from_json:
+        return redo(args)
     try:
         netsim.require_tools()
     except netsim.NetSimError as e:
@@ -391,12 +373,15 @@ def main(argv: list[str]) -> int:
                 workers = measure_link(rate, args, backend, Path(tmp))
                 rows += summarize(rate, backend, workers, args)
                 write_json(args.out, document("bench_comm", settings, rows))
+    add_loopback_split(rows)
+    write_json(args.out, document("bench_comm", settings, rows))
     for r in rows:
         ratio = r["seconds_over_ideal"]["median"] if r["seconds_over_ideal"] else math.nan
         print(f"{r['backend']:6} {r['rate']:9} {r['what']:8} {r['codec']:5} "
               f"min {r['min_bytes'] / 1e6:8.3f} MB  wire/min {r['wire_over_min']:.3f}  "
               f"{r['seconds']['median']:.3f} s  s/ideal {ratio:.2f}  "
-              f"s/raw_tcp {r.get('seconds_over_raw_tcp', math.nan):.2f}")
+              f"s/raw_tcp {r.get('seconds_over_raw_tcp', math.nan):.2f}  "
+              f"s/(loopback+ideal) {r.get('seconds_over_loopback_plus_ideal', math.nan):.2f}")
     if picture:
         plot(rows, picture)
     print(f"bench_comm: wrote {args.out}" + (f" and {picture}" if picture else ""), file=sys.stderr)
