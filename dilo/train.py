@@ -142,6 +142,9 @@ class Trainer:
         elif distributed:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.step = 0
+        # Seconds of this process (not restored on resume): inner steps, and the whole loop.
+        self.compute_seconds = 0.0
+        self.loop_seconds = 0.0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
                        "dropped": 0, "intra_bytes": 0}
 
@@ -330,8 +333,11 @@ class Trainer:
         self.resume()
         tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
+        loop_start = time.perf_counter()
         while self.step < cfg.run.steps:
+            step_start = time.perf_counter()
             loss = self.inner_step()
+            self.compute_seconds += time.perf_counter() - step_start
             window_steps += 1
             synced = False
             if self.diloco:
@@ -360,6 +366,7 @@ class Trainer:
                 if cfg.checkpoint.every and (self.outer_step % cfg.checkpoint.every == 0
                                              or self.step == cfg.run.steps):
                     self.save_checkpoint()
+        self.loop_seconds = time.perf_counter() - loop_start
         return self.finish()
 
     def finish(self) -> dict:
@@ -388,6 +395,8 @@ class Trainer:
             "intra_bytes": self.totals["intra_bytes"],
             "worker_bytes_sent": sum(t["bytes_sent"] for t in per_rank),
             "worker_bytes_received": sum(t["bytes_received"] for t in per_rank),
+            "compute_seconds": self.compute_seconds,
+            "loop_seconds": self.loop_seconds,
             "dropped_contributions": self.totals["dropped"],
             "synced_params": self.diloco.numel if self.diloco else self.model.num_params(),
             "global_hash": self.global_hash(),
