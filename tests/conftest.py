@@ -42,6 +42,24 @@ def child_env() -> dict:
     return env
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class Procs:
     """Starts processes in their own process group; kills every one of them at teardown."""
 
@@ -67,6 +85,12 @@ class Procs:
 
     @staticmethod
     def kill(p: subprocess.Popen) -> None:
+        # torchrun starts each worker in a session of its own: end them by pid, then the group
+        for pid in descendants(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
