@@ -20,8 +20,11 @@ the newest consistent state is found on the members' disks and shared over the n
      rank then takes its inner optimizer state and RNG from its own newest file up to
      that step if it has one, else starts them fresh.
    - fresh: no valid file anywhere.
-3. check (in the trainer): the loaded global hash must equal the one recorded in the file
-   and be the same on every rank.
+3. check: the loaded global hash must equal the one recorded in the file and be the same
+   on every rank (if files of one step disagree, worker 0's global state is taken).
+
+`resume(trainer)` runs the three; `save_after_failure(trainer, error)` writes the state a
+member still holds when an exchange fails, so the next world can start from it.
 
 Why any file of a step will do for the global state: the outer step is a collective, so
 every member that completes outer step t holds bit-identical θ, v and counters (invariant
@@ -36,11 +39,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dilo import checkpoint
 from dilo.comm.protocol import Group
+
+if TYPE_CHECKING:
+    from dilo.train import Trainer
 
 log = logging.getLogger("dilo")
 
@@ -184,3 +191,92 @@ def broadcast_global_state(group: Group, state: dict | None, source_rank: int) -
     for flat in tensors:
         group.broadcast(flat, src=source_rank)
     return _place_tensors(meta, tensors)
+
+
+# -- the trainer's side -------------------------------------------------------------------
+
+
+def resume(trainer: Trainer) -> None:
+    """`checkpoint.resume` (auto or a step folder): survey, plan, load, check; a collective."""
+    t, cfg = trainer, trainer.cfg
+    explicit = cfg.checkpoint.resume != "auto"
+    dirs = [Path(cfg.checkpoint.resume)] if explicit else [
+        checkpoint.step_dir(cfg.run.dir, s) for s in checkpoint.list_steps(cfg.run.dir)]
+    mine = survey(dirs, t.worker, t.num_workers)
+    plan = plan_resume(t.group.all_gather_object(mine), t.num_workers)
+    if plan.kind == "fresh":
+        if explicit:
+            raise checkpoint.CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no valid "
+                                             "checkpoint file there (see the warnings above)")
+        log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", cfg.run.dir)
+        return
+    inner_from: int | None = plan.step
+    if plan.kind == "exact":
+        path = checkpoint.worker_file(Path(plan.dir), t.worker)
+        t.load_state_dict(checkpoint.read_verified(path), str(path))
+    else:
+        inner_from = load_elastic(t, plan, mine)
+    if len(set(t.group.all_gather_object(t.global_hash()))) > 1:
+        # Files of one step written by two attempts that were not bit-identical (e.g.
+        # non-deterministic GPU kernels): take worker 0's global state everywhere.
+        log.warning("checkpoint files of outer step %d disagree; taking worker 0's global "
+                    "state on every worker", plan.step)
+        plan = ResumePlan("elastic", plan.step, plan.dir, 0, 0, plan.written_by)
+        inner_from = load_elastic(t, plan, mine)
+    log.info("resumed from %s (%s: written by %d workers, now %d) at inner step %d, outer step "
+             "%d; inner optimizer state %s", plan.dir, plan.kind, plan.written_by, t.num_workers,
+             t.step, t.outer_step, "fresh" if inner_from is None else f"from outer step {inner_from}")
+    t.metrics.log("event", event="resume", path=plan.dir, how=plan.kind, step=t.step,
+                  outer_step=t.outer_step, written_by=plan.written_by, workers=t.num_workers,
+                  inner_from=inner_from, world=t.world_id, global_hash=t.global_hash())
+
+
+def load_elastic(trainer: Trainer, plan: ResumePlan, mine: list[dict]) -> int | None:
+    """The plan's global state, broadcast from its source; the inner state from this worker's
+    own newest file up to that step, or fresh. Returns that file's step, or None."""
+    t = trainer
+    source = None
+    if t.worker == plan.source_rank:
+        source = checkpoint.read_verified(checkpoint.worker_file(Path(plan.dir), plan.source_worker))
+    shared = broadcast_global_state(t.group, source, plan.source_rank)
+    own_file = own_newest(mine, t.worker, plan.step)
+    own = None
+    if own_file is not None:
+        own = checkpoint.read_verified(checkpoint.worker_file(Path(own_file["dir"]), t.worker))
+    t.load_state_dict(merge(shared, own), f"{plan.dir} (elastic)", exact=False)
+    return own_file["step"] if own_file else None
+
+
+def save_after_failure(trainer: Trainer, error: BaseException) -> None:
+    """An exchange failed (a peer died or timed out): save the state this member still holds.
+
+    A failed average leaves θ, v and the outer step untouched (outer step t, the last
+    boundary); a failure after the update (hash check, buffers) leaves them at t + 1, the
+    current boundary. Either is the state every member that got that far holds, bit for
+    bit. Step and data position are set to that boundary's; the inner optimizer is this
+    worker's latest, so the file is marked `exact = False` and serves elastic resumes only.
+    Skipped if this worker already has a file for that outer step, and in DDP mode (its
+    state changes at every step). torchrun's agent SIGKILLs the worker `shutdown timeout`
+    seconds after the failure: a write cut short leaves only a temporary file.
+    """
+    t, k = trainer, trainer.cfg.checkpoint
+    log.error("exchange failed at outer step %d: %s", t.outer_step + 1, str(error)[:300])
+    if not (t.diloco and k.every and k.on_failure) or t.outer_step == 0:
+        return
+    boundary = t.boundary
+    if t.outer_step != boundary["outer_step"]:  # the failure came after the outer step
+        boundary = {"step": t.step, "data": t.batches.state_dict(), "inner_step": t.diloco.inner_step}
+    path = checkpoint.worker_file(checkpoint.step_dir(t.cfg.run.dir, t.outer_step), t.worker)
+    if path.exists():
+        return
+    try:
+        t.writer.wait()
+    except checkpoint.CheckpointError as e:
+        log.error("%s", e)
+    state = t.state_dict()
+    state.update(step=boundary["step"], data=boundary["data"], exact=False)
+    state["diloco"]["inner_step"] = boundary["inner_step"]
+    checkpoint.save(t.cfg.run.dir, t.worker, t.outer_step, state, k.keep, t.num_workers)
+    log.warning("saved the last consistent global state (outer step %d) to %s", t.outer_step, path)
+    t.metrics.log("event", event="checkpoint", path=str(path), outer_step=t.outer_step,
+                  on_failure=True, error=str(error)[:300])

@@ -22,7 +22,6 @@ import random
 import secrets
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -231,53 +230,8 @@ class Trainer:
                                  f"{existing[-1]}); pass --checkpoint.resume auto to continue it, or "
                                  "choose another run.dir")
             return
-        explicit = cfg.resume != "auto"
-        dirs = [Path(cfg.resume)] if explicit else [
-            checkpoint.step_dir(self.cfg.run.dir, s) for s in checkpoint.list_steps(self.cfg.run.dir)]
-        mine = elastic.survey(dirs, self.worker, self.num_workers)
-        plan = elastic.plan_resume(self.group.all_gather_object(mine), self.num_workers)
-        if plan.kind == "fresh":
-            if explicit:
-                raise checkpoint.CheckpointError(f"checkpoint.resume={cfg.resume}: no valid "
-                                                 "checkpoint file there (see the warnings above)")
-            log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", self.cfg.run.dir)
-            return
-        inner_from: int | None = plan.step
-        if plan.kind == "exact":
-            path = checkpoint.worker_file(Path(plan.dir), self.worker)
-            self.load_state_dict(checkpoint.read_verified(path), str(path))
-        else:
-            inner_from = self.load_elastic(plan, mine)
-        if len(set(self.group.all_gather_object(self.global_hash()))) > 1:
-            # Files of one step written by two attempts that were not bit-identical (e.g.
-            # non-deterministic GPU kernels): take worker 0's global state everywhere.
-            log.warning("checkpoint files of outer step %d disagree; taking worker 0's global "
-                        "state on every worker", plan.step)
-            plan = elastic.ResumePlan("elastic", plan.step, plan.dir, 0, 0, plan.written_by)
-            inner_from = self.load_elastic(plan, mine)
+        elastic.resume(self)
         self.record_boundary()
-        log.info("resumed from %s (%s: written by %d workers, now %d) at inner step %d, outer step "
-                 "%d; inner optimizer state %s", plan.dir, plan.kind, plan.written_by,
-                 self.num_workers, self.step, self.outer_step,
-                 "fresh" if inner_from is None else f"from outer step {inner_from}")
-        self.metrics.log("event", event="resume", path=plan.dir, how=plan.kind, step=self.step,
-                         outer_step=self.outer_step, written_by=plan.written_by,
-                         workers=self.num_workers, inner_from=inner_from, world=self.world_id,
-                         global_hash=self.global_hash())
-
-    def load_elastic(self, plan: elastic.ResumePlan, mine: list[dict]) -> int | None:
-        """Global state broadcast from the plan's source, inner state from this worker's own
-        newest file up to that step (or fresh). Returns the step of that file, or None."""
-        source = None
-        if self.worker == plan.source_rank:
-            source = checkpoint.read_verified(checkpoint.worker_file(Path(plan.dir), plan.source_worker))
-        shared = elastic.broadcast_global_state(self.group, source, plan.source_rank)
-        own_file = elastic.own_newest(mine, self.worker, plan.step)
-        own = None
-        if own_file is not None:
-            own = checkpoint.read_verified(checkpoint.worker_file(Path(own_file["dir"]), self.worker))
-        self.load_state_dict(elastic.merge(shared, own), f"{plan.dir} (elastic)", exact=False)
-        return own_file["step"] if own_file else None
 
     def record_boundary(self) -> None:
         """Remember the counters of the last completed outer step (for save_after_failure)."""
@@ -346,7 +300,7 @@ class Trainer:
             self.metrics.log("event", event="diverged", error=str(e), world=self.world_id)
             raise
         except RuntimeError as e:  # a peer died or timed out mid-exchange
-            self.save_after_failure(e)
+            elastic.save_after_failure(self, e)
             raise
         self.record_boundary()
         return True
@@ -356,7 +310,7 @@ class Trainer:
         try:
             return self.stopper.agreed(self.group)
         except RuntimeError as e:
-            self.save_after_failure(e)
+            elastic.save_after_failure(self, e)
             raise
 
     def save_checkpoint(self) -> None:
@@ -374,39 +328,6 @@ class Trainer:
             self.metrics.count("checkpoint_waits")
         self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step,
                          background=True, waited_seconds=waited if busy else 0.0)
-
-    def save_after_failure(self, error: BaseException) -> None:
-        """An exchange failed: write the last consistent global state before exiting.
-
-        A failed average leaves θ, v and the outer step untouched (outer step t, the last
-        boundary); a failure after the update (hash check, buffers) leaves them at t + 1,
-        the current boundary. Either is the state every member that got that far holds,
-        bit for bit. Step and data position are set to that boundary's; the inner optimizer
-        is this worker's latest, so the file is marked `exact = False` and only used for
-        elastic resumes. Skipped if this worker already has a file for that outer step.
-        """
-        k = self.cfg.checkpoint
-        log.error("exchange failed at outer step %d: %s", self.outer_step + 1, str(error)[:300])
-        if not (self.diloco and k.every and k.on_failure) or self.outer_step == 0:
-            return
-        boundary = self.boundary
-        if self.outer_step != boundary["outer_step"]:  # the outer step was applied
-            boundary = {"step": self.step, "data": self.batches.state_dict(),
-                        "inner_step": self.diloco.inner_step}
-        path = checkpoint.worker_file(checkpoint.step_dir(self.cfg.run.dir, self.outer_step), self.worker)
-        if path.exists():
-            return
-        try:
-            self.writer.wait()
-        except checkpoint.CheckpointError as e:
-            log.error("%s", e)
-        state = self.state_dict()
-        state.update(step=boundary["step"], data=boundary["data"], exact=False)
-        state["diloco"]["inner_step"] = boundary["inner_step"]
-        checkpoint.save(self.cfg.run.dir, self.worker, self.outer_step, state, k.keep, self.num_workers)
-        log.warning("saved the last consistent global state (outer step %d) to %s", self.outer_step, path)
-        self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step,
-                         on_failure=True, error=str(error)[:300])
 
     def run(self) -> dict | None:
         """Train to run.steps and return the summary, or None after a graceful stop."""

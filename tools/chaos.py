@@ -9,8 +9,9 @@ once without faults (the reference) and once with `--faults` faults injected on 
 drawn from `--seed`. Kinds (`--kinds`, default all):
 
   kill_worker         SIGKILL one worker process
-  kill_node           SIGKILL a node's agent and all its workers; the node rejoins
-                      (a fresh agent) after a random 2-8 s, recorded as `rejoin`
+  kill_node           SIGKILL a node's agent and all its workers; once the survivors have
+                      trained an outer step without it (or after 60 s), the node rejoins
+                      with a fresh agent, recorded as `rejoin`: a shrink, then a grow
   kill_in_checkpoint  SIGKILL a worker while it writes a checkpoint (caught by watching for
                       its temporary file; `mid_write` says whether the kill landed there)
   stall               SIGSTOP a worker for comm.timeout + 5 s (its peers time out), then SIGCONT
@@ -64,8 +65,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib not needed)")
     p.add_argument("--run-dir", default="", help="where both runs go (default: next to --out)")
     p.add_argument("--timeout", type=float, default=20.0, help="comm.timeout of the workers, s")
+    p.add_argument("--last-fault-at", type=float, default=0.8,
+                   help="faults fire before this fraction of the outer steps (default 0.8)")
     p.add_argument("--max-wall", type=float, default=1800.0, help="give up after this many s per run")
     p.add_argument("--backend", default="torch", help=f"cluster backend: {', '.join(CLUSTERS)}")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the fault-free run (no loss_ratio; for quick checks)")
     args, train_args = p.parse_known_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in FAULT_KINDS]
@@ -158,9 +163,9 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
         cluster.start_node(node)
     faults: list[dict] = []
     events: list[dict] = []
-    rejoin_at: dict[int, float] = {}
+    rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
     stalled: dict | None = None
-    last_disruption, last_sync, progress, index = start, 0.0, 0, 0
+    last_disruption, last_sync, progress, index, world = start, 0.0, 0, 0, ""
     finished = False
     while True:
         now = time.time()
@@ -168,8 +173,8 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             events.append({"kind": "gave_up", "time": now - start})
             break
         for record in tail.poll():
-            if record.get("kind") == "sync":
-                progress, last_sync = record["outer_step"], max(last_sync, record["time"])
+            if record.get("kind") == "sync" and record["time"] >= last_sync:
+                progress, last_sync, world = record["outer_step"], record["time"], record.get("world")
         codes = {n: cluster.node_exit_code(n) for n in range(cluster.num_nodes)}
         finished = finished or any(code == 0 for code in codes.values())
         if finished and all(code is not None for n, code in codes.items() if n not in rejoin_at):
@@ -182,8 +187,8 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             for pid in stalled["pids"]:
                 cluster.unstall(pid)
             stalled = None
-        for node, when in list(rejoin_at.items()):
-            if now >= when:
+        for node, (left, latest) in list(rejoin_at.items()):
+            if (world != left and last_sync > last_disruption) or now >= latest:
                 del rejoin_at[node]
                 if not finished:
                     cluster.start_node(node)
@@ -202,7 +207,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             index += 1
             last_disruption = time.time()
             if kind == "kill_node":
-                rejoin_at[record["node"]] = time.time() + rng.uniform(2, 8)
+                rejoin_at[record["node"]] = (world, time.time() + 60)
             if kind == "stall":
                 stalled = record
         cluster.reap()
@@ -211,10 +216,16 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             "events": events, "exit_codes": [cluster.node_exit_code(n) for n in range(cluster.num_nodes)]}
 
 
-def make_schedule(rng: random.Random, count: int, kinds: list[str], total_outer: int) -> list[tuple[str, int]]:
-    """`count` (kind, outer step to wait for), spread over the first 80% of the run."""
-    last = max(1, int(0.8 * total_outer))
-    return [(rng.choice(kinds), step) for step in sorted(rng.randint(1, last) for _ in range(count))]
+def make_schedule(rng: random.Random, count: int, kinds: list[str], total_outer: int,
+                  last_fraction: float = 0.8) -> list[tuple[str, int]]:
+    """`count` (kind, outer step to wait for), spread over the first `last_fraction` of the run.
+
+    Every kind appears at least once when `count` allows; the rest are drawn at random.
+    """
+    drawn = kinds[:count] + [rng.choice(kinds) for _ in range(count - len(kinds))]
+    rng.shuffle(drawn)
+    last = max(1, int(last_fraction * total_outer))
+    return list(zip(drawn, sorted(rng.randint(1, last) for _ in range(count))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     total_outer = math.ceil(cfg.run.steps / cfg.outer.inner_steps)
     rng = random.Random(args.seed)
-    schedule = make_schedule(rng, args.faults, args.kinds, total_outer)
+    schedule = make_schedule(rng, args.faults, args.kinds, total_outer, args.last_fault_at)
 
     def stop(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     runs = {}
-    for name, plan in (("reference", []), ("chaos", schedule)):
+    for name, plan in (("reference", []), ("chaos", schedule))[args.no_reference:]:
         run_dir = run_root / name
         if run_dir.exists() and any(run_dir.iterdir()):
             print(f"chaos: {run_dir} is not empty; pass another --run-dir", file=sys.stderr)

@@ -85,38 +85,42 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
         "nonfinite_steps": nonfinite,
         "outer_steps_checked": len(sync_hashes),
         "final_eval_loss": summaries[0]["final_eval_loss"] if summaries else None,
+        "final_global_hash": summaries[0]["global_hash"] if summaries else None,
         "final_workers": summaries[0]["num_workers"] if summaries else 0,
         "worlds": sorted(worlds.values(), key=lambda w: w["time"]),
     }
 
 
 def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
-    ref = analyze(run_root / "reference", cfg.run.steps)
+    ref = analyze(run_root / "reference", cfg.run.steps) if "reference" in runs else {}
     got = analyze(run_root / "chaos", cfg.run.steps)
     chaos = runs["chaos"]
     scheduled = [f for f in chaos["faults"] if f["kind"] != "rejoin"]
     counts: dict[str, int] = defaultdict(int)
     for f in chaos["faults"]:
         counts[f["kind"]] += 1
-    loss, ref_loss = got["final_eval_loss"], ref["final_eval_loss"]
+    loss, ref_loss = got["final_eval_loss"], ref.get("final_eval_loss")
     return {
         "faults_requested": args.faults,
         "faults_injected": len([f for f in scheduled if "skipped" not in f]),
         "fault_counts": dict(counts),
         "kills_mid_checkpoint_write": sum(bool(f.get("mid_write")) for f in scheduled),
-        "survived": got["finished"] and all(code == 0 for code in chaos["exit_codes"]),
+        "survived": got["finished"],
+        "agent_exit_codes": chaos["exit_codes"],
         "hash_mismatches": got["hash_mismatches"],
         "resumes_from_unseen_state": got["resumes_from_unseen_state"],
         "nonfinite_steps": got["nonfinite_steps"],
         "final_eval_loss": loss,
         "reference_eval_loss": ref_loss,
         "loss_ratio": loss / ref_loss if finite(loss) and finite(ref_loss) else None,
+        # exact resumes only (no world changed size): the result must be the reference's, bit for bit
+        "same_result_as_reference": bool(ref) and got["final_global_hash"] == ref["final_global_hash"],
         "wall_seconds": chaos["wall_seconds"],
-        "reference_wall_seconds": runs["reference"]["wall_seconds"],
+        "reference_wall_seconds": runs["reference"]["wall_seconds"] if ref else None,
         "restarts": max(0, len(got["worlds"]) - 1),
         "outer_steps_checked": got["outer_steps_checked"],
-        "reference_survived": ref["finished"],
-        "reference_hash_mismatches": ref["hash_mismatches"],
+        "reference_survived": ref.get("finished"),
+        "reference_hash_mismatches": ref.get("hash_mismatches"),
         "final_workers": got["final_workers"],
         "workers": args.workers,
         "nodes": args.nodes,
@@ -132,15 +136,17 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
     }
 
 
-def loss_points(run_dir: Path, start_time: float) -> tuple[list, list, list]:
-    """(seconds since start, inner step, mean loss) per (world, outer step) sync."""
+def loss_points(run_dir: Path, start_time: float) -> dict[str, tuple[list, list, list]]:
+    """Per world: (seconds since start, inner step, mean loss over workers) of each outer step."""
     groups: dict[tuple, list] = defaultdict(list)
     for r in records(run_dir):
         if r.get("kind") == "sync" and finite(r.get("loss")):
             groups[(r.get("world"), r["outer_step"])].append(r)
-    points = sorted((sum(x["time"] for x in g) / len(g) - start_time, g[0]["step"],
-                     sum(x["loss"] for x in g) / len(g)) for g in groups.values())
-    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+    worlds: dict[str, list] = defaultdict(list)
+    for (world, _), g in groups.items():
+        worlds[world].append((sum(x["time"] for x in g) / len(g) - start_time, g[0]["step"],
+                              sum(x["loss"] for x in g) / len(g)))
+    return {w: tuple(map(list, zip(*sorted(points)))) for w, points in worlds.items()}
 
 
 def plot(run_root: Path, runs: dict, path: Path) -> Path:
@@ -150,12 +156,16 @@ def plot(run_root: Path, runs: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     colors = {"kill_worker": "tab:red", "kill_node": "tab:purple", "kill_in_checkpoint": "tab:orange",
-              "stall": "tab:brown", "rejoin": "tab:green"}
+              "stall": "tab:cyan", "rejoin": "tab:green"}
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, style in (("reference", dict(color="black", lw=1.5)), ("chaos", dict(color="tab:blue", lw=1))):
-        t, step, loss = loss_points(run_root / name, runs[name]["start_time"])
-        by_time.plot(t, loss, ".-", ms=3, label=name, **style)
-        by_step.plot(step, loss, ".", ms=3, label=name, **style)
+    for name, color in (("reference", "black"), ("chaos", "tab:blue")):
+        if name not in runs:
+            continue
+        worlds = loss_points(run_root / name, runs[name]["start_time"])
+        for i, (t, step, loss) in enumerate(worlds.values()):  # one segment per world
+            label = f"{name} ({len(worlds)} world{'s' * (len(worlds) > 1)})" if i == 0 else None
+            by_time.plot(t, loss, ".-", ms=3, lw=1, color=color, label=label)
+            by_step.plot(step, loss, ".", ms=4 if name == "reference" else 3, color=color, label=label)
     for f in runs["chaos"]["faults"]:
         by_time.axvline(f["time"], color=colors.get(f["kind"], "grey"), lw=0.8, alpha=0.7)
     for kind, color in colors.items():
