@@ -8,6 +8,13 @@ fsynced, renamed into place and the directory fsynced, so a crash leaves either 
 old set of files or the new one, never a file that looks valid but is not. Loading
 checks magic, length and checksum before unpickling (with `weights_only=True`), so a
 truncated or corrupt file is refused as a whole, never half-loaded.
+
+A worker killed while writing leaves at most a temporary `.worker-<w>.pt.tmp-<pid>` file,
+which nothing reads; the step folder then simply lacks that worker's file.
+
+`AsyncWriter` moves the write off the training thread: the state is copied to CPU
+memory at the step boundary, serialised and written in a background thread, at most one
+write in flight (a second request waits for the first; none is ever skipped).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -93,18 +102,34 @@ def read_verified(path: str | Path) -> dict:
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
-def save(run_dir: str | Path, worker: int, outer_step: int, state: dict, keep: int) -> Path:
+def save(run_dir: str | Path, worker: int, outer_step: int, state: dict, keep: int,
+         num_workers: int = 1) -> Path:
     """Write this worker's checkpoint for `outer_step`, then keep only its newest `keep`."""
     path = worker_file(step_dir(run_dir, outer_step), worker)
     write_atomic(path, state)
-    for old in list_steps(run_dir)[:-keep]:
+    prune(run_dir, worker, keep, num_workers)
+    return path
+
+
+def prune(run_dir: str | Path, worker: int, keep: int, num_workers: int = 1) -> None:
+    """Delete this worker's files older than its newest `keep`.
+
+    The files of departed slots (worker ids >= num_workers after the world shrank) are
+    pruned by worker `id mod num_workers`; the last file out removes the step folder.
+    """
+    steps = [s for s in list_steps(run_dir) if worker_file(step_dir(run_dir, s), worker).exists()]
+    for old in steps[:-keep]:
         directory = step_dir(run_dir, old)
-        worker_file(directory, worker).unlink(missing_ok=True)
+        for path in directory.glob("worker-*.pt"):
+            slot = int(path.stem.split("-", 1)[1])
+            if slot == worker or (slot >= num_workers and slot % num_workers == worker):
+                path.unlink(missing_ok=True)
+        for tmp in directory.glob(f".worker-{worker}.pt.tmp-*"):  # left by a killed writer
+            tmp.unlink(missing_ok=True)
         try:
             directory.rmdir()  # the last worker to prune removes the folder
         except OSError:
             pass
-    return path
 
 
 def list_steps(run_dir: str | Path) -> list[int]:
@@ -153,3 +178,73 @@ def resolve_init_from(path: str | Path) -> Path:
 
 def clear(run_dir: str | Path) -> None:
     shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+
+
+def snapshot(state: object) -> object:
+    """A deep copy of a state dict with every tensor copied to CPU memory.
+
+    Taken at the step boundary, it no longer changes when training goes on (optimizer
+    moments and θ are updated in place by the next steps).
+    """
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [snapshot(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(snapshot(v) for v in state)
+    return state
+
+
+class AsyncWriter:
+    """Checkpoint writes in a background thread, at most one in flight.
+
+    `save()` snapshots the state on the caller's thread (the copy to CPU at the step
+    boundary), starts the write and returns; serialising, writing, fsync, rename and
+    pruning run in the background, so training does not wait for the disk. Memory is
+    bounded by one snapshot: a `save()` while the previous write is still running first
+    waits for it (it is never skipped, so `resume auto` finds the same checkpoints as
+    with synchronous writes) and returns how long it waited. A failed background write
+    is raised by the next `save()` or `wait()`, never lost.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_write_seconds = 0.0
+
+    def save(self, run_dir: str | Path, worker: int, outer_step: int, state: dict, keep: int,
+             num_workers: int = 1) -> tuple[Path, float]:
+        """Start writing; returns (the file it will be, seconds waited for the previous write)."""
+        waited = self.wait()
+        frozen = snapshot(state)
+        path = worker_file(step_dir(run_dir, outer_step), worker)
+        self._thread = threading.Thread(
+            target=self._write, args=(run_dir, worker, outer_step, frozen, keep, num_workers),
+            name=f"dilo-checkpoint-{outer_step}", daemon=False)
+        self._thread.start()
+        return path, waited
+
+    def _write(self, run_dir, worker, outer_step, state, keep, num_workers) -> None:
+        start = time.perf_counter()
+        try:
+            save(run_dir, worker, outer_step, state, keep, num_workers)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+        self.last_write_seconds = time.perf_counter() - start
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> float:
+        """Block until the write in flight (if any) is on disk; return the seconds waited."""
+        start = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint write failed: {error}") from error
+        return time.perf_counter() - start

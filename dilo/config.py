@@ -123,9 +123,13 @@ class CheckpointConfig:
     keep: int = 3
     """How many checkpoints each worker keeps."""
     resume: str = ""
-    """"" = start fresh, `auto` = newest valid checkpoint in run.dir (fresh if none), or a step directory path."""
+    """"" = start fresh, `auto` = newest valid state in run.dir (fresh if none; exact for the same world size, elastic otherwise), or a step directory path."""
     init_from: str = ""
     """Start a new run from the global weights of this checkpoint file or step directory."""
+    async_: bool = False
+    """Copy the state to CPU at the step boundary, write it in a background thread; one write in flight, a second request waits for it."""
+    on_failure: bool = True
+    """When an exchange fails (a peer died or timed out), save the last consistent global state before exiting; off while every = 0."""
 
 
 @dataclass
@@ -162,6 +166,11 @@ class Config:
 
 def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def key_name(field_name: str) -> str:
+    """The config key of a field: a trailing `_` (for Python keywords like `async`) is dropped."""
+    return field_name.removesuffix("_")
 
 
 def _field_type(section: object, key: str) -> type:
@@ -211,10 +220,10 @@ def set_value(cfg: Config, dotted: str, value: object) -> None:
     if name not in sections:
         raise ValueError(f"unknown config section {name!r} in {dotted!r}; sections: {', '.join(sections)}")
     section = sections[name]
-    keys = [f.name for f in dataclasses.fields(section)]
-    if key not in keys:
-        raise ValueError(f"unknown config key {dotted!r}; keys of [{name}]: {', '.join(keys)}")
-    setattr(section, key, _coerce(value, _field_type(section, key), dotted))
+    fields = {key_name(f.name): f.name for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ValueError(f"unknown config key {dotted!r}; keys of [{name}]: {', '.join(fields)}")
+    setattr(section, fields[key], _coerce(value, _field_type(section, fields[key]), dotted))
 
 
 def load_toml(cfg: Config, path: str | Path) -> None:
@@ -334,5 +343,5 @@ def help_text() -> str:
     for name, section in _sections(Config()).items():
         lines.append(f"[{name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"  --{name}.{f.name} (default {getattr(section, f.name)!r})")
+            lines.append(f"  --{name}.{key_name(f.name)} (default {getattr(section, f.name)!r})")
     return "\n".join(lines)

@@ -19,8 +19,9 @@ Validation split: the stream is cut into consecutive blocks of 4096 tokens and e
 k-th block (k = round(1 / val_fraction); blocks k-1, 2k-1, ...) goes to validation, so
 validation is spread over the whole stream rather than taken from its tail.
 
-Sharding: the train stream is cut into ``num_shards`` contiguous, disjoint, equal
-shards (the remainder is dropped); see :class:`ShardedBatches`.
+Sharding: the train stream is cut into lanes that the world reads as one global row
+sequence; a worker's share is its slice of each step's rows, so any number of workers can
+continue a run where another number left it; see :class:`ShardedBatches`.
 """
 
 from __future__ import annotations
@@ -189,74 +190,119 @@ def load_tokens(path: str, max_bytes: int, val_fraction: float) -> tuple[np.ndar
 
 
 class ShardedBatches:
-    """Endless ``(x, y)`` batches from one worker's shard of the train stream.
+    """Endless ``(x, y)`` batches for one worker; the whole world reads one global row sequence.
 
-    The stream is cut into ``num_shards`` contiguous equal shards (remainder dropped);
-    this worker takes shard number ``shard``. The shard is cut into ``batch_size``
-    contiguous equal "lanes"; batch k's row b is ``lane_b[j*T : j*T + T + 1]`` with
-    ``j = k mod batches_per_epoch`` (x = the first T tokens, y = the last T), so each
-    row reads its lane front to back and wraps to the start when it is exhausted.
-    The whole position is ``batch_index``: resuming from :meth:`state_dict` gives exactly
-    the same following batches.
+    Lanes. The train stream is cut into ``num_lanes`` contiguous equal lanes (L; the
+    remainder is dropped). L is fixed for the life of a run: ``num_shards * batch_size`` of
+    the world that started it, carried in every checkpoint. Lane l holds the windows
+    ``lane[j*T : j*T + T + 1]``, j = 0 .. P - 1 (P = ``batches_per_epoch``); x is the first
+    T tokens of a window, y the last T.
+
+    The global row sequence. Row g is window ``(g // L) mod P`` of lane ``g mod L``: rows visit
+    the lanes round-robin, so every lane is read front to back and wraps to its start after
+    P windows (a new epoch).
+
+    Who reads what. One inner step of a world of W workers reads rows [G, G + W*B): worker w
+    takes rows ``G + w*B .. G + w*B + B - 1`` as its batch, then every worker advances G by
+    W*B. The position G is a single global counter, the same on every worker at every step.
+    In the world that started the run (W*B = L) worker w reads only lanes w*B .. w*B + B - 1,
+    i.e. its own contiguous shard of the stream cut into B lanes: the classic DiLoCo layout
+    of disjoint shards.
+
+    Re-balance rule (workers joined or left). A world of any size continues from a
+    checkpoint's G with its own W and the run's L. The model state in that checkpoint was
+    trained on exactly rows [0, G); rows that the old world read after it are read again
+    (they were lost together with the work they fed: the in-flight round), and no row is
+    read twice or skipped otherwise until the lanes wrap. With W*B != L a worker's rows are
+    no longer one contiguous shard: they move over the lanes round-robin, B at a time.
     """
 
     def __init__(self, tokens: np.ndarray, shard: int, num_shards: int, batch_size: int,
-                 seq_len: int):
+                 seq_len: int, num_lanes: int = 0):
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
-        needed = num_shards * batch_size * (seq_len + 1)
-        if tokens.size < needed:
-            raise ValueError(
-                f"too little training data: {num_shards} workers x batch_size {batch_size} "
-                f"x (seq_len {seq_len} + 1) needs {needed} train tokens, have {tokens.size}. "
-                "Raise data.max_bytes (or point data.path at more data), or lower "
-                "batch_size, seq_len or the number of workers")
-        shard_len = tokens.size // num_shards
-        lane_len = shard_len // batch_size
-        start = shard * shard_len
-        self._lanes = tokens[start:start + batch_size * lane_len].reshape(batch_size, lane_len)
+        self._tokens = tokens
         self.shard, self.num_shards = shard, num_shards
         self.batch_size, self.seq_len = batch_size, seq_len
-        self.batches_per_epoch = (lane_len - 1) // seq_len
+        self._cut_lanes(num_lanes or num_shards * batch_size)
+        self.position = 0
+        """Rows the whole world has read (G)."""
         self.batch_index = 0
+        """Batches this worker slot has drawn over the run (for token counts)."""
+
+    def _cut_lanes(self, num_lanes: int) -> None:
+        needed = num_lanes * (self.seq_len + 1)
+        if self._tokens.size < needed:
+            raise ValueError(
+                f"too little training data: {num_lanes // self.batch_size} workers x batch_size "
+                f"{self.batch_size} x (seq_len {self.seq_len} + 1) needs {needed} train tokens, "
+                f"have {self._tokens.size}. Raise data.max_bytes (or point data.path at more "
+                "data), or lower batch_size, seq_len or the number of workers")
+        lane_len = self._tokens.size // num_lanes
+        self._lanes = self._tokens[:num_lanes * lane_len].reshape(num_lanes, lane_len)
+        self.num_lanes = num_lanes
+        self.batches_per_epoch = (lane_len - 1) // self.seq_len
 
     @property
     def epoch(self) -> int:
-        return self.batch_index // self.batches_per_epoch
+        """Complete passes of the whole world over the lanes."""
+        return self.position // (self.num_lanes * self.batches_per_epoch)
 
     @property
     def tokens_consumed(self) -> int:
-        """Number of x tokens returned so far (batch_size * seq_len per batch)."""
+        """Number of x tokens this worker slot returned (batch_size * seq_len per batch)."""
         return self.batch_index * self.batch_size * self.seq_len
+
+    @property
+    def global_tokens_consumed(self) -> int:
+        """Number of x tokens the whole world read (rows [0, position))."""
+        return self.position * self.seq_len
+
+    def rows(self, first: int, count: int) -> np.ndarray:
+        """Global rows ``first .. first + count - 1`` as a ``[count, T + 1]`` token array."""
+        L, P, T = self.num_lanes, self.batches_per_epoch, self.seq_len
+        g = first + np.arange(count)
+        start = ((g // L) % P) * T
+        return self._lanes[(g % L)[:, None], start[:, None] + np.arange(T + 1)]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(x, y)``, both int64 ``[batch_size, seq_len]``, y = x shifted by one."""
-        T = self.seq_len
-        a = (self.batch_index % self.batches_per_epoch) * T
-        rows = torch.from_numpy(self._lanes[:, a:a + T + 1].astype(np.int64))
+        B = self.batch_size
+        rows = torch.from_numpy(self.rows(self.position + self.shard * B, B).astype(np.int64))
+        self.position += self.num_shards * B
         self.batch_index += 1
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
-        """Plain ints only; ``batch_index`` is the position, the rest is for checks."""
-        return {"batch_index": self.batch_index, "shard": self.shard,
+        """Plain ints. ``position`` and ``num_lanes`` are global (the same on every worker);
+        ``batch_index`` counts this slot's batches; the rest is for the log."""
+        return {"position": self.position, "num_lanes": self.num_lanes,
+                "batch_index": self.batch_index, "shard": self.shard,
                 "num_shards": self.num_shards, "batch_size": self.batch_size,
                 "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at ``state["batch_index"]``.
+        """Continue the global row sequence at ``state["position"]``, whatever world wrote it.
 
-        If the shard layout changed (workers joined or left, so shards re-balanced) the
-        batch index is kept but now points into the new shard; this is logged.
+        A different number of workers or batch size re-balances by the rule in the class
+        docstring; a different seq_len cannot continue (the windows differ).
         """
-        old = {k: state[k] for k in ("shard", "num_shards", "batch_size", "seq_len")
-               if k in state}
-        new = {k: v for k, v in self.state_dict().items() if k in old}
-        if old != new:
-            logger.warning("data: shard layout changed from %s to %s; continuing at "
-                           "batch %d of the new layout", old, new, state["batch_index"])
+        if "position" not in state:
+            raise ValueError("data state has no global position (written by an older dilo); "
+                             "start a new run, or use checkpoint.init_from to keep the weights")
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"data position was saved with seq_len {state['seq_len']}, this "
+                             f"run has {self.seq_len}; the token windows would not line up")
+        if state["num_lanes"] != self.num_lanes:
+            self._cut_lanes(int(state["num_lanes"]))
+        if (state["num_shards"], state["batch_size"]) != (self.num_shards, self.batch_size):
+            logger.info("data: re-balanced from %d workers x batch %d to %d x %d; the world "
+                        "continues at global row %d of %d lanes", state["num_shards"],
+                        state["batch_size"], self.num_shards, self.batch_size,
+                        state["position"], self.num_lanes)
+        self.position = int(state["position"])
         self.batch_index = int(state["batch_index"])
 
 

@@ -45,6 +45,10 @@ class SyncStats:
     intra_bytes: int = 0
 
 
+class DivergenceError(RuntimeError):
+    """Members hold different global states after an outer step (a bug, never a fault)."""
+
+
 def default_group() -> Group:
     """The default torch.distributed process group if one is initialised, else a lone worker."""
     import torch.distributed as dist
@@ -155,7 +159,7 @@ class DiLoCo:
             # group still has several processes to compare (a lone process gets [itself]).
             hashes = self.group.all_gather_object((self.outer_step, digest))
             if len(set(hashes)) != 1:
-                raise RuntimeError(f"global state diverged at outer step {self.outer_step}: {hashes}")
+                raise DivergenceError(f"global state diverged at outer step {self.outer_step}: {hashes}")
         return SyncStats(
             outer_step=self.outer_step,
             seconds=time.perf_counter() - start,
@@ -200,7 +204,8 @@ class DiLoCo:
                              f"this model has {self.numel}: model settings differ")
         self.global_params.copy_(flat)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        if state.get("inner_optimizer") is not None:  # None: a new slot starts with fresh moments
+            self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self.inner_step = int(state["inner_step"])
         self.outer_step = int(state["outer_step"])
         self._copy_global_to_model()

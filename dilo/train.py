@@ -10,6 +10,11 @@ DDP inside a worker, DiLoCo between workers through a HierarchicalGroup.
 
 Reads top to bottom: config → process group → model, data, inner optimizer →
 DiLoCo (or DDP) → resume → inner steps, outer steps, checkpoints, metrics → summary.
+
+Faults (see docs/elastic.md): SIGTERM/Ctrl-C stops every rank at the next outer step with a
+checkpoint and exit 0 (graceful_stop.py); a failed exchange saves the last consistent global
+state before the process exits; `checkpoint.resume auto` resumes exactly when the world
+size is unchanged and elastically otherwise (elastic.py).
 """
 
 from __future__ import annotations
@@ -19,21 +24,22 @@ import logging
 import math
 import os
 import random
+import secrets
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dilo import checkpoint
+from dilo import checkpoint, elastic
 from dilo.comm.hierarchical import HierarchicalGroup, Island, join_islands
 from dilo.comm.torch_dist import TorchGroup, init_default_group, launched_by_torchrun
 from dilo.comm.protocol import Group, SoloGroup
 from dilo.config import Config, parse_args, validate_world_size
 from dilo.data import ShardedBatches, eval_batches, load_tokens
-from dilo.diloco import DiLoCo, SyncStats
+from dilo.diloco import DiLoCo, DivergenceError, SyncStats
+from dilo.graceful_stop import GracefulStop
 from dilo.metrics import Metrics
 from dilo.model import GPT, param_groups
 
@@ -126,6 +132,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
+        self.group = TorchGroup() if distributed else SoloGroup()
+        self.world_id = self.group.all_gather_object(secrets.token_hex(4))[0]  # names this world
         self.diloco: DiLoCo | None = None
         self.ddp: nn.Module | None = None
         from torch.nn.parallel import DistributedDataParallel
@@ -147,6 +155,9 @@ class Trainer:
         self.loop_seconds = 0.0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
                        "dropped": 0, "intra_bytes": 0}
+        self.writer = checkpoint.AsyncWriter()
+        self.stopper = GracefulStop()
+        self.record_boundary()
 
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port else 0
         show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.rank == 0 else False
@@ -155,7 +166,7 @@ class Trainer:
         self.metrics = Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps,
                                progress=show)
         self.metrics.log("event", event="start", workers=self.num_workers, mode=cfg.run.mode,
-                         worker_size=self.worker_size, rank=self.rank,
+                         worker_size=self.worker_size, rank=self.rank, world=self.world_id,
                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
                          synced_params=self.diloco.numel if self.diloco else self.model.num_params())
 
@@ -181,13 +192,19 @@ class Trainer:
         return self.diloco.global_hash() if self.diloco else params_hash(self.model, self.step)
 
     def state_dict(self) -> dict:
+        """Everything to continue exactly; elastic.WORKER_KEYS and the inner optimizer are
+        this worker's own, the rest is the same on every worker of the world."""
         state = {
             "fingerprint": self.cfg.fingerprint(),
             "config": self.cfg.to_dict(),
             "num_workers": self.num_workers,
             "worker_size": self.worker_size,
+            "worker": self.worker,
+            "exact": True,
             "step": self.step,
+            "outer_step": self.outer_step,
             "data": self.batches.state_dict(),
+            "global_hash": self.global_hash(),
             "totals": dict(self.totals),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
@@ -201,12 +218,13 @@ class Trainer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
-    def load_state_dict(self, state: dict, source: str) -> None:
+    def load_state_dict(self, state: dict, source: str, exact: bool = True) -> None:
+        """Load a checkpoint; `exact=False` takes one merged by elastic.merge (a changed world)."""
         if state["fingerprint"] != self.cfg.fingerprint():
             raise ValueError(f"{source} was written with different model/outer/codec settings "
                              f"(fingerprint {state['fingerprint']} vs {self.cfg.fingerprint()}); "
                              "resume with the run's original config")
-        if state["num_workers"] != self.num_workers:
+        if exact and state["num_workers"] != self.num_workers:
             raise ValueError(f"{source} was written by {state['num_workers']} workers, this run has "
                              f"{self.num_workers}; an exact resume needs the same number of workers")
         if state.get("worker_size", 1) != self.worker_size:
@@ -214,18 +232,26 @@ class Trainer:
                              f"this run has {self.worker_size}; an exact resume needs the same worker size")
         self.step = int(state["step"])
         self.batches.load_state_dict(state["data"])
-        self.totals.update(state["totals"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        if state.get("totals"):
+            self.totals.update(state["totals"])
+        if state.get("rng"):
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+        else:  # a worker slot new to this run: its own streams, reproducible
+            torch.manual_seed(hash((self.cfg.run.seed, self.worker, self.step)) & 0xFFFFFFFF)
+            random.seed(hash((self.cfg.run.seed, self.worker, self.step)))
         if self.diloco:
             self.model.load_state_dict({k: v for k, v in state["model_rest"].items()}, strict=False)
             self.diloco.load_state_dict(state["diloco"])
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.global_hash() != state["global_hash"]:
+            raise checkpoint.CheckpointError(f"{source}: the loaded global state does not hash to "
+                                             "the value recorded when it was saved")
 
     def resume(self) -> None:
-        """Apply checkpoint.resume / checkpoint.init_from before the first step."""
+        """Apply checkpoint.init_from / checkpoint.resume before the first step."""
         cfg = self.cfg.checkpoint
         if cfg.init_from:
             path = checkpoint.resolve_init_from(cfg.init_from)
@@ -247,25 +273,14 @@ class Trainer:
                                  f"{existing[-1]}); pass --checkpoint.resume auto to continue it, or "
                                  "choose another run.dir")
             return
-        if cfg.resume == "auto":
-            mine = checkpoint.valid_steps(self.cfg.run.dir, self.worker)
-            everyone = [mine] if self.world_size == 1 else self.all_gather(mine)
-            step = checkpoint.newest_common_step(everyone)
-            if step is None:
-                log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", self.cfg.run.dir)
-                return
-            path = checkpoint.worker_file(checkpoint.step_dir(self.cfg.run.dir, step), self.worker)
-        else:
-            path = checkpoint.worker_file(Path(cfg.resume), self.worker)
-        self.load_state_dict(checkpoint.read_verified(path), str(path))
-        log.info("resumed from %s at inner step %d, outer step %d", path, self.step, self.outer_step)
-        self.metrics.log("event", event="resume", path=str(path), step=self.step, outer_step=self.outer_step)
+        elastic.resume(self)
+        self.record_boundary()
 
-    def all_gather(self, obj: object) -> list:
-        """Every process's obj (all ranks of all workers)."""
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    def record_boundary(self) -> None:
+        """Remember the counters of the last completed outer step (for save_after_failure)."""
+        self.boundary = {"step": self.step, "data": self.batches.state_dict(),
+                         "outer_step": self.outer_step,
+                         "inner_step": self.diloco.inner_step if self.diloco else self.step}
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the worker's batch: rows r, r + S, r + 2S, ... (S = worker_size)."""
@@ -303,7 +318,8 @@ class Trainer:
                          bytes_received=stats.bytes_received, intra_bytes=stats.intra_bytes,
                          peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
-                         codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm)
+                         codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm,
+                         world=self.world_id)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
         intra = f" (+{_mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
@@ -319,17 +335,61 @@ class Trainer:
             self.totals["bytes_sent"] += per_step * self.cfg.outer.inner_steps
             self.totals["bytes_received"] += per_step * self.cfg.outer.inner_steps
 
+    def outer_boundary(self, loss: float) -> bool:
+        """The outer step, if this inner step ends a round; True if one ran."""
+        try:
+            if self.diloco:
+                stats = self.diloco.step()
+                if stats is None and self.step == self.cfg.run.steps:
+                    stats = self.diloco.sync()  # a shorter last round ends on the global θ
+                if stats is None:
+                    return False
+                self.after_sync(stats, loss)
+            elif self.step % self.cfg.outer.inner_steps == 0:
+                self.ddp_round()
+            else:
+                return False
+        except DivergenceError as e:
+            self.metrics.log("event", event="diverged", error=str(e), world=self.world_id)
+            raise
+        except RuntimeError as e:  # a peer died or timed out mid-exchange
+            elastic.save_after_failure(self, e)
+            raise
+        self.record_boundary()
+        return True
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT; one tiny collective per outer step."""
+        try:
+            return self.stopper.agreed(self.group)
+        except RuntimeError as e:
+            elastic.save_after_failure(self, e)
+            raise
+
     def save_checkpoint(self) -> None:
         # One file per worker: its ranks hold the same θ, inner optimizer state (DDP),
         # data position and RNG states (same seed, same ops), so rank 0's is everyone's.
         if not self.speaks_for_worker:
             return
-        path = checkpoint.save(self.cfg.run.dir, self.worker, self.outer_step, self.state_dict(),
-                               self.cfg.checkpoint.keep)
-        self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step)
+        args = (self.cfg.run.dir, self.worker, self.outer_step, self.state_dict(),
+                self.cfg.checkpoint.keep, self.num_workers)
+        if not self.cfg.checkpoint.async_:
+            path = checkpoint.save(*args)
+            self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step)
+            return
+        busy = self.writer.busy
+        path, waited = self.writer.save(*args)
+        if busy:  # bounded memory: one write in flight, so this request had to wait for it
+            log.warning("checkpoint of outer step %d waited %.2f s for the previous write; the "
+                        "disk is slower than checkpoint.every rounds", self.outer_step, waited)
+            self.metrics.count("checkpoint_waits")
+        self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.outer_step,
+                         background=True, waited_seconds=waited if busy else 0.0)
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
+        """Train to run.steps and return the summary, or None after a graceful stop."""
         cfg = self.cfg
+        self.stopper.install()
         self.resume()
         tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
@@ -339,17 +399,7 @@ class Trainer:
             loss = self.inner_step()
             self.compute_seconds += time.perf_counter() - step_start
             window_steps += 1
-            synced = False
-            if self.diloco:
-                stats = self.diloco.step()
-                if stats is None and self.step == cfg.run.steps:
-                    stats = self.diloco.sync()  # a shorter last round ends on the global θ
-                if stats is not None:
-                    self.after_sync(stats, loss)
-                    synced = True
-            elif self.step % cfg.outer.inner_steps == 0:
-                self.ddp_round()
-                synced = True
+            synced = self.outer_boundary(loss)
             if self.step % cfg.metrics.log_every == 0 or synced:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
@@ -363,13 +413,25 @@ class Trainer:
                         and self.speaks_for_worker):
                     self.metrics.log("eval", step=self.step, outer_step=self.outer_step,
                                      eval_loss=evaluate(self.model, self.eval_set, self.device))
-                if cfg.checkpoint.every and (self.outer_step % cfg.checkpoint.every == 0
-                                             or self.step == cfg.run.steps):
+                due = cfg.checkpoint.every and (self.outer_step % cfg.checkpoint.every == 0
+                                                or self.step == cfg.run.steps)
+                if due:
                     self.save_checkpoint()
+                if self.step < cfg.run.steps and self.stop_agreed():
+                    if not due:
+                        self.save_checkpoint()
+                    self.writer.wait()
+                    log.warning("stopped at outer step %d (inner step %d) on %s; continue with "
+                                "--checkpoint.resume auto", self.outer_step, self.step,
+                                self.stopper.signal_name or "a peer's request")
+                    self.metrics.log("event", event="stop", step=self.step, outer_step=self.outer_step,
+                                     signal=self.stopper.signal_name, world=self.world_id)
+                    return None
         self.loop_seconds = time.perf_counter() - loop_start
         return self.finish()
 
     def finish(self) -> dict:
+        self.writer.wait()
         # Every rank joins this gather (a collective); then only the worker's rank 0
         # evaluates and writes summary-<worker>.json.
         per_rank = self.worker_totals()
@@ -401,6 +463,7 @@ class Trainer:
             "synced_params": self.diloco.numel if self.diloco else self.model.num_params(),
             "global_hash": self.global_hash(),
             "fingerprint": self.cfg.fingerprint(),
+            "world": self.world_id,
         }
         self.metrics.write_summary(summary)
         log.info("done: eval loss %.4f after %d inner steps (%d outer), %.1f s, sent %s, hash %s",
@@ -417,6 +480,11 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        try:
+            self.writer.wait()
+        except checkpoint.CheckpointError as e:
+            log.error("%s", e)
+        self.stopper.uninstall()
         self.metrics.close()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -439,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user mistakes found after parsing (data path, checkpoint, ...)
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
+        print("dilo: interrupted", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
             trainer.close()

@@ -179,7 +179,7 @@ def test_resume_gives_identical_batches_and_wraps():
     assert b.tokens_consumed == a.tokens_consumed
     # wrap-around: batch index batches_per_epoch is batch 0 again
     c = ShardedBatches(tokens, shard=0, num_shards=2, batch_size=2, seq_len=10)
-    c.load_state_dict({"batch_index": c.batches_per_epoch})
+    c.load_state_dict({**c.state_dict(), "position": c.batches_per_epoch * c.num_lanes})
     x, y = c.next_batch()
     assert torch.equal(x, first[0]) and torch.equal(y, first[1])
 
@@ -189,6 +189,95 @@ def test_state_dict_survives_weights_only_load(tmp_path):
     b.next_batch()
     torch.save(b.state_dict(), tmp_path / "s.pt")
     assert torch.load(tmp_path / "s.pt", weights_only=True) == b.state_dict()
+
+
+# --- re-balance to a new world size ------------------------------------------------
+
+
+def read_windows(world: list[ShardedBatches], steps: int) -> list[list[int]]:
+    """Run `steps` lockstep inner steps of a world; per step, the first token of every row."""
+    out = []
+    for _ in range(steps):
+        step = []
+        for worker in world:
+            x, y = worker.next_batch()
+            assert torch.equal(y[:, :-1], x[:, 1:])
+            step += x[:, 0].tolist()
+        out.append(step)
+    return out
+
+
+def make_world(tokens, num_workers: int, batch_size: int, seq_len: int, state=None):
+    world = [ShardedBatches(tokens, w, num_workers, batch_size, seq_len) for w in range(num_workers)]
+    if state is not None:
+        for worker in world:
+            worker.load_state_dict(state)
+    return world
+
+
+def round_robin_starts(n_tokens: int, num_lanes: int, seq_len: int, count: int) -> list[int]:
+    """Reference order written out: lanes visited in turn, each read front to back."""
+    lane_len = n_tokens // num_lanes
+    per_lane = (lane_len - 1) // seq_len
+    starts, j = [], 0
+    while len(starts) < count:
+        for lane in range(num_lanes):
+            starts.append(lane * lane_len + (j % per_lane) * seq_len)
+        j += 1
+    return starts[:count]
+
+
+@pytest.mark.parametrize("old_workers, new_workers", [(4, 3), (4, 2), (2, 5), (3, 4)])
+def test_rebalance_after_shrink_or_grow_repeats_only_the_lost_round(old_workers, new_workers):
+    n, B, T = 30_000, 3, 8
+    tokens = positions(n)
+    world = make_world(tokens, old_workers, B, T)
+    before = read_windows(world, 7)
+    checkpoint = world[0].state_dict()  # the state every worker saved at this outer step
+    assert all(w.state_dict()["position"] == checkpoint["position"] for w in world)
+    lost = read_windows(world, 4)  # in flight when a worker died: thrown away with its work
+    new_world = make_world(tokens, new_workers, B, T, checkpoint)
+    assert all(w.num_lanes == old_workers * B for w in new_world)
+    after = read_windows(new_world, 20)
+
+    trained = [s for step in before + after for s in step]
+    assert len(set(trained)) == len(trained), "a row was read twice"
+    assert trained[:len(flat := [s for step in before for s in step])] == flat
+    # exactly the prefix of the global round-robin order: nothing skipped, nothing repeated
+    want = round_robin_starts(n, old_workers * B, T, len(trained))
+    assert trained == want
+    # the rows of the lost round are read again, once, by the new world
+    redone = [s for step in lost for s in step]
+    assert [s for step in after for s in step][:len(redone)] == redone
+    # every worker of the new world gets B rows per step, none shared within a step
+    for step in after:
+        assert len(step) == new_workers * B == len(set(step))
+    assert new_world[0].global_tokens_consumed == (7 * old_workers + 20 * new_workers) * B * T
+
+
+def test_same_world_resume_is_exact_and_grow_back_keeps_lanes():
+    tokens, B, T = positions(20_000), 2, 8
+    world = make_world(tokens, 4, B, T)
+    read_windows(world, 5)
+    state = world[2].state_dict()
+    expected = read_windows(world, 6)
+    assert read_windows(make_world(tokens, 4, B, T, state), 6) == expected
+    # 4 -> 2 -> 4: back at full size, worker w again reads lanes w*B .. w*B+B-1
+    small = make_world(tokens, 2, B, T, state)
+    read_windows(small, 2)  # 2 steps of 2 workers = 1 step of 4: lanes line up again
+    full = make_world(tokens, 4, B, T, small[0].state_dict())
+    lane_len = 20_000 // 8
+    for step in read_windows(full, 3):
+        assert [s // lane_len for s in step] == list(range(8))
+
+
+def test_load_refuses_other_seq_len_and_old_format():
+    tokens = positions(20_000)
+    state = ShardedBatches(tokens, 0, 2, 2, 8).state_dict()
+    with pytest.raises(ValueError, match="seq_len"):
+        ShardedBatches(tokens, 0, 2, 2, 16).load_state_dict(state)
+    with pytest.raises(ValueError, match="global position"):
+        ShardedBatches(tokens, 0, 2, 2, 8).load_state_dict({"batch_index": 3})
 
 
 # --- eval batches --------------------------------------------------------------------

@@ -46,7 +46,7 @@ def table() -> str:
             shown = f'"{default}"' if isinstance(default, str) else str(default).lower() \
                 if isinstance(default, bool) else repr(default)
             meaning = docs.get((type(value).__name__, f.name), "").replace("|", "\\|")
-            rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {meaning} |")
+            rows.append(f"| `{section.name}.{config.key_name(f.name)}` | `{shown}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -67,6 +67,13 @@ class Group(ABC):
     def all_gather_object(self, obj: object) -> list:
         """Every member's `obj`, in member order (small metadata: hashes, steps)."""
 
+    def any_true(self, flag: bool) -> bool:
+        """True on every member if `flag` is true on any member (e.g. a stop request).
+
+        Backends may override this with a cheaper collective (torch: an all-reduce MAX).
+        """
+        return any(self.all_gather_object(bool(flag)))
+
     def close(self) -> None:
         """Release the backend's resources."""
 

@@ -64,6 +64,12 @@ class TorchGroup(Group):
         dist.all_gather_object(out, obj, group=self.pg)
         return out
 
+    def any_true(self, flag: bool) -> bool:
+        # One int on the wire instead of all_gather_object's two pickled collectives.
+        value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.pg)
+        return bool(value.item())
+
     def close(self) -> None:
         if self.pg is None and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,279 @@
+"""Chaos test: faults cost time, never correctness.
+
+    python tools/chaos.py --config configs/tiny.toml --workers 4 --faults 20 --seed 0 \\
+        --out chaos.json [--nodes 2] [--no-plot] [--section.key VALUE ...]
+
+Runs the same multi-worker training twice on this machine, as `--nodes` simulated nodes
+(elastic torchrun agents, launch/torchrun_elastic.sh, `--workers / --nodes` workers each):
+once without faults (the reference) and once with `--faults` faults injected on a schedule
+drawn from `--seed`. Kinds (`--kinds`, default all):
+
+  kill_worker         SIGKILL one worker process
+  kill_node           SIGKILL a node's agent and all its workers; once the survivors have
+                      trained an outer step without it (or after 60 s), the node rejoins
+                      with a fresh agent, recorded as `rejoin`: a shrink, then a grow
+  kill_in_checkpoint  SIGKILL a worker while it writes a checkpoint (caught by watching for
+                      its temporary file; `mid_write` says whether the kill landed there)
+  stall               SIGSTOP a worker for comm.timeout + 5 s (its peers time out), then SIGCONT
+
+Fault i fires once training has reached a randomly drawn outer step and the current world
+has completed an outer step since the previous disruption (so every fault hits a running
+world). An agent that exits with an error on its own is restarted, as a cluster scheduler
+would, and recorded as `agent_restart` (not counted as a fault).
+
+The JSON holds faults_injected, survived, hash_mismatches (outer steps where members of
+one world logged different global hashes, plus divergence errors), nonfinite_steps,
+final_eval_loss, reference_eval_loss, loss_ratio, wall_seconds, reference_wall_seconds and
+more (see `summarize`); the PNG shows both loss curves with the faults marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chaos_cluster import CLUSTERS, Cluster  # noqa: E402
+from chaos_report import plot, summarize  # noqa: E402
+
+from dilo.config import parse_args  # noqa: E402
+
+FAULT_KINDS = ("kill_worker", "kill_node", "kill_in_checkpoint", "stall")
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description="Inject faults into a multi-worker run and compare "
+                                "it with a fault-free reference. Unknown --section.key VALUE "
+                                "options go to dilo.train.")
+    p.add_argument("--config", required=True, help="TOML preset for dilo.train")
+    p.add_argument("--workers", type=int, default=4, help="DiLoCo workers in all (default 4)")
+    p.add_argument("--nodes", type=int, default=2, help="simulated nodes (torchrun agents), default 2")
+    p.add_argument("--faults", type=int, default=5, help="faults to inject (default 5)")
+    p.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
+    p.add_argument("--out", required=True, help="result JSON path")
+    p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib not needed)")
+    p.add_argument("--run-dir", default="", help="where both runs go (default: next to --out)")
+    p.add_argument("--timeout", type=float, default=20.0, help="comm.timeout of the workers, s")
+    p.add_argument("--last-fault-at", type=float, default=0.8,
+                   help="faults fire before this fraction of the outer steps (default 0.8)")
+    p.add_argument("--max-wall", type=float, default=1800.0, help="give up after this many s per run")
+    p.add_argument("--backend", default="torch", help=f"cluster backend: {', '.join(CLUSTERS)}")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the fault-free run (no loss_ratio; for quick checks)")
+    args, train_args = p.parse_known_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if bad or not kinds:
+        p.error(f"--kinds: unknown {bad}; choose from {', '.join(FAULT_KINDS)}")
+    if args.nodes < 1 or args.workers < 1 or args.workers % args.nodes:
+        p.error(f"--workers ({args.workers}) must be a positive multiple of --nodes ({args.nodes})")
+    if args.nodes < 2 and "kill_node" in kinds:
+        kinds.remove("kill_node")  # the last node's death is the end of the job, not a fault
+    if args.backend not in CLUSTERS:
+        p.error(f"--backend {args.backend}: no cluster for it yet; one of {', '.join(CLUSTERS)} "
+                "(add a Cluster subclass in tools/chaos_cluster.py)")
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("matplotlib is not installed: pip install matplotlib, or pass --no-plot")
+    args.kinds = kinds
+    return args, train_args
+
+
+class MetricsTail:
+    """New JSON lines of every metrics-*.jsonl in a run dir, read incrementally."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.offsets = run_dir, {}
+
+    def poll(self) -> list[dict]:
+        out = []
+        for path in self.run_dir.glob("metrics-*.jsonl"):
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # complete lines only
+            self.offsets[path] = self.offsets.get(path, 0) + end
+            for line in data[:end].splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+
+def catch_checkpoint_write(run_dir: Path, deadline: float) -> tuple[int, str] | None:
+    """Poll for a checkpoint's temporary file; (writer pid, path) or None by the deadline."""
+    root = run_dir / "checkpoints"
+    while time.time() < deadline:
+        try:
+            for step in os.scandir(root):
+                for entry in os.scandir(step.path):
+                    if ".tmp-" in entry.name:
+                        return int(entry.name.rsplit("-", 1)[1]), entry.path
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        time.sleep(0.0005)
+    return None
+
+
+def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeout: float,
+           alive: list[int]) -> dict:
+    """Do one fault; returns its record (kind, pids, ...)."""
+    if kind == "kill_node":
+        node = rng.choice(alive)
+        return {"kind": kind, "node": node, "pids": cluster.kill_node(node)}
+    workers = [(n, p) for n in alive for p in cluster.workers(n)]
+    if not workers:
+        return {"kind": kind, "skipped": "no live worker"}
+    node, pid = rng.choice(workers)
+    if kind == "kill_worker":
+        cluster.kill_worker(pid)
+        return {"kind": kind, "node": node, "pids": [pid]}
+    if kind == "stall":
+        cluster.stall(pid)
+        return {"kind": kind, "node": node, "pids": [pid], "until": time.time() + timeout + 5}
+    caught = catch_checkpoint_write(run_dir, time.time() + 30)
+    if caught is None:  # no write seen: kill at a random moment instead, and say so
+        cluster.kill_worker(pid)
+        return {"kind": kind, "node": node, "pids": [pid], "mid_write": False}
+    writer, tmp = caught
+    cluster.kill_worker(writer)
+    return {"kind": kind, "pids": [writer], "file": tmp, "mid_write": os.path.exists(tmp)}
+
+
+def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], rng: random.Random,
+             timeout: float, max_wall: float) -> dict:
+    """Start every node, inject the schedule, wait for the end. Returns the raw timeline."""
+    tail = MetricsTail(run_dir)
+    start = time.time()
+    for node in range(cluster.num_nodes):
+        cluster.start_node(node)
+    faults: list[dict] = []
+    events: list[dict] = []
+    rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
+    stalled: dict | None = None
+    last_disruption, last_sync, progress, index, world = start, 0.0, 0, 0, ""
+    finished = False
+    while True:
+        now = time.time()
+        if now - start > max_wall:
+            events.append({"kind": "gave_up", "time": now - start})
+            break
+        for record in tail.poll():
+            if record.get("kind") == "sync" and record["time"] >= last_sync:
+                progress, last_sync, world = record["outer_step"], record["time"], record.get("world")
+        codes = {n: cluster.node_exit_code(n) for n in range(cluster.num_nodes)}
+        finished = finished or any(code == 0 for code in codes.values())
+        if finished and all(code is not None for n, code in codes.items() if n not in rejoin_at):
+            break
+        for node, code in codes.items():  # a crashed agent is restarted, as a scheduler would
+            if code not in (None, 0) and node not in rejoin_at and not finished:
+                events.append({"kind": "agent_restart", "node": node, "code": code, "time": now - start})
+                cluster.start_node(node)
+        if stalled and now >= stalled["until"]:
+            for pid in stalled["pids"]:
+                cluster.unstall(pid)
+            stalled = None
+        for node, (left, latest) in list(rejoin_at.items()):
+            if (world != left and last_sync > last_disruption) or now >= latest:
+                del rejoin_at[node]
+                if not finished:
+                    cluster.start_node(node)
+                    faults.append({"kind": "rejoin", "node": node, "time": now - start,
+                                   "outer_step": progress})
+                    last_disruption = now
+        alive = [n for n, code in codes.items() if code is None and n not in rejoin_at]
+        if (index < len(schedule) and not stalled and not finished and alive
+                and progress >= schedule[index][1] and last_sync > last_disruption):
+            kind = schedule[index][0]
+            if kind == "kill_node" and len(alive) < 2:
+                kind = "kill_worker"  # never the last node: that ends the job
+            record = inject(kind, cluster, rng, run_dir, timeout, alive)
+            record.update(time=time.time() - start, outer_step=progress, scheduled=schedule[index][0])
+            faults.append(record)
+            index += 1
+            last_disruption = time.time()
+            if kind == "kill_node":
+                rejoin_at[record["node"]] = (world, time.time() + 60)
+            if kind == "stall":
+                stalled = record
+        cluster.reap()
+        time.sleep(0.05)
+    return {"wall_seconds": time.time() - start, "start_time": start, "faults": faults,
+            "events": events, "exit_codes": [cluster.node_exit_code(n) for n in range(cluster.num_nodes)]}
+
+
+def make_schedule(rng: random.Random, count: int, kinds: list[str], total_outer: int,
+                  last_fraction: float = 0.8) -> list[tuple[str, int]]:
+    """`count` (kind, outer step to wait for), spread over the first `last_fraction` of the run.
+
+    Every kind appears at least once when `count` allows; the rest are drawn at random.
+    """
+    drawn = kinds[:count] + [rng.choice(kinds) for _ in range(count - len(kinds))]
+    rng.shuffle(drawn)
+    last = max(1, int(last_fraction * total_outer))
+    return list(zip(drawn, sorted(rng.randint(1, last) for _ in range(count))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    run_root = Path(args.run_dir) if args.run_dir else out.with_suffix("")
+    train_args = ["--config", args.config, "--checkpoint.every", "1", "--metrics.progress", "off",
+                  "--comm.backend", args.backend, *extra, "--comm.timeout", str(args.timeout)]
+    try:
+        cfg = parse_args(train_args)
+    except ValueError as e:
+        print(f"chaos: bad training options: {e}", file=sys.stderr)
+        return 2
+    if cfg.checkpoint.every < 1:
+        print("chaos: checkpoint.every must be >= 1 (faults resume from checkpoints)", file=sys.stderr)
+        return 2
+    total_outer = math.ceil(cfg.run.steps / cfg.outer.inner_steps)
+    rng = random.Random(args.seed)
+    schedule = make_schedule(rng, args.faults, args.kinds, total_outer, args.last_fault_at)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    runs = {}
+    for name, plan in (("reference", []), ("chaos", schedule))[args.no_reference:]:
+        run_dir = run_root / name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            print(f"chaos: {run_dir} is not empty; pass another --run-dir", file=sys.stderr)
+            return 2
+        cluster = CLUSTERS[args.backend](run_dir, args.nodes, args.workers // args.nodes,
+                                         [*train_args, "--run.dir", str(run_dir)], run_dir / "logs")
+        try:
+            print(f"chaos: {name} run in {run_dir} ({len(plan)} faults)", flush=True)
+            runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall)
+        finally:
+            cluster.close()
+    result = summarize(run_root, runs, cfg, args, schedule)
+    if not args.no_plot:
+        result["plot"] = str(plot(run_root, runs, Path(args.plot or out.with_suffix(".png"))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("faults_injected", "survived", "hash_mismatches", "nonfinite_steps", "final_eval_loss",
+            "reference_eval_loss", "loss_ratio", "wall_seconds", "reference_wall_seconds")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

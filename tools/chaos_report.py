@@ -1,0 +1,182 @@
+"""What a chaos run proved: numbers from the metrics files, and the loss-curve picture.
+
+Every worker of every world (one world per torchrun restart, named by the `world` field
+of its sync and event lines) appends to run_dir/metrics-<rank>.jsonl. From those lines:
+
+- hash_mismatches: (world, outer step) pairs whose members logged different global
+  hashes in their sync lines, plus resumes where members of one world loaded different
+  states, plus `diverged` events (a member's own hash check failed and it stopped);
+- resumes_from_unseen_state: resumes whose (outer step, global hash) no earlier sync
+  line ever produced, i.e. a state that training never reached;
+- nonfinite_steps: inner, sync and eval lines whose loss is not a finite number;
+- the final eval loss comes from the summaries of the world that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dilo.metrics import read_jsonl  # noqa: E402
+
+
+def records(run_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted(run_dir.glob("metrics-*.jsonl")):
+        out += read_jsonl(path)
+    return out
+
+
+def finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def final_summaries(run_dir: Path) -> list[dict]:
+    """The summaries written by the last world that finished (newest files first)."""
+    files = sorted(run_dir.glob("summary-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = [json.loads(p.read_text()) for p in files]
+    if not found:
+        return []
+    world = found[0].get("world")
+    return [s for s in found if s.get("world") == world]
+
+
+def analyze(run_dir: Path, run_steps: int) -> dict:
+    lines = records(run_dir)
+    sync_hashes: dict[tuple, set] = defaultdict(set)
+    resume_hashes: dict[str, set] = defaultdict(set)
+    seen: set[tuple] = set()
+    worlds: dict[str, dict] = {}
+    diverged = nonfinite = 0
+    for r in lines:
+        kind = r.get("kind")
+        if kind == "sync":
+            sync_hashes[(r.get("world"), r["outer_step"])].add(r["global_hash"])
+            seen.add((r["outer_step"], r["global_hash"]))
+        if kind in ("inner", "sync") and not finite(r.get("loss")):
+            nonfinite += 1
+        if kind == "eval" and not finite(r.get("eval_loss")):
+            nonfinite += 1
+        if kind == "event" and r.get("event") == "diverged":
+            diverged += 1
+        if kind == "event" and r.get("event") in ("start", "resume"):
+            w = worlds.setdefault(r["world"], {"world": r["world"], "time": r["time"], "workers": r["workers"]})
+            if r["event"] == "resume":
+                resume_hashes[r["world"]].add((r["outer_step"], r["global_hash"]))
+                w.update(how=r["how"], outer_step=r["outer_step"], written_by=r["written_by"],
+                         global_hash=r["global_hash"])
+    unseen = sorted({pair for hashes in resume_hashes.values() for pair in hashes} - seen)
+    mismatches = (sum(len(h) > 1 for h in sync_hashes.values())
+                  + sum(len(h) > 1 for h in resume_hashes.values()) + diverged)
+    summaries = final_summaries(run_dir)
+    finished = (bool(summaries) and len(summaries) == summaries[0]["num_workers"]
+                and all(s["inner_steps"] == run_steps for s in summaries)
+                and len({s["global_hash"] for s in summaries}) == 1)
+    return {
+        "finished": finished,
+        "hash_mismatches": mismatches,
+        "diverged_events": diverged,
+        "resumes_from_unseen_state": len(unseen),
+        "nonfinite_steps": nonfinite,
+        "outer_steps_checked": len(sync_hashes),
+        "final_eval_loss": summaries[0]["final_eval_loss"] if summaries else None,
+        "final_global_hash": summaries[0]["global_hash"] if summaries else None,
+        "final_workers": summaries[0]["num_workers"] if summaries else 0,
+        "worlds": sorted(worlds.values(), key=lambda w: w["time"]),
+    }
+
+
+def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
+    ref = analyze(run_root / "reference", cfg.run.steps) if "reference" in runs else {}
+    got = analyze(run_root / "chaos", cfg.run.steps)
+    chaos = runs["chaos"]
+    scheduled = [f for f in chaos["faults"] if f["kind"] != "rejoin"]
+    counts: dict[str, int] = defaultdict(int)
+    for f in chaos["faults"]:
+        counts[f["kind"]] += 1
+    loss, ref_loss = got["final_eval_loss"], ref.get("final_eval_loss")
+    return {
+        "faults_requested": args.faults,
+        "faults_injected": len([f for f in scheduled if "skipped" not in f]),
+        "fault_counts": dict(counts),
+        "kills_mid_checkpoint_write": sum(bool(f.get("mid_write")) for f in scheduled),
+        "survived": got["finished"],
+        "agent_exit_codes": chaos["exit_codes"],
+        "hash_mismatches": got["hash_mismatches"],
+        "resumes_from_unseen_state": got["resumes_from_unseen_state"],
+        "nonfinite_steps": got["nonfinite_steps"],
+        "final_eval_loss": loss,
+        "reference_eval_loss": ref_loss,
+        "loss_ratio": loss / ref_loss if finite(loss) and finite(ref_loss) else None,
+        # exact resumes only (no world changed size): the result must be the reference's, bit for bit
+        "same_result_as_reference": bool(ref) and got["final_global_hash"] == ref["final_global_hash"],
+        "wall_seconds": chaos["wall_seconds"],
+        "reference_wall_seconds": runs["reference"]["wall_seconds"] if ref else None,
+        "restarts": max(0, len(got["worlds"]) - 1),
+        "outer_steps_checked": got["outer_steps_checked"],
+        "reference_survived": ref.get("finished"),
+        "reference_hash_mismatches": ref.get("hash_mismatches"),
+        "final_workers": got["final_workers"],
+        "workers": args.workers,
+        "nodes": args.nodes,
+        "seed": args.seed,
+        "run_steps": cfg.run.steps,
+        "inner_steps_per_round": cfg.outer.inner_steps,
+        "comm_timeout": args.timeout,
+        "schedule": [list(s) for s in schedule],
+        "faults": chaos["faults"],
+        "events": chaos["events"],
+        "worlds": got["worlds"],
+        "run_dir": str(run_root),
+    }
+
+
+def loss_points(run_dir: Path, start_time: float) -> dict[str, tuple[list, list, list]]:
+    """Per world: (seconds since start, inner step, mean loss over workers) of each outer step."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in records(run_dir):
+        if r.get("kind") == "sync" and finite(r.get("loss")):
+            groups[(r.get("world"), r["outer_step"])].append(r)
+    worlds: dict[str, list] = defaultdict(list)
+    for (world, _), g in groups.items():
+        worlds[world].append((sum(x["time"] for x in g) / len(g) - start_time, g[0]["step"],
+                              sum(x["loss"] for x in g) / len(g)))
+    return {w: tuple(map(list, zip(*sorted(points)))) for w, points in worlds.items()}
+
+
+def plot(run_root: Path, runs: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"kill_worker": "tab:red", "kill_node": "tab:purple", "kill_in_checkpoint": "tab:orange",
+              "stall": "tab:cyan", "rejoin": "tab:green"}
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, color in (("reference", "black"), ("chaos", "tab:blue")):
+        if name not in runs:
+            continue
+        worlds = loss_points(run_root / name, runs[name]["start_time"])
+        for i, (t, step, loss) in enumerate(worlds.values()):  # one segment per world
+            label = f"{name} ({len(worlds)} world{'s' * (len(worlds) > 1)})" if i == 0 else None
+            by_time.plot(t, loss, ".-", ms=3, lw=1, color=color, label=label)
+            by_step.plot(step, loss, ".", ms=4 if name == "reference" else 3, color=color, label=label)
+    for f in runs["chaos"]["faults"]:
+        by_time.axvline(f["time"], color=colors.get(f["kind"], "grey"), lw=0.8, alpha=0.7)
+    for kind, color in colors.items():
+        by_time.plot([], [], color=color, lw=1, label=kind)
+    by_time.set(xlabel="wall seconds since start", ylabel="train loss at outer steps (mean over workers)",
+                title="loss over time, faults marked")
+    by_step.set(xlabel="inner step", ylabel="train loss", title="loss by step (every world, rewinds included)")
+    by_time.legend(fontsize=7, loc="upper right")
+    by_step.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
