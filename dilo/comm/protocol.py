@@ -17,15 +17,46 @@ global state stays bit-identical with any codec, lossy or not.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from dilo.codecs import Codec
+
+
+def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
+    """Hex sha256 over the tensors' bytes in order, then the outer step (8 bytes, little-endian)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    h.update(outer_step.to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+@dataclass
+class GlobalState:
+    """What every member holds identically after an outer step, and what a joiner downloads."""
+
+    outer_step: int
+    tensors: dict[str, torch.Tensor]
+    """Flat fp32 CPU tensors in a fixed order (DiLoCo: "params", then "momentum" once it exists)."""
+
+    def digest(self) -> str:
+        return state_digest(list(self.tensors.values()), self.outer_step)
+
+
+class SharedState(Protocol):
+    """What the algorithm offers an elastic backend: its step and consistent snapshots."""
+
+    outer_step: int
+
+    def export_state(self) -> GlobalState:
+        """A copy of the global state, safe to call from any thread."""
 
 
 @dataclass
@@ -44,6 +75,9 @@ class ExchangeResult:
     """Contributions (chunk, member) this member rejected as owner (non-finite)."""
     codec_error: float = 0.0
     """Relative L2 error of the owner's encode of its averaged chunk."""
+    adopted: GlobalState | None = None
+    """Elastic backends only: this member could not take part in the round (it fell behind
+    the others); instead of applying `average` it must adopt this newer global state."""
 
 
 class Group(ABC):
@@ -51,6 +85,9 @@ class Group(ABC):
 
     rank: int
     size: int
+    elastic: bool = False
+    """True when members come and go during the run (a swarm): there are no fixed ranks,
+    the starting state comes from `bind`, and `size` is the size of the last round."""
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
@@ -63,6 +100,26 @@ class Group(ABC):
     @abstractmethod
     def all_gather_object(self, obj: object) -> list:
         """Every member's `obj`, in member order (small metadata: hashes, steps)."""
+
+    def bind(self, state: SharedState) -> GlobalState | None:
+        """Called once by the algorithm before training. Elastic backends serve `state` to
+        peers that join later and return the running swarm's global state to start from
+        (None when this member starts the run). Fixed groups agree through `broadcast`."""
+        return None
+
+    def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        """After an outer step: check that every member holds the global state `digest`.
+
+        Fixed groups compare all digests and raise on a mismatch (a bug: the exchange makes
+        them identical). Elastic backends may instead return the majority's state for a
+        member that diverged, which the algorithm then adopts.
+        """
+        if self.size == 1:
+            return None
+        found = self.all_gather_object((outer_step, digest))
+        if len(set(found)) != 1:
+            raise RuntimeError(f"global state diverged at outer step {outer_step}: {found}")
+        return None
 
     def close(self) -> None:
         """Release the backend's resources."""
