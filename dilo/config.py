@@ -370,6 +370,9 @@ def _validate_peers(cfg: Config) -> None:
     if cfg.comm.backend == "hivemind":
         _require(cfg.run.mode == "diloco", "comm.backend = hivemind needs run.mode = diloco "
                  "(a swarm exchanges pseudo-gradients, not every step's gradients)")
+        _require(cfg.run.steps % cfg.outer.inner_steps == 0,
+                 f"comm.backend = hivemind needs run.steps ({cfg.run.steps}) to be a multiple of "
+                 f"outer.inner_steps ({cfg.outer.inner_steps}): every peer ends at the same outer step")
         _require(not cfg.checkpoint.resume, "checkpoint.resume is not available with comm.backend = "
                  "hivemind: a peer rejoins from the live swarm's state; to restart a whole swarm "
                  "from saved weights use checkpoint.init_from")

@@ -89,22 +89,42 @@ class Trainer:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world))
         if distributed:
+            if cfg.comm.backend == "hivemind":
+                raise ValueError("comm.backend = hivemind under torchrun (a peer made of several local "
+                                 "ranks) is not supported yet; start one `dilo train` process per peer")
             init_default_group(cfg.comm.timeout, self.device.type == "cuda")
-        self.worker = dist.get_rank() if distributed else 0
+        self.worker: int | str = dist.get_rank() if distributed else 0
         self.num_workers = dist.get_world_size() if distributed else 1
-        setup_logging(self.worker == 0)
+        self.is_leader = self.worker == 0
+        setup_logging(self.is_leader)
+        self.swarm = None
+        if cfg.comm.backend == "hivemind":
+            from dilo.comm.swarm import SwarmGroup
 
+            self.swarm = SwarmGroup.from_config(cfg)
+        try:
+            self._build(cfg, distributed)
+        except BaseException:
+            if self.swarm is not None:
+                self.swarm.close()
+            raise
+
+    def _build(self, cfg: Config, distributed: bool) -> None:
+        shard, num_shards = self.worker, self.num_workers
+        if self.swarm is not None:  # a swarm has no ranks: each peer picks a shard of its own
+            self.worker = self.swarm.label
+            num_shards = cfg.peers.num_shards
+            shard = cfg.peers.shard if cfg.peers.shard >= 0 else self.swarm.data_shard(num_shards)
         train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
         if int(train_tokens.max()) >= cfg.model.vocab_size:
             raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
                              f"is {cfg.model.vocab_size}; raise model.vocab_size")
-        self.batches = ShardedBatches(train_tokens, self.worker, self.num_workers,
-                                      cfg.data.batch_size, cfg.model.seq_len)
+        self.batches = ShardedBatches(train_tokens, shard, num_shards, cfg.data.batch_size, cfg.model.seq_len)
         self.eval_set = eval_batches(val_tokens if len(val_tokens) else train_tokens,
                                      cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
 
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
-        random.seed(cfg.run.seed + self.worker)
+        random.seed(cfg.run.seed + shard)
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
@@ -112,27 +132,35 @@ class Trainer:
         self.diloco: DiLoCo | None = None
         self.ddp: nn.Module | None = None
         if cfg.run.mode == "diloco":
-            group = TorchGroup() if distributed else SoloGroup()
+            group = self.swarm or (TorchGroup() if distributed else SoloGroup())
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                                  nesterov=cfg.outer.nesterov, codec=cfg.comm.codec, group=group,
                                  block_size=cfg.comm.block_size)
+            if self.diloco.joined is not None:  # a swarm's state: continue at its global step
+                self.step = self.diloco.outer_step * cfg.outer.inner_steps
         elif distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step = 0
+        if self.diloco is None or self.diloco.joined is None:
+            self.step = 0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
                        "dropped": 0}
 
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port else 0
-        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.worker == 0 else False
+        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.is_leader else False
         self.metrics = Metrics(cfg.run.dir, self.worker, port=port, total_steps=cfg.run.steps,
                                progress=show)
         self.metrics.log("event", event="start", workers=self.num_workers, mode=cfg.run.mode,
                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
                          synced_params=self.diloco.numel if self.diloco else self.model.num_params())
+        if self.swarm is not None:
+            self.swarm.count = self.metrics.count
+            self.metrics.log("event", event="swarm", peer=self.swarm.name, addresses=self.swarm.addresses,
+                             shard=shard, num_shards=num_shards, outer_step=self.outer_step,
+                             joined=self.diloco.joined is not None, download=self.swarm.transfer.last_download)
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -251,7 +279,8 @@ class Trainer:
                          seconds=stats.seconds, bytes_sent=stats.bytes_sent,
                          bytes_received=stats.bytes_received, peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
-                         codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm)
+                         codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm,
+                         adopted=stats.adopted)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
         log.info("outer %d | step %d | loss %.4f | sent %s recv %s | %.3f s | peers %d | hash %s",
@@ -285,6 +314,8 @@ class Trainer:
                 if stats is None and self.step == cfg.run.steps:
                     stats = self.diloco.sync()  # a shorter last round ends on the global θ
                 if stats is not None:
+                    if stats.adopted:  # took the swarm's newer state: continue at its global step
+                        self.step = self.diloco.outer_step * cfg.outer.inner_steps
                     self.after_sync(stats, loss)
                     synced = True
             elif self.step % cfg.outer.inner_steps == 0:
@@ -312,7 +343,7 @@ class Trainer:
         self.metrics.log("eval", step=self.step, outer_step=self.outer_step, eval_loss=eval_loss)
         summary = {
             "worker": self.worker,
-            "num_workers": self.num_workers,
+            "num_workers": self.swarm.size if self.swarm else self.num_workers,
             "mode": self.cfg.run.mode,
             "codec": self.cfg.comm.codec if self.diloco else "fp32",
             "outer_steps": self.outer_step,
@@ -330,6 +361,8 @@ class Trainer:
             "fingerprint": self.cfg.fingerprint(),
         }
         self.metrics.write_summary(summary)
+        if self.swarm is not None:
+            self.swarm.finished()
         log.info("done: eval loss %.4f after %d inner steps (%d outer), %.1f s, sent %s, hash %s",
                  eval_loss, self.step, self.outer_step, summary["wall_seconds"],
                  _mb(summary["bytes_sent"]), summary["global_hash"][:12])
@@ -337,6 +370,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.swarm is not None:
+            self.swarm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -358,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user mistakes found after parsing (data path, checkpoint, ...)
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dilo: interrupted", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
             trainer.close()
