@@ -122,10 +122,12 @@ class SwarmGroup(Group):
         self.count("refused_peers", reason=reason)
 
     async def _on_hello(self, remote, header: dict, _payload):
-        diff = settings_mismatch(self.settings, header.get("settings", {}))
-        if diff:
-            self._refused(remote.to_base58(), "settings", f"its run settings differ: {diff}")
-            raise AuthError(f"refused by {self.name}: run settings differ from this swarm's: {diff}")
+        theirs = header.get("settings", {})
+        if settings_mismatch(self.settings, theirs):
+            self._refused(remote.to_base58(), "settings", "its run settings differ: " +
+                          settings_mismatch(self.settings, theirs, "this peer", "that peer"))
+            raise AuthError(f"refused by {self.name}: run settings differ from the swarm's: " +
+                            settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
         return {"name": self.name}, None
 
     def _hello(self, initial: list[str]) -> None:
@@ -159,7 +161,8 @@ class SwarmGroup(Group):
 
     async def _join_or_found(self, step: int) -> GlobalState | None:
         loop = asyncio.get_running_loop()
-        self.members.me.update(step=step, digest=self._digest, pending=True, training=False)
+        # At the start gate every peer is a regular member at step 0 with the seeded θ.
+        self.members.me.update(step=step, digest=self._digest, pending=False, training=False)
         self.rounds.set_step(step)
         await self.members.start()
         deadline = loop.time() + self.timeout
@@ -267,7 +270,8 @@ class SwarmGroup(Group):
     async def _catch_up(self, t: int, kind: str) -> GlobalState | None:
         """Download the swarm's newer state; a resync waits for the majority to finish round t."""
         loop = asyncio.get_running_loop()
-        await self.members.update(pending=True)  # nobody waits for this peer meanwhile
+        if kind == "resync":  # this peer sits out round t: nobody should wait for it
+            await self.members.update(pending=True)
         start = loop.time()
         while loop.time() - start < self.timeout:
             patient = kind == "resync" and loop.time() - start < self.timeout / 2

@@ -138,9 +138,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def settings_mismatch(mine: dict, theirs: dict) -> str | None:
-    """None if equal, else which shared settings differ, for both sides' error messages."""
+def settings_mismatch(mine: dict, theirs: dict, mine_is: str = "this peer", theirs_is: str = "other peer") -> str | None:
+    """None if equal, else which shared settings differ, e.g. `model.d_model (this peer 32, other peer 64)`."""
     a, b = _flatten(mine), _flatten(theirs)
-    diff = [f"{k} (this peer {a.get(k)!r}, other peer {b.get(k)!r})"
+    diff = [f"{k} ({mine_is} {a.get(k)!r}, {theirs_is} {b.get(k)!r})"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diff) if diff else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from typing import Awaitable, Callable
 
@@ -77,11 +78,18 @@ class SwarmNode:
         node = cls(auth, auth.namespace)
         node.reaper = Reaper.start()
         node._thread.start()
+        # p2pd inherits an ignored SIGINT (Go keeps it ignored): a terminal's Ctrl-C, sent to
+        # the whole process group, then stops only this process, which leaves cleanly.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             node.run(node._start(initial, listen, announce, identity_file), timeout)
         except BaseException:
             node.close()
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         return node
 
     def run(self, coro: Awaitable, timeout: float | None = None):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,9 @@ log = logging.getLogger("dilo")
 
 PING_EVERY_S = 1.0
 PING_TIMEOUT_S = 3.0
-GROUP_GRACE_S = 10.0  # how long a put for a group this peer has not heard of yet is held
+# Fault injection for the tests: "<round>:<phase>" makes this process SIGKILL itself in that
+# round's phase after delivering its slice of that phase to one member only (a crash mid-exchange).
+_KILL_AT = os.environ.get("DILO_FAULT_KILL_AT", "")
 
 
 class ExchangeFailed(Exception):
@@ -111,7 +114,6 @@ class Exchange:
         self.aborted_by: set[int] = set()
         self.status = "active"
         self.bad_slices: list[str] = []
-        self._background: set[asyncio.Task] = set()
 
     async def _ping(self, rank: int) -> str | None:
         try:
@@ -129,12 +131,19 @@ class Exchange:
         header = {"g": self.group_id, "phase": phase, "src": self.rank}
         sends = {j: asyncio.create_task(self.node.call(self.peers[j], "put", header, outgoing[j], timeout=timeout))
                  for j in range(self.size) if j != self.rank}
+        if _KILL_AT == f"{self.t}:{phase}" and sends:  # deliver to exactly one member, then crash
+            first = min(sends)
+            for j, task in sends.items():
+                if j != first:
+                    task.cancel()
+            await asyncio.wait([sends[first]])
+            os.kill(os.getpid(), signal.SIGKILL)
         last_ping = loop.time()
         while True:
             missing = [i for i in range(self.size) if i != self.rank and i not in self.inbox[phase]]
             failed = {j for j, task in sends.items() if task.done() and not _delivered(task)}
             if failed and phase == 1:  # the owner lacks our slice: it cannot finish its chunk
-                raise ExchangeFailed(f"phase 1: could not deliver to {_names(self, failed)}",
+                raise ExchangeFailed(f"phase 1: could not deliver to {_why(self, sends, failed)}",
                                      {self.peers[j] for j in failed})
             if not missing:
                 break
@@ -150,7 +159,7 @@ class Exchange:
                 last_ping = loop.time()
                 # "unknown": it has not registered the group (the leader's begin may be late)
                 dead = {i for i, s in zip(missing, statuses)
-                        if s is None or s == "aborted" or (s == "unknown" and loop.time() - start > GROUP_GRACE_S)}
+                        if s is None or s == "aborted" or (s == "unknown" and loop.time() - start > timeout / 2)}
                 if dead:
                     raise ExchangeFailed(f"phase {phase}: {_names(self, dead)} died or left the round",
                                          {self.peers[j] for j in dead})
@@ -160,10 +169,11 @@ class Exchange:
             done, _ = await asyncio.wait(sends.values(), timeout=max(0.0, deadline - loop.time()))
             failed = {j for j, task in sends.items() if task not in done or not _delivered(task)}
             if failed:
-                raise ExchangeFailed(f"phase 1: could not deliver to {_names(self, failed)}",
+                raise ExchangeFailed(f"phase 1: could not deliver to {_why(self, sends, failed)}",
                                      {self.peers[j] for j in failed})
         else:  # we hold every chunk; a receiver that fails now only hurts itself
-            self._background.update(sends.values())
+            for task in sends.values():
+                task.add_done_callback(_quiet)
         out = []
         for i in range(self.size):
             if i == self.rank:
@@ -177,8 +187,27 @@ class Exchange:
         return out
 
 
+def _quiet(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("swarm: late send failed: %s", task.exception())
+
+
 def _delivered(task: asyncio.Task) -> bool:
     return not task.cancelled() and task.exception() is None and bool(task.result()[0].get("ok"))
+
+
+def _why(ex: Exchange, sends: dict, ranks) -> str:
+    reasons = []
+    for j in sorted(ranks):
+        task = sends[j]
+        if not task.done():
+            why = "no answer in time"
+        elif task.cancelled() or task.exception() is not None:
+            why = str(task.exception()) if not task.cancelled() else "cancelled"
+        else:
+            why = str(task.result()[0].get("why", "refused"))
+        reasons.append(f"{ex.peers[j][-8:]} ({why})")
+    return ", ".join(reasons)
 
 
 def _names(ex: Exchange, ranks) -> str:
@@ -200,6 +229,8 @@ class Rounds:
         self.changed = _Pulse()
         self.groups: dict[bytes, Exchange] = {}
         self.finished: dict[bytes, str] = {}
+        self.last_group: set[str] = set()
+        """The other peers of this peer's last completed round."""
 
     async def start(self) -> None:
         for method, handler in (("join", self._on_join), ("put", self._on_put), ("ping", self._on_ping),
@@ -212,11 +243,18 @@ class Rounds:
 
     # -- forming the group ---------------------------------------------------------------
     def _leader(self, view: View, t: int, digest: str, suspects: set[str]) -> tuple[str, set[str]]:
-        """(leader of round t in this view, the regular peers it waits for)."""
+        """(leader of round t in this view, the peers a leader waits for).
+
+        A leader waits for the regular peers at step t, and for the peers of its last
+        round that are still behind (one that lost the end of that round is downloading
+        its result right now and will be at step t in a moment).
+        """
         peers = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects]
         regular = [m for m in peers if not m.pending]
         pool = regular or peers or [view.members[self.node.name]]
-        return min(m.peer for m in pool), {m.peer for m in regular}
+        catching_up = {m.peer for m in view.members.values()
+                       if m.peer in self.last_group and m.step < t and not m.pending and m.peer not in suspects}
+        return min(m.peer for m in pool), {m.peer for m in regular} | catching_up
 
     async def form_group(self, t: int, digest: str, suspects: set[str]) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -361,6 +399,7 @@ class Rounds:
         while len(self.finished) > 64:
             self.finished.pop(next(iter(self.finished)))
         if status == "done":
+            self.last_group = set(group.peers) - {self.node.name}
             self.set_step(group.t + 1)
         else:
             for peer in group.peers:
@@ -375,7 +414,9 @@ class Rounds:
 
     async def _group(self, group_id: bytes) -> Exchange | None:
         loop = asyncio.get_running_loop()
-        until = loop.time() + min(GROUP_GRACE_S, self.timeout)
+        # The leader's begin may still be on its way to this peer (or this peer may be
+        # starved of CPU for a while): hold the message for up to half the exchange timeout.
+        until = loop.time() + self.timeout / 2
         while group_id not in self.groups and group_id not in self.finished and loop.time() < until:
             await self.changed.wait(until - loop.time())  # the leader's begin may still be on its way
         return self.groups.get(group_id)

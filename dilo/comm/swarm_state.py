@@ -43,10 +43,11 @@ class StateTransfer:
         await self.node.serve("state", self._on_state)
 
     async def _on_state(self, remote, header: dict, payload) -> tuple[dict, bytes | None]:
-        diff = settings_mismatch(self.settings, header.get("settings", {}))
-        if diff:
+        theirs = header.get("settings", {})
+        if settings_mismatch(self.settings, theirs):
             self.node.on_refused(remote.to_base58(), "settings")
-            raise AuthError(f"refused: run settings differ from this swarm's: {diff}")
+            raise AuthError("refused: run settings differ from the swarm's: " +
+                            settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
         if self.holder is None:
             return {"none": True}, None
         state = await asyncio.get_running_loop().run_in_executor(None, self.holder.export_state)
