@@ -164,7 +164,7 @@ def test_peer_killed_mid_exchange_survivors_agree(procs, tmp_path, no_leftovers)
 
 def test_wrong_key_and_other_model_are_refused(procs, tmp_path, no_leftovers):
     swarm = Swarm(procs, tmp_path)
-    a, a_dir = swarm.start("a", "--run.steps", "20", "--peers.min_peers", "2")
+    a, a_dir = swarm.start("a", "--run.steps", "20", "--peers.min_peers", "2", "--comm.timeout", "600")
     wrong_key = tmp_path / "other.key"
     wrong_key.write_text("not-the-run-key-0123456789")
     b, _ = swarm.start("b", "--run.steps", "20", "--peers.key_file", str(wrong_key), initial=a_dir)

@@ -121,7 +121,7 @@ class SwarmGroup(Group):
         log.warning("refused peer %s: %s", peer, detail or {"run key": "it does not hold the run key"}.get(reason, reason))
         self.count("refused_peers", reason=reason)
 
-    async def _on_hello(self, remote, header: dict, _payload):
+    async def _on_hello(self, remote, header: dict, _frames):
         theirs = header.get("settings", {})
         if settings_mismatch(self.settings, theirs):
             self._refused(remote.to_base58(), "settings", "its run settings differ: " +
@@ -147,11 +147,8 @@ class SwarmGroup(Group):
     # -- start: join a running swarm or found one ----------------------------------------
     def bind(self, state: SharedState) -> GlobalState | None:
         self.holder = self.transfer.holder = state
-        own = state.export_state()
-        self._digest = own.digest()
-        joined = self.node.run(self._join_or_found(own.outer_step), timeout=self.timeout + 60)
+        joined = self.node.run(self._join_or_found(state), timeout=self.timeout + 60)
         if joined is not None:
-            self._digest = joined.digest()
             info = self.transfer.last_download
             log.info("joined the swarm at outer step %d: state %.1f MB from %s in %.2f s (%.1f MB/s)",
                      joined.outer_step, info["bytes"] / 1e6, info["donor"][-8:], info["seconds"],
@@ -159,14 +156,10 @@ class SwarmGroup(Group):
             self.count("state_downloads", reason="join")
         return joined
 
-    async def _join_or_found(self, step: int) -> GlobalState | None:
+    async def _join_or_found(self, holder: SharedState) -> GlobalState | None:
         loop = asyncio.get_running_loop()
-        # At the start gate every peer is a regular member at step 0 with the seeded θ.
-        self.members.me.update(step=step, digest=self._digest, pending=False, training=False)
-        self.rounds.set_step(step)
-        await self.members.start()
         deadline = loop.time() + self.timeout
-        warned = False
+        published = warned = False
         while True:
             view = await self.members.view()
             others = [m for m in view.members.values() if m.peer != self.name]
@@ -179,10 +172,25 @@ class SwarmGroup(Group):
             if any(m.training and m.step > 0 for m in others):
                 state = await self.transfer.fetch(0)
                 if state is not None:
+                    self._digest = self.transfer.last_download["digest"]
+                    self.transfer.known_digest = (state.outer_step, self._digest)
                     self.rounds.set_step(state.outer_step)
-                    await self.members.update(step=state.outer_step, digest=state.digest(), pending=True,
-                                              training=True)
+                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True)
+                    if published:
+                        await self.members.update(**fields)
+                    else:
+                        self.members.me.update(fields)
+                        await self.members.start()
                     return state
+            elif not published:  # the start gate: a regular member at step 0 with the seeded θ
+                own = await loop.run_in_executor(None, holder.export_state)
+                self._digest = await loop.run_in_executor(None, own.digest)
+                self.transfer.known_digest = (own.outer_step, self._digest)
+                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False)
+                self.rounds.set_step(own.outer_step)
+                await self.members.start()
+                published = True
+                continue
             elif len(others) + 1 >= self.min_peers or any(m.training for m in others):
                 await self.members.update(pending=False, training=True)
                 self._pending = False
@@ -203,6 +211,7 @@ class SwarmGroup(Group):
             if outcome.kind in ("behind", "resync"):
                 state = self.node.run(self._catch_up(t, outcome.kind), timeout=self.timeout + 120)
                 if state is not None:
+                    self.transfer.known_digest = None  # until confirm() publishes the adopted state's
                     self.count("state_downloads", reason=outcome.kind)
                     log.warning("round %d: %s; continuing from the swarm's state at outer step %d",
                                 t, "the others went on without this peer" if outcome.kind == "behind"
@@ -286,6 +295,7 @@ class SwarmGroup(Group):
         return self.node.run(self._confirm(outer_step, digest), timeout=self.timeout + 60)
 
     async def _confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        self.transfer.known_digest = (outer_step, digest)
         self.rounds.set_step(outer_step)
         await self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True)
         view = await self.members.view()
@@ -293,7 +303,14 @@ class SwarmGroup(Group):
         if majority is None or majority == digest:
             return None
         self.count("state_downloads", reason="repair")
-        return await self.transfer.fetch(outer_step)
+        self.transfer.known_digest = None
+        state = await self.transfer.fetch(outer_step)
+        if state is not None:  # the algorithm adopts exactly this state
+            self._digest = self.transfer.last_download["digest"]
+            self.transfer.known_digest = (state.outer_step, self._digest)
+            self.rounds.set_step(state.outer_step)
+            await self.members.update(step=state.outer_step, digest=self._digest)
+        return state
 
     # -- end -----------------------------------------------------------------------------
     def finished(self) -> None:

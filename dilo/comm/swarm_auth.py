@@ -28,7 +28,9 @@ import os
 import struct
 from pathlib import Path
 
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # before hivemind's first import: quiet by default
+
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase  # noqa: E402
 
 KEY_ENV = "DILO_RUN_KEY"
 MIN_KEY_CHARS = 16

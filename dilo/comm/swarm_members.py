@@ -46,7 +46,8 @@ class View:
     """peer -> settings fingerprint, for live records of other settings."""
 
     def at_step(self, step: int) -> list[Member]:
-        return [m for m in self.members.values() if m.step == step]
+        """Members whose state is at `step` (those that have not published a digest yet excluded)."""
+        return [m for m in self.members.values() if m.step == step and m.digest]
 
     def max_step(self) -> int:
         return max((m.step for m in self.members.values()), default=-1)

@@ -6,11 +6,12 @@ averager process (hivemind's DHT and DecentralizedAverager are forked processes 
 outlive a killed parent): the only child is hivemind's `p2pd`, which the reaper
 (reaper.py) kills if this process dies without cleaning up.
 
-RPCs are length-prefixed frames on libp2p streams (hivemind's `P2P.send_raw_data`):
-a request is a msgpack header, optionally followed by one raw payload frame; the answer
-has the same shape. Every header carries the sender's run-key token (swarm_auth.py),
-checked against the peer id that libp2p authenticated. Large payloads (contributions,
-global states) go as raw bytes, never through protobuf.
+RPCs are length-prefixed frames on libp2p streams: a request is a msgpack header frame,
+then as many raw payload frames as the header says; the answer has the same shape. Every
+header carries the sender's run-key token (swarm_auth.py), checked against the peer id
+that libp2p authenticated before any payload is read. Large payloads (contributions,
+global states) go as raw bytes in 1 MiB writes with flow control, never through protobuf
+and never buffered whole in the transport.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Awaitable, Callable
 
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # third-party noise off unless asked for
@@ -35,7 +37,11 @@ from dilo.comm.swarm_auth import AuthError, RunAuth  # noqa: E402
 log = logging.getLogger("dilo")
 
 PROTOCOL = "dilo/swarm/1"
-Handler = Callable[[PeerID, dict, bytes | None], Awaitable[tuple[dict, bytes | None]]]
+HEADER_LIMIT = 1 << 20  # a header frame above this is garbage (read before authentication)
+FRAME_LIMIT = 1 << 40
+_CHUNK = 1 << 20
+Frames = list  # of bytes-like objects
+Handler = Callable[[PeerID, dict, Frames], Awaitable[tuple[dict, Frames]]]
 
 
 class PeerUnreachable(Exception):
@@ -44,6 +50,36 @@ class PeerUnreachable(Exception):
 
 class RemoteError(Exception):
     """The peer answered with an error."""
+
+
+async def _send_frame(writer: asyncio.StreamWriter, data) -> None:
+    view = memoryview(data).cast("B")
+    writer.write(len(view).to_bytes(8, "big"))
+    for offset in range(0, len(view), _CHUNK):
+        writer.write(view[offset:offset + _CHUNK])
+        await writer.drain()
+    await writer.drain()
+
+
+async def _recv_frame(reader: asyncio.StreamReader, limit: int = FRAME_LIMIT) -> bytearray:
+    size = int.from_bytes(await reader.readexactly(8), "big")
+    if size > limit:
+        raise ValueError(f"frame of {size} bytes is over the limit of {limit}")
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        chunk = await reader.read(min(size - got, _CHUNK))
+        if not chunk:
+            raise asyncio.IncompleteReadError(bytes(view[:got]), size)
+        view[got:got + len(chunk)] = chunk
+        got += len(chunk)
+    return buf
+
+
+def _frames(payload) -> Frames:
+    if payload is None:
+        return []
+    return list(payload) if isinstance(payload, (list, tuple)) else [payload]
 
 
 def _pack(obj: dict) -> bytes:
@@ -102,10 +138,12 @@ class SwarmNode:
             raise
 
     async def _start(self, initial, listen, announce, identity_file) -> None:
+        if identity_file:
+            Path(identity_file).expanduser().parent.mkdir(parents=True, exist_ok=True)
         try:
             self.p2p = await P2P.create(
                 initial_peers=initial or None, host_maddrs=listen, announce_maddrs=announce or None,
-                identity_path=identity_file or None)
+                identity_path=str(Path(identity_file).expanduser()) if identity_file else None)
         except Exception as e:
             raise ValueError(f"cannot start the libp2p daemon (peers.listen={listen}, "
                              f"peers.announce={announce}): {e}") from None
@@ -165,29 +203,30 @@ class SwarmNode:
         return f"{PROTOCOL}.{method}"
 
     async def serve(self, method: str, handler: Handler) -> None:
-        """Answer `method` calls with `handler(remote, header, payload) -> (header, payload)`."""
+        """Answer `method` calls with `handler(remote, header, frames) -> (header, frames)`."""
 
         async def on_stream(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             remote = info.peer_id
             try:
-                request = _unpack(await P2P.receive_raw_data(reader))
-                payload = await P2P.receive_raw_data(reader) if request.get("n") else None
+                request = _unpack(await _recv_frame(reader, HEADER_LIMIT))
                 if not self.auth.check(remote.to_bytes(), request.get("tok", b"")):
                     self.on_refused(remote.to_base58(), "run key")
                     reply, out = {"err": "refused: this peer does not hold the swarm's run key "
-                                          "(peers.key_file / DILO_RUN_KEY)", "auth": True}, None
+                                          "(peers.key_file / DILO_RUN_KEY)", "auth": True}, []
                 else:
+                    frames = [await _recv_frame(reader) for _ in range(int(request.get("n", 0)))]
                     try:
-                        reply, out = await handler(remote, request.get("h", {}), payload)
+                        reply, out = await handler(remote, request.get("h", {}), frames)
+                        out = _frames(out)
                     except AuthError as e:
-                        reply, out = {"err": str(e), "auth": True}, None
+                        reply, out = {"err": str(e), "auth": True}, []
                     except Exception as e:  # answered, so the caller does not wait for a timeout
                         log.debug("swarm handler %s failed: %r", method, e, exc_info=True)
-                        reply, out = {"err": f"{type(e).__name__}: {e}"}, None
-                await P2P.send_raw_data(_pack({"h": reply, "tok": self.auth.token(self.peer_id.to_bytes()),
-                                               "n": out is not None}), writer)
-                if out is not None:
-                    await P2P.send_raw_data(out, writer)
+                        reply, out = {"err": f"{type(e).__name__}: {e}"}, []
+                await _send_frame(writer, _pack({"h": reply, "tok": self.auth.token(self.peer_id.to_bytes()),
+                                                 "n": len(out)}))
+                for frame in out:
+                    await _send_frame(writer, frame)
             except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                 pass  # the caller went away or sent garbage; nothing to answer
             finally:
@@ -195,9 +234,10 @@ class SwarmNode:
 
         await self.p2p.add_binary_stream_handler(self._handle_name(method), on_stream)
 
-    async def call(self, peer: PeerID | str, method: str, header: dict, payload: bytes | memoryview | None = None,
-                   timeout: float = 10.0) -> tuple[dict, bytes | None]:
-        """One request and its answer; raises PeerUnreachable, AuthError or RemoteError."""
+    async def call(self, peer: PeerID | str, method: str, header: dict, payload=None,
+                   timeout: float = 10.0) -> tuple[dict, Frames]:
+        """One request (payload: a buffer or a list of them) and its answer (header, frames);
+        raises PeerUnreachable, AuthError or RemoteError."""
         peer = PeerID.from_base58(peer) if isinstance(peer, str) else peer
         try:
             return await asyncio.wait_for(self._call(peer, method, header, payload), timeout)
@@ -208,15 +248,16 @@ class SwarmNode:
         except Exception as e:
             raise PeerUnreachable(f"{peer.to_base58()} unreachable for {method}: {type(e).__name__}: {e}") from None
 
-    async def _call(self, peer: PeerID, method: str, header: dict, payload) -> tuple[dict, bytes | None]:
+    async def _call(self, peer: PeerID, method: str, header: dict, payload) -> tuple[dict, Frames]:
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, self._handle_name(method))
         try:
-            request = {"h": header, "tok": self.auth.token(self.peer_id.to_bytes()), "n": payload is not None}
-            await P2P.send_raw_data(_pack(request), writer)
-            if payload is not None:
-                await P2P.send_raw_data(payload, writer)
-            answer = _unpack(await P2P.receive_raw_data(reader))
-            out = await P2P.receive_raw_data(reader) if answer.get("n") else None
+            frames = _frames(payload)
+            request = {"h": header, "tok": self.auth.token(self.peer_id.to_bytes()), "n": len(frames)}
+            await _send_frame(writer, _pack(request))
+            for frame in frames:
+                await _send_frame(writer, frame)
+            answer = _unpack(await _recv_frame(reader, HEADER_LIMIT))
+            out = [await _recv_frame(reader) for _ in range(int(answer.get("n", 0)))]
         finally:
             writer.close()
         reply = answer.get("h", {})

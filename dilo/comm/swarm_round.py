@@ -350,7 +350,7 @@ class Rounds:
         except (PeerUnreachable, RemoteError, AuthError):
             return False
 
-    async def _on_join(self, remote, header: dict, _payload) -> tuple[dict, None]:
+    async def _on_join(self, remote, header: dict, _frames) -> tuple[dict, None]:
         loop = asyncio.get_running_loop()
         peer, t = remote.to_base58(), int(header["t"])
         until = loop.time() + min(float(header.get("wait", 0.0)), self.timeout)
@@ -421,18 +421,18 @@ class Rounds:
             await self.changed.wait(until - loop.time())  # the leader's begin may still be on its way
         return self.groups.get(group_id)
 
-    async def _on_put(self, remote, header: dict, payload: bytes | None) -> tuple[dict, None]:
+    async def _on_put(self, remote, header: dict, frames: list) -> tuple[dict, None]:
         group = await self._group(bytes(header["g"]))
         if group is None:
             return {"ok": False, "why": self.finished.get(bytes(header["g"]), "unknown group")}, None
         src, phase = int(header["src"]), int(header["phase"])
         if not 0 <= src < group.size or group.peers[src] != remote.to_base58() or phase not in (1, 2):
             raise AuthError(f"refused: {remote.to_base58()} is not member {src} of this group")
-        group.inbox[phase][src] = payload if payload is not None else b""
+        group.inbox[phase][src] = frames[0] if len(frames) == 1 else b""
         group.arrived.fire()
         return {"ok": True}, None
 
-    async def _on_ping(self, remote, header: dict, _payload) -> tuple[dict, None]:
+    async def _on_ping(self, remote, header: dict, _frames) -> tuple[dict, None]:
         reply = {"step": self.step}
         if "g" in header:
             group_id = bytes(header["g"])
@@ -440,7 +440,7 @@ class Rounds:
             reply["g"] = group.status if group else self.finished.get(group_id, "unknown")
         return reply, None
 
-    async def _on_abort(self, remote, header: dict, _payload) -> tuple[dict, None]:
+    async def _on_abort(self, remote, header: dict, _frames) -> tuple[dict, None]:
         group = self.groups.get(bytes(header["g"]))
         if group is not None and remote.to_base58() in group.peers:
             group.aborted_by.add(group.peers.index(remote.to_base58()))

@@ -1,8 +1,8 @@
 """The global state for peers that join or fall behind: serve snapshots, download and verify.
 
 A donor answers `state` with a consistent copy of its global state (taken under the
-algorithm's lock, off the event loop) as one raw frame plus a header naming the outer
-step, the digest and each tensor's size. The receiver accepts it only if
+algorithm's lock, off the event loop): one raw frame per tensor, and a header naming the
+outer step, the digest and each tensor's size. The receiver accepts it only if
 
 1. the bytes hash to the digest in the header (nothing was lost or altered), and
 2. that digest is the majority's for that step in a fresh membership view (the donor is
@@ -36,46 +36,54 @@ class StateTransfer:
         self.settings = settings
         self.timeout = timeout
         self.holder: SharedState | None = None
+        self.known_digest: tuple[int, str] | None = None
+        """(outer step, digest) of the holder's state when the group knows it (set after every
+        confirmed round): saves hashing a large state for each download. The receiver checks
+        the bytes against the digest anyway, so a stale entry costs a retry, never a bad state."""
         self.last_download: dict | None = None
         """{"bytes", "seconds", "donor", "step"} of the last successful download."""
 
     async def start(self) -> None:
         await self.node.serve("state", self._on_state)
 
-    async def _on_state(self, remote, header: dict, payload) -> tuple[dict, bytes | None]:
+    async def _on_state(self, remote, header: dict, _frames) -> tuple[dict, list]:
         theirs = header.get("settings", {})
         if settings_mismatch(self.settings, theirs):
             self.node.on_refused(remote.to_base58(), "settings")
             raise AuthError("refused: run settings differ from the swarm's: " +
                             settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
         if self.holder is None:
-            return {"none": True}, None
-        state = await asyncio.get_running_loop().run_in_executor(None, self.holder.export_state)
+            return {"none": True}, []
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(None, self.holder.export_state)
         names = list(state.tensors)
         tensors = [state.tensors[n].contiguous().view(-1) for n in names]
-        blob = torch.cat([t.view(torch.uint8) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
-        digest = await asyncio.get_running_loop().run_in_executor(None, state.digest)
-        meta = {"step": state.outer_step, "digest": digest, "names": names,
-                "numel": [t.numel() for t in tensors]}
-        return meta, memoryview(blob.numpy())
+        known = self.known_digest
+        if known is not None and known[0] == state.outer_step:
+            digest = known[1]
+        else:
+            digest = await loop.run_in_executor(None, state.digest)
+        meta = {"step": state.outer_step, "digest": digest, "names": names, "numel": [t.numel() for t in tensors]}
+        return meta, [t.numpy() for t in tensors]
 
     async def _download(self, donor: str) -> GlobalState:
         start = time.perf_counter()
-        meta, blob = await self.node.call(donor, "state", {"settings": self.settings}, timeout=self.timeout)
+        meta, frames = await self.node.call(donor, "state", {"settings": self.settings}, timeout=self.timeout)
         if meta.get("none"):
             raise RemoteError("donor has no state yet")
         numel = [int(n) for n in meta["numel"]]
-        if blob is None or len(blob) != 4 * sum(numel):
-            raise RemoteError(f"state of {len(blob or b'')} bytes, header says {4 * sum(numel)}")
-        flat = torch.frombuffer(bytearray(blob), dtype=torch.float32)
-        tensors = dict(zip(meta["names"], flat.split(numel)))
+        if len(frames) != len(numel) or any(len(f) != 4 * n for f, n in zip(frames, numel)):
+            raise RemoteError(f"state frames of {[len(f) for f in frames]} bytes, header says "
+                              f"{[4 * n for n in numel]}")
+        tensors = {name: torch.frombuffer(f, dtype=torch.float32) if n else torch.empty(0)
+                   for name, f, n in zip(meta["names"], frames, numel)}
         state = GlobalState(int(meta["step"]), tensors)
         digest = await asyncio.get_running_loop().run_in_executor(None, state.digest)
         if digest != meta["digest"]:
             raise RemoteError(f"state does not match its checksum (got {digest[:12]}, header {meta['digest'][:12]})")
         seconds = time.perf_counter() - start
-        self.last_download = {"bytes": len(blob), "seconds": seconds, "donor": donor, "step": state.outer_step,
-                              "digest": digest}
+        self.last_download = {"bytes": sum(len(f) for f in frames), "seconds": seconds, "donor": donor,
+                              "step": state.outer_step, "digest": digest}
         return state
 
     async def fetch(self, min_step: int) -> GlobalState | None:
