@@ -10,6 +10,8 @@ commands:
   train    train one worker (under torchrun: one worker per process)
            dilo train --config configs/tiny.toml --outer.inner_steps 20
            dilo train --help   lists every config key
+  swarm    run a bootstrap node for the hivemind backend (trains nothing; see docs/swarm.md)
+           dilo swarm --config configs/tiny.toml --peers.key_file run.key --peers.listen /ip4/0.0.0.0/tcp/31337
 """
 
 
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from dilo.train import main as train_main
 
         return train_main(rest)
+    if command == "swarm":
+        from dilo.bootstrap import main as swarm_main
+
+        return swarm_main(rest)
     print(f"dilo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -117,6 +117,34 @@ class CommConfig:
 
 
 @dataclass
+class PeersConfig:
+    """The swarm (comm.backend = hivemind): how this peer finds, admits and serves others."""
+
+    initial: list[str] = field(default_factory=list)
+    """Multiaddrs of running peers or bootstrap nodes (/ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...); empty = start a new swarm. On the command line: comma-separated."""
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    """Multiaddrs this peer listens on; tcp port 0 = any free port."""
+    announce: list[str] = field(default_factory=list)
+    """Multiaddrs other peers should dial (public address or forwarded port behind NAT); empty = the listen addresses."""
+    key_file: str = ""
+    """File holding the run key (at least 16 characters); empty = the DILO_RUN_KEY environment variable."""
+    open: bool = False
+    """Allow a swarm without a run key: anyone who can reach it can join it and download its weights."""
+    identity_file: str = ""
+    """libp2p private key file that keeps this peer's id (and so its address) across restarts; created if missing."""
+    min_peers: int = 1
+    """Peers that must be present before training starts (1 = start at once)."""
+    heartbeat: float = 2.0
+    """Seconds between this peer's membership records; a peer silent for 3 heartbeats is gone."""
+    linger: float = 30.0
+    """Seconds a finished peer keeps serving the final state to live peers that are still behind."""
+    shard: int = -1
+    """This peer's data shard in [0, num_shards); -1 = derived from its peer id (shards may then collide)."""
+    num_shards: int = 16
+    """Number of data shards the swarm's peers pick from."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0
     """Write a checkpoint every N outer steps (0 = never)."""
@@ -150,18 +178,23 @@ class Config:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of the settings every worker of one run must share (model, algorithm, codec)."""
+    def shared_settings(self) -> dict:
+        """The settings every worker of one run must share (model, algorithm, codec)."""
         shared = {k: self.to_dict()[k] for k in ("model", "outer")}
         shared["comm"] = {"codec": self.comm.codec, "block_size": self.comm.block_size}
         shared["mode"] = self.run.mode
-        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+        return shared
+
+    def fingerprint(self) -> str:
+        """Hash of `shared_settings()`."""
+        return hashlib.sha256(json.dumps(self.shared_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sections(cfg: Config) -> dict[str, object]:
@@ -182,6 +215,12 @@ def _coerce(value: object, typ: type, key: str) -> object:
     """Turn a TOML or command-line value into the field's type, or say what is wrong."""
     if isinstance(typ, types.UnionType):  # pragma: no cover - no union fields yet
         typ = typing.get_args(typ)[0]
+    if typing.get_origin(typ) is list:  # list[str]: a TOML list, or "a,b" on the command line
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise ValueError(f"{key}: expected a list of strings or a comma-separated string, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -317,6 +356,7 @@ def validate(cfg: Config) -> None:
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
     _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
+    _validate_peers(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
     _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
     _require(not (k.resume and k.init_from),
@@ -336,6 +376,36 @@ def validate_world_size(cfg: Config, world_size: int) -> None:
         raise ValueError(
             f"run.worker_size = {size} does not divide the world size {world_size} (torchrun's "
             f"nnodes x nproc-per-node); allowed values: {', '.join(map(str, allowed))}")
+
+
+def _validate_peers(cfg: Config) -> None:
+    p = cfg.peers
+    for key in ("initial", "listen", "announce"):
+        for addr in getattr(p, key):
+            _require(addr.startswith("/") and len(addr) > 1,
+                     f"peers.{key}: {addr!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337)")
+    for addr in p.initial:
+        _require("/p2p/" in addr, f"peers.initial: {addr!r} lacks the peer id; use the full address a "
+                 "peer prints and writes to <run.dir>/address.txt (/ip4/.../tcp/.../p2p/12D3Koo...)")
+    for addr in p.announce:
+        _require("/tcp/0/" not in addr + "/", f"peers.announce: {addr!r} needs an explicit port, not 0")
+    _require(p.min_peers >= 1, f"peers.min_peers must be >= 1, got {p.min_peers}")
+    _require(p.heartbeat > 0, f"peers.heartbeat must be > 0 seconds, got {p.heartbeat}")
+    _require(p.linger >= 0, f"peers.linger must be >= 0 seconds, got {p.linger}")
+    _require(p.num_shards >= 1, f"peers.num_shards must be >= 1, got {p.num_shards}")
+    _require(p.shard == -1 or 0 <= p.shard < p.num_shards,
+             f"peers.shard must be -1 (auto) or in [0, peers.num_shards={p.num_shards}), got {p.shard}")
+    if cfg.comm.backend == "hivemind":
+        _require(cfg.run.worker_size == 1, "comm.backend = hivemind needs run.worker_size = 1: a "
+                 "peer made of several ranks is not supported yet; start one process per peer")
+        _require(cfg.run.mode == "diloco", "comm.backend = hivemind needs run.mode = diloco "
+                 "(a swarm exchanges pseudo-gradients, not every step's gradients)")
+        _require(cfg.run.steps % cfg.outer.inner_steps == 0,
+                 f"comm.backend = hivemind needs run.steps ({cfg.run.steps}) to be a multiple of "
+                 f"outer.inner_steps ({cfg.outer.inner_steps}): every peer ends at the same outer step")
+        _require(not cfg.checkpoint.resume, "checkpoint.resume is not available with comm.backend = "
+                 "hivemind: a peer rejoins from the live swarm's state; to restart a whole swarm "
+                 "from saved weights use checkpoint.init_from")
 
 
 def help_text() -> str:

@@ -15,8 +15,8 @@ are synchronized; floating-point buffers are averaged exactly (fp32) at outer st
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import Group, SoloGroup
+from dilo.comm.protocol import GlobalState, Group, SoloGroup, state_digest
 
 log = logging.getLogger("dilo")
 
@@ -43,10 +43,8 @@ class SyncStats:
     codec_error: float
     pseudo_grad_norm: float
     intra_bytes: int = 0
-
-
-class DivergenceError(RuntimeError):
-    """Members hold different global states after an outer step (a bug, never a fault)."""
+    adopted: bool = False
+    """True when this worker took the group's newer state instead of applying a round."""
 
 
 def default_group() -> Group:
@@ -92,15 +90,25 @@ class DiLoCo:
         if not self.params:
             raise ValueError("DiLoCo needs at least one parameter with requires_grad=True")
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if self.buffers and self.group.elastic:
+            raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
+                             "use a model without them or comm.backend = torch")
         self.numel = sum(p.numel() for p in self.params)
+        # θ, the outer momentum and the step change only under this lock, so an elastic
+        # backend can snapshot them from its own thread (to serve a joining peer).
+        self._state_lock = threading.Lock()
         with torch.no_grad():
             flat = self._model_flat()
-            self.group.broadcast(flat, src=0)  # every worker starts from the same θ
+            if not self.group.elastic:
+                self.group.broadcast(flat, src=0)  # every worker starts from the same θ
             self.global_params = nn.Parameter(flat, requires_grad=False)
         self.outer_optimizer = torch.optim.SGD(
             [self.global_params], lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
         self.inner_step = 0
         self.outer_step = 0
+        self.joined = self.group.bind(self)  # a running swarm's state, or None
+        if self.joined is not None:
+            self.adopt_state(self.joined)
         self._copy_global_to_model()
         self._sync_buffers()
 
@@ -141,25 +149,35 @@ class DiLoCo:
         start = time.perf_counter()
         pseudo_grad = self.global_params.detach() - self._model_flat()
         result = self.group.average(pseudo_grad, self.codec)
-        if not torch.isfinite(result.average).all():
+        adopted = result.adopted is not None
+        if adopted:
+            # An elastic group went on without this worker (it was too late or behind):
+            # its Δ is lost and it continues from the group's newer state.
+            self.adopt_state(result.adopted)
+        elif not torch.isfinite(result.average).all():
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
             log.warning("outer step %d: averaged pseudo-gradient is not finite; step skipped",
                         self.outer_step + 1)
+            with self._state_lock:
+                self.outer_step += 1
         else:
-            self.global_params.grad = result.average
-            self.outer_optimizer.step()
-            self.global_params.grad = None
-        self.outer_step += 1
+            with self._state_lock:
+                self.global_params.grad = result.average
+                self.outer_optimizer.step()
+                self.global_params.grad = None
+                self.outer_step += 1
         self._copy_global_to_model()
         self._sync_buffers()
         digest = self.global_hash()
         if self.check_hashes:
-            # One entry per process that holds θ: with a HierarchicalGroup a one-worker
-            # group still has several processes to compare (a lone process gets [itself]).
-            hashes = self.group.all_gather_object((self.outer_step, digest))
-            if len(set(hashes)) != 1:
-                raise DivergenceError(f"global state diverged at outer step {self.outer_step}: {hashes}")
+            repaired = self.group.confirm(self.outer_step, digest)
+            if repaired is not None:
+                log.warning("outer step %d: this worker's global state differs from the group's "
+                            "majority; adopting the majority's state", self.outer_step)
+                self.adopt_state(repaired)
+                adopted = True
+                digest = self.global_hash()
         return SyncStats(
             outer_step=self.outer_step,
             seconds=time.perf_counter() - start,
@@ -171,21 +189,45 @@ class DiLoCo:
             codec_error=result.codec_error,
             pseudo_grad_norm=pseudo_grad.norm().item(),
             intra_bytes=result.intra_bytes,
+            adopted=adopted,
         )
 
     # -- identity and persistence ------------------------------------------------------
     def momentum(self) -> torch.Tensor | None:
         return self.outer_optimizer.state.get(self.global_params, {}).get("momentum_buffer")
 
-    def global_hash(self) -> str:
-        """Hex digest over θ, the outer momentum and the outer step."""
-        h = hashlib.sha256()
-        h.update(self.global_params.detach().numpy().tobytes())
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"params": self.global_params.detach()}
         momentum = self.momentum()
         if momentum is not None:
-            h.update(momentum.numpy().tobytes())
-        h.update(self.outer_step.to_bytes(8, "little"))
-        return h.hexdigest()
+            tensors["momentum"] = momentum
+        return tensors
+
+    def global_hash(self) -> str:
+        """Hex digest over θ, the outer momentum and the outer step."""
+        return state_digest(list(self._state_tensors().values()), self.outer_step)
+
+    def export_state(self) -> GlobalState:
+        """A consistent copy of θ, the outer momentum and the outer step (any thread)."""
+        with self._state_lock:
+            return GlobalState(self.outer_step, {k: v.clone() for k, v in self._state_tensors().items()})
+
+    @torch.no_grad()
+    def adopt_state(self, state: GlobalState) -> None:
+        """Continue from another member's global state (a join, or a repair)."""
+        params = state.tensors["params"]
+        if params.shape != self.global_params.shape or params.dtype != torch.float32:
+            raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
+                             f"this model has {self.numel} fp32: model settings differ")
+        with self._state_lock:
+            self.global_params.copy_(params)
+            self.outer_optimizer.state.clear()
+            if "momentum" in state.tensors:
+                self.outer_optimizer.state[self.global_params]["momentum_buffer"] = \
+                    state.tensors["momentum"].clone()
+            self.outer_step = state.outer_step
+            self.inner_step = state.outer_step * self.inner_steps
+        self._copy_global_to_model()
 
     def state_dict(self) -> dict:
         return {
@@ -202,12 +244,13 @@ class DiLoCo:
         if flat.shape != self.global_params.shape:
             raise ValueError(f"checkpoint holds {flat.numel()} synchronized parameters, "
                              f"this model has {self.numel}: model settings differ")
-        self.global_params.copy_(flat)
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        with self._state_lock:
+            self.global_params.copy_(flat)
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+            self.inner_step = int(state["inner_step"])
+            self.outer_step = int(state["outer_step"])
         if state.get("inner_optimizer") is not None:  # None: a new slot starts with fresh moments
             self.inner_optimizer.load_state_dict(state["inner_optimizer"])
-        self.inner_step = int(state["inner_step"])
-        self.outer_step = int(state["outer_step"])
         self._copy_global_to_model()
 
     @torch.no_grad()
@@ -216,5 +259,6 @@ class DiLoCo:
         if flat.shape != self.global_params.shape:
             raise ValueError(f"checkpoint holds {flat.numel()} synchronized parameters, "
                              f"this model has {self.numel}: model settings differ")
-        self.global_params.copy_(flat)
+        with self._state_lock:
+            self.global_params.copy_(flat)
         self._copy_global_to_model()

@@ -38,7 +38,8 @@ from dilo.comm.torch_dist import TorchGroup, init_default_group, launched_by_tor
 from dilo.comm.protocol import Group, SoloGroup
 from dilo.config import Config, parse_args, validate_world_size
 from dilo.data import ShardedBatches, eval_batches, load_tokens
-from dilo.diloco import DiLoCo, DivergenceError, SyncStats
+from dilo.comm.protocol import DivergenceError
+from dilo.diloco import DiLoCo, SyncStats
 from dilo.graceful_stop import GracefulStop
 from dilo.metrics import Metrics
 from dilo.model import GPT, param_groups
@@ -103,16 +104,38 @@ class Trainer:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world))
         if distributed:
+            if cfg.comm.backend == "hivemind":
+                raise ValueError("comm.backend = hivemind under torchrun (a peer made of several local "
+                                 "ranks) is not supported yet; start one `dilo train` process per peer")
             init_default_group(cfg.comm.timeout, self.device.type == "cuda")
         self.rank = dist.get_rank() if distributed else 0
         # A worker is worker_size consecutive ranks; rank_in_worker 0 speaks for it
         # (summary, checkpoint, metrics-<worker>.jsonl).
         self.worker_size = cfg.run.worker_size
+        self.worker: int | str
         self.worker, self.rank_in_worker = divmod(self.rank, self.worker_size)
         self.num_workers = self.world_size // self.worker_size
         self.island: Island | None = join_islands(self.worker_size) if self.worker_size > 1 else None
-        setup_logging(self.rank == 0)
+        self.is_leader = self.rank == 0
+        setup_logging(self.is_leader)
+        self.swarm = None
+        if cfg.comm.backend == "hivemind":
+            from dilo.comm.swarm import SwarmGroup
 
+            self.swarm = SwarmGroup.from_config(cfg)
+        try:
+            self._build(cfg, distributed)
+        except BaseException:
+            if self.swarm is not None:
+                self.swarm.close()
+            raise
+
+    def _build(self, cfg: Config, distributed: bool) -> None:
+        shard, num_shards = self.worker, self.num_workers
+        if self.swarm is not None:  # a swarm has no ranks: each peer picks a shard of its own
+            self.worker = self.swarm.label
+            num_shards = cfg.peers.num_shards
+            shard = cfg.peers.shard if cfg.peers.shard >= 0 else self.swarm.data_shard(num_shards)
         train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
         if int(train_tokens.max()) >= cfg.model.vocab_size:
             raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
@@ -121,17 +144,19 @@ class Trainer:
         # rows per step; its rank r trains on rows r, r + S, r + 2S, ... (see next_batch).
         # A worker of S ranks thus sees exactly the stream of a one-process worker with
         # S times the batch, and the position (batch_index) is the same on all its ranks.
-        self.batches = ShardedBatches(train_tokens, self.worker, self.num_workers,
+        self.batches = ShardedBatches(train_tokens, shard, num_shards,
                                       cfg.data.batch_size * self.worker_size, cfg.model.seq_len)
         self.eval_set = eval_batches(val_tokens if len(val_tokens) else train_tokens,
                                      cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
 
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
-        random.seed(cfg.run.seed + self.worker)
+        random.seed(cfg.run.seed + shard)
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
+        # Every process of this torchrun world (elastic resume, stop requests); a swarm
+        # peer is a world of its own.
         self.group = TorchGroup() if distributed else SoloGroup()
         self.world_id = self.group.all_gather_object(secrets.token_hex(4))[0]  # names this world
         self.diloco: DiLoCo | None = None
@@ -139,17 +164,19 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.step = 0
         if cfg.run.mode == "diloco":
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                                  nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
                                  group=self.outer_group(), block_size=cfg.comm.block_size)
+            if self.diloco.joined is not None:  # a swarm's state: continue at its global step
+                self.step = self.diloco.outer_step * cfg.outer.inner_steps
             if self.island:  # inner steps: data-parallel over the worker's own ranks only
                 self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    process_group=self.island.intra_pg)
         elif distributed:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.step = 0
         # Seconds of this process (not restored on resume): inner steps, and the whole loop.
         self.compute_seconds = 0.0
         self.loop_seconds = 0.0
@@ -160,7 +187,7 @@ class Trainer:
         self.record_boundary()
 
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port else 0
-        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.rank == 0 else False
+        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.is_leader else False
         # metrics-<worker>.jsonl for the worker's rank 0, metrics-<worker>.<r>.jsonl for its rank r > 0
         name = str(self.worker) if self.rank_in_worker == 0 else f"{self.worker}.{self.rank_in_worker}"
         self.metrics = Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps,
@@ -169,9 +196,16 @@ class Trainer:
                          worker_size=self.worker_size, rank=self.rank, world=self.world_id,
                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
                          synced_params=self.diloco.numel if self.diloco else self.model.num_params())
+        if self.swarm is not None:
+            self.swarm.count = self.metrics.count
+            self.metrics.log("event", event="swarm", peer=self.swarm.name, addresses=self.swarm.addresses,
+                             shard=shard, num_shards=num_shards, outer_step=self.outer_step,
+                             joined=self.diloco.joined is not None, download=self.swarm.transfer.last_download)
 
     def outer_group(self) -> Group:
         """Who DiLoCo averages with: every worker, as one member each."""
+        if self.swarm is not None:
+            return self.swarm
         if self.island is None:
             return TorchGroup() if self.world_size > 1 else SoloGroup()
         # Local rank r exchanges slice r with local rank r of every other worker.
@@ -319,7 +353,7 @@ class Trainer:
                          peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
                          codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm,
-                         world=self.world_id)
+                         world=self.world_id, adopted=stats.adopted)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
         intra = f" (+{_mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
@@ -344,6 +378,8 @@ class Trainer:
                     stats = self.diloco.sync()  # a shorter last round ends on the global θ
                 if stats is None:
                     return False
+                if stats.adopted:  # took the swarm's newer state: continue at its global step
+                    self.step = self.diloco.outer_step * self.cfg.outer.inner_steps
                 self.after_sync(stats, loss)
             elif self.step % self.cfg.outer.inner_steps == 0:
                 self.ddp_round()
@@ -441,7 +477,7 @@ class Trainer:
         self.metrics.log("eval", step=self.step, outer_step=self.outer_step, eval_loss=eval_loss)
         summary = {
             "worker": self.worker,
-            "num_workers": self.num_workers,
+            "num_workers": self.swarm.size if self.swarm else self.num_workers,
             "mode": self.cfg.run.mode,
             "codec": self.cfg.comm.codec if self.diloco else "fp32",
             "outer_steps": self.outer_step,
@@ -466,6 +502,8 @@ class Trainer:
             "world": self.world_id,
         }
         self.metrics.write_summary(summary)
+        if self.swarm is not None:
+            self.swarm.finished()
         log.info("done: eval loss %.4f after %d inner steps (%d outer), %.1f s, sent %s, hash %s",
                  eval_loss, self.step, self.outer_step, summary["wall_seconds"],
                  _mb(summary["bytes_sent"]), summary["global_hash"][:12])
@@ -486,6 +524,8 @@ class Trainer:
             log.error("%s", e)
         self.stopper.uninstall()
         self.metrics.close()
+        if self.swarm is not None:
+            self.swarm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

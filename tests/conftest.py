@@ -71,10 +71,10 @@ class Procs:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, cmd: list[str], log: Path) -> subprocess.Popen:
+    def start(self, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
         f = open(log, "wb")
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO,
-                             start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})},
+                             cwd=REPO, start_new_session=True)
         f.close()
         self.procs.append(p)
         return p

@@ -17,15 +17,50 @@ global state stays bit-identical with any codec, lossy or not.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from dilo.codecs import Codec
+
+
+def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
+    """Hex sha256 over the tensors' bytes in order, then the outer step (8 bytes, little-endian)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    h.update(outer_step.to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+@dataclass
+class GlobalState:
+    """What every member holds identically after an outer step, and what a joiner downloads."""
+
+    outer_step: int
+    tensors: dict[str, torch.Tensor]
+    """Flat fp32 CPU tensors in a fixed order (DiLoCo: "params", then "momentum" once it exists)."""
+
+    def digest(self) -> str:
+        return state_digest(list(self.tensors.values()), self.outer_step)
+
+
+class SharedState(Protocol):
+    """What the algorithm offers an elastic backend: its step and consistent snapshots."""
+
+    outer_step: int
+
+    def export_state(self) -> GlobalState:
+        """A copy of the global state, safe to call from any thread."""
+
+
+class DivergenceError(RuntimeError):
+    """Members hold different global states after an outer step (a bug, never a fault)."""
 
 
 @dataclass
@@ -47,6 +82,9 @@ class ExchangeResult:
     intra_bytes: int = 0
     """Bytes this member received from the other processes of its own worker (fast
     intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
+    adopted: GlobalState | None = None
+    """Elastic backends only: this member could not take part in the round (it fell behind
+    the others); instead of applying `average` it must adopt this newer global state."""
 
 
 class Group(ABC):
@@ -54,6 +92,9 @@ class Group(ABC):
 
     rank: int
     size: int
+    elastic: bool = False
+    """True when members come and go during the run (a swarm): there are no fixed ranks,
+    the starting state comes from `bind`, and `size` is the size of the last round."""
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
@@ -73,6 +114,26 @@ class Group(ABC):
         Backends may override this with a cheaper collective (torch: an all-reduce MAX).
         """
         return any(self.all_gather_object(bool(flag)))
+
+    def bind(self, state: SharedState) -> GlobalState | None:
+        """Called once by the algorithm before training. Elastic backends serve `state` to
+        peers that join later and return the running swarm's global state to start from
+        (None when this member starts the run). Fixed groups agree through `broadcast`."""
+        return None
+
+    def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        """After an outer step: check that every member holds the global state `digest`.
+
+        Fixed groups compare all digests and raise on a mismatch (a bug: the exchange makes
+        them identical). Elastic backends may instead return the majority's state for a
+        member that diverged, which the algorithm then adopts.
+        """
+        # One entry per process that holds θ: a HierarchicalGroup of one worker still has
+        # several processes to compare (a lone process gets [itself]).
+        found = self.all_gather_object((outer_step, digest))
+        if len(set(found)) != 1:
+            raise DivergenceError(f"global state diverged at outer step {outer_step}: {found}")
+        return None
 
     def close(self) -> None:
         """Release the backend's resources."""

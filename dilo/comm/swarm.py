@@ -1,0 +1,352 @@
+"""The hivemind backend: independent `dilo train` processes form one run through a DHT.
+
+    dilo train --config configs/tiny.toml --comm.backend hivemind            # first peer
+    dilo train ... --comm.backend hivemind --peers.initial /ip4/.../p2p/...   # any other
+
+hivemind provides the transport (libp2p: NAT-friendly, encrypted, authenticated peer
+ids) and the DHT (who is in the run, where each peer stands). dilo's own code forms the
+group of each round and runs the same two-phase exchange as the torch backend over it,
+so the bytes and the invariants are the same (see swarm_round.py for why hivemind's
+matchmaking and all-reduce are not used: they give time-window groups and partial
+averages; a DiLoCo round needs every live peer, all-or-nothing, bit-identical results).
+
+The pieces, one file each: swarm_node (loop thread, p2pd, DHT, RPC), swarm_auth (run
+key, tokens, signed records), swarm_members (membership records), swarm_round (group
+formation and exchange), swarm_state (state download), reaper (cleanup on a kill).
+
+Life of a peer: start the node and say hello to `peers.initial` (a wrong key or other
+run settings are refused here, on both sides) → `bind`: if the swarm is training,
+download the global state and start from it (pending: the current round does not wait
+for it); otherwise wait at the start gate for `peers.min_peers` peers, all starting from
+the same seeded θ → every H steps `average`: one round (retried without peers that fail
+it; alone, the peer applies its own Δ; behind, it downloads the newer state) → `confirm`
+publishes the new digest → `finished` keeps serving the final state while live peers are
+still behind (`peers.linger`) → `close` leaves (Ctrl-C leaves the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dilo.codecs import Codec
+from dilo.comm.protocol import ExchangeResult, GlobalState, Group, SharedState, chunk_numel, two_phase_average
+from dilo.comm.swarm_auth import AuthError, RunAuth, load_key, settings_fingerprint, settings_mismatch
+from dilo.comm.swarm_members import Membership
+from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
+from dilo.comm.swarm_round import Exchange, ExchangeFailed, Rounds, to_bytes_view
+from dilo.comm.swarm_state import StateTransfer
+
+log = logging.getLogger("dilo")
+
+MAX_ATTEMPTS = 8
+"""Failed exchanges in one round before a peer gives up on the others and applies its own Δ."""
+
+
+class SwarmGroup(Group):
+    elastic = True
+
+    def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
+                 announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,
+                 linger: float = 30.0, timeout: float = 600.0, run_dir: str | None = None):
+        self.rank, self.size = 0, 1
+        self.settings = settings
+        self.fingerprint = settings_fingerprint(settings)
+        self.min_peers, self.linger, self.timeout = min_peers, linger, timeout
+        self.count: Callable[..., None] = lambda name, value=1.0, **labels: None
+        """Metrics hook: count(name, value, **labels); the trainer points it at Metrics.count."""
+        self.holder: SharedState | None = None
+        self._digest = ""
+        self._pending = True
+        self._active: Exchange | None = None
+        self.node = SwarmNode.start(auth, initial=initial, listen=listen, announce=announce,
+                                    identity_file=identity_file, timeout=max(60.0, timeout / 4))
+        try:
+            self.node.on_refused = self._refused
+            self.node.run(self._start_services(heartbeat), timeout=60)
+            self.addresses = self.node.run(self.node.addresses(), timeout=30)
+            self._announce(run_dir)
+            if initial:
+                self._hello(initial)
+        except BaseException:
+            self.node.close()
+            raise
+
+    @classmethod
+    def from_config(cls, cfg) -> SwarmGroup:
+        p = cfg.peers
+        settings = {**cfg.shared_settings(), "run": {"steps": cfg.run.steps}}
+        return cls(auth=RunAuth(load_key(p.key_file, p.open)), settings=settings, initial=p.initial,
+                   listen=p.listen, announce=p.announce, identity_file=p.identity_file,
+                   min_peers=p.min_peers, heartbeat=p.heartbeat, linger=p.linger, timeout=cfg.comm.timeout,
+                   run_dir=cfg.run.dir)
+
+    async def _start_services(self, heartbeat: float) -> None:
+        self.members = Membership(self.node, self.fingerprint, heartbeat)
+        self.transfer = StateTransfer(self.node, self.members, self.settings, self.timeout)
+        self.rounds = Rounds(self.node, self.members, self.timeout)
+        await self.node.serve("hello", self._on_hello)
+        await self.transfer.start()
+        await self.rounds.start()
+
+    # -- identity and admission ----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def label(self) -> str:
+        """A short, unique name for this peer's files and logs."""
+        return "peer-" + self.name[-8:]
+
+    def data_shard(self, num_shards: int) -> int:
+        return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "little") % num_shards
+
+    def _announce(self, run_dir: str | None) -> None:
+        text = "\n".join(self.addresses) + "\n"
+        if run_dir:
+            path = Path(run_dir) / "address.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".address.txt.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        log.info("swarm peer %s; others join with --peers.initial %s", self.name, ",".join(self.addresses))
+
+    def _refused(self, peer: str, reason: str, detail: str = "") -> None:
+        log.warning("refused peer %s: %s", peer, detail or {"run key": "it does not hold the run key"}.get(reason, reason))
+        self.count("refused_peers", reason=reason)
+
+    async def _on_hello(self, remote, header: dict, _frames):
+        theirs = header.get("settings", {})
+        if settings_mismatch(self.settings, theirs):
+            self._refused(remote.to_base58(), "settings", "its run settings differ: " +
+                          settings_mismatch(self.settings, theirs, "this peer", "that peer"))
+            raise AuthError(f"refused by {self.name}: run settings differ from the swarm's: " +
+                            settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
+        return {"name": self.name}, None
+
+    def _hello(self, initial: list[str]) -> None:
+        answered = []
+        for addr in initial:
+            peer = addr.rsplit("/p2p/", 1)[-1].split("/")[0]
+            try:
+                self.node.run(self.node.call(peer, "hello", {"settings": self.settings}, timeout=30), timeout=40)
+                answered.append(addr)
+            except AuthError as e:
+                raise ValueError(f"peers.initial {addr}: {e}") from None
+            except (PeerUnreachable, RemoteError) as e:
+                log.warning("peers.initial %s did not answer: %s", addr, e)
+        if not answered:
+            raise ValueError(f"none of peers.initial answered: {', '.join(initial)}")
+
+    # -- start: join a running swarm or found one ----------------------------------------
+    def bind(self, state: SharedState) -> GlobalState | None:
+        self.holder = self.transfer.holder = state
+        joined = self.node.run(self._join_or_found(state), timeout=self.timeout + 60)
+        if joined is not None:
+            info = self.transfer.last_download
+            log.info("joined the swarm at outer step %d: state %.1f MB from %s in %.2f s (%.1f MB/s)",
+                     joined.outer_step, info["bytes"] / 1e6, info["donor"][-8:], info["seconds"],
+                     info["bytes"] / 1e6 / max(info["seconds"], 1e-9))
+            self.count("state_downloads", reason="join")
+        return joined
+
+    async def _join_or_found(self, holder: SharedState) -> GlobalState | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        published = warned = False
+        while True:
+            view = await self.members.view()
+            others = [m for m in view.members.values() if m.peer != self.name]
+            if view.foreign and not warned:
+                log.warning("%d peers with other run settings are in this swarm's DHT; they are ignored",
+                            len(view.foreign))
+                warned = True
+            # Peers that passed the start gate together are all at step 0 with the seeded θ;
+            # once one has finished a round, a newcomer joins mid-run instead.
+            if any(m.training and m.step > 0 for m in others):
+                state = await self.transfer.fetch(0)
+                if state is not None:
+                    self._digest = self.transfer.last_download["digest"]
+                    self.transfer.known_digest = (state.outer_step, self._digest)
+                    self.rounds.set_step(state.outer_step)
+                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True)
+                    if published:
+                        await self.members.update(**fields)
+                    else:
+                        self.members.me.update(fields)
+                        await self.members.start()
+                    return state
+            elif not published:  # the start gate: a regular member at step 0 with the seeded θ
+                own = await loop.run_in_executor(None, holder.export_state)
+                self._digest = await loop.run_in_executor(None, own.digest)
+                self.transfer.known_digest = (own.outer_step, self._digest)
+                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False)
+                self.rounds.set_step(own.outer_step)
+                await self.members.start()
+                published = True
+                continue
+            elif len(others) + 1 >= self.min_peers or any(m.training for m in others):
+                await self.members.update(pending=False, training=True)
+                self._pending = False
+                log.info("starting the run with %d peers", len(others) + 1)
+                return None
+            if loop.time() > deadline:
+                raise RuntimeError(f"only {len(others) + 1} of peers.min_peers={self.min_peers} peers "
+                                   f"(or no donor for the running swarm's state) within comm.timeout="
+                                   f"{self.timeout:.0f} s")
+            await asyncio.sleep(0.5)
+
+    # -- rounds --------------------------------------------------------------------------
+    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        t = self.holder.outer_step
+        suspects: set[str] = set()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            outcome = self.node.run(self.rounds.form_group(t, self._digest, suspects), timeout=self.timeout + 120)
+            if outcome.kind in ("behind", "resync"):
+                state = self.node.run(self._catch_up(t, outcome.kind), timeout=self.timeout + 120)
+                if state is not None:
+                    self.transfer.known_digest = None  # until confirm() publishes the adopted state's
+                    self.count("state_downloads", reason=outcome.kind)
+                    log.warning("round %d: %s; continuing from the swarm's state at outer step %d",
+                                t, "the others went on without this peer" if outcome.kind == "behind"
+                                else "this peer's state is not the majority's", state.outer_step)
+                    self._pending = False
+                    return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
+                continue
+            if outcome.kind == "alone":
+                self.rank, self.size = 0, 1
+                self.count("solo_rounds")
+                log.info("round %d: no other peer is in the round; applying this peer's own Δ", t)
+                return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+            group = outcome.group
+            try:
+                result = self._exchange(group, flat, codec)
+            except ExchangeFailed as e:
+                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                self.count("partial_rounds")
+                log.warning("round %d: exchange among %d peers failed (%s); nothing applied, retrying "
+                            "with the live peers", t, group.size, e)
+                suspects |= e.peers - {self.name}
+                continue
+            except BaseException:
+                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                raise
+            self.node.run(self._close_group(group, "done"), timeout=30)
+            self.rank, self.size = group.rank, group.size
+            self._pending = False
+            return result
+        log.warning("round %d: %d exchanges failed; applying this peer's own Δ (the digest majority "
+                    "repairs it later if the others went on together)", t, MAX_ATTEMPTS)
+        self.rank, self.size = 0, 1
+        self.count("solo_rounds")
+        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+
+    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+        chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
+        nbytes = codec.encoded_nbytes(chunk)
+        poison = codec.encode(torch.full((chunk,), float("nan"))).numpy().tobytes()
+
+        def collective(phase: int, slices: list) -> torch.Tensor:
+            got = self.node.run(group.collective(phase, slices, nbytes, poison, self.timeout),
+                                timeout=self.timeout + 30)
+            for problem in group.bad_slices:
+                log.warning("round %d: dropped a contribution: %s", group.t, problem)
+                self.count("rejected_contributions", reason="wrong_size")
+            group.bad_slices.clear()
+            return torch.frombuffer(bytearray(b"".join(got)), dtype=torch.uint8)
+
+        def all_to_all(buf: torch.Tensor) -> torch.Tensor:
+            return collective(1, [to_bytes_view(s) for s in buf.view(group.size, -1)])
+
+        def all_gather(buf: torch.Tensor) -> torch.Tensor:
+            return collective(2, [to_bytes_view(buf)] * group.size)
+
+        self._active = group
+        try:
+            return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather)
+        finally:
+            self._active = None
+
+    async def _close_group(self, group: Exchange, status: str) -> None:
+        self.rounds.close_group(group, status)
+
+    async def _catch_up(self, t: int, kind: str) -> GlobalState | None:
+        """Download the swarm's newer state; a resync waits for the majority to finish round t."""
+        loop = asyncio.get_running_loop()
+        if kind == "resync":  # this peer sits out round t: nobody should wait for it
+            await self.members.update(pending=True)
+        start = loop.time()
+        while loop.time() - start < self.timeout:
+            patient = kind == "resync" and loop.time() - start < self.timeout / 2
+            state = await self.transfer.fetch(t + 1 if kind == "behind" or patient else t)
+            if state is not None and (state.outer_step > t or kind == "resync"):
+                return state
+            await asyncio.sleep(0.5)
+        return None
+
+    def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        self._digest = digest
+        return self.node.run(self._confirm(outer_step, digest), timeout=self.timeout + 60)
+
+    async def _confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        self.transfer.known_digest = (outer_step, digest)
+        self.rounds.set_step(outer_step)
+        await self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True)
+        view = await self.members.view()
+        majority = view.majority_digest(outer_step)
+        if majority is None or majority == digest:
+            return None
+        self.count("state_downloads", reason="repair")
+        self.transfer.known_digest = None
+        state = await self.transfer.fetch(outer_step)
+        if state is not None:  # the algorithm adopts exactly this state
+            self._digest = self.transfer.last_download["digest"]
+            self.transfer.known_digest = (state.outer_step, self._digest)
+            self.rounds.set_step(state.outer_step)
+            await self.members.update(step=state.outer_step, digest=self._digest)
+        return state
+
+    # -- end -----------------------------------------------------------------------------
+    def finished(self) -> None:
+        """The run is over here: serve the final state while live peers are still behind."""
+        self.node.run(self._linger(), timeout=self.linger + 60)
+
+    async def _linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.members.update(done=True)
+        until = loop.time() + self.linger
+        while loop.time() < until:
+            view = await self.members.view()
+            behind = [m for m in view.members.values() if m.step < self.rounds.step and not m.done]
+            if not behind:
+                return
+            await asyncio.sleep(0.5)
+        log.warning("stopped serving after peers.linger=%.0f s; peers still behind: %s", self.linger,
+                    ", ".join(m.peer[-8:] for m in behind))
+
+    def close(self) -> None:
+        """Leave the swarm: tell the others, stop the daemon, remove its files. Idempotent."""
+        if self.node is None:
+            return
+        try:
+            if self._active is not None:
+                self.node.run(self._close_group(self._active, "aborted"), timeout=10)
+            self.node.run(self.members.stop(), timeout=10)
+        except Exception as e:
+            log.debug("swarm: leaving: %r", e)
+        finally:
+            self.node.close()
+            self.node = None
+
+    # -- the fixed-rank operations of Group do not exist in a swarm ----------------------
+    def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
+        raise RuntimeError("a swarm has no fixed ranks: the starting state comes from bind()")
+
+    def all_gather_object(self, obj: object) -> list:
+        raise RuntimeError("a swarm has no fixed ranks: members compare digests through confirm()")

@@ -1,0 +1,452 @@
+"""One round of the swarm: which peers average together, and the two byte collectives.
+
+Group formation (one leader per round, no clocks)
+-------------------------------------------------
+A peer that reaches round t (its global state is at outer step t) looks at the membership
+records. The *leader* of round t is the smallest peer id among the live peers at step t
+that hold the same state digest, are not `pending` (joined mid-round) and did not fail
+this peer earlier in the round. Everyone else sends `join(t, digest)` to the leader,
+which holds the call open. The leader waits until every such regular peer has joined
+(it pings those that have not, every second, and drops the ones that do not answer), or
+until `comm.timeout` has passed; then it sorts the members by peer id, picks a random
+group id and answers every held join with `begin(group id, members)`. Pending peers join
+if they arrive in time; nobody waits for them.
+
+Views differ for a moment (records propagate through the DHT), so a join can reach a
+peer that is not leading: it answers `redirect` (it follows another leader), `ahead`
+(it has finished round t: the caller is behind and downloads the newer state), `behind`
+(the caller skips it), `late` (the group has closed) or holds the call until it enters
+round t itself. A leader that sees a smaller regular peer step down and redirects its
+followers. If two groups ever form for one round, their states differ; the digest
+majority (swarm_members.View) then makes the minority download the majority's state.
+
+The exchange: all or nothing
+----------------------------
+Members run `two_phase_average` (protocol.py) over two collectives built from `put`
+messages into per-group mailboxes. A member applies the round only if it received every
+slice of both phases. It stops at once when a send fails, when a member it still needs
+data from has aborted or does not answer a ping, or after `comm.timeout`; it then tells
+the others (`abort`) and the round is retried with the live peers. A member that
+completed the round while another aborted is simply ahead: the other downloads its
+state. So no member ever applies a partially averaged round. A slice of the wrong size
+is replaced by an encoded all-NaN slice, which the owner drops like any non-finite
+contribution (and the drop is logged and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dilo.comm.swarm_auth import AuthError
+from dilo.comm.swarm_members import Membership, View
+from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
+
+log = logging.getLogger("dilo")
+
+PING_EVERY_S = 1.0
+PING_TIMEOUT_S = 3.0
+# Fault injection for the tests: "<round>:<phase>" makes this process SIGKILL itself in that
+# round's phase after delivering its slice of that phase to one member only (a crash mid-exchange).
+_KILL_AT = os.environ.get("DILO_FAULT_KILL_AT", "")
+
+
+class ExchangeFailed(Exception):
+    """The round cannot complete on this member; `peers` are the ones that failed it."""
+
+    def __init__(self, message: str, peers: set[str]):
+        super().__init__(message)
+        self.peers = peers
+
+
+@dataclass
+class Outcome:
+    kind: str
+    """"group" (exchange with `group`), "alone", "behind" (others are ahead), "resync" (this
+    peer's state is not the majority's)."""
+    group: Exchange | None = None
+
+
+class _Pulse:
+    """An event that wakes every current waiter each time it is fired."""
+
+    def __init__(self):
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            pass
+
+
+@dataclass
+class _Lead:
+    t: int
+    digest: str
+    joined: dict[str, dict] = field(default_factory=dict)
+    changed: _Pulse = field(default_factory=_Pulse)
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def finish(self, *outcome) -> None:
+        if not self.result.done():
+            self.result.set_result(outcome)
+
+
+class Exchange:
+    """One group's exchange: members in a fixed order and a mailbox per phase."""
+
+    def __init__(self, node: SwarmNode, group_id: bytes, t: int, peers: list[str]):
+        self.node, self.group_id, self.t, self.peers = node, group_id, t, peers
+        self.rank = peers.index(node.name)
+        self.size = len(peers)
+        self.inbox: dict[int, dict[int, bytes]] = {1: {}, 2: {}}
+        self.arrived = _Pulse()
+        self.aborted_by: set[int] = set()
+        self.status = "active"
+        self.bad_slices: list[str] = []
+
+    async def _ping(self, rank: int) -> str | None:
+        try:
+            reply, _ = await self.node.call(self.peers[rank], "ping", {"g": self.group_id}, timeout=PING_TIMEOUT_S)
+            return str(reply.get("g"))
+        except (PeerUnreachable, RemoteError, AuthError):
+            return None
+
+    async def collective(self, phase: int, outgoing: list, nbytes: int, poison: bytes,
+                         timeout: float) -> list[bytes]:
+        """Send outgoing[j] to member j, return what every member sent this one (own slot: outgoing[rank])."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + timeout
+        header = {"g": self.group_id, "phase": phase, "src": self.rank}
+        sends = {j: asyncio.create_task(self.node.call(self.peers[j], "put", header, outgoing[j], timeout=timeout))
+                 for j in range(self.size) if j != self.rank}
+        if _KILL_AT == f"{self.t}:{phase}" and sends:  # deliver to exactly one member, then crash
+            first = min(sends)
+            for j, task in sends.items():
+                if j != first:
+                    task.cancel()
+            await asyncio.wait([sends[first]])
+            os.kill(os.getpid(), signal.SIGKILL)
+        last_ping = loop.time()
+        while True:
+            missing = [i for i in range(self.size) if i != self.rank and i not in self.inbox[phase]]
+            failed = {j for j, task in sends.items() if task.done() and not _delivered(task)}
+            if failed and phase == 1:  # the owner lacks our slice: it cannot finish its chunk
+                raise ExchangeFailed(f"phase 1: could not deliver to {_why(self, sends, failed)}",
+                                     {self.peers[j] for j in failed})
+            if not missing:
+                break
+            if self.aborted_by.intersection(missing):
+                gone = self.aborted_by.intersection(missing)
+                raise ExchangeFailed(f"phase {phase}: {_names(self, gone)} aborted the round",
+                                     {self.peers[j] for j in gone})
+            if loop.time() > deadline:
+                raise ExchangeFailed(f"phase {phase}: no data from {_names(self, missing)} within {timeout:.0f} s",
+                                     {self.peers[j] for j in missing})
+            if loop.time() - last_ping > PING_EVERY_S:
+                statuses = await asyncio.gather(*(self._ping(i) for i in missing))
+                last_ping = loop.time()
+                # "unknown": it has not registered the group (the leader's begin may be late)
+                dead = {i for i, s in zip(missing, statuses)
+                        if s is None or s == "aborted" or (s == "unknown" and loop.time() - start > timeout / 2)}
+                if dead:
+                    raise ExchangeFailed(f"phase {phase}: {_names(self, dead)} died or left the round",
+                                         {self.peers[j] for j in dead})
+                continue
+            await self.arrived.wait(0.25)
+        if phase == 1:
+            done, _ = await asyncio.wait(sends.values(), timeout=max(0.0, deadline - loop.time()))
+            failed = {j for j, task in sends.items() if task not in done or not _delivered(task)}
+            if failed:
+                raise ExchangeFailed(f"phase 1: could not deliver to {_why(self, sends, failed)}",
+                                     {self.peers[j] for j in failed})
+        else:  # we hold every chunk; a receiver that fails now only hurts itself
+            for task in sends.values():
+                task.add_done_callback(_quiet)
+        out = []
+        for i in range(self.size):
+            if i == self.rank:
+                out.append(bytes(outgoing[i]))
+                continue
+            data = self.inbox[phase][i]
+            if len(data) != nbytes:
+                self.bad_slices.append(f"{self.peers[i]} sent {len(data)} bytes in phase {phase}, expected {nbytes}")
+                data = poison
+            out.append(data)
+        return out
+
+
+def _quiet(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("swarm: late send failed: %s", task.exception())
+
+
+def _delivered(task: asyncio.Task) -> bool:
+    return not task.cancelled() and task.exception() is None and bool(task.result()[0].get("ok"))
+
+
+def _why(ex: Exchange, sends: dict, ranks) -> str:
+    reasons = []
+    for j in sorted(ranks):
+        task = sends[j]
+        if not task.done():
+            why = "no answer in time"
+        elif task.cancelled() or task.exception() is not None:
+            why = str(task.exception()) if not task.cancelled() else "cancelled"
+        else:
+            why = str(task.result()[0].get("why", "refused"))
+        reasons.append(f"{ex.peers[j][-8:]} ({why})")
+    return ", ".join(reasons)
+
+
+def _names(ex: Exchange, ranks) -> str:
+    return ", ".join(ex.peers[r][-8:] for r in sorted(ranks))
+
+
+class Rounds:
+    """Group formation and the exchange mailboxes of this peer (runs on the node's loop)."""
+
+    def __init__(self, node: SwarmNode, members: Membership, timeout: float):
+        self.node = node
+        self.members = members
+        self.timeout = timeout
+        self.step = 0
+        """Outer step of this peer's global state: the round it is computing or in."""
+        self.entered = False
+        self.lead: _Lead | None = None
+        self.following: str | None = None
+        self.changed = _Pulse()
+        self.groups: dict[bytes, Exchange] = {}
+        self.finished: dict[bytes, str] = {}
+        self.last_group: set[str] = set()
+        """The other peers of this peer's last completed round."""
+
+    async def start(self) -> None:
+        for method, handler in (("join", self._on_join), ("put", self._on_put), ("ping", self._on_ping),
+                                ("abort", self._on_abort)):
+            await self.node.serve(method, handler)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        self.changed.fire()
+
+    # -- forming the group ---------------------------------------------------------------
+    def _leader(self, view: View, t: int, digest: str, suspects: set[str]) -> tuple[str, set[str]]:
+        """(leader of round t in this view, the peers a leader waits for).
+
+        A leader waits for the regular peers at step t, and for the peers of its last
+        round that are still behind (one that lost the end of that round is downloading
+        its result right now and will be at step t in a moment).
+        """
+        peers = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects]
+        regular = [m for m in peers if not m.pending]
+        pool = regular or peers or [view.members[self.node.name]]
+        catching_up = {m.peer for m in view.members.values()
+                       if m.peer in self.last_group and m.step < t and not m.pending and m.peer not in suspects}
+        return min(m.peer for m in pool), {m.peer for m in regular} | catching_up
+
+    async def form_group(self, t: int, digest: str, suspects: set[str]) -> Outcome:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        self.set_step(t)
+        self.entered = True
+        hint = None
+        try:
+            while True:
+                view = await self.members.view()
+                if view.donors(t + 1, exclude=self.node.name):
+                    return Outcome("behind")
+                majority = view.majority_digest(t)
+                if majority is not None and majority != digest:
+                    return Outcome("resync")
+                if loop.time() > deadline:
+                    return Outcome("alone")
+                leader, _ = self._leader(view, t, digest, suspects)
+                if hint is not None and hint not in suspects and hint in view.members:
+                    leader, hint = hint, None
+                if leader == self.node.name:
+                    outcome = await self._lead(t, digest, suspects, deadline)
+                    if outcome is not None:
+                        return outcome
+                    continue
+                self.following = leader
+                self.changed.fire()
+                try:
+                    reply, _ = await self.node.call(
+                        leader, "join", {"t": t, "digest": digest, "wait": max(0.0, deadline - loop.time())},
+                        timeout=max(1.0, deadline - loop.time()) + 5)
+                except (PeerUnreachable, RemoteError) as e:
+                    log.debug("round %d: leader %s failed: %s", t, leader[-8:], e)
+                    suspects.add(leader)
+                    continue
+                finally:
+                    self.following = None
+                kind = reply.get("r")
+                if kind == "begin":
+                    return Outcome("group", self._register(bytes(reply["g"]), t, list(reply["peers"])))
+                if kind == "ahead":
+                    return Outcome("behind")
+                if kind == "redirect":
+                    hint = str(reply["leader"])
+                elif kind in ("behind", "mismatch"):
+                    suspects.add(leader)
+                else:  # late, or the leader is busy: the view will tell what happened
+                    await asyncio.sleep(0.3)
+        finally:
+            self.entered = False
+            self.changed.fire()
+
+    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float) -> Outcome | None:
+        loop = asyncio.get_running_loop()
+        lead = self.lead = _Lead(t, digest)
+        self.changed.fire()
+        last_ping = 0.0
+        try:
+            while True:
+                view = await self.members.view()
+                if view.donors(t + 1, exclude=self.node.name):
+                    lead.finish("ahead", view.max_step())
+                    return Outcome("behind")
+                leader, regular = self._leader(view, t, digest, suspects)
+                if leader != self.node.name:  # a smaller regular peer reached the round
+                    lead.finish("redirect", leader)
+                    return None
+                missing = regular - set(lead.joined) - {self.node.name}
+                if not missing or loop.time() > deadline:
+                    break
+                if loop.time() - last_ping > PING_EVERY_S:
+                    replies = await asyncio.gather(*(self._alive(p) for p in missing))
+                    last_ping = loop.time()
+                    suspects.update(p for p, ok in zip(missing, replies) if not ok)
+                    continue
+                await lead.changed.wait(0.5)
+            peers = sorted({self.node.name, *lead.joined})
+            if len(peers) == 1:
+                lead.finish("alone")
+                return Outcome("alone")
+            group = self._register(os.urandom(16), t, peers)
+            lead.finish("begin", group)
+            return Outcome("group", group)
+        finally:
+            lead.finish("late")
+            self.lead = None
+            self.changed.fire()
+
+    async def _alive(self, peer: str) -> bool:
+        try:
+            await self.node.call(peer, "ping", {}, timeout=PING_TIMEOUT_S)
+            return True
+        except (PeerUnreachable, RemoteError, AuthError):
+            return False
+
+    async def _on_join(self, remote, header: dict, _frames) -> tuple[dict, None]:
+        loop = asyncio.get_running_loop()
+        peer, t = remote.to_base58(), int(header["t"])
+        until = loop.time() + min(float(header.get("wait", 0.0)), self.timeout)
+        while True:
+            if self.step > t:
+                return {"r": "ahead", "step": self.step}, None
+            if self.step < t:
+                return {"r": "behind", "step": self.step}, None
+            lead = self.lead
+            if lead is not None and lead.t == t and not lead.result.done():
+                if header.get("digest") != lead.digest:
+                    return {"r": "mismatch"}, None
+                lead.joined[peer] = header
+                lead.changed.fire()
+                try:
+                    outcome = await asyncio.wait_for(asyncio.shield(lead.result), max(0.0, until - loop.time()))
+                except asyncio.TimeoutError:
+                    lead.joined.pop(peer, None)
+                    return {"r": "late"}, None
+                if outcome[0] == "begin" and peer in outcome[1].peers:
+                    return {"r": "begin", "g": outcome[1].group_id, "peers": outcome[1].peers}, None
+                if outcome[0] == "redirect":
+                    return {"r": "redirect", "leader": outcome[1]}, None
+                if outcome[0] == "ahead":
+                    return {"r": "ahead", "step": outcome[1]}, None
+                return {"r": "late"}, None
+            if self.following is not None:
+                return {"r": "redirect", "leader": self.following}, None
+            if any(g.t == t and g.status == "active" for g in self.groups.values()):
+                return {"r": "late"}, None
+            if loop.time() > until:
+                return {"r": "late"}, None
+            await self.changed.wait(min(1.0, until - loop.time()))  # not in round t yet
+
+    # -- the exchange's messages ---------------------------------------------------------
+    def _register(self, group_id: bytes, t: int, peers: list[str]) -> Exchange:
+        group = Exchange(self.node, group_id, t, peers)
+        self.groups[group_id] = group
+        self.changed.fire()
+        return group
+
+    def close_group(self, group: Exchange, status: str) -> None:
+        group.status = status
+        self.groups.pop(group.group_id, None)
+        self.finished[group.group_id] = status
+        while len(self.finished) > 64:
+            self.finished.pop(next(iter(self.finished)))
+        if status == "done":
+            self.last_group = set(group.peers) - {self.node.name}
+            self.set_step(group.t + 1)
+        else:
+            for peer in group.peers:
+                if peer != self.node.name:
+                    asyncio.create_task(self._tell_abort(peer, group.group_id))
+
+    async def _tell_abort(self, peer: str, group_id: bytes) -> None:
+        try:
+            await self.node.call(peer, "abort", {"g": group_id}, timeout=PING_TIMEOUT_S)
+        except (PeerUnreachable, RemoteError, AuthError):
+            pass
+
+    async def _group(self, group_id: bytes) -> Exchange | None:
+        loop = asyncio.get_running_loop()
+        # The leader's begin may still be on its way to this peer (or this peer may be
+        # starved of CPU for a while): hold the message for up to half the exchange timeout.
+        until = loop.time() + self.timeout / 2
+        while group_id not in self.groups and group_id not in self.finished and loop.time() < until:
+            await self.changed.wait(until - loop.time())  # the leader's begin may still be on its way
+        return self.groups.get(group_id)
+
+    async def _on_put(self, remote, header: dict, frames: list) -> tuple[dict, None]:
+        group = await self._group(bytes(header["g"]))
+        if group is None:
+            return {"ok": False, "why": self.finished.get(bytes(header["g"]), "unknown group")}, None
+        src, phase = int(header["src"]), int(header["phase"])
+        if not 0 <= src < group.size or group.peers[src] != remote.to_base58() or phase not in (1, 2):
+            raise AuthError(f"refused: {remote.to_base58()} is not member {src} of this group")
+        group.inbox[phase][src] = frames[0] if len(frames) == 1 else b""
+        group.arrived.fire()
+        return {"ok": True}, None
+
+    async def _on_ping(self, remote, header: dict, _frames) -> tuple[dict, None]:
+        reply = {"step": self.step}
+        if "g" in header:
+            group_id = bytes(header["g"])
+            group = self.groups.get(group_id)
+            reply["g"] = group.status if group else self.finished.get(group_id, "unknown")
+        return reply, None
+
+    async def _on_abort(self, remote, header: dict, _frames) -> tuple[dict, None]:
+        group = self.groups.get(bytes(header["g"]))
+        if group is not None and remote.to_base58() in group.peers:
+            group.aborted_by.add(group.peers.index(remote.to_base58()))
+            group.arrived.fire()
+        return {}, None
+
+
+def to_bytes_view(buf) -> memoryview:
+    return memoryview(np.ascontiguousarray(buf.numpy())).cast("B")

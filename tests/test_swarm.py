@@ -1,0 +1,177 @@
+"""The hivemind backend with real processes on loopback: joins, a crash mid-exchange, refusals.
+
+Every test checks that no p2pd daemon, reaper, socket file or /dev/shm file outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hivemind")
+
+from tests.conftest import SMALL, summaries  # noqa: E402
+
+SWARM = [*SMALL, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
+         "--outer.inner_steps", "5", "--comm.timeout", "60", "--peers.heartbeat", "1",
+         "--peers.linger", "30"]
+KEY = "test-run-key-0123456789"
+
+
+# -- helpers ------------------------------------------------------------------------------
+def wait_for(predicate, timeout: float, what: str, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            assert p.poll() is None, f"a peer exited (rc {p.returncode}) while waiting for {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    out = []
+    for path in run_dir.glob("metrics-*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if record["kind"] == kind:
+                out.append(record)
+    return out
+
+
+class Swarm:
+    def __init__(self, procs, tmp_path: Path):
+        self.procs, self.tmp = procs, tmp_path
+        self.key_file = tmp_path / "run.key"
+        self.key_file.write_text(KEY)
+
+    def start(self, name: str, *extra: str, initial: Path | None = None, env: dict | None = None):
+        run_dir = self.tmp / name
+        args = ["-m", "dilo.train", *SWARM, "--run.dir", str(run_dir), "--peers.key_file", str(self.key_file),
+                *extra]
+        if initial is not None:
+            args += ["--peers.initial", self.address(initial)]
+        import sys
+
+        return self.procs.start([sys.executable, *args], self.tmp / f"{name}.log", env=env), run_dir
+
+    def address(self, run_dir: Path) -> str:
+        path = run_dir / "address.txt"
+        return wait_for(lambda: path.exists() and path.read_text().split(), 120, f"{path}")[0]
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+
+def finish(proc, timeout: float = 240) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except Exception:
+        raise AssertionError(f"peer {proc.args} did not finish within {timeout} s") from None
+
+
+def hashes_agree_per_step(run_dirs: list[Path]) -> int:
+    """Every outer step's hash is the same on every peer that logged it; returns the steps seen."""
+    by_step: dict[int, set[str]] = {}
+    for run_dir in run_dirs:
+        for r in records(run_dir, "sync"):
+            by_step.setdefault(r["outer_step"], set()).add(r["global_hash"])
+    diverged = {step: h for step, h in by_step.items() if len(h) != 1}
+    assert not diverged, f"peers disagree at outer steps {sorted(diverged)}"
+    return len(by_step)
+
+
+def _p2p_leftovers() -> set[str]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "hivemind_cli/p2pd" in cmd or "dilo/comm/reaper.py" in cmd:
+            found.add(f"{entry}: {cmd[:120]}")
+    found |= {f"/tmp/{f}" for f in os.listdir("/tmp") if f.startswith("hivemind-")}
+    found |= {f"/dev/shm/{f}" for f in os.listdir("/dev/shm")}
+    return found
+
+
+@pytest.fixture
+def no_leftovers(procs):
+    """Fails the test if a daemon, reaper, socket or shared-memory file it made outlives it."""
+    before = _p2p_leftovers()
+    yield
+    procs.cleanup()  # a peer still running after a failure is killed first (its reaper cleans up)
+    deadline = time.time() + 15
+    while (new := _p2p_leftovers() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not new, f"left behind: {sorted(new)}"
+
+
+# -- tests --------------------------------------------------------------------------------
+def test_three_peers_train_and_a_fourth_joins_mid_run(procs, tmp_path, no_leftovers):
+    swarm = Swarm(procs, tmp_path)
+    steps = ["--run.steps", "300", "--peers.min_peers", "3"]
+    a, a_dir = swarm.start("a", *steps)
+    b, b_dir = swarm.start("b", *steps, initial=a_dir)
+    c, c_dir = swarm.start("c", *steps, initial=a_dir)
+    wait_for(lambda: any(r["outer_step"] >= 2 for r in records(a_dir, "sync")), 180,
+             "two rounds of the first three peers", [a, b, c])
+    d, d_dir = swarm.start("d", "--run.steps", "300", initial=b_dir)
+    rcs = [finish(p) for p in (a, b, c, d)]
+    assert rcs == [0, 0, 0, 0], swarm.log("d")[-3000:]
+
+    found = [s for run_dir in (a_dir, b_dir, c_dir, d_dir) for s in summaries(run_dir)]
+    assert len(found) == 4 and len({s["global_hash"] for s in found}) == 1
+    assert all(s["outer_steps"] == 60 and s["inner_steps"] == 300 for s in found)
+    joined = [r for r in records(d_dir, "event") if r.get("event") == "swarm"][0]
+    assert joined["joined"] and joined["outer_step"] >= 2 and joined["download"]["bytes"] > 0
+    # The joiner took part in rounds of all four peers, and every round agrees everywhere.
+    assert any(r["peers"] == 4 and not r["adopted"] for r in records(d_dir, "sync"))
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 60
+
+
+def test_peer_killed_mid_exchange_survivors_agree(procs, tmp_path, no_leftovers):
+    """c dies in round 4 after its averaged chunk reached one survivor but not the other:
+    one survivor completes the round, the other detects the partial round, applies nothing
+    and takes the completed state; both finish with the same hash."""
+    swarm = Swarm(procs, tmp_path)
+    steps = ["--run.steps", "60", "--peers.min_peers", "3"]
+    a, a_dir = swarm.start("a", *steps)
+    b, b_dir = swarm.start("b", *steps, initial=a_dir)
+    c, c_dir = swarm.start("c", *steps, initial=a_dir, env={"DILO_FAULT_KILL_AT": "4:2"})
+    assert finish(c) == -signal.SIGKILL
+    assert [finish(a), finish(b)] == [0, 0], swarm.log("a")[-3000:] + swarm.log("b")[-3000:]
+    found = summaries(a_dir) + summaries(b_dir)
+    assert len({s["global_hash"] for s in found}) == 1 and all(s["outer_steps"] == 12 for s in found)
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 12
+    logs = swarm.log("a") + swarm.log("b")
+    assert "nothing applied" in logs  # the partial round was detected and not applied
+    assert not any(r["peers"] == 3 for run_dir in (a_dir, b_dir) for r in records(run_dir, "sync")
+                   if r["outer_step"] > 5)
+
+
+def test_wrong_key_and_other_model_are_refused(procs, tmp_path, no_leftovers):
+    swarm = Swarm(procs, tmp_path)
+    a, a_dir = swarm.start("a", "--run.steps", "20", "--peers.min_peers", "2", "--comm.timeout", "600")
+    wrong_key = tmp_path / "other.key"
+    wrong_key.write_text("not-the-run-key-0123456789")
+    b, _ = swarm.start("b", "--run.steps", "20", "--peers.key_file", str(wrong_key), initial=a_dir)
+    c, _ = swarm.start("c", "--run.steps", "20", "--model.d_model", "64", initial=a_dir)
+    assert finish(b, 120) == 2 and "does not hold the swarm's run key" in swarm.log("b")
+    assert finish(c, 120) == 2 and "model.d_model (this peer 64, the swarm 32)" in swarm.log("c")
+    wait_for(lambda: swarm.log("a").count("refused peer") >= 2, 30, "a to log both refusals", [a])
+    assert "it does not hold the run key" in swarm.log("a") and "model.d_model" in swarm.log("a")
+    os.kill(a.pid, signal.SIGINT)  # Ctrl-C: a leaves cleanly (no_leftovers checks its daemon)
+    assert finish(a, 60) == 130
