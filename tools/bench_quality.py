@@ -87,9 +87,10 @@ def execute(run: dict, runs_dir: Path, tokens_per_step: int, timeout_s: float, r
     if len(found) != run["nproc"] or len({s["global_hash"] for s in found}) != 1:
         raise ToolError(f"{run['name']}: expected {run['nproc']} summaries with one global hash "
                         f"in {run_dir}, found {len(found)}")
-    evals = [r for r in metrics(run_dir, 0) if r["kind"] == "eval"]
     # Tokens of all workers together at each eval point: every worker ran `step` steps.
-    curve = [[r["step"] * tokens_per_step * run["nproc"], r["eval_loss"]] for r in evals]
+    # (The last outer step's eval and the final one coincide: keep one per step.)
+    evals = {r["step"]: r["eval_loss"] for r in metrics(run_dir, 0) if r["kind"] == "eval"}
+    curve = [[step * tokens_per_step * run["nproc"], loss] for step, loss in sorted(evals.items())]
     s0 = found[0]
     return {**{k: run[k] for k in ("name", "kind", "H", "codec", "seed")}, "run_dir": str(run_dir),
             "workers": run["nproc"], "final_eval_loss": s0["final_eval_loss"],

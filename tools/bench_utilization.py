@@ -20,6 +20,11 @@ backward (its `compute_seconds` includes waiting on the network), so DDP is meas
 against that reference. For DiLoCo variants `compute_fraction` = own compute / loop
 time is reported too (it should agree). Medians over workers; --repeats interleaves the
 variants (ABAB) and reports medians and spread over repeats.
+
+Sync time vs bytes/rate: a DiLoCo worker's `sync_seconds` starts when *it* reaches the
+outer step, so it includes waiting for the slowest peer (stragglers: on a shared CPU
+the workers' speeds differ). The median worker's ratio shows that cost; the minimum
+over workers (the last to arrive waits least) is close to the exchange alone.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def run_variant(name: str, args: argparse.Namespace, variant_args: list[str], ru
 
 def summarize(name: str, runs: list[dict], ref_step_seconds: float, args: argparse.Namespace) -> dict:
     steps = runs[0]["summaries"][0]["inner_steps"]
-    util, fraction, loops, sync_ratio = [], [], [], []
+    util, fraction, loops, sync_ratio, exchange_ratio = [], [], [], [], []
     for run in runs:
         s = run["summaries"]
         loop = statistics.median(x["loop_seconds"] for x in s)
@@ -78,7 +83,11 @@ def summarize(name: str, runs: list[dict], ref_step_seconds: float, args: argpar
         fraction.append(statistics.median(x["compute_seconds"] / x["loop_seconds"] for x in s))
         sent = statistics.fmean(x["bytes_sent"] for x in s)
         if not s[0]["bytes_are_estimated"] and sent:
-            sync_ratio.append(statistics.median(x["sync_seconds"] for x in s) / (sent * 8 / args.rate_bps))
+            ideal = sent * 8 / args.rate_bps
+            sync_ratio.append(statistics.median(x["sync_seconds"] for x in s) / ideal)
+            # A worker's sync time includes waiting for the slowest peer to finish its inner
+            # steps; the last to arrive waits least, so the minimum is ~ the exchange itself.
+            exchange_ratio.append(min(x["sync_seconds"] for x in s) / ideal)
     last = runs[-1]["summaries"]
     return {
         "variant": name, "args": args.variants[name], "steps": steps,
@@ -90,6 +99,7 @@ def summarize(name: str, runs: list[dict], ref_step_seconds: float, args: argpar
         "sync_seconds_per_worker": describe([statistics.median(x["sync_seconds"] for x in r["summaries"])
                                              for r in runs]),
         "sync_seconds_over_bytes_per_rate": describe(sync_ratio) if sync_ratio else None,
+        "min_worker_sync_seconds_over_bytes_per_rate": describe(exchange_ratio) if exchange_ratio else None,
         "bytes_sent_per_worker": statistics.fmean(x["bytes_sent"] for x in last),
         "bytes_are_estimated": last[0]["bytes_are_estimated"],
         "wire_tx_bytes_per_worker": statistics.fmean(w["tx_bytes"] for w in runs[-1]["wire"]),
@@ -204,7 +214,8 @@ def main(argv: list[str]) -> int:
         print(f"{r['variant']:12} utilization {100 * r['utilization']['median']:5.1f}%  "
               f"{r['tokens_per_second']['median']:8.0f} tok/s  "
               f"{r['bytes_sent_per_worker'] / 1e6:8.2f} MB/worker"
-              + (f"  sync s / (bytes/rate) {sr['median']:.2f}" if sr else ""))
+              + (f"  sync s / (bytes/rate): median worker {sr['median']:.2f}, last to arrive "
+                 f"{r['min_worker_sync_seconds_over_bytes_per_rate']['median']:.2f}" if sr else ""))
     if picture:
         plot(rows, picture, f"{args.workers} workers, {netsim.format_rate(args.rate_bps)} links")
     print(f"bench_utilization: wrote {args.out}" + (f" and {picture}" if picture else ""), file=sys.stderr)
