@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README, Quick start):
 #   make train   -> 4 DiLoCo workers on the embedded data (CPU)
-#   make test    -> the test suite
+#   make test    -> the test suite (make test-all adds the slow end-to-end runs)
 # Both create .venv and install what they need. On a GPU machine with its own torch,
 # skip this file: `pip install -e .[test]` keeps the torch you have.
 
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 WORKERS ?= 4
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-all clean
 
 install: $(STAMP)
 
@@ -26,11 +26,12 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/torchrun --nproc-per-node $(WORKERS) -m dilo.train --config configs/tiny.toml --run.dir $(RUN_DIR)
 
+# What CI runs: everything but the long end-to-end runs marked slow (~10 min on 2 cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
-
-test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs

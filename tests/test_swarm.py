@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("hivemind")
+import hivemind  # noqa: E402,F401  (installed by the test extra)
 
 from tests.conftest import SMALL, summaries  # noqa: E402
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("hivemind")
+import hivemind  # noqa: E402,F401  (installed by the test extra)
 
 from hivemind.dht.validation import DHTRecord  # noqa: E402
 
