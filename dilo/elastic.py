@@ -266,17 +266,21 @@ def save_after_failure(trainer: Trainer, error: BaseException) -> None:
     boundary = t.boundary
     if t.outer_step != boundary["outer_step"]:  # the failure came after the outer step
         boundary = {"step": t.step, "data": t.batches.state_dict(), "inner_step": t.diloco.inner_step}
+    try:
+        t.writer.wait()  # a background write of this very step may still be running
+    except checkpoint.CheckpointError as e:
+        log.error("%s", e)
     path = checkpoint.worker_file(checkpoint.step_dir(t.cfg.run.dir, t.outer_step), t.worker)
     if path.exists():
         return
-    try:
-        t.writer.wait()
-    except checkpoint.CheckpointError as e:
-        log.error("%s", e)
     state = t.state_dict()
     state.update(step=boundary["step"], data=boundary["data"], exact=False)
     state["diloco"]["inner_step"] = boundary["inner_step"]
-    checkpoint.save(t.cfg.run.dir, t.worker, t.outer_step, state, k.keep, t.num_workers)
+    try:
+        checkpoint.save(t.cfg.run.dir, t.worker, t.outer_step, state, k.keep, t.num_workers)
+    except OSError as e:  # the exchange's error is the one to report; this one is a footnote
+        log.error("could not save the state after the failure: %s", e)
+        return
     log.warning("saved the last consistent global state (outer step %d) to %s", t.outer_step, path)
     t.metrics.log("event", event="checkpoint", path=str(path), outer_step=t.outer_step,
                   on_failure=True, error=str(error)[:300])

@@ -9,13 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dilo import checkpoint
+from dilo.comm.local import local_groups
 from dilo.config import parse_args
+from dilo.graceful_stop import GracefulStop
 from dilo.train import Trainer
 from tests.conftest import SMALL, summaries, torchrun_cmd
 from tests.test_torchrun import children
+from tests.threads import run_workers
 
 
 def lines(run_dir: Path, worker: int, kind: str, event: str | None = None) -> list[dict]:
@@ -37,6 +41,26 @@ def same_content(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_content, a, b))
     return a == b
+
+
+def test_stop_flag_is_agreed_by_all_and_a_second_ctrl_c_interrupts():
+    stop = GracefulStop()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs on the main thread between bytecodes
+        assert stop.requested and stop.signal_name == "SIGINT"
+        groups = local_groups(3)
+        stoppers = [stop, GracefulStop(), GracefulStop()]  # only member 0 got the signal
+        assert run_workers(lambda r: stoppers[r].agreed(groups[r]), 3) == [True, True, True]
+        calm = [GracefulStop() for _ in range(3)]
+        assert run_workers(lambda r: calm[r].agreed(groups[r]), 3) == [False, False, False]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs, tmp_path):

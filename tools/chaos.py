@@ -18,7 +18,8 @@ drawn from `--seed`. Kinds (`--kinds`, default all):
 
 Fault i fires once training has reached a randomly drawn outer step and the current world
 has completed an outer step since the previous disruption (so every fault hits a running
-world). An agent that exits with an error on its own is restarted, as a cluster scheduler
+world), at a random moment within the following round (kill_in_checkpoint waits for a
+checkpoint write instead). An agent that exits with an error on its own is restarted, as a cluster scheduler
 would, and recorded as `agent_restart` (not counted as a fault).
 
 The JSON holds faults_injected, survived, hash_mismatches (outer steps where members of
@@ -166,6 +167,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
     rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
     stalled: dict | None = None
     last_disruption, last_sync, progress, index, world = start, 0.0, 0, 0, ""
+    round_seconds, fire_at = 0.0, None  # duration of the last round; when the next fault fires
     finished = False
     while True:
         now = time.time()
@@ -174,6 +176,8 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             break
         for record in tail.poll():
             if record.get("kind") == "sync" and record["time"] >= last_sync:
+                if record.get("world") == world and record["outer_step"] == progress + 1:
+                    round_seconds = record["time"] - last_sync
                 progress, last_sync, world = record["outer_step"], record["time"], record.get("world")
         codes = {n: cluster.node_exit_code(n) for n in range(cluster.num_nodes)}
         finished = finished or any(code == 0 for code in codes.values())
@@ -196,8 +200,15 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
                                    "outer_step": progress})
                     last_disruption = now
         alive = [n for n, code in codes.items() if code is None and n not in rejoin_at]
-        if (index < len(schedule) and not stalled and not finished and alive
-                and progress >= schedule[index][1] and last_sync > last_disruption):
+        due = (index < len(schedule) and not stalled and not finished and alive
+               and progress >= schedule[index][1] and last_sync > last_disruption)
+        if not due:
+            fire_at = None
+        elif fire_at is None:  # not right after the sync: anywhere in the round
+            fire_at = now + (0 if schedule[index][0] == "kill_in_checkpoint"
+                             else rng.uniform(0, round_seconds))
+        if due and now >= fire_at:
+            fire_at = None
             kind = schedule[index][0]
             if kind == "kill_node" and len(alive) < 2:
                 kind = "kill_worker"  # never the last node: that ends the job
