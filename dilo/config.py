@@ -371,6 +371,10 @@ def validate_world_size(cfg: Config, world_size: int) -> None:
     """Refuse a run.worker_size that does not divide the number of processes (at start-up,
     before any rendezvous, so every process refuses alike)."""
     size = cfg.run.worker_size
+    if cfg.comm.backend == "hivemind" and world_size > 1 and size != world_size:
+        raise ValueError(
+            f"comm.backend = hivemind under torchrun: the {world_size} processes form one swarm peer "
+            f"(one DiLoCo worker, data-parallel inside); pass --run.worker_size {world_size}")
     if world_size % size:
         allowed = [d for d in range(1, world_size + 1) if world_size % d == 0]
         raise ValueError(
@@ -396,8 +400,6 @@ def _validate_peers(cfg: Config) -> None:
     _require(p.shard == -1 or 0 <= p.shard < p.num_shards,
              f"peers.shard must be -1 (auto) or in [0, peers.num_shards={p.num_shards}), got {p.shard}")
     if cfg.comm.backend == "hivemind":
-        _require(cfg.run.worker_size == 1, "comm.backend = hivemind needs run.worker_size = 1: a "
-                 "peer made of several ranks is not supported yet; start one process per peer")
         _require(cfg.run.mode == "diloco", "comm.backend = hivemind needs run.mode = diloco "
                  "(a swarm exchanges pseudo-gradients, not every step's gradients)")
         _require(cfg.run.steps % cfg.outer.inner_steps == 0,

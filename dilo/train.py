@@ -104,9 +104,6 @@ class Trainer:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world))
         if distributed:
-            if cfg.comm.backend == "hivemind":
-                raise ValueError("comm.backend = hivemind under torchrun (a peer made of several local "
-                                 "ranks) is not supported yet; start one `dilo train` process per peer")
             init_default_group(cfg.comm.timeout, self.device.type == "cuda")
         self.rank = dist.get_rank() if distributed else 0
         # A worker is worker_size consecutive ranks; rank_in_worker 0 speaks for it
@@ -118,8 +115,10 @@ class Trainer:
         self.island: Island | None = join_islands(self.worker_size) if self.worker_size > 1 else None
         self.is_leader = self.rank == 0
         setup_logging(self.is_leader)
+        # A swarm peer is one worker; under torchrun (run.worker_size = world size) only
+        # its rank 0 joins the swarm, the other ranks get everything through the island.
         self.swarm = None
-        if cfg.comm.backend == "hivemind":
+        if cfg.comm.backend == "hivemind" and self.rank == 0:
             from dilo.comm.swarm import SwarmGroup
 
             self.swarm = SwarmGroup.from_config(cfg)
@@ -132,10 +131,17 @@ class Trainer:
 
     def _build(self, cfg: Config, distributed: bool) -> None:
         shard, num_shards = self.worker, self.num_workers
-        if self.swarm is not None:  # a swarm has no ranks: each peer picks a shard of its own
-            self.worker = self.swarm.label
+        if cfg.comm.backend == "hivemind":  # a swarm has no ranks: each peer picks a shard of its own
             num_shards = cfg.peers.num_shards
-            shard = cfg.peers.shard if cfg.peers.shard >= 0 else self.swarm.data_shard(num_shards)
+            peer = None
+            if self.swarm is not None:
+                peer = (self.swarm.label, cfg.peers.shard if cfg.peers.shard >= 0
+                        else self.swarm.data_shard(num_shards))
+            if self.island is not None:  # the worker's other ranks learn its name and shard
+                everyone: list = [None] * self.worker_size
+                dist.all_gather_object(everyone, peer, group=self.island.intra_pg)
+                peer = everyone[0]
+            self.worker, shard = peer
         train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
         if int(train_tokens.max()) >= cfg.model.vocab_size:
             raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
@@ -204,8 +210,10 @@ class Trainer:
 
     def outer_group(self) -> Group:
         """Who DiLoCo averages with: every worker, as one member each."""
-        if self.swarm is not None:
-            return self.swarm
+        if self.cfg.comm.backend == "hivemind":
+            if self.island is None:
+                return self.swarm
+            return HierarchicalGroup(self.swarm, self.island.intra_pg, sliced=False)
         if self.island is None:
             return TorchGroup() if self.world_size > 1 else SoloGroup()
         # Local rank r exchanges slice r with local rank r of every other worker.

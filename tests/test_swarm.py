@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 import hivemind  # noqa: E402,F401  (installed by the test extra)
 
-from tests.conftest import SMALL, summaries  # noqa: E402
+from tests.conftest import SMALL, summaries, torchrun_cmd  # noqa: E402
 
 SWARM = [*SMALL, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
          "--outer.inner_steps", "5", "--comm.timeout", "60", "--peers.heartbeat", "1",
@@ -50,8 +52,8 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 class Swarm:
-    def __init__(self, procs, tmp_path: Path):
-        self.procs, self.tmp = procs, tmp_path
+    def __init__(self, procs, tmp_path: Path, tag: str):
+        self.procs, self.tmp, self.tag = procs, tmp_path, tag
         self.key_file = tmp_path / "run.key"
         self.key_file.write_text(KEY)
 
@@ -61,9 +63,11 @@ class Swarm:
                 *extra]
         if initial is not None:
             args += ["--peers.initial", self.address(initial)]
-        import sys
+        return self.start_cmd(name, [sys.executable, *args], env), run_dir
 
-        return self.procs.start([sys.executable, *args], self.tmp / f"{name}.log", env=env), run_dir
+    def start_cmd(self, name: str, cmd: list[str], env: dict | None = None):
+        # The tag is inherited by the peer's p2pd and reaper: no_leftovers finds them by it.
+        return self.procs.start(cmd, self.tmp / f"{name}.log", env={"DILO_TEST_TAG": self.tag, **(env or {})})
 
     def address(self, run_dir: Path) -> str:
         path = run_dir / "address.txt"
@@ -91,37 +95,51 @@ def hashes_agree_per_step(run_dirs: list[Path]) -> int:
     return len(by_step)
 
 
-def _p2p_leftovers() -> set[str]:
-    found = set()
+def _socket_uid(name: str) -> str:
+    for prefix in ("hivemind-p2pd-", "hivemind-p2pclient-"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _leftovers(tag: str) -> set[str]:
+    """This test's processes (tagged through the environment), and socket files of hivemind
+    daemons that no live process uses any more, and every /dev/shm entry."""
+    found, in_use = set(), set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
         except OSError:
             continue
-        if "hivemind_cli/p2pd" in cmd or "dilo/comm/reaper.py" in cmd:
+        # a live daemon's sockets: hivemind-p2pd-<uid>.sock on its command line, and the
+        # client's hivemind-p2pclient-<uid>.sock with the same uid
+        in_use.update(part.split("/hivemind-p2pd-", 1)[1] for part in cmd.split() if "/hivemind-p2pd-" in part)
+        if f"DILO_TEST_TAG={tag}".encode() in environ.split(b"\0"):
             found.add(f"{entry}: {cmd[:120]}")
-    found |= {f"/tmp/{f}" for f in os.listdir("/tmp") if f.startswith("hivemind-")}
+    found |= {f"/tmp/{f}" for f in os.listdir("/tmp")
+              if f.startswith("hivemind-") and _socket_uid(f) not in in_use}
     found |= {f"/dev/shm/{f}" for f in os.listdir("/dev/shm")}
     return found
 
 
 @pytest.fixture
-def no_leftovers(procs):
-    """Fails the test if a daemon, reaper, socket or shared-memory file it made outlives it."""
-    before = _p2p_leftovers()
-    yield
+def swarm(procs, tmp_path):
+    """A Swarm whose test fails if a process, socket or shared-memory file it made outlives it."""
+    tag = uuid.uuid4().hex
+    before = _leftovers(tag)
+    yield Swarm(procs, tmp_path, tag)
     procs.cleanup()  # a peer still running after a failure is killed first (its reaper cleans up)
     deadline = time.time() + 15
-    while (new := _p2p_leftovers() - before) and time.time() < deadline:
+    while (new := _leftovers(tag) - before) and time.time() < deadline:
         time.sleep(0.2)
     assert not new, f"left behind: {sorted(new)}"
 
 
 # -- tests --------------------------------------------------------------------------------
-def test_three_peers_train_and_a_fourth_joins_mid_run(procs, tmp_path, no_leftovers):
-    swarm = Swarm(procs, tmp_path)
+def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     steps = ["--run.steps", "300", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
     b, b_dir = swarm.start("b", *steps, initial=a_dir)
@@ -142,11 +160,10 @@ def test_three_peers_train_and_a_fourth_joins_mid_run(procs, tmp_path, no_leftov
     assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 60
 
 
-def test_peer_killed_mid_exchange_survivors_agree(procs, tmp_path, no_leftovers):
+def test_peer_killed_mid_exchange_survivors_agree(swarm):
     """c dies in round 4 after its averaged chunk reached one survivor but not the other:
     one survivor completes the round, the other detects the partial round, applies nothing
     and takes the completed state; both finish with the same hash."""
-    swarm = Swarm(procs, tmp_path)
     steps = ["--run.steps", "60", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
     b, b_dir = swarm.start("b", *steps, initial=a_dir)
@@ -162,10 +179,9 @@ def test_peer_killed_mid_exchange_survivors_agree(procs, tmp_path, no_leftovers)
                    if r["outer_step"] > 5)
 
 
-def test_wrong_key_and_other_model_are_refused(procs, tmp_path, no_leftovers):
-    swarm = Swarm(procs, tmp_path)
+def test_wrong_key_and_other_model_are_refused(swarm):
     a, a_dir = swarm.start("a", "--run.steps", "20", "--peers.min_peers", "2", "--comm.timeout", "600")
-    wrong_key = tmp_path / "other.key"
+    wrong_key = swarm.tmp / "other.key"
     wrong_key.write_text("not-the-run-key-0123456789")
     b, _ = swarm.start("b", "--run.steps", "20", "--peers.key_file", str(wrong_key), initial=a_dir)
     c, _ = swarm.start("c", "--run.steps", "20", "--model.d_model", "64", initial=a_dir)
@@ -175,3 +191,22 @@ def test_wrong_key_and_other_model_are_refused(procs, tmp_path, no_leftovers):
     assert "it does not hold the run key" in swarm.log("a") and "model.d_model" in swarm.log("a")
     os.kill(a.pid, signal.SIGINT)  # Ctrl-C: a leaves cleanly (no_leftovers checks its daemon)
     assert finish(a, 60) == 130
+
+
+@pytest.mark.slow
+def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm):
+    """Under torchrun the ranks form one worker (data-parallel inside); only rank 0 talks to
+    the swarm, and every rank ends on the swarm's global state."""
+    steps = ["--run.steps", "40", "--peers.min_peers", "2"]
+    a, a_dir = swarm.start("a", *steps)
+    b_dir = swarm.tmp / "b"
+    b = swarm.start_cmd("b", torchrun_cmd(2, [*SWARM, *steps, "--run.dir", str(b_dir), "--run.worker_size", "2",
+                                              "--peers.key_file", str(swarm.key_file),
+                                              "--peers.initial", swarm.address(a_dir)]))
+    assert [finish(a), finish(b)] == [0, 0], swarm.log("a")[-2000:] + swarm.log("b")[-3000:]
+    found = summaries(a_dir) + summaries(b_dir)
+    assert len(found) == 2 and len({s["global_hash"] for s in found}) == 1
+    assert [s["worker_size"] for s in found] == [1, 2] and all(s["outer_steps"] == 8 for s in found)
+    assert hashes_agree_per_step([a_dir, b_dir]) == 8  # rank 1's metrics file included
+    assert len(list(b_dir.glob("metrics-peer-*.1.jsonl"))) == 1
+    assert any(r["peers"] == 2 for r in records(b_dir, "sync"))

@@ -10,8 +10,8 @@ the product's path (SwarmGroup start: libp2p daemon, DHT bootstrap, hello; bind:
 download, checksum and majority checks). Reported: join seconds (SwarmGroup() + bind()),
 download seconds and MB/s (the transfer and its checksum), medians over repeats.
 
-`rounds`: real `dilo train` runs of the same model on loopback (configs/tiny.toml, H=20,
-3 workers): torchrun (torch backend) and three swarms (no fault; one peer SIGKILLed in
+`rounds`: real `dilo train` runs of the same small model on loopback (MODEL below, H=10,
+15 outer steps, 3 workers): torchrun (torch backend) and three swarms (no fault; one peer SIGKILLed in
 phase 1, and in phase 2, of round 4). Reported: the median sync seconds per round of each
 backend (the whole outer step as the trainer logs it, waiting for the slowest worker
 included), and for the kills, the extra seconds the survivors spent on the round with the
@@ -112,8 +112,11 @@ def bench_download(args) -> dict:
 
 
 # -- rounds -------------------------------------------------------------------------------
-COMMON = ["--config", str(REPO / "configs" / "tiny.toml"), "--run.steps", "200", "--outer.inner_steps", "20",
-          "--data.eval_batches", "2", "--metrics.progress", "off", "--run.threads", "1"]
+# A small model, so that rounds, not inner steps, dominate on a shared 2-core machine.
+MODEL = ["--model.d_model", "64", "--model.n_layers", "2", "--model.n_heads", "2", "--model.seq_len", "64",
+         "--data.batch_size", "8", "--data.max_bytes", "1000000"]
+COMMON = ["--config", str(REPO / "configs" / "tiny.toml"), *MODEL, "--run.steps", "150", "--outer.inner_steps", "10",
+          "--inner.warmup_steps", "10", "--data.eval_batches", "2", "--metrics.progress", "off", "--run.threads", "1"]
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -179,7 +182,7 @@ def _swarm_run(tmp: Path, name: str, fault: str = "") -> list[dict[int, float]]:
 def bench_rounds(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        result = {"model": "configs/tiny.toml", "workers": 3, "inner_steps": 20, "outer_steps": 10}
+        result = {"model": " ".join(MODEL), "workers": 3, "inner_steps": 10, "outer_steps": 15}
         torch_syncs = _torch_run(tmp)
         result["torch_median_sync_seconds"] = statistics.median(torch_syncs)
         clean = _swarm_run(tmp, "clean")

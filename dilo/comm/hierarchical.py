@@ -21,7 +21,10 @@ sliced (default; what `--run.worker_size` uses)
 leader (`sliced=False`)
     Only local rank 0 has an `inter` group (e.g. the one process that joins a swarm);
     it averages the whole vector and broadcasts the result inside the worker. The
-    other ranks pass `inter=None` and never touch the outside network.
+    other ranks pass `inter=None` and never touch the outside network. If `inter` is
+    elastic (a swarm), the group is too: the global state that local rank 0 receives
+    from the swarm (when joining, when it fell behind, or as a repair) is broadcast to
+    every rank of the worker, so all of them adopt the same bytes.
 
 Bit-identical global state holds in both: each slice (or the whole vector) comes out
 of `inter` as identical bytes on every worker, and the intra-worker step only copies
@@ -47,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, Group
+from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, SharedState
 from dilo.comm.torch_dist import _all_gather_single
 
 
@@ -138,6 +141,9 @@ class HierarchicalGroup(Group):
             raise ValueError(f"the slice groups of one worker disagree on (worker, number of "
                              f"workers): {idents}; build them with join_islands")
         self.rank, self.size = idents[0]
+        self.elastic = bool(self._intra_objects(inter.elastic if inter is not None else None)[0])
+        if self.elastic and sliced:
+            raise ValueError("an elastic inter group (a swarm) needs the leader composition (sliced=False)")
 
     # -- collectives inside the worker (fast links) -------------------------------------
     def _intra_objects(self, obj: object) -> list:
@@ -174,16 +180,19 @@ class HierarchicalGroup(Group):
                                   codec_error=res.codec_error, intra_bytes=intra_bytes)
         # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
         sent = received = dropped = 0
-        meta = torch.zeros(2, dtype=torch.float64)  # num_peers, codec_error
+        res = None
+        meta = torch.zeros(3, dtype=torch.float64)  # num_peers, codec_error, adopted
         if self.local_rank == 0:
             res = self.inter.average(flat, codec)
-            average = res.average.contiguous()
             sent, received, dropped = res.bytes_sent, res.bytes_received, res.dropped
-            meta = torch.tensor([res.num_peers, res.codec_error], dtype=torch.float64)
-        else:
-            average = torch.empty(numel, dtype=torch.float32)
-        self._intra_broadcast(average)
+            meta = torch.tensor([res.num_peers, res.codec_error, res.adopted is not None], dtype=torch.float64)
         self._intra_broadcast(meta)
+        if meta[2]:  # the swarm went on without this worker: every rank adopts its newer state
+            adopted = self._share_state(res.adopted if res is not None else None)
+            return ExchangeResult(torch.empty(0), sent, received, int(meta[0]), time.perf_counter() - start,
+                                  adopted=adopted)
+        average = res.average.contiguous() if res is not None else torch.empty(numel, dtype=torch.float32)
+        self._intra_broadcast(average)
         intra_bytes = 0 if self.local_rank == 0 else numel * average.element_size()
         return ExchangeResult(average, sent, received, int(meta[0]), time.perf_counter() - start,
                               dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes)
@@ -209,6 +218,35 @@ class HierarchicalGroup(Group):
         everyone = self.inter.all_gather_object(mine) if self.local_rank == 0 else None
         everyone = self._intra_objects(everyone)[0]            # local rank 0's answer
         return [o for worker in everyone for o in worker]
+
+    # -- elastic inter groups (leader composition) ---------------------------------------
+    def _share_state(self, state: GlobalState | None) -> GlobalState | None:
+        """Local rank 0's optional global state, the same bytes on every rank of the worker."""
+        layout = None if state is None else (state.outer_step, [(k, v.numel()) for k, v in state.tensors.items()])
+        layout = self._intra_objects(layout)[0]
+        if layout is None:
+            return None
+        step, tensors = layout
+        out = {}
+        for name, numel in tensors:
+            t = state.tensors[name].contiguous() if state is not None else torch.empty(numel, dtype=torch.float32)
+            self._intra_broadcast(t)
+            out[name] = t
+        return GlobalState(step, out)
+
+    def bind(self, state: SharedState) -> GlobalState | None:
+        if not self.elastic:
+            return None
+        return self._share_state(self.inter.bind(state) if self.local_rank == 0 else None)
+
+    def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        if not self.elastic:
+            return super().confirm(outer_step, digest)
+        found = self._intra_objects((outer_step, digest))  # the worker's ranks first: a bug if they differ
+        if len(set(found)) != 1:
+            raise DivergenceError(f"the ranks of one worker hold different global states at outer step "
+                                  f"{outer_step}: {found}")
+        return self._share_state(self.inter.confirm(outer_step, digest) if self.local_rank == 0 else None)
 
     def close(self) -> None:
         # The intra-worker group dies with the default group (destroy_process_group).
