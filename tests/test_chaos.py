@@ -45,7 +45,6 @@ def test_ci_chaos_run_survives_with_the_same_loss(procs, tmp_path):
     assert 1 / LOSS_RATIO_BOUND <= r["loss_ratio"] <= LOSS_RATIO_BOUND
     if all(w.get("how", "exact") == "exact" for w in r["worlds"]):
         assert r["same_result_as_reference"], "exact resumes must reproduce the reference bit for bit"
-    assert r["wall_seconds"] > r["reference_wall_seconds"]  # faults cost time
 
 
 @pytest.mark.slow
