@@ -38,14 +38,13 @@ def assert_correct(r: dict) -> None:
 def test_ci_chaos_run_survives_with_the_same_loss(procs, tmp_path):
     r = chaos(procs, tmp_path, "--faults", "2", "--kinds", "kill_worker,kill_in_checkpoint",
               "--seed", "3", "--run.steps", "60")
-    assert r["faults_injected"] == 2 and r["restarts"] >= 2
+    assert r["faults_injected"] == 2 and r["faults_followed_by_restart"] == 2  # both hit
     assert_correct(r)
     assert r["outer_steps_checked"] >= 8  # every outer step of every world was compared
     assert r["reference_survived"] and r["reference_hash_mismatches"] == 0
     assert 1 / LOSS_RATIO_BOUND <= r["loss_ratio"] <= LOSS_RATIO_BOUND
     if all(w.get("how", "exact") == "exact" for w in r["worlds"]):
         assert r["same_result_as_reference"], "exact resumes must reproduce the reference bit for bit"
-    assert r["wall_seconds"] > r["reference_wall_seconds"]  # faults cost time
 
 
 @pytest.mark.slow

@@ -115,17 +115,26 @@ class MetricsTail:
         return out
 
 
-def catch_checkpoint_write(run_dir: Path, deadline: float) -> tuple[int, str] | None:
-    """Poll for a checkpoint's temporary file; (writer pid, path) or None by the deadline."""
-    root = run_dir / "checkpoints"
+def temporary_files(run_dir: Path) -> set[str]:
+    found = set()
+    try:
+        for step in os.scandir(run_dir / "checkpoints"):
+            found.update(e.path for e in os.scandir(step.path) if ".tmp-" in e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return found
+
+
+def catch_checkpoint_write(run_dir: Path, writers: set[int], deadline: float) -> tuple[int, str] | None:
+    """Poll for a new checkpoint temporary file of one of `writers` (pids; the name ends in
+    the writer's pid); (pid, path) or None by the deadline. Files left by earlier kills are
+    ignored."""
+    stale = temporary_files(run_dir)
     while time.time() < deadline:
-        try:
-            for step in os.scandir(root):
-                for entry in os.scandir(step.path):
-                    if ".tmp-" in entry.name:
-                        return int(entry.name.rsplit("-", 1)[1]), entry.path
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        for path in temporary_files(run_dir) - stale:
+            pid = int(path.rsplit("-", 1)[1])
+            if pid in writers:
+                return pid, path
         time.sleep(0.0005)
     return None
 
@@ -146,7 +155,7 @@ def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeo
     if kind == "stall":
         cluster.stall(pid)
         return {"kind": kind, "node": node, "pids": [pid], "until": time.time() + timeout + 5}
-    caught = catch_checkpoint_write(run_dir, time.time() + 30)
+    caught = catch_checkpoint_write(run_dir, {p for _, p in workers}, time.time() + 30)
     if caught is None:  # no write seen: kill at a random moment instead, and say so
         cluster.kill_worker(pid)
         return {"kind": kind, "node": node, "pids": [pid], "mid_write": False}
@@ -167,6 +176,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
     rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
     stalled: dict | None = None
     last_disruption, last_sync, progress, index, world = start, 0.0, 0, 0, ""
+    started: dict[str, float] = {}  # world -> when its first member started
     round_seconds, fire_at = 0.0, None  # duration of the last round; when the next fault fires
     finished = False
     while True:
@@ -175,10 +185,14 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             events.append({"kind": "gave_up", "time": now - start})
             break
         for record in tail.poll():
+            if record.get("kind") == "event" and record.get("event") == "start":
+                started.setdefault(record["world"], record["time"])
             if record.get("kind") == "sync" and record["time"] >= last_sync:
                 if record.get("world") == world and record["outer_step"] == progress + 1:
                     round_seconds = record["time"] - last_sync
                 progress, last_sync, world = record["outer_step"], record["time"], record.get("world")
+        # a world formed after the last disruption has completed an outer step
+        running = last_sync > last_disruption and started.get(world, 0.0) > last_disruption
         codes = {n: cluster.node_exit_code(n) for n in range(cluster.num_nodes)}
         finished = finished or any(code == 0 for code in codes.values())
         if finished and all(code is not None for n, code in codes.items() if n not in rejoin_at):
@@ -192,7 +206,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
                 cluster.unstall(pid)
             stalled = None
         for node, (left, latest) in list(rejoin_at.items()):
-            if (world != left and last_sync > last_disruption) or now >= latest:
+            if (world != left and running) or now >= latest:
                 del rejoin_at[node]
                 if not finished:
                     cluster.start_node(node)
@@ -200,8 +214,9 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
                                    "outer_step": progress})
                     last_disruption = now
         alive = [n for n, code in codes.items() if code is None and n not in rejoin_at]
+        running = running and last_sync > last_disruption  # a rejoin just now disrupts too
         due = (index < len(schedule) and not stalled and not finished and alive
-               and progress >= schedule[index][1] and last_sync > last_disruption)
+               and progress >= schedule[index][1] and running)
         if not due:
             fire_at = None
         elif fire_at is None:  # not right after the sync: anywhere in the round

@@ -100,11 +100,17 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
     for f in chaos["faults"]:
         counts[f["kind"]] += 1
     loss, ref_loss = got["final_eval_loss"], ref.get("final_eval_loss")
+    # a fault that did its job made the workers restart: a new world started before the next one
+    times = [chaos["start_time"] + f["time"] for f in chaos["faults"]] + [math.inf]
+    starts = [w["time"] for w in got["worlds"]]
+    for f, begin, end in zip(chaos["faults"], times, times[1:]):
+        f["restart_followed"] = any(begin < t <= end for t in starts)
     return {
         "faults_requested": args.faults,
         "faults_injected": len([f for f in scheduled if "skipped" not in f]),
         "fault_counts": dict(counts),
         "kills_mid_checkpoint_write": sum(bool(f.get("mid_write")) for f in scheduled),
+        "faults_followed_by_restart": sum(f["restart_followed"] for f in chaos["faults"]),
         "survived": got["finished"],
         "agent_exit_codes": chaos["exit_codes"],
         "hash_mismatches": got["hash_mismatches"],
