@@ -179,7 +179,10 @@ def test_peer_killed_mid_exchange_survivors_agree(swarm):
                    if r["outer_step"] > 5)
 
 
-def test_wrong_key_and_other_model_are_refused(swarm):
+@pytest.mark.slow
+def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
+    """The same refusals as test_swarm_parts, end to end: exit code 2 and both sides' logs,
+    then Ctrl-C on the member that refused them."""
     a, a_dir = swarm.start("a", "--run.steps", "20", "--peers.min_peers", "2", "--comm.timeout", "600")
     wrong_key = swarm.tmp / "other.key"
     wrong_key.write_text("not-the-run-key-0123456789")

@@ -297,8 +297,11 @@ class SwarmGroup(Group):
     async def _confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         self.transfer.known_digest = (outer_step, digest)
         self.rounds.set_step(outer_step)
-        await self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True)
-        view = await self.members.view()
+        # Publish and look at the others' records at once (a backstop: the next round's
+        # entry compares digests again, when everyone's records are in).
+        _, view = await asyncio.gather(
+            self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True),
+            self.members.view())
         majority = view.majority_digest(outer_step)
         if majority is None or majority == digest:
             return None

@@ -276,7 +276,7 @@ class Rounds:
                 if hint is not None and hint not in suspects and hint in view.members:
                     leader, hint = hint, None
                 if leader == self.node.name:
-                    outcome = await self._lead(t, digest, suspects, deadline)
+                    outcome = await self._lead(t, digest, suspects, deadline, view)
                     if outcome is not None:
                         return outcome
                     continue
@@ -307,14 +307,15 @@ class Rounds:
             self.entered = False
             self.changed.fire()
 
-    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float) -> Outcome | None:
+    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float, view: View) -> Outcome | None:
         loop = asyncio.get_running_loop()
         lead = self.lead = _Lead(t, digest)
         self.changed.fire()
         last_ping = 0.0
         try:
             while True:
-                view = await self.members.view()
+                if view is None:
+                    view = await self.members.view()
                 if view.donors(t + 1, exclude=self.node.name):
                     lead.finish("ahead", view.max_step())
                     return Outcome("behind")
@@ -329,8 +330,10 @@ class Rounds:
                     replies = await asyncio.gather(*(self._alive(p) for p in missing))
                     last_ping = loop.time()
                     suspects.update(p for p, ok in zip(missing, replies) if not ok)
+                    view = None
                     continue
                 await lead.changed.wait(0.5)
+                view = None
             peers = sorted({self.node.name, *lead.joined})
             if len(peers) == 1:
                 lead.finish("alone")
