@@ -127,12 +127,14 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def _syncs(run_dir: Path) -> dict[int, float]:
+    """Seconds of each outer step's sync by the step it reached (a round this peer lost and
+    then downloaded counts under the step it downloaded)."""
     out = {}
     for path in run_dir.glob("metrics-*.jsonl"):
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            if r["kind"] == "sync" and not r.get("adopted"):
-                out[r["outer_step"]] = r["seconds"]
+            if r["kind"] == "sync":
+                out[r["outer_step"]] = out.get(r["outer_step"], 0.0) + r["seconds"]
     return out
 
 
@@ -198,7 +200,7 @@ def bench_rounds(args) -> dict:
                 median = statistics.median(v for k, v in peer.items() if k not in (5, 6))
                 spent = sum(peer.get(k, 0.0) for k in (5, 6))
                 rows.append({"median_round_seconds": median, "rounds_5_6_seconds": spent,
-                             "seconds_lost": spent - 2 * median, "completed_killed_round": 5 in peer})
+                             "seconds_lost": spent - 2 * median})
             result[f"kill_phase{phase}_survivors"] = rows
     return result
 
