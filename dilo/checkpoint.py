@@ -111,7 +111,7 @@ def save(run_dir: str | Path, worker: int, outer_step: int, state: dict, keep: i
     return path
 
 
-def prune(run_dir: str | Path, worker: int, keep: int, num_workers: int = 1) -> None:
+def prune(run_dir: str | Path, worker: int | str, keep: int, num_workers: int = 1) -> None:
     """Delete this worker's files older than its newest `keep`.
 
     The files of departed slots (worker ids >= num_workers after the world shrank) are
@@ -121,8 +121,10 @@ def prune(run_dir: str | Path, worker: int, keep: int, num_workers: int = 1) -> 
     for old in steps[:-keep]:
         directory = step_dir(run_dir, old)
         for path in directory.glob("worker-*.pt"):
-            slot = int(path.stem.split("-", 1)[1])
-            if slot == worker or (slot >= num_workers and slot % num_workers == worker):
+            slot = path.stem.split("-", 1)[1]  # a rank, or a swarm peer's name (peer-...)
+            departed = (isinstance(worker, int) and slot.isdigit() and int(slot) >= num_workers
+                        and int(slot) % num_workers == worker)
+            if slot == str(worker) or departed:
                 path.unlink(missing_ok=True)
         for tmp in directory.glob(f".worker-{worker}.pt.tmp-*"):  # left by a killed writer
             tmp.unlink(missing_ok=True)

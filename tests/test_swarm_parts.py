@@ -198,3 +198,31 @@ def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
         for p in peers:
             p.close()
     time.sleep(0.1)
+
+
+def test_a_peer_without_the_key_or_with_other_settings_is_refused_on_both_sides(caplog):
+    from dilo.comm.swarm import SwarmGroup
+
+    mine = parse_args(["--model.d_model", "32", "--model.n_heads", "2"]).shared_settings()
+    other = parse_args(["--model.d_model", "64", "--model.n_heads", "2"]).shared_settings()
+
+    def peer(key, settings, initial):
+        return SwarmGroup(auth=RunAuth(key), settings=settings, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
+
+    member = peer(b"k" * 20, mine, [])
+    counted = []
+    member.count = lambda name, value=1.0, **labels: counted.append((name, labels))
+    try:
+        with pytest.raises(ValueError, match="does not hold the swarm's run key"):
+            peer(b"x" * 20, mine, member.addresses[:1])
+        with pytest.raises(ValueError, match=r"model.d_model \(this peer 64, the swarm 32\)"):
+            peer(b"k" * 20, other, member.addresses[:1])
+        deadline = time.time() + 10
+        while len(counted) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert sorted(c[1]["reason"] for c in counted) == ["run key", "settings"]
+        assert "it does not hold the run key" in caplog.text
+        assert "model.d_model (this peer 32, that peer 64)" in caplog.text
+    finally:
+        member.close()

@@ -14,8 +14,8 @@ download seconds and MB/s (the transfer and its checksum), medians over repeats.
 15 outer steps, 3 workers): torchrun (torch backend) and three swarms (no fault; one peer SIGKILLed in
 phase 1, and in phase 2, of round 4). Reported: the median sync seconds per round of each
 backend (the whole outer step as the trainer logs it, waiting for the slowest worker
-included), and for the kills, the extra seconds the survivors spent on the round with the
-kill over their median round.
+included), and for the kills, per survivor, the seconds spent on the round with the kill and
+the next one, minus two median rounds.
 """
 
 from __future__ import annotations
@@ -127,12 +127,14 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def _syncs(run_dir: Path) -> dict[int, float]:
+    """Seconds of each outer step's sync by the step it reached (a round this peer lost and
+    then downloaded counts under the step it downloaded)."""
     out = {}
     for path in run_dir.glob("metrics-*.jsonl"):
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            if r["kind"] == "sync" and not r.get("adopted"):
-                out[r["outer_step"]] = r["seconds"]
+            if r["kind"] == "sync":
+                out[r["outer_step"]] = out.get(r["outer_step"], 0.0) + r["seconds"]
     return out
 
 
@@ -190,14 +192,16 @@ def bench_rounds(args) -> dict:
         result["swarm_over_torch"] = result["swarm_median_sync_seconds"] / result["torch_median_sync_seconds"]
         for phase in (1, 2):
             survivors = _swarm_run(tmp, f"kill{phase}", fault=f"4:{phase}")
-            lost = []
+            rows = []
             for peer in survivors:
+                # The kill is in round 4 (-> outer step 5). A survivor that lost the round
+                # downloads its result (that sync is not in `peer`: adopted), and the one that
+                # completed it may wait for the other in round 5 (-> step 6): both rounds count.
                 median = statistics.median(v for k, v in peer.items() if k not in (5, 6))
-                # the kill is in round 4 (-> outer step 5); a survivor that downloaded the
-                # result of that round logs its next applied round instead
-                spent = peer.get(5, peer.get(6, float("nan")))
-                lost.append(spent - median)
-            result[f"kill_phase{phase}_survivor_seconds_lost"] = lost
+                spent = sum(peer.get(k, 0.0) for k in (5, 6))
+                rows.append({"median_round_seconds": median, "rounds_5_6_seconds": spent,
+                             "seconds_lost": spent - 2 * median})
+            result[f"kill_phase{phase}_survivors"] = rows
     return result
 
 

@@ -7,8 +7,8 @@ its socket files would stay in /tmp forever. So each peer starts this small supe
 first, in its own session (a `killpg` of the peer's process group does not reach it):
 
     reaper = Reaper.start()
-    reaper.watch_pid(p2pd_pid)      # after the daemon is up
-    reaper.watch_path(socket_path)
+    reaper.watch_glob("/tmp/dilo-123-ab-*")  # the daemon's sockets, before it starts
+    reaper.watch_pid(p2pd_pid)               # once the daemon is up
     ...
     reaper.close()                  # normal exit: the peer cleaned up itself
 
@@ -21,6 +21,7 @@ Standard library only: it runs as `python -I reaper.py`, outside the package.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -44,7 +45,7 @@ def _alive(pid: int, started: str) -> bool:
     return _start_time(pid) == started
 
 
-def _reap(pids: dict[int, str], paths: set[str]) -> None:
+def _reap(pids: dict[int, str], paths: set[str], patterns: set[str] = frozenset()) -> None:
     for pid, started in pids.items():
         if _alive(pid, started):
             try:
@@ -60,7 +61,7 @@ def _reap(pids: dict[int, str], paths: set[str]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for path in paths:
+    for path in paths | {f for pattern in patterns for f in glob.glob(pattern)}:
         try:
             os.unlink(path)
         except OSError:
@@ -72,6 +73,7 @@ def _serve(stream) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the peer
     pids: dict[int, str] = {}
     paths: set[str] = set()
+    patterns: set[str] = set()
     for line in stream:
         kind, _, arg = line.strip().partition(" ")
         if kind == "pid":
@@ -80,10 +82,13 @@ def _serve(stream) -> None:
                 pids[int(arg)] = started
         elif kind == "path":
             paths.add(arg)
+        elif kind == "glob":
+            patterns.add(arg)
         elif kind == "done":  # the peer shut down cleanly and removed everything itself
             pids.clear()
             paths.clear()
-    _reap(pids, paths)
+            patterns.clear()
+    _reap(pids, paths, patterns)
 
 
 class Reaper:
@@ -114,6 +119,9 @@ class Reaper:
 
     def watch_path(self, path: str) -> None:
         self._send(f"path {path}")
+
+    def watch_glob(self, pattern: str) -> None:
+        self._send(f"glob {pattern}")
 
     def close(self, clean: bool = True) -> None:
         """Stop supervising; with clean=False the supervisor reaps what it watches first."""

@@ -64,6 +64,9 @@ class SwarmGroup(Group):
         self._digest = ""
         self._pending = True
         self._active: Exchange | None = None
+        self._running_at = 0
+        """Outer step a peer in peers.initial was training at when we said hello (0: none was):
+        this peer then joins that run, and never starts a new one from step 0."""
         self.node = SwarmNode.start(auth, initial=initial, listen=listen, announce=announce,
                                     identity_file=identity_file, timeout=max(60.0, timeout / 4))
         try:
@@ -128,15 +131,19 @@ class SwarmGroup(Group):
                           settings_mismatch(self.settings, theirs, "this peer", "that peer"))
             raise AuthError(f"refused by {self.name}: run settings differ from the swarm's: " +
                             settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
-        return {"name": self.name}, None
+        me = self.members.me
+        return {"name": self.name, "training": me["training"], "step": me["step"]}, None
 
     def _hello(self, initial: list[str]) -> None:
         answered = []
         for addr in initial:
             peer = addr.rsplit("/p2p/", 1)[-1].split("/")[0]
             try:
-                self.node.run(self.node.call(peer, "hello", {"settings": self.settings}, timeout=30), timeout=40)
+                reply, _ = self.node.run(self.node.call(peer, "hello", {"settings": self.settings}, timeout=30),
+                                         timeout=40)
                 answered.append(addr)
+                if reply.get("training") and int(reply.get("step", 0)) > 0:
+                    self._running_at = max(self._running_at, int(reply["step"]))
             except AuthError as e:
                 raise ValueError(f"peers.initial {addr}: {e}") from None
             except (PeerUnreachable, RemoteError) as e:
@@ -182,6 +189,8 @@ class SwarmGroup(Group):
                         self.members.me.update(fields)
                         await self.members.start()
                     return state
+            elif self._running_at:  # the run we were pointed at is not visible (yet, or any more)
+                pass
             elif not published:  # the start gate: a regular member at step 0 with the seeded θ
                 own = await loop.run_in_executor(None, holder.export_state)
                 self._digest = await loop.run_in_executor(None, own.digest)
@@ -196,6 +205,10 @@ class SwarmGroup(Group):
                 self._pending = False
                 log.info("starting the run with %d peers", len(others) + 1)
                 return None
+            if loop.time() > deadline and self._running_at:
+                raise RuntimeError(f"peers.initial was training (outer step {self._running_at}) but no peer "
+                                   f"of that run could serve its state within comm.timeout={self.timeout:.0f} s; "
+                                   "the run may have ended")
             if loop.time() > deadline:
                 raise RuntimeError(f"only {len(others) + 1} of peers.min_peers={self.min_peers} peers "
                                    f"(or no donor for the running swarm's state) within comm.timeout="
@@ -297,8 +310,11 @@ class SwarmGroup(Group):
     async def _confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         self.transfer.known_digest = (outer_step, digest)
         self.rounds.set_step(outer_step)
-        await self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True)
-        view = await self.members.view()
+        # Publish and look at the others' records at once (a backstop: the next round's
+        # entry compares digests again, when everyone's records are in).
+        _, view = await asyncio.gather(
+            self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True),
+            self.members.view())
         majority = view.majority_digest(outer_step)
         if majority is None or majority == digest:
             return None

@@ -17,8 +17,10 @@ and never buffered whole in the transport.
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
+import secrets
 import signal
 import threading
 from pathlib import Path
@@ -105,6 +107,7 @@ class SwarmNode:
         self.p2p: P2P | None = None
         self.dht: DHTNode | None = None
         self.peer_id: PeerID | None = None
+        self._sockets = ""
         self.on_refused: Callable[[str, str], None] = lambda peer, why: None
 
     # -- lifecycle (training thread) -----------------------------------------------------
@@ -140,8 +143,13 @@ class SwarmNode:
     async def _start(self, initial, listen, announce, identity_file) -> None:
         if identity_file:
             Path(identity_file).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # The daemon's two unix sockets get a prefix of our own, known before it starts: a
+        # daemon that fails to start (or a peer killed while it starts) leaves no files.
+        self._sockets = f"/tmp/dilo-{os.getpid()}-{secrets.token_hex(4)}-"
+        self.reaper.watch_glob(self._sockets + "*")
+        p2p_class = type("DiloP2P", (P2P,), {"_UNIX_SOCKET_PREFIX": "/unix" + self._sockets})
         try:
-            self.p2p = await P2P.create(
+            self.p2p = await p2p_class.create(
                 initial_peers=initial or None, host_maddrs=listen, announce_maddrs=announce or None,
                 identity_path=str(Path(identity_file).expanduser()) if identity_file else None)
         except Exception as e:
@@ -151,9 +159,6 @@ class SwarmNode:
         child = getattr(self.p2p, "_child", None)
         if child is not None:
             self.reaper.watch_pid(child.pid)
-        for maddr in (self.p2p.daemon_listen_maddr, getattr(self.p2p, "_client_listen_maddr", None)):
-            if maddr is not None:
-                self.reaper.watch_path(maddr["unix"])
         self.peer_id = self.p2p.peer_id
         try:
             self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial or None,
@@ -171,6 +176,11 @@ class SwarmNode:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         if self.reaper is not None:
+            for path in glob.glob(self._sockets + "*") if self._sockets else ():
+                try:  # hivemind leaves the daemon's socket when the daemon failed
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
             clean = self.p2p is None or getattr(self.p2p, "_child", None) is None \
                 or self.p2p._child.returncode is not None
             self.reaper.close(clean=clean)

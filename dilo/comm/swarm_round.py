@@ -105,8 +105,8 @@ class _Lead:
 class Exchange:
     """One group's exchange: members in a fixed order and a mailbox per phase."""
 
-    def __init__(self, node: SwarmNode, group_id: bytes, t: int, peers: list[str]):
-        self.node, self.group_id, self.t, self.peers = node, group_id, t, peers
+    def __init__(self, node: SwarmNode, group_id: bytes, t: int, peers: list[str], leader: str = ""):
+        self.node, self.group_id, self.t, self.peers, self.leader = node, group_id, t, peers, leader
         self.rank = peers.index(node.name)
         self.size = len(peers)
         self.inbox: dict[int, dict[int, bytes]] = {1: {}, 2: {}}
@@ -114,6 +114,20 @@ class Exchange:
         self.aborted_by: set[int] = set()
         self.status = "active"
         self.bad_slices: list[str] = []
+
+    async def _send(self, j: int, header: dict, payload, deadline: float) -> tuple[dict, list]:
+        """One slice to member j. A stream that breaks without an answer is retried (the put is
+        idempotent); a refused connection fails on the last try, a silent peer at the deadline."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(3):
+            try:
+                return await self.node.call(self.peers[j], "put", header, payload,
+                                            timeout=max(1.0, deadline - loop.time()))
+            except PeerUnreachable as e:
+                if attempt == 2 or loop.time() >= deadline or "did not answer" in str(e):
+                    raise
+                log.debug("round %d: retrying a put to %s: %s", self.t, self.peers[j][-8:], e)
+                await asyncio.sleep(0.05 * (attempt + 1))
 
     async def _ping(self, rank: int) -> str | None:
         try:
@@ -128,8 +142,8 @@ class Exchange:
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + timeout
-        header = {"g": self.group_id, "phase": phase, "src": self.rank}
-        sends = {j: asyncio.create_task(self.node.call(self.peers[j], "put", header, outgoing[j], timeout=timeout))
+        header = {"g": self.group_id, "phase": phase, "src": self.rank, "leader": self.leader}
+        sends = {j: asyncio.create_task(self._send(j, header, outgoing[j], deadline))
                  for j in range(self.size) if j != self.rank}
         if _KILL_AT == f"{self.t}:{phase}" and sends:  # deliver to exactly one member, then crash
             first = min(sends)
@@ -193,7 +207,10 @@ def _quiet(task: asyncio.Task) -> None:
 
 
 def _delivered(task: asyncio.Task) -> bool:
-    return not task.cancelled() and task.exception() is None and bool(task.result()[0].get("ok"))
+    if task.cancelled() or task.exception() is not None:
+        return False
+    reply = task.result()[0]
+    return bool(reply.get("ok")) or reply.get("why") == "done"  # done: it had all it needed
 
 
 def _why(ex: Exchange, sends: dict, ranks) -> str:
@@ -249,7 +266,9 @@ class Rounds:
         round that are still behind (one that lost the end of that round is downloading
         its result right now and will be at step t in a moment).
         """
-        peers = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects]
+        # Peers still at the start gate (not training) start at step 0 when it opens; a round
+        # does not wait for them (they join it if they arrive in time).
+        peers = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects and m.training]
         regular = [m for m in peers if not m.pending]
         pool = regular or peers or [view.members[self.node.name]]
         catching_up = {m.peer for m in view.members.values()
@@ -276,7 +295,7 @@ class Rounds:
                 if hint is not None and hint not in suspects and hint in view.members:
                     leader, hint = hint, None
                 if leader == self.node.name:
-                    outcome = await self._lead(t, digest, suspects, deadline)
+                    outcome = await self._lead(t, digest, suspects, deadline, view)
                     if outcome is not None:
                         return outcome
                     continue
@@ -294,7 +313,7 @@ class Rounds:
                     self.following = None
                 kind = reply.get("r")
                 if kind == "begin":
-                    return Outcome("group", self._register(bytes(reply["g"]), t, list(reply["peers"])))
+                    return Outcome("group", self._register(bytes(reply["g"]), t, list(reply["peers"]), leader))
                 if kind == "ahead":
                     return Outcome("behind")
                 if kind == "redirect":
@@ -307,14 +326,15 @@ class Rounds:
             self.entered = False
             self.changed.fire()
 
-    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float) -> Outcome | None:
+    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float, view: View) -> Outcome | None:
         loop = asyncio.get_running_loop()
         lead = self.lead = _Lead(t, digest)
         self.changed.fire()
         last_ping = 0.0
         try:
             while True:
-                view = await self.members.view()
+                if view is None:
+                    view = await self.members.view()
                 if view.donors(t + 1, exclude=self.node.name):
                     lead.finish("ahead", view.max_step())
                     return Outcome("behind")
@@ -329,13 +349,15 @@ class Rounds:
                     replies = await asyncio.gather(*(self._alive(p) for p in missing))
                     last_ping = loop.time()
                     suspects.update(p for p, ok in zip(missing, replies) if not ok)
+                    view = None
                     continue
                 await lead.changed.wait(0.5)
+                view = None
             peers = sorted({self.node.name, *lead.joined})
             if len(peers) == 1:
                 lead.finish("alone")
                 return Outcome("alone")
-            group = self._register(os.urandom(16), t, peers)
+            group = self._register(os.urandom(16), t, peers, self.node.name)
             lead.finish("begin", group)
             return Outcome("group", group)
         finally:
@@ -386,8 +408,8 @@ class Rounds:
             await self.changed.wait(min(1.0, until - loop.time()))  # not in round t yet
 
     # -- the exchange's messages ---------------------------------------------------------
-    def _register(self, group_id: bytes, t: int, peers: list[str]) -> Exchange:
-        group = Exchange(self.node, group_id, t, peers)
+    def _register(self, group_id: bytes, t: int, peers: list[str], leader: str = "") -> Exchange:
+        group = Exchange(self.node, group_id, t, peers, leader)
         self.groups[group_id] = group
         self.changed.fire()
         return group
@@ -412,17 +434,20 @@ class Rounds:
         except (PeerUnreachable, RemoteError, AuthError):
             pass
 
-    async def _group(self, group_id: bytes) -> Exchange | None:
+    async def _group(self, group_id: bytes, leader: str) -> Exchange | None:
         loop = asyncio.get_running_loop()
-        # The leader's begin may still be on its way to this peer (or this peer may be
-        # starved of CPU for a while): hold the message for up to half the exchange timeout.
+        # While this peer waits for that group's leader, the leader's begin may still be on
+        # its way (or this peer starved of CPU): hold the message for up to half the exchange
+        # timeout. A peer that is not waiting for that leader was left out (its join broke):
+        # it answers at once, so the group does not wait for it.
         until = loop.time() + self.timeout / 2
-        while group_id not in self.groups and group_id not in self.finished and loop.time() < until:
-            await self.changed.wait(until - loop.time())  # the leader's begin may still be on its way
+        while (group_id not in self.groups and group_id not in self.finished and loop.time() < until
+               and self.following == leader):
+            await self.changed.wait(min(1.0, until - loop.time()))
         return self.groups.get(group_id)
 
     async def _on_put(self, remote, header: dict, frames: list) -> tuple[dict, None]:
-        group = await self._group(bytes(header["g"]))
+        group = await self._group(bytes(header["g"]), str(header.get("leader", "")))
         if group is None:
             return {"ok": False, "why": self.finished.get(bytes(header["g"]), "unknown group")}, None
         src, phase = int(header["src"]), int(header["phase"])
