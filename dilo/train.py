@@ -112,11 +112,16 @@ class Trainer:
         self.diloco: DiLoCo | None = None
         self.ddp: nn.Module | None = None
         if cfg.run.mode == "diloco":
-            group = TorchGroup() if distributed else SoloGroup()
+            # DiLoCo gets a process group of its own (created by every rank, here, in the same
+            # order): its exchanges may run on a background thread, and collectives on one
+            # group must never interleave between threads (see dilo/overlap.py).
+            group = TorchGroup(dist.new_group(backend="gloo")) if distributed else SoloGroup()
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                                  nesterov=cfg.outer.nesterov, codec=cfg.comm.codec, group=group,
-                                 block_size=cfg.comm.block_size)
+                                 block_size=cfg.comm.block_size, fragments=cfg.outer.fragments,
+                                 delay=cfg.outer.delay, alpha=cfg.outer.alpha,
+                                 overlap=cfg.outer.overlap, error_feedback=cfg.comm.error_feedback)
         elif distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -124,7 +129,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
-                       "dropped": 0}
+                       "dropped": 0, "peak_sync_bytes": 0, "sync_seconds_hidden": 0.0,
+                       "sync_seconds_exposed": 0.0}
 
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port else 0
         show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if self.worker == 0 else False
@@ -247,16 +253,23 @@ class Trainer:
         t["syncs"] += 1
         t["sync_seconds"] += stats.seconds
         t["dropped"] += stats.dropped
+        t["peak_sync_bytes"] = max(t["peak_sync_bytes"], stats.bytes_sent)
+        t["sync_seconds_hidden"] += stats.seconds_hidden
+        t["sync_seconds_exposed"] += stats.seconds_exposed
         self.metrics.log("sync", step=self.step, outer_step=stats.outer_step, loss=loss,
-                         seconds=stats.seconds, bytes_sent=stats.bytes_sent,
+                         fragment=stats.fragment, seconds=stats.seconds,
+                         seconds_hidden=stats.seconds_hidden, seconds_exposed=stats.seconds_exposed,
+                         bytes_sent=stats.bytes_sent,
                          bytes_received=stats.bytes_received, peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
                          codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
-        log.info("outer %d | step %d | loss %.4f | sent %s recv %s | %.3f s | peers %d | hash %s",
-                 stats.outer_step, self.step, loss, _mb(stats.bytes_sent), _mb(stats.bytes_received),
-                 stats.seconds, stats.num_peers, stats.global_hash[:12])
+        log.info("outer %d | step %d | fragment %d | loss %.4f | sent %s recv %s | %.3f s "
+                 "(%.3f s hidden) | peers %d | hash %s",
+                 stats.outer_step, self.step, stats.fragment, loss, _mb(stats.bytes_sent),
+                 _mb(stats.bytes_received), stats.seconds, stats.seconds_hidden, stats.num_peers,
+                 stats.global_hash[:12])
 
     def ddp_round(self) -> None:
         """Data-parallel bookkeeping at the outer-step cadence: ring all-reduce traffic."""
@@ -281,12 +294,13 @@ class Trainer:
             window_steps += 1
             synced = False
             if self.diloco:
-                stats = self.diloco.step()
-                if stats is None and self.step == cfg.run.steps:
-                    stats = self.diloco.sync()  # a shorter last round ends on the global θ
-                if stats is not None:
-                    self.after_sync(stats, loss)
-                    synced = True
+                stats = [self.diloco.step()]
+                if self.step == cfg.run.steps:
+                    stats += self.diloco.flush()  # every worker ends on the global θ
+                for s in stats:
+                    if s is not None:
+                        self.after_sync(s, loss)
+                        synced = True
             elif self.step % cfg.outer.inner_steps == 0:
                 self.ddp_round()
                 synced = True
@@ -324,6 +338,12 @@ class Trainer:
             "bytes_received": self.totals["bytes_received"],
             "bytes_are_estimated": self.diloco is None,
             "sync_seconds": self.totals["sync_seconds"],
+            "sync_seconds_hidden": self.totals["sync_seconds_hidden"],
+            "sync_seconds_exposed": self.totals["sync_seconds_exposed"],
+            "peak_sync_bytes": self.totals["peak_sync_bytes"],
+            "fragments": self.cfg.outer.fragments,
+            "overlap": self.cfg.outer.overlap,
+            "error_feedback": self.cfg.comm.error_feedback,
             "dropped_contributions": self.totals["dropped"],
             "synced_params": self.diloco.numel if self.diloco else self.model.num_params(),
             "global_hash": self.global_hash(),
@@ -336,6 +356,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if self.diloco:
+            self.diloco.close()
         self.metrics.close()
         if dist.is_initialized():
             dist.destroy_process_group()
