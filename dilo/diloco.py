@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import ExchangeResult, Group, SoloGroup
+from dilo.comm.protocol import Group, SoloGroup
 from dilo.fragments import Fragment, assign_fragments
-from dilo.overlap import ExchangeRunner, Handle, run_inline
+from dilo.overlap import ExchangeRunner, Handle, Round, round_from_state, round_state, run_inline
 
 log = logging.getLogger("dilo")
 
@@ -70,18 +70,6 @@ class SyncStats:
     """Part of `seconds` the training loop spent waiting for the exchange."""
     seconds_hidden: float = 0.0
     """Part of `seconds` that ran while the worker computed."""
-
-
-@dataclass(eq=False)
-class _Round:
-    """One exchange of one fragment, from its snapshot until it is applied."""
-
-    fragment: int
-    started: int
-    handle: Handle
-    sent: torch.Tensor
-    """What this worker contributed (Δ_m, plus the residual with error feedback)."""
-    pseudo_grad_norm: float
 
 
 def default_group() -> Group:
@@ -149,7 +137,7 @@ class DiLoCo:
         self._owner = owner
         self.inner_step = 0
         self.outer_step = 0
-        self._rounds: list[_Round] = []  # in submission order
+        self._rounds: list[Round] = []  # in submission order
         self._hash_checks: list[tuple[tuple, Handle]] = []
         self._runner = ExchangeRunner() if delay > 0 or overlap != "none" else None
         self._sync_buffers()
@@ -235,7 +223,7 @@ class DiLoCo:
 
         handle = self._runner.submit(exchange) if self._runner else run_inline(exchange)
         frag.last_snapshot_step = self.inner_step
-        self._rounds.append(_Round(f, self.inner_step, handle, sent, pseudo_grad.norm().item()))
+        self._rounds.append(Round(f, self.inner_step, handle, sent, pseudo_grad.norm().item()))
 
     @torch.no_grad()
     def _end_round(self, f: int) -> SyncStats | None:
@@ -265,7 +253,7 @@ class DiLoCo:
         return stats
 
     @torch.no_grad()
-    def _apply(self, rnd: _Round) -> tuple[SyncStats, torch.Tensor]:
+    def _apply(self, rnd: Round) -> tuple[SyncStats, torch.Tensor]:
         """Wait for a round's exchange and apply the average to its fragment's θ."""
         result, mean_buffers, seconds = rnd.handle.result()
         self._rounds = [r for r in self._rounds if r is not rnd]
@@ -378,7 +366,7 @@ class DiLoCo:
             "inner_step": self.inner_step,
             "outer_step": self.outer_step,
             "settings": self._settings(),
-            "rounds": [_round_state(r) for r in self._rounds],
+            "rounds": [round_state(r) for r in self._rounds],
         }
         live = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
         if not torch.equal(live, state["global_params"]):
@@ -401,7 +389,7 @@ class DiLoCo:
         self.inner_step = int(state["inner_step"])
         self.outer_step = int(state["outer_step"])
         self._write_model_order(state.get("live_params", flat), live=True)
-        self._rounds = [_round_from_state(r) for r in state["rounds"]]
+        self._rounds = [round_from_state(r) for r in state["rounds"]]
 
     @torch.no_grad()
     def load_global_params(self, flat: torch.Tensor) -> None:
@@ -436,21 +424,3 @@ def _check_options(inner_steps: int, fragments: int, delay: int, alpha: float, o
         raise ValueError(f"overlap must be one of {', '.join(OVERLAPS)}, got {overlap!r}")
     if error_feedback and codec.lossless:
         raise ValueError(f"error_feedback needs a lossy codec; {codec.name} is exact")
-
-
-def _round_state(rnd: _Round) -> dict:
-    result, mean_buffers, seconds = rnd.handle.result()
-    return {"fragment": rnd.fragment, "started": rnd.started, "sent": rnd.sent,
-            "pseudo_grad_norm": rnd.pseudo_grad_norm, "average": result.average,
-            "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
-            "num_peers": result.num_peers, "exchange_seconds": result.seconds,
-            "dropped": result.dropped, "codec_error": result.codec_error,
-            "buffers": mean_buffers, "seconds": seconds, "exposed": rnd.handle.exposed_seconds}
-
-
-def _round_from_state(s: dict) -> _Round:
-    result = ExchangeResult(s["average"], s["bytes_sent"], s["bytes_received"], s["num_peers"],
-                            s["exchange_seconds"], dropped=s["dropped"], codec_error=s["codec_error"])
-    handle = run_inline(lambda: (result, s["buffers"], s["seconds"]))
-    handle.exposed_seconds = s["exposed"]
-    return _Round(s["fragment"], s["started"], handle, s["sent"], s["pseudo_grad_norm"])

@@ -9,6 +9,7 @@ DiLoCo (or DDP) → resume → inner steps, outer steps, checkpoints, metrics �
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import math
@@ -115,7 +116,10 @@ class Trainer:
             # DiLoCo gets a process group of its own (created by every rank, here, in the same
             # order): its exchanges may run on a background thread, and collectives on one
             # group must never interleave between threads (see dilo/overlap.py).
-            group = TorchGroup(dist.new_group(backend="gloo")) if distributed else SoloGroup()
+            group = SoloGroup()
+            if distributed:
+                timeout = datetime.timedelta(seconds=cfg.comm.timeout)
+                group = TorchGroup(dist.new_group(backend="gloo", timeout=timeout))
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                                  nesterov=cfg.outer.nesterov, codec=cfg.comm.codec, group=group,

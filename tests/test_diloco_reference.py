@@ -62,9 +62,10 @@ def reference() -> list[list[torch.Tensor]]:
 
 def run_dilo(codec: str = "fp32", perturb_init: bool = False):
     groups = local_groups(WORKERS)
+    models = [make_model() for _ in range(WORKERS)]  # here: torch.manual_seed is process-wide
 
     def worker(rank: int):
-        model = make_model()
+        model = models[rank]
         if perturb_init and rank > 0:  # DiLoCo must adopt worker 0's θ at start
             with torch.no_grad():
                 for p in model.parameters():

@@ -8,6 +8,7 @@ never calls dilo. dilo runs the same workers on the threads backend with the fp3
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def sgd(params):
     return torch.optim.SGD(params, lr=OUTER_LR, momentum=MOMENTUM, nesterov=True)
 
 
+@functools.lru_cache(maxsize=None)  # deterministic; shared by the tests below (not mutated)
 def reference(P: int, tau: int, alpha: float, overlap: str):
     """Global parameters after every outer step of the loop, and after the final drain
     (when every worker's live parameters equal them)."""
