@@ -110,7 +110,8 @@ class OuterConfig:
     overlap: str = "none"
     """`none`, `delayed` (round t's averaged Δ is applied at the end of round t+1, its exchange
     hidden behind round t+1) or `eager` (delayed, and the live model restarts from a local
-    outer step that uses the fresh own Δ in place of the stale own share)."""
+    outer step that uses the fresh own Δ in place of the stale own share). Delayed steps
+    oscillate with momentum 0.9: use a low outer.momentum (docs/streaming.md)."""
 
 
 @dataclass

@@ -72,15 +72,17 @@ def run_variant(name: str, args: list[str], workers: int, run_dir: Path, timeout
 
 def describe(name: str, found: list[dict], core: dict | None) -> dict:
     s = found[0]
-    hidden, exposed = s["sync_seconds_hidden"], s["sync_seconds_exposed"]
+    # time over all workers: one that runs ahead waits for the others' exchanges (exposed)
+    hidden = sum(x["sync_seconds_hidden"] for x in found)
+    exposed = sum(x["sync_seconds_exposed"] for x in found)
     loss = sum(x["final_eval_loss"] for x in found) / len(found)  # identical after the final drain
     row = {
         "variant": name, "args": VARIANTS[name], "workers": len(found),
         "hashes_agree": len({x["global_hash"] for x in found}) == 1,
         "final_eval_loss": loss, "tokens_per_worker": s["tokens"], "outer_steps": s["outer_steps"],
         "bytes_sent_per_worker": s["bytes_sent"], "peak_sync_bytes": s["peak_sync_bytes"],
-        "sync_seconds": s["sync_seconds"], "sync_seconds_hidden": hidden,
-        "sync_seconds_exposed": exposed,
+        "sync_seconds_all_workers": hidden + exposed, "sync_seconds_hidden_all_workers": hidden,
+        "sync_seconds_exposed_all_workers": exposed,
         "hidden_fraction": hidden / (hidden + exposed) if hidden + exposed > 0 else 0.0,
         "wall_seconds": max(x["wall_seconds"] for x in found),
     }
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--reread", action="store_true",
+                        help="do not train: rebuild --out from the summaries already in its folder")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then dilo.train arguments")
     opts = parser.parse_args()
     train_args = [a for a in opts.train_args if a != "--"] or ["--config", "configs/tiny.toml"]
@@ -106,7 +110,7 @@ def main() -> None:
         raise SystemExit(f"--variants: any of {', '.join(VARIANTS)}")
     out = Path(opts.out)
     # Variants already in --out (same arguments) are kept, not run again: add variants later.
-    rows = json.loads(out.read_text())["results"] if out.exists() else []
+    rows = json.loads(out.read_text())["results"] if out.exists() and not opts.reread else []
     if rows and json.loads(out.read_text())["train_args"] != train_args:
         raise SystemExit(f"{out} holds runs with other arguments; choose another --out")
     core = next((r for r in rows if r["variant"] == "core"), None)
@@ -115,7 +119,10 @@ def main() -> None:
         raise SystemExit("the core variant must run first (it is the baseline of every ratio)")
     for name in names:
         start = time.time()
-        found = run_variant(name, train_args, opts.workers, out.parent / name, opts.timeout)
+        if opts.reread:
+            found = [json.loads(p.read_text()) for p in sorted((out.parent / name).glob("summary-*.json"))]
+        else:
+            found = run_variant(name, train_args, opts.workers, out.parent / name, opts.timeout)
         row = describe(name, found, core)
         core = core or row
         rows.append(row)
