@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dilo.codecs import CODEC_NAMES
+from dilo.diloco import OVERLAPS
 
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
@@ -102,6 +103,19 @@ class OuterConfig:
     """Outer momentum."""
     nesterov: bool = True
     """Nesterov momentum for the outer step."""
+    fragments: int = 1
+    """P: Streaming DiLoCo fragments, strided over the transformer blocks (embeddings with
+    fragment 0, final norm/head with P-1); one is exchanged every H/P steps. Must divide H."""
+    delay: int = 0
+    """τ: inner steps a fragment's exchange runs behind compute (pseudo-gradient taken τ
+    steps before it is applied); must be < H/P. 0 = blocking (unless overlap is set)."""
+    alpha: float = 0.0
+    """Merge on arrival: live ← alpha·live + (1 − alpha)·θ_new; 0 = take the global, in [0, 1]."""
+    overlap: str = "none"
+    """`none`, `delayed` (round t's averaged Δ is applied at the end of round t+1, its exchange
+    hidden behind round t+1) or `eager` (delayed, and the live model restarts from a local
+    outer step that uses the fresh own Δ in place of the stale own share). Delayed steps
+    oscillate with momentum 0.9: use a low outer.momentum (docs/streaming.md)."""
 
 
 @dataclass
@@ -112,6 +126,9 @@ class CommConfig:
     """Pseudo-gradient wire format: fp32, bf16, fp16, int8, fp4."""
     block_size: int = 256
     """Elements per scale block for int8/fp4."""
+    error_feedback: bool = False
+    """Keep what the lossy codec dropped from this worker's Δ and add it to the next one
+    (e ← (Δ + e) − decode(encode(Δ + e))). Needs a lossy comm.codec."""
     timeout: float = 600.0
     """Seconds a collective may take before the worker gives up."""
 
@@ -188,7 +205,8 @@ class Config:
     def shared_settings(self) -> dict:
         """The settings every worker of one run must share (model, algorithm, codec)."""
         shared = {k: self.to_dict()[k] for k in ("model", "outer")}
-        shared["comm"] = {"codec": self.comm.codec, "block_size": self.comm.block_size}
+        shared["comm"] = {"codec": self.comm.codec, "block_size": self.comm.block_size,
+                          "error_feedback": self.comm.error_feedback}
         shared["mode"] = self.run.mode
         return shared
 
@@ -352,6 +370,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= o.momentum < 1.0, f"outer.momentum must be in [0, 1), got {o.momentum}")
     _require(not (o.nesterov and o.momentum == 0),
              "outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum")
+    _validate_streaming(cfg)
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
@@ -405,9 +424,39 @@ def _validate_peers(cfg: Config) -> None:
         _require(cfg.run.steps % cfg.outer.inner_steps == 0,
                  f"comm.backend = hivemind needs run.steps ({cfg.run.steps}) to be a multiple of "
                  f"outer.inner_steps ({cfg.outer.inner_steps}): every peer ends at the same outer step")
+        o = cfg.outer
+        _require((o.fragments, o.delay, o.overlap) == (1, 0, "none"),
+                 "comm.backend = hivemind runs the classic schedule only: outer.fragments = 1, "
+                 f"outer.delay = 0, outer.overlap = none (got {o.fragments}, {o.delay}, {o.overlap!r}); "
+                 "streaming and overlapped DiLoCo need comm.backend = torch for now")
         _require(not cfg.checkpoint.resume, "checkpoint.resume is not available with comm.backend = "
                  "hivemind: a peer rejoins from the live swarm's state; to restart a whole swarm "
                  "from saved weights use checkpoint.init_from")
+
+
+def _validate_streaming(cfg: Config) -> None:
+    """Streaming DiLoCo, overlapped outer steps and error feedback (docs/streaming.md)."""
+    o, c = cfg.outer, cfg.comm
+    _require(o.fragments >= 1, f"outer.fragments must be >= 1, got {o.fragments}")
+    _require(o.inner_steps % o.fragments == 0,
+             f"outer.fragments ({o.fragments}) must divide outer.inner_steps ({o.inner_steps}): "
+             "one fragment is exchanged every inner_steps / fragments steps")
+    _require(o.fragments <= cfg.model.n_layers,
+             f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
+             "fragments are strided over the transformer blocks")
+    stride = o.inner_steps // o.fragments
+    _require(0 <= o.delay < stride,
+             f"outer.delay ({o.delay}) must be >= 0 and < outer.inner_steps / outer.fragments "
+             f"({o.inner_steps} / {o.fragments} = {stride}), so one fragment is in flight at a time")
+    _require(0.0 <= o.alpha <= 1.0, f"outer.alpha must be in [0, 1], got {o.alpha}")
+    _require(o.overlap in OVERLAPS, f"outer.overlap must be one of {', '.join(OVERLAPS)}, got {o.overlap!r}")
+    _require(not (c.error_feedback and c.codec == "fp32"),
+             "comm.error_feedback = true needs a lossy comm.codec (bf16, fp16, int8, fp4); fp32 loses nothing")
+    if cfg.run.mode != "diloco":
+        changed = [key for key, on in (("outer.fragments", o.fragments != 1), ("outer.delay", o.delay != 0),
+                                       ("outer.alpha", o.alpha != 0.0), ("outer.overlap", o.overlap != "none"),
+                                       ("comm.error_feedback", c.error_feedback)) if on]
+        _require(not changed, f"{', '.join(changed)} only apply to run.mode = diloco, not {cfg.run.mode!r}")
 
 
 def help_text() -> str:

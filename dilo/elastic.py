@@ -273,7 +273,11 @@ def save_after_failure(trainer: Trainer, error: BaseException) -> None:
     path = checkpoint.worker_file(checkpoint.step_dir(t.cfg.run.dir, t.outer_step), t.worker)
     if path.exists():
         return
-    state = t.state_dict()
+    try:
+        state = t.state_dict()
+    except Exception as e:  # noqa: BLE001 - e.g. the failed exchange was still in flight
+        log.error("could not save the state after the failure: %s", str(e)[:300])
+        return
     state.update(step=boundary["step"], data=boundary["data"], exact=False)
     state["diloco"]["inner_step"] = boundary["inner_step"]
     try:

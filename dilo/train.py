@@ -19,6 +19,7 @@ size is unchanged and elastically otherwise (elastic.py).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import math
@@ -175,7 +176,10 @@ class Trainer:
             self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
                                  outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                                  nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
-                                 group=self.outer_group(), block_size=cfg.comm.block_size)
+                                 group=self.outer_group(), block_size=cfg.comm.block_size,
+                                 fragments=cfg.outer.fragments, delay=cfg.outer.delay,
+                                 alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
+                                 error_feedback=cfg.comm.error_feedback)
             if self.diloco.joined is not None:  # a swarm's state: continue at its global step
                 self.step = self.diloco.outer_step * cfg.outer.inner_steps
             if self.island:  # inner steps: data-parallel over the worker's own ranks only
@@ -187,7 +191,8 @@ class Trainer:
         self.compute_seconds = 0.0
         self.loop_seconds = 0.0
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "syncs": 0, "sync_seconds": 0.0,
-                       "dropped": 0, "intra_bytes": 0}
+                       "dropped": 0, "intra_bytes": 0, "peak_sync_bytes": 0,
+                       "sync_seconds_hidden": 0.0, "sync_seconds_exposed": 0.0}
         self.writer = checkpoint.AsyncWriter()
         self.stopper = GracefulStop()
         self.record_boundary()
@@ -214,11 +219,22 @@ class Trainer:
             if self.island is None:
                 return self.swarm
             return HierarchicalGroup(self.swarm, self.island.intra_pg, sliced=False)
+        # DiLoCo's process groups are its own (created here by every rank, in the same
+        # order): with outer.delay or outer.overlap its collectives run on a background
+        # thread, and collectives on one group must never interleave between threads
+        # (dilo/overlap.py); the default group stays free for resume and stop requests,
+        # the island's intra group for DDP.
         if self.island is None:
-            return TorchGroup() if self.world_size > 1 else SoloGroup()
+            if self.world_size == 1:
+                return SoloGroup()
+            timeout = datetime.timedelta(seconds=self.cfg.comm.timeout)
+            return TorchGroup(dist.new_group(backend="gloo", timeout=timeout))
+        island = self.island
+        if self.cfg.outer.delay > 0 or self.cfg.outer.overlap != "none":
+            island = join_islands(self.worker_size)  # a second set: DDP keeps the first
         # Local rank r exchanges slice r with local rank r of every other worker.
-        inter = TorchGroup(self.island.slice_pg) if self.num_workers > 1 else SoloGroup()
-        return HierarchicalGroup(inter, self.island.intra_pg)
+        inter = TorchGroup(island.slice_pg) if self.num_workers > 1 else SoloGroup()
+        return HierarchicalGroup(inter, island.intra_pg)
 
     @property
     def speaks_for_worker(self) -> bool:
@@ -355,19 +371,25 @@ class Trainer:
         t["sync_seconds"] += stats.seconds
         t["dropped"] += stats.dropped
         t["intra_bytes"] += stats.intra_bytes
+        t["peak_sync_bytes"] = max(t["peak_sync_bytes"], stats.bytes_sent)
+        t["sync_seconds_hidden"] += stats.seconds_hidden
+        t["sync_seconds_exposed"] += stats.seconds_exposed
         self.metrics.log("sync", step=self.step, outer_step=stats.outer_step, loss=loss,
-                         seconds=stats.seconds, bytes_sent=stats.bytes_sent,
-                         bytes_received=stats.bytes_received, intra_bytes=stats.intra_bytes,
-                         peers=stats.num_peers,
+                         fragment=stats.fragment, seconds=stats.seconds,
+                         seconds_hidden=stats.seconds_hidden, seconds_exposed=stats.seconds_exposed,
+                         bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
+                         intra_bytes=stats.intra_bytes, peers=stats.num_peers,
                          global_hash=stats.global_hash, dropped=stats.dropped,
                          codec_error=stats.codec_error, pseudo_grad_norm=stats.pseudo_grad_norm,
                          world=self.world_id, adopted=stats.adopted)
         if stats.dropped:
             self.metrics.count("dropped_contributions", stats.dropped)
         intra = f" (+{_mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
-        log.info("outer %d | step %d | loss %.4f | sent %s recv %s%s | %.3f s | peers %d | hash %s",
-                 stats.outer_step, self.step, loss, _mb(stats.bytes_sent), _mb(stats.bytes_received),
-                 intra, stats.seconds, stats.num_peers, stats.global_hash[:12])
+        frag = f" | fragment {stats.fragment}" if self.cfg.outer.fragments > 1 else ""
+        hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""
+        log.info("outer %d | step %d%s | loss %.4f | sent %s recv %s%s | %.3f s%s | peers %d | hash %s",
+                 stats.outer_step, self.step, frag, loss, _mb(stats.bytes_sent), _mb(stats.bytes_received),
+                 intra, stats.seconds, hidden, stats.num_peers, stats.global_hash[:12])
 
     def ddp_round(self) -> None:
         """Data-parallel bookkeeping at the outer-step cadence: ring all-reduce traffic."""
@@ -381,14 +403,16 @@ class Trainer:
         """The outer step, if this inner step ends a round; True if one ran."""
         try:
             if self.diloco:
-                stats = self.diloco.step()
-                if stats is None and self.step == self.cfg.run.steps:
-                    stats = self.diloco.sync()  # a shorter last round ends on the global θ
-                if stats is None:
+                stats = [self.diloco.step()]
+                if self.step == self.cfg.run.steps:
+                    stats += self.diloco.flush()  # every worker ends on the global θ
+                stats = [s for s in stats if s is not None]
+                if not stats:
                     return False
-                if stats.adopted:  # took the swarm's newer state: continue at its global step
-                    self.step = self.diloco.outer_step * self.cfg.outer.inner_steps
-                self.after_sync(stats, loss)
+                for s in stats:
+                    if s.adopted:  # took the swarm's newer state: continue at its global step
+                        self.step = self.diloco.outer_step * self.cfg.outer.inner_steps
+                    self.after_sync(s, loss)
             elif self.step % self.cfg.outer.inner_steps == 0:
                 self.ddp_round()
             else:
@@ -503,6 +527,12 @@ class Trainer:
             "worker_bytes_received": sum(t["bytes_received"] for t in per_rank),
             "compute_seconds": self.compute_seconds,
             "loop_seconds": self.loop_seconds,
+            "sync_seconds_hidden": self.totals["sync_seconds_hidden"],
+            "sync_seconds_exposed": self.totals["sync_seconds_exposed"],
+            "peak_sync_bytes": self.totals["peak_sync_bytes"],
+            "fragments": self.cfg.outer.fragments,
+            "overlap": self.cfg.outer.overlap,
+            "error_feedback": self.cfg.comm.error_feedback,
             "dropped_contributions": self.totals["dropped"],
             "synced_params": self.diloco.numel if self.diloco else self.model.num_params(),
             "global_hash": self.global_hash(),
@@ -531,6 +561,8 @@ class Trainer:
         except checkpoint.CheckpointError as e:
             log.error("%s", e)
         self.stopper.uninstall()
+        if self.diloco:
+            self.diloco.close()
         self.metrics.close()
         if self.swarm is not None:
             self.swarm.close()

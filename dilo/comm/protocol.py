@@ -88,7 +88,11 @@ class ExchangeResult:
 
 
 class Group(ABC):
-    """Members that share one global state. Implemented once per backend."""
+    """Members that share one global state. Implemented once per backend.
+
+    Calls may come from a thread other than the one that made the group (DiLoCo runs
+    overlapped exchanges on a background thread, dilo/overlap.py), but never two at once.
+    """
 
     rank: int
     size: int

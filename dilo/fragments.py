@@ -1,0 +1,184 @@
+"""Streaming DiLoCo's fragments: which parameters sync together, and each one's outer state.
+
+With `fragments = P > 1` the synchronized parameters are split into P fragments that
+are exchanged in turn, one every H/P inner steps, so only 1/P of the model is on the
+wire at a time. Assignment (`assign_fragments`), as in Streaming DiLoCo:
+
+* the model's repeated blocks are the `nn.ModuleList` holding the most trainable
+  parameters (a transformer's layers); block i goes to fragment i mod P (strided:
+  each fragment spans the whole depth of the network);
+* parameters outside the blocks are assigned explicitly by their position: those
+  before the first block (token and position embeddings; with weight tying the head
+  too) go to fragment 0, those after the last block (final norm, an untied head) to
+  fragment P - 1.
+
+Each `Fragment` holds its own slice of the outer state: θ_p (flat fp32 on the CPU,
+parameters in model order), its `torch.optim.SGD` outer optimizer, the worker-local
+eager copy (overlap = eager) and the error-feedback residual (error_feedback).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dilo.codecs import Codec
+
+
+def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
+    """Fragment index of each of `params` (model order); see the module docstring."""
+    if num_fragments == 1:
+        return [0] * len(params)
+    trainable = {id(p) for p in params}
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters() if id(p) in trainable),
+                 default=None)
+    if blocks is None or len(blocks) < num_fragments:
+        found = 0 if blocks is None else len(blocks)
+        raise ValueError(f"fragments = {num_fragments} needs a model whose layers are an nn.ModuleList "
+                         f"of at least {num_fragments} blocks; found {found} blocks")
+    block_of = {}
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            block_of.setdefault(id(p), i)
+    assignment, seen_block = [], False
+    for p in params:
+        if id(p) in block_of:
+            assignment.append(block_of[id(p)] % num_fragments)
+            seen_block = True
+        else:
+            assignment.append(num_fragments - 1 if seen_block else 0)
+    for f in range(num_fragments):
+        if f not in assignment:
+            raise ValueError(f"fragment {f} of {num_fragments} holds no trainable parameter; "
+                             "use fewer fragments")
+    return assignment
+
+
+def codec_roundtrip(codec: Codec, x: torch.Tensor) -> torch.Tensor:
+    """What `x` becomes on the wire.
+
+    Equal to what the two-phase exchange's phase 1 delivers for this worker's vector:
+    `two_phase_average` cuts it into owner chunks that are whole codec blocks, so the
+    blocks (and thus scales and codes) are the same as when the whole vector is encoded.
+    """
+    return codec.decode(codec.encode(x), x.numel())
+
+
+class Fragment:
+    """One fragment's parameters, outer state and worker-local extras."""
+
+    def __init__(self, index: int, params: list[nn.Parameter], outer_lr: float, outer_momentum: float,
+                 nesterov: bool, eager: bool, error_feedback: bool):
+        self.index = index
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self._sgd = dict(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
+        self.theta = nn.Parameter(self.read_live(), requires_grad=False)
+        self.outer = torch.optim.SGD([self.theta], **self._sgd)
+        # eager: this worker's own outer trajectory, fed its fresh Δ in place of the stale own share
+        self.eager_theta: nn.Parameter | None = None
+        self.eager_outer: torch.optim.SGD | None = None
+        if eager:
+            self.eager_theta = nn.Parameter(self.theta.detach().clone(), requires_grad=False)
+            self.eager_outer = torch.optim.SGD([self.eager_theta], **self._sgd)
+        self.residual = torch.zeros(self.numel) if error_feedback else None
+        self.last_merge_step = 0
+        """Inner step at which the live parameters were last set from the outer state."""
+        self.last_snapshot_step = 0
+        """Inner step at which the live parameters' progress was last put on the wire."""
+
+    # -- the live model's slice ----------------------------------------------------------
+    def read_live(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+
+    @torch.no_grad()
+    def write_live(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    @property
+    def start_point(self) -> torch.Tensor:
+        """ϑ: where the live fragment was last merged from (θ, or the eager copy)."""
+        return (self.eager_theta if self.eager_theta is not None else self.theta).detach()
+
+    @torch.no_grad()
+    def merge(self, alpha: float) -> None:
+        """live ← α·live + (1 − α)·ϑ; with α = 0 an exact copy of ϑ."""
+        if alpha == 0.0:
+            self.write_live(self.start_point)
+        else:
+            self.write_live(alpha * self.read_live() + (1.0 - alpha) * self.start_point)
+
+    # -- error feedback ------------------------------------------------------------------
+    def compensate(self, pseudo_grad: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """What to send: Δ + e, and e ← (Δ + e) − decode(encode(Δ + e))."""
+        if self.residual is None:
+            return pseudo_grad
+        sent = pseudo_grad + self.residual
+        self.residual = sent - codec_roundtrip(codec, sent)
+        return sent
+
+    # -- outer steps ---------------------------------------------------------------------
+    @staticmethod
+    def _sgd_step(param: nn.Parameter, opt: torch.optim.Optimizer, grad: torch.Tensor) -> None:
+        param.grad = grad
+        opt.step()
+        param.grad = None
+
+    @torch.no_grad()
+    def outer_step(self, average: torch.Tensor) -> None:
+        self._sgd_step(self.theta, self.outer, average)
+
+    @torch.no_grad()
+    def eager_step(self, proxy: torch.Tensor) -> None:
+        self._sgd_step(self.eager_theta, self.eager_outer, proxy)
+
+    @torch.no_grad()
+    def reset_eager(self) -> None:
+        """Eager copy ← the shared outer state (after a drain, or a state transfer)."""
+        if self.eager_theta is None:
+            return
+        self.eager_theta.copy_(self.theta)
+        self.eager_outer = torch.optim.SGD([self.eager_theta], **self._sgd)
+        momentum = self.momentum()
+        if momentum is not None:
+            self.eager_outer.state[self.eager_theta]["momentum_buffer"] = momentum.clone()
+
+    @torch.no_grad()
+    def restart_local(self, step: int | None = None) -> None:
+        """Drop the worker-local extras after taking another worker's outer state: zero
+        error-feedback residual, eager copy ← θ; with `step`, the schedule restarts there."""
+        if self.residual is not None:
+            self.residual.zero_()
+        self.reset_eager()
+        if step is not None:
+            self.last_merge_step = self.last_snapshot_step = step
+
+    def momentum(self) -> torch.Tensor | None:
+        return self.outer.state.get(self.theta, {}).get("momentum_buffer")
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"outer": self.outer.state_dict(), "last_merge_step": self.last_merge_step,
+                 "last_snapshot_step": self.last_snapshot_step}
+        if self.eager_theta is not None:
+            state["eager_theta"] = self.eager_theta.detach().clone()
+            state["eager_outer"] = self.eager_outer.state_dict()
+        if self.residual is not None:
+            state["residual"] = self.residual.clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.outer.load_state_dict(state["outer"])
+        self.last_merge_step = int(state["last_merge_step"])
+        self.last_snapshot_step = int(state["last_snapshot_step"])
+        if self.eager_theta is not None:
+            self.eager_theta.copy_(state["eager_theta"])
+            self.eager_outer.load_state_dict(state["eager_outer"])
+        if self.residual is not None:
+            self.residual = state["residual"].clone()
