@@ -287,4 +287,4 @@ def save_after_failure(trainer: Trainer, error: BaseException) -> None:
         return
     log.warning("saved the last consistent global state (outer step %d) to %s", t.outer_step, path)
     t.metrics.log("event", event="checkpoint", path=str(path), outer_step=t.outer_step,
-                  on_failure=True, error=str(error)[:300])
+                  on_failure=True, error=str(error)[:300], world=t.world_id, global_hash=t.global_hash())

@@ -62,3 +62,26 @@ def test_two_nodes_one_killed_and_readded(procs, tmp_path):
     grow = r["worlds"][-1]
     assert (shrink["how"], shrink["written_by"]) == ("elastic", 2)
     assert (grow["how"], grow["written_by"]) == ("elastic", 1)
+
+
+def test_report_accepts_failure_states_and_flags_states_never_reached(tmp_path):
+    from tools.chaos_report import analyze
+
+    def line(**kw):
+        return json.dumps({"time": 0.0, **kw})
+
+    def write(resumed_hash: str) -> dict:
+        lines = [line(kind="event", event="start", world="w1", workers=2),
+                 line(kind="sync", world="w1", outer_step=1, global_hash="a", loss=1.0),
+                 # a peer died in the hash check after outer step 2: saved, never logged as a sync
+                 line(kind="event", event="checkpoint", on_failure=True, world="w1", outer_step=2,
+                      global_hash="b"),
+                 line(kind="event", event="resume", world="w2", workers=2, how="elastic", outer_step=2,
+                      written_by=2, global_hash=resumed_hash)]
+        (tmp_path / "metrics-0.jsonl").write_text("\n".join(lines) + "\n")
+        return analyze(tmp_path, 40)
+
+    ok = write("b")
+    assert ok["resumes_from_unseen_state"] == 0 and ok["resumes_from_failure_state"] == 1
+    bad = write("c")
+    assert bad["resumes_from_unseen_state"] == 1 and bad["resumes_from_failure_state"] == 0

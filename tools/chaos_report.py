@@ -7,7 +7,9 @@ of its sync and event lines) appends to run_dir/metrics-<rank>.jsonl. From those
   hashes in their sync lines, plus resumes where members of one world loaded different
   states, plus `diverged` events (a member's own hash check failed and it stopped);
 - resumes_from_unseen_state: resumes whose (outer step, global hash) no earlier sync
-  line ever produced, i.e. a state that training never reached;
+  line and no save-on-failure produced, i.e. a state that training never reached (a
+  failure in the hash check after an outer step saves that step's state before its sync
+  line is written: such resumes are counted in resumes_from_failure_state);
 - nonfinite_steps: inner, sync and eval lines whose loss is not a finite number;
 - the final eval loss comes from the summaries of the world that finished.
 """
@@ -51,6 +53,7 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
     sync_hashes: dict[tuple, set] = defaultdict(set)
     resume_hashes: dict[str, set] = defaultdict(set)
     seen: set[tuple] = set()
+    failure_saved: set[tuple] = set()
     worlds: dict[str, dict] = {}
     diverged = nonfinite = 0
     for r in lines:
@@ -62,6 +65,8 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
             nonfinite += 1
         if kind == "eval" and not finite(r.get("eval_loss")):
             nonfinite += 1
+        if kind == "event" and r.get("event") == "checkpoint" and r.get("on_failure") and "global_hash" in r:
+            failure_saved.add((r["outer_step"], r["global_hash"]))
         if kind == "event" and r.get("event") == "diverged":
             diverged += 1
         if kind == "event" and r.get("event") in ("start", "resume"):
@@ -70,7 +75,8 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
                 resume_hashes[r["world"]].add((r["outer_step"], r["global_hash"]))
                 w.update(how=r["how"], outer_step=r["outer_step"], written_by=r["written_by"],
                          global_hash=r["global_hash"])
-    unseen = sorted({pair for hashes in resume_hashes.values() for pair in hashes} - seen)
+    resumed = {pair for hashes in resume_hashes.values() for pair in hashes}
+    unseen = sorted(resumed - seen - failure_saved)
     mismatches = (sum(len(h) > 1 for h in sync_hashes.values())
                   + sum(len(h) > 1 for h in resume_hashes.values()) + diverged)
     summaries = final_summaries(run_dir)
@@ -82,6 +88,7 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
         "hash_mismatches": mismatches,
         "diverged_events": diverged,
         "resumes_from_unseen_state": len(unseen),
+        "resumes_from_failure_state": len((resumed & failure_saved) - seen),
         "nonfinite_steps": nonfinite,
         "outer_steps_checked": len(sync_hashes),
         "final_eval_loss": summaries[0]["final_eval_loss"] if summaries else None,
@@ -115,6 +122,7 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
         "agent_exit_codes": chaos["exit_codes"],
         "hash_mismatches": got["hash_mismatches"],
         "resumes_from_unseen_state": got["resumes_from_unseen_state"],
+        "resumes_from_failure_state": got["resumes_from_failure_state"],
         "nonfinite_steps": got["nonfinite_steps"],
         "final_eval_loss": loss,
         "reference_eval_loss": ref_loss,
