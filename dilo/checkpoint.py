@@ -120,17 +120,17 @@ def prune(run_dir: str | Path, worker: int | str, keep: int, num_workers: int = 
     steps = [s for s in list_steps(run_dir) if worker_file(step_dir(run_dir, s), worker).exists()]
     for old in steps[:-keep]:
         directory = step_dir(run_dir, old)
-        for path in directory.glob("worker-*.pt"):
-            slot = path.stem.split("-", 1)[1]  # a rank, or a swarm peer's name (peer-...)
-            departed = (isinstance(worker, int) and slot.isdigit() and int(slot) >= num_workers
-                        and int(slot) % num_workers == worker)
-            if slot == str(worker) or departed:
-                path.unlink(missing_ok=True)
-        for tmp in directory.glob(f".worker-{worker}.pt.tmp-*"):  # left by a killed writer
-            tmp.unlink(missing_ok=True)
-        try:
+        try:  # the other workers prune the same folder at the same time: it may vanish
+            for path in list(directory.glob("worker-*.pt")):
+                slot = path.stem.split("-", 1)[1]  # a rank, or a swarm peer's name (peer-...)
+                departed = (isinstance(worker, int) and slot.isdigit() and int(slot) >= num_workers
+                            and int(slot) % num_workers == worker)
+                if slot == str(worker) or departed:
+                    path.unlink(missing_ok=True)
+            for tmp in list(directory.glob(f".worker-{worker}.pt.tmp-*")):  # left by a killed writer
+                tmp.unlink(missing_ok=True)
             directory.rmdir()  # the last worker to prune removes the folder
-        except OSError:
+        except OSError:  # gone already, or not empty yet
             pass
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,22 @@ def test_init_from_starts_a_new_run_from_global_weights(procs, tmp_path, monkeyp
         trainer.close()
     lines = [json.loads(l) for l in (tmp_path / "new" / "metrics-0.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "start"
+
+
+def test_prune_survives_another_worker_removing_the_folder(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        for w in (0, 1):
+            checkpoint.write_atomic(checkpoint.worker_file(checkpoint.step_dir(tmp_path, step), w), {"s": step})
+    real_glob = Path.glob
+
+    def glob_racing_with_worker_1(self, pattern):
+        if pattern.startswith(".worker-0.pt.tmp"):  # worker 1 empties and removes the folder
+            for f in self.iterdir():                # between the is_dir check and the scan
+                f.unlink()
+            self.rmdir()
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", glob_racing_with_worker_1)
+    checkpoint.prune(tmp_path, 0, keep=2, num_workers=2)
+    assert checkpoint.list_steps(tmp_path) == [2, 3]
