@@ -138,12 +138,6 @@ def swarm(procs, tmp_path):
 
 
 # -- tests --------------------------------------------------------------------------------
-# Marked slow (not run by `make test`/CI) on 2026-11-26: on the shared 2-core machine at
-# load 8-20, peers started with --peers.initial failed with "Daemon failed to start ...
-# failed to connect to bootstrap peers" after the swarm was merged with islands and elastic
-# resume. Re-enable in CI once a fresh clone passes `pytest tests/test_swarm.py` on an idle
-# machine (issue 3 stays open until then).
-@pytest.mark.slow
 def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     steps = ["--run.steps", "300", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
@@ -165,12 +159,6 @@ def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 60
 
 
-# Marked slow (not run by `make test`/CI) on 2026-11-26: on the shared 2-core machine at
-# load 8-20, peers started with --peers.initial failed with "Daemon failed to start ...
-# failed to connect to bootstrap peers" after the swarm was merged with islands and elastic
-# resume. Re-enable in CI once a fresh clone passes `pytest tests/test_swarm.py` on an idle
-# machine (issue 3 stays open until then).
-@pytest.mark.slow
 def test_peer_killed_mid_exchange_survivors_agree(swarm):
     """c dies in round 4 after its averaged chunk reached one survivor but not the other:
     one survivor completes the round, the other detects the partial round, applies nothing
@@ -190,7 +178,6 @@ def test_peer_killed_mid_exchange_survivors_agree(swarm):
                    if r["outer_step"] > 5)
 
 
-@pytest.mark.slow
 def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
     """The same refusals as test_swarm_parts, end to end: exit code 2 and both sides' logs,
     then Ctrl-C on the member that refused them."""
@@ -207,7 +194,6 @@ def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
     assert finish(a, 60) == 130
 
 
-@pytest.mark.slow
 def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm):
     """Under torchrun the ranks form one worker (data-parallel inside); only rank 0 talks to
     the swarm, and every rank ends on the swarm's global state."""

@@ -195,7 +195,8 @@ class SwarmGroup(Group):
                 own = await loop.run_in_executor(None, holder.export_state)
                 self._digest = await loop.run_in_executor(None, own.digest)
                 self.transfer.known_digest = (own.outer_step, self._digest)
-                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False)
+                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False,
+                                       min_peers=self.min_peers)
                 self.rounds.set_step(own.outer_step)
                 await self.members.start()
                 published = True

@@ -35,6 +35,8 @@ class Member:
     pending: bool
     training: bool
     done: bool
+    min_peers: int = 1
+    """Its peers.min_peers: a member at the start gate starts once that many are there."""
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Membership:
         self.fingerprint = fingerprint
         self.heartbeat = heartbeat
         self.me = {"fp": fingerprint, "step": 0, "digest": "", "pending": False, "training": False,
-                   "done": False, "left": False}
+                   "done": False, "left": False, "min_peers": 1}
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
@@ -130,7 +132,7 @@ class Membership:
                     foreign[peer] = str(r.get("fp"))
                     continue
                 members[peer] = Member(peer, int(r["step"]), str(r["digest"]), bool(r["pending"]),
-                                       bool(r["training"]), bool(r["done"]))
+                                       bool(r["training"]), bool(r["done"]), int(r.get("min_peers", 1)))
             except (KeyError, TypeError, ValueError):
                 log.debug("swarm: malformed membership record from %s: %r", peer, r)
         return View(members, foreign)

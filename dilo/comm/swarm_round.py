@@ -266,9 +266,11 @@ class Rounds:
         round that are still behind (one that lost the end of that round is downloading
         its result right now and will be at step t in a moment).
         """
-        # Peers still at the start gate (not training) start at step 0 when it opens; a round
-        # does not wait for them (they join it if they arrive in time).
-        peers = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects and m.training]
+        # A peer still at the start gate (not training) whose gate is open (as many peers at
+        # step t as its peers.min_peers) is about to start: the round waits for it. One whose
+        # gate is still closed would hold everyone up; it joins a later round instead.
+        here = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects]
+        peers = [m for m in here if m.training or m.min_peers <= len(here)]
         regular = [m for m in peers if not m.pending]
         pool = regular or peers or [view.members[self.node.name]]
         catching_up = {m.peer for m in view.members.values()
