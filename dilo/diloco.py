@@ -32,8 +32,11 @@ bytes on every worker, in the same order: they stay bit-identical (hash-checked)
 Elastic groups (the hivemind swarm, `Group.elastic`) have no fixed ranks: the starting
 state comes from `Group.bind` (a running swarm's, or ours), a member that fell behind
 adopts the group's newer state (`ExchangeResult.adopted`), and `Group.confirm` may hand
-back the majority's state after a mismatch. They run the classic schedule only
-(fragments = 1, delay = 0, overlap none); the constructor refuses the rest.
+back the majority's state after a mismatch. They run streaming (fragments, delay) but
+not overlap delayed/eager: a joiner adopts θ at an outer step, and with overlap a round
+is always in flight there. A swarm keys its rounds by outer step, not by collective order,
+so its confirm runs on the training thread even when exchanges run in the background
+(with overlap none and τ < H/P no exchange is in flight at an apply step).
 """
 
 from __future__ import annotations
@@ -136,10 +139,9 @@ class DiLoCo:
             if self.buffers:
                 raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
                                  "use a model without them or comm.backend = torch")
-            if (fragments, delay, overlap) != (1, 0, "none"):
-                raise ValueError("the hivemind backend runs the classic schedule only: fragments = 1, "
-                                 f"delay = 0, overlap = none (got {fragments}, {delay}, {overlap!r}); "
-                                 "use comm.backend = torch for streaming or overlapped DiLoCo")
+            if overlap != "none":
+                raise ValueError(f"overlap = {overlap!r} needs a fixed group (comm.backend = torch): a peer "
+                                 "that joins a swarm mid-run would lack the round in flight")
         self.numel = sum(p.numel() for p in self.params)
         # θ, the outer momenta and the step change only under this lock, so an elastic
         # backend can snapshot them from its own thread (to serve a joining peer).
@@ -364,7 +366,7 @@ class DiLoCo:
         if not self.check_hashes or (self.group.size == 1 and not self.group.elastic):
             return False
         step = self.outer_step
-        if self._runner is not None:
+        if self._runner is not None and not self.group.elastic:
             self._hash_checks.append(((step, digest), self._runner.submit(lambda: self.group.confirm(step, digest))))
             return False
         repaired = self.group.confirm(step, digest)

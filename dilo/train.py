@@ -181,7 +181,7 @@ class Trainer:
                                  alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
                                  error_feedback=cfg.comm.error_feedback)
             if self.diloco.joined is not None:  # a swarm's state: continue at its global step
-                self.step = self.diloco.outer_step * cfg.outer.inner_steps
+                self.step = self.diloco.inner_step
             if self.island:  # inner steps: data-parallel over the worker's own ranks only
                 self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    process_group=self.island.intra_pg)
@@ -215,10 +215,12 @@ class Trainer:
 
     def outer_group(self) -> Group:
         """Who DiLoCo averages with: every worker, as one member each."""
+        overlapped = self.cfg.outer.delay > 0 or self.cfg.outer.overlap != "none"
         if self.cfg.comm.backend == "hivemind":
             if self.island is None:
                 return self.swarm
-            return HierarchicalGroup(self.swarm, self.island.intra_pg, sliced=False)
+            island = join_islands(self.worker_size) if overlapped else self.island
+            return HierarchicalGroup(self.swarm, island.intra_pg, sliced=False)
         # DiLoCo's process groups are its own (created here by every rank, in the same
         # order): with outer.delay or outer.overlap its collectives run on a background
         # thread, and collectives on one group must never interleave between threads
@@ -230,7 +232,7 @@ class Trainer:
             timeout = datetime.timedelta(seconds=self.cfg.comm.timeout)
             return TorchGroup(dist.new_group(backend="gloo", timeout=timeout))
         island = self.island
-        if self.cfg.outer.delay > 0 or self.cfg.outer.overlap != "none":
+        if overlapped:
             island = join_islands(self.worker_size)  # a second set: DDP keeps the first
         # Local rank r exchanges slice r with local rank r of every other worker.
         inter = TorchGroup(island.slice_pg) if self.num_workers > 1 else SoloGroup()
@@ -411,7 +413,7 @@ class Trainer:
                     return False
                 for s in stats:
                     if s.adopted:  # took the swarm's newer state: continue at its global step
-                        self.step = self.diloco.outer_step * self.cfg.outer.inner_steps
+                        self.step = self.diloco.inner_step
                     self.after_sync(s, loss)
             elif self.step % self.cfg.outer.inner_steps == 0:
                 self.ddp_round()

@@ -159,6 +159,29 @@ def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 60
 
 
+def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
+    """Streaming DiLoCo on the swarm: P = 2 fragments, τ = 1 (exchanges on the background
+    thread), fp4 with error feedback; a third peer joins mid-run, adopts every fragment's
+    θ and momentum, and all three end with the same hash after every round."""
+    streaming = ["--model.n_layers", "2", "--outer.inner_steps", "6", "--outer.fragments", "2",
+                 "--outer.delay", "1", "--comm.codec", "fp4", "--comm.error_feedback", "true",
+                 "--run.steps", "300"]
+    a, a_dir = swarm.start("a", *streaming, "--peers.min_peers", "2")
+    b, b_dir = swarm.start("b", *streaming, "--peers.min_peers", "2", initial=a_dir)
+    c, c_dir = swarm.start("c", *streaming, "--peers.min_peers", "5", initial=a_dir)
+    assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
+    found = [s for run_dir in (a_dir, b_dir, c_dir) for s in summaries(run_dir)]
+    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
+    # 300 steps x P / H = 100 fragment rounds, + 1: the drain sends fragment 1's last steps
+    assert all(s["outer_steps"] == 101 and s["inner_steps"] == 300 and s["fragments"] == 2 for s in found)
+    joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]
+    assert joined["joined"] and joined["outer_step"] >= 1
+    assert {r["fragment"] for r in records(c_dir, "sync")} == {0, 1}
+    assert any(r["peers"] == 3 and not r["adopted"] for r in records(c_dir, "sync"))
+    assert any(r["seconds_hidden"] > 0 for r in records(a_dir, "sync"))
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 101
+
+
 def test_peer_killed_mid_exchange_survivors_agree(swarm):
     """c dies in round 4 after its averaged chunk reached one survivor but not the other:
     one survivor completes the round, the other detects the partial round, applies nothing

@@ -105,7 +105,8 @@ def test_peers_config_is_checked():
                          (["--comm.backend", "hivemind", "--run.steps", "101", "--outer.inner_steps", "10"],
                           "multiple of outer.inner_steps"),
                          (["--comm.backend", "hivemind", "--run.mode", "ddp"], "run.mode = diloco"),
-                         (["--comm.backend", "hivemind", "--checkpoint.resume", "auto"], "checkpoint.resume")]:
+                         (["--comm.backend", "hivemind", "--checkpoint.resume", "auto"], "checkpoint.resume"),
+                         (["--comm.backend", "hivemind", "--outer.overlap", "eager"], "outer.overlap = eager")]:
         with pytest.raises(ValueError, match=message):
             parse_args(bad)
 
