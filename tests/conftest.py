@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.proctree import children, descendants  # noqa: F401  (the tests import them from here)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough that a multi-process run takes seconds on 2 cores.
@@ -23,27 +25,6 @@ SMALL = [
 ]
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of pid, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in children(todo.pop()):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def free_port() -> int:

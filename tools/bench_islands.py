@@ -29,6 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.proctree import descendants  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,18 +45,11 @@ def free_port() -> int:
 def kill_tree(pid: int) -> None:
     """SIGKILL `pid` and its descendants (torchrun starts workers in sessions of their own,
     so its process group does not hold them)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kill_tree(int(entry))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def parse_layout(text: str) -> tuple[int, int]:

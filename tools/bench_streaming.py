@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = {
     "core": [],  # int8, P = 1, τ = 0, overlap none: the classic algorithm
+    "fp32": ["--comm.codec", "fp32"],  # the lossless wire: what int8 and fp4 lose
     "streaming": ["--outer.fragments", "4", "--outer.delay", "2"],
     "delayed": ["--outer.overlap", "delayed"],
     "eager": ["--outer.overlap", "eager"],

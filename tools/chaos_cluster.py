@@ -25,6 +25,10 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.proctree import descendants, parents  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -35,32 +39,6 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def parents() -> dict[int, int]:
-    """pid -> parent pid for every process (from /proc)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            table[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return table
-
-
-def descendants(root: int, table: dict[int, int] | None = None) -> list[int]:
-    table = parents() if table is None else table
-    children: dict[int, list[int]] = {}
-    for pid, ppid in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def cmdline(pid: int) -> str:

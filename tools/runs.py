@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
 
 from dilo.config import Config, parse_args  # noqa: E402
 from dilo.metrics import read_jsonl  # noqa: E402
+from tools.proctree import descendants  # noqa: E402
 from tools.report import ToolError  # noqa: E402
 
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -64,24 +65,6 @@ def check_config(args: list[str]) -> Config:
         return parse_args(args)
     except ValueError as e:
         raise ToolError(f"dilo config: {e}") from None
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below pid (children first found through /proc/*/stat)."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent_of.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
