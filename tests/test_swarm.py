@@ -139,24 +139,25 @@ def swarm(procs, tmp_path):
 
 # -- tests --------------------------------------------------------------------------------
 def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
-    steps = ["--run.steps", "300", "--peers.min_peers", "3"]
+    steps = ["--run.steps", "500", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
     b, b_dir = swarm.start("b", *steps, initial=a_dir)
     c, c_dir = swarm.start("c", *steps, initial=a_dir)
-    # d starts with the others (process start-up is the slow part) but, asking for 5 peers
-    # at the start gate, it stays out until the run is under way, then joins it mid-run.
-    d, d_dir = swarm.start("d", "--run.steps", "300", "--peers.min_peers", "5", initial=b_dir)
+    # d starts once the run is under way (a peer that arrives while the others are still at
+    # step 0 starts with them instead), so it must download the state and join mid-run.
+    wait_for(lambda: records(a_dir, "sync"), 180, "the first round of a, b, c", [a, b, c])
+    d, d_dir = swarm.start("d", *steps, initial=b_dir)
     rcs = [finish(p) for p in (a, b, c, d)]
     assert rcs == [0, 0, 0, 0], swarm.log("d")[-3000:]
 
     found = [s for run_dir in (a_dir, b_dir, c_dir, d_dir) for s in summaries(run_dir)]
     assert len(found) == 4 and len({s["global_hash"] for s in found}) == 1
-    assert all(s["outer_steps"] == 60 and s["inner_steps"] == 300 for s in found)
+    assert all(s["outer_steps"] == 100 and s["inner_steps"] == 500 for s in found)
     joined = [r for r in records(d_dir, "event") if r.get("event") == "swarm"][0]
     assert joined["joined"] and joined["outer_step"] >= 1 and joined["download"]["bytes"] > 0
     # The joiner took part in rounds of all four peers, and every round agrees everywhere.
     assert any(r["peers"] == 4 and not r["adopted"] for r in records(d_dir, "sync"))
-    assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 60
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 100
 
 
 def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
@@ -165,21 +166,22 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     θ and momentum, and all three end with the same hash after every round."""
     streaming = ["--model.n_layers", "2", "--outer.inner_steps", "6", "--outer.fragments", "2",
                  "--outer.delay", "1", "--comm.codec", "fp4", "--comm.error_feedback", "true",
-                 "--run.steps", "300"]
-    a, a_dir = swarm.start("a", *streaming, "--peers.min_peers", "2")
-    b, b_dir = swarm.start("b", *streaming, "--peers.min_peers", "2", initial=a_dir)
-    c, c_dir = swarm.start("c", *streaming, "--peers.min_peers", "5", initial=a_dir)
+                 "--run.steps", "600", "--peers.min_peers", "2"]
+    a, a_dir = swarm.start("a", *streaming)
+    b, b_dir = swarm.start("b", *streaming, initial=a_dir)
+    wait_for(lambda: records(a_dir, "sync"), 180, "the first round of a and b", [a, b])
+    c, c_dir = swarm.start("c", *streaming, initial=a_dir)  # the run is under way: c joins it
     assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
     found = [s for run_dir in (a_dir, b_dir, c_dir) for s in summaries(run_dir)]
     assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
-    # 300 steps x P / H = 100 fragment rounds, + 1: the drain sends fragment 1's last steps
-    assert all(s["outer_steps"] == 101 and s["inner_steps"] == 300 and s["fragments"] == 2 for s in found)
+    # 600 steps x P / H = 200 fragment rounds, + 1: the drain sends fragment 1's last steps
+    assert all(s["outer_steps"] == 201 and s["inner_steps"] == 600 and s["fragments"] == 2 for s in found)
     joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]
     assert joined["joined"] and joined["outer_step"] >= 1
     assert {r["fragment"] for r in records(c_dir, "sync")} == {0, 1}
     assert any(r["peers"] == 3 and not r["adopted"] for r in records(c_dir, "sync"))
     assert any(r["seconds_hidden"] > 0 for r in records(a_dir, "sync"))
-    assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 101
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 201
 
 
 def test_peer_killed_mid_exchange_survivors_agree(swarm):

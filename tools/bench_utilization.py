@@ -3,7 +3,7 @@
     python tools/bench_utilization.py --quick --out runs/bench/utilization.json
     python tools/bench_utilization.py --rate 100mbit --workers 4 --steps 100 --out util.json
     # more variants are dilo config overrides (e.g. streaming / overlapped DiLoCo):
-    python tools/bench_utilization.py ... --variant streaming="--outer.fragments 4 --outer.overlap 1"
+    python tools/bench_utilization.py ... --variant streaming="--outer.fragments 4 --outer.delay 2"
 
 Each variant is one multi-worker dilo run under tools/netsim.py: one namespace per
 worker, each with its own link of `--rate` (both directions), joined by a hub; in each
