@@ -363,7 +363,7 @@ class DiLoCo:
         the check is a collective too: it queues behind them on the exchange thread (see
         dilo/overlap.py) and its outcome is collected at a later step.
         """
-        if not self.check_hashes or (self.group.size == 1 and not self.group.elastic):
+        if not self.check_hashes:  # (a one-worker island still compares its ranks: no size shortcut)
             return False
         step = self.outer_step
         if self._runner is not None and not self.group.elastic:
@@ -380,7 +380,7 @@ class DiLoCo:
     def _collect_hash_checks(self, block: bool) -> None:
         while self._hash_checks and (block or self._hash_checks[0][1].done()):
             (step, digest), handle = self._hash_checks.pop(0)
-            if handle.result() is not None:  # only elastic groups repair, and they never overlap
+            if handle.result() is not None:  # only elastic groups repair, and they confirm inline
                 raise DivergenceError(f"global state diverged at outer step {step} ({digest[:12]})")
 
     # -- identity and persistence ------------------------------------------------------
