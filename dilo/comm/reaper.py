@@ -45,22 +45,22 @@ def _alive(pid: int, started: str) -> bool:
     return _start_time(pid) == started
 
 
-def _reap(pids: dict[int, str], paths: set[str], patterns: set[str] = frozenset()) -> None:
+def _signal_alive(pids: dict[int, str], sig: int) -> None:
+    """Send sig to each watched process that is still the one we watched (not a reused pid)."""
     for pid, started in pids.items():
         if _alive(pid, started):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _reap(pids: dict[int, str], paths: set[str], patterns: set[str] = frozenset()) -> None:
+    _signal_alive(pids, signal.SIGTERM)
     deadline = time.monotonic() + _GRACE_S
     while time.monotonic() < deadline and any(_alive(p, s) for p, s in pids.items()):
         time.sleep(0.05)
-    for pid, started in pids.items():
-        if _alive(pid, started):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal_alive(pids, signal.SIGKILL)
     for path in paths | {f for pattern in patterns for f in glob.glob(pattern)}:
         try:
             os.unlink(path)
