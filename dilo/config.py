@@ -424,10 +424,6 @@ def _validate_peers(cfg: Config) -> None:
         _require(cfg.run.steps % cfg.outer.inner_steps == 0,
                  f"comm.backend = hivemind needs run.steps ({cfg.run.steps}) to be a multiple of "
                  f"outer.inner_steps ({cfg.outer.inner_steps}): every peer ends at the same outer step")
-        _require(cfg.outer.overlap == "none",
-                 f"outer.overlap = {cfg.outer.overlap} needs comm.backend = torch for now: a peer that joins a "
-                 "swarm mid-run would lack the round in flight (streaming with outer.fragments and "
-                 "outer.delay works on both backends)")
         _require(not cfg.checkpoint.resume, "checkpoint.resume is not available with comm.backend = "
                  "hivemind: a peer rejoins from the live swarm's state; to restart a whole swarm "
                  "from saved weights use checkpoint.init_from")

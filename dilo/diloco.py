@@ -32,11 +32,16 @@ bytes on every worker, in the same order: they stay bit-identical (hash-checked)
 Elastic groups (the hivemind swarm, `Group.elastic`) have no fixed ranks: the starting
 state comes from `Group.bind` (a running swarm's, or ours), a member that fell behind
 adopts the group's newer state (`ExchangeResult.adopted`), and `Group.confirm` may hand
-back the majority's state after a mismatch. They run streaming (fragments, delay) but
-not overlap delayed/eager: a joiner adopts θ at an outer step, and with overlap a round
-is always in flight there. A swarm keys its rounds by outer step, not by collective order,
-so its confirm runs on the training thread even when exchanges run in the background
-(with overlap none and τ < H/P no exchange is in flight at an apply step).
+back the majority's state after a mismatch. A swarm matches exchanges by a `RoundId`
+(the exchange's number and the digest of the state it was taken from), not by call
+order, so its confirm runs on the training thread even when exchanges run in the
+background. Exchanges are numbered in the order they start: exchange t is applied as
+outer step t + 1, so a member at outer step s has started s + len(in flight) of them.
+With overlap delayed/eager P of them are in flight at every apply step: a member that
+adopts state s (joining, or after a fault) is handed rounds s .. s + P − 1 as results
+fetched from the members that ran them (`Group.round_result`), applied on schedule, and
+takes part from round s + P on. An adopted state supersedes the exchanges started from
+the old one: they are skipped (or their results discarded) and never applied.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import DivergenceError, GlobalState, Group, SoloGroup, state_digest
+from dilo.comm.protocol import DivergenceError, GlobalState, Group, RoundId, SoloGroup, state_digest
 from dilo.fragments import Fragment, assign_fragments
 from dilo.overlap import ExchangeRunner, Handle, Round, round_from_state, round_state, run_inline
 
@@ -139,9 +144,6 @@ class DiLoCo:
             if self.buffers:
                 raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
                                  "use a model without them or comm.backend = torch")
-            if overlap != "none":
-                raise ValueError(f"overlap = {overlap!r} needs a fixed group (comm.backend = torch): a peer "
-                                 "that joins a swarm mid-run would lack the round in flight")
         self.numel = sum(p.numel() for p in self.params)
         # θ, the outer momenta and the step change only under this lock, so an elastic
         # backend can snapshot them from its own thread (to serve a joining peer).
@@ -164,6 +166,13 @@ class DiLoCo:
         self._rounds: list[Round] = []  # in submission order
         self._hash_checks: list[tuple[tuple, Handle]] = []
         self._runner = ExchangeRunner() if delay > 0 or overlap != "none" else None
+        # Elastic groups: an adopted state supersedes the exchanges started before it. Jobs
+        # carry the generation they were started in; the exchange thread skips those of a
+        # generation <= _superseded (written by either thread, read by the exchange thread).
+        self._generation = 0
+        self._superseded = -1
+        self._known_digest: tuple[int, str] | None = None
+        """(outer step, global_hash) of the current state, once computed: the base of rounds."""
         self.joined = self.group.bind(self)  # a running swarm's state, or None
         if self.joined is not None:
             self.adopt_state(self.joined)
@@ -226,11 +235,20 @@ class DiLoCo:
             b.copy_(mean[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
 
+    @property
+    def round_lag(self) -> int:
+        """Exchanges started but not yet applied at an outer step (see the module docstring)."""
+        return self.num_fragments if self.overlap != "none" else 0
+
     # -- the public loop ---------------------------------------------------------------
     def step(self) -> SyncStats | None:
         """Count one inner step; start and apply exchanges when the schedule says so."""
         self.inner_step += 1
         self._collect_hash_checks(block=False)
+        if self.group.elastic and self.group.processes == 1:
+            adopted = self._adopt_early()
+            if adopted is not None:
+                return adopted
         starting = self._fragment_applied_at(self.inner_step + self.delay)
         if starting is not None:
             self._start_round(starting)
@@ -250,10 +268,18 @@ class DiLoCo:
         pseudo_grad = frag.start_point - frag.read_live()
         sent = frag.compensate(pseudo_grad, self.codec)
         buffers = self._buffers_flat() if self.buffers and self.group.size > 1 else None
+        named = {}
+        if self.group.elastic:  # exchange number = outer step + exchanges in flight
+            named["round"] = RoundId(self.outer_step + len(self._rounds), self._digest())
+        generation = self._generation
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
+            if self._superseded >= generation:
+                return None  # an earlier round of this worker adopted a newer state
             start = time.perf_counter()
-            result = self.group.average(sent, self.codec)
+            result = self.group.average(sent, self.codec, **named)
+            if result.adopted is not None:
+                self._superseded = max(self._superseded, generation)
             mean_buffers = self.group.average(buffers, _FP32).average if buffers is not None else None
             return result, mean_buffers, time.perf_counter() - start
 
@@ -277,9 +303,15 @@ class DiLoCo:
             average = None
             if previous is not None:
                 stats, average = self._apply(previous)
+                if stats.adopted:  # the live model restarted from the adopted state
+                    return stats
             if frag.eager_theta is not None and fresh is not None:
                 # Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M: the fresh own share replaces the stale one.
-                stale_own = previous.sent if previous is not None else torch.zeros_like(fresh.sent)
+                # (A round fetched after a join had no own share: the average stands for it.)
+                stale_own = previous.sent if previous is not None else None
+                if stale_own is None:
+                    stale_own = average if previous is not None and torch.isfinite(average).all() \
+                        else torch.zeros_like(fresh.sent)
                 proxy = (fresh.sent - stale_own) / self.group.size
                 if average is not None and torch.isfinite(average).all():
                     proxy += average
@@ -288,11 +320,41 @@ class DiLoCo:
         frag.last_merge_step = self.inner_step
         return stats
 
+    def settle(self) -> SyncStats | None:
+        """Elastic groups: wait for the exchanges in flight and adopt the newer state one of
+        them handed back, if any (the caller continues at `inner_step`). Checkpoints call it
+        first, on every process of the member: the same rounds, so the same outcome."""
+        last = None
+        while True:  # (the rounds fetched after an adoption may hand back a state again)
+            for rnd in list(self._rounds):
+                rnd.handle.result()
+            stats = self._adopt_early()
+            if stats is None:
+                return last
+            last = stats
+
+    def _adopt_early(self) -> SyncStats | None:
+        """Elastic groups: adopt as soon as an exchange hands back a newer state (the rounds
+        after it are superseded: applying on schedule would only delay the catch-up). Only
+        for a member of one process: whether an exchange is done yet differs between the
+        processes of an island, which must adopt at the same step (they do at its apply step,
+        or in `settle`)."""
+        for rnd in self._rounds:
+            if rnd.handle.done():
+                outcome = rnd.handle.result()
+                if outcome is not None and outcome[0].adopted is not None:
+                    return self._apply(rnd)[0]
+        return None
+
     @torch.no_grad()
     def _apply(self, rnd: Round) -> tuple[SyncStats, torch.Tensor]:
         """Wait for a round's exchange and apply the average to its fragment's θ."""
-        result, mean_buffers, seconds = rnd.handle.result()
-        self._rounds = [r for r in self._rounds if r is not rnd]
+        outcome = rnd.handle.result()
+        if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
+            raise RuntimeError("internal error: a superseded exchange reached its apply step")
+        result, mean_buffers, seconds = outcome
+        with self._state_lock:  # (export_state reads the outer step and the rounds in flight together)
+            self._rounds = [r for r in self._rounds if r is not rnd]
         frag = self.fragments[rnd.fragment]
         adopted = result.adopted is not None
         if adopted:
@@ -313,9 +375,10 @@ class DiLoCo:
         if mean_buffers is not None:
             self._write_buffers(mean_buffers)
         digest = self.global_hash()
+        self._known_digest = (self.outer_step, digest)
         if self._check_hash(digest):
             adopted = True
-            digest = self.global_hash()
+            digest = self._digest()
         exposed = min(rnd.handle.exposed_seconds, seconds)
         stats = SyncStats(
             outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent,
@@ -337,18 +400,32 @@ class DiLoCo:
         shorter last round, or nothing if the last step was an outer step. All workers
         call it together (the training loop does, after the last inner step).
         """
+        stats: list[SyncStats] = []
+        # Without overlap the rounds in flight are applied first (the same maths: an apply
+        # changes θ only, not the live fragments the new rounds send), so every exchange
+        # starts from a confirmed state, as during training.
+        if self.overlap == "none" and self._drain(stats):
+            return stats
         for frag in self.fragments:
             if frag.last_snapshot_step <= frag.last_merge_step < self.inner_step:
                 self._start_round(frag.index)
-        stats = []
-        while self._rounds:
-            stats.append(self._apply(self._rounds[0])[0])
+        if self._drain(stats):
+            return stats
         for frag in self.fragments:
             frag.write_live(frag.theta.detach())
             frag.reset_eager()
             frag.last_merge_step = frag.last_snapshot_step = self.inner_step
         self._collect_hash_checks(block=True)
         return stats
+
+    def _drain(self, stats: list[SyncStats]) -> bool:
+        """Apply every round in flight, in order; True if one adopted a state (behind the
+        swarm: the caller trains on from there)."""
+        while self._rounds:
+            stats.append(self._apply(self._rounds[0])[0])
+            if stats[-1].adopted:
+                return True
+        return False
 
     def sync(self) -> SyncStats | None:
         """`flush()`, returning the last outer step's stats (None if there was nothing to send)."""
@@ -404,34 +481,68 @@ class DiLoCo:
         """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
         return state_digest(list(self._state_tensors().values()), self.outer_step)
 
+    def _digest(self) -> str:
+        """`global_hash()` of the current state, computed once per state."""
+        if self._known_digest is None or self._known_digest[0] != self.outer_step:
+            self._known_digest = (self.outer_step, self.global_hash())
+        return self._known_digest[1]
+
     def export_state(self) -> GlobalState:
         """A consistent copy of θ, the outer momentum and the outer step (any thread)."""
         with self._state_lock:
-            return GlobalState(self.outer_step, {k: v.clone() for k, v in self._state_tensors().items()})
+            return GlobalState(self.outer_step, {k: v.clone() for k, v in self._state_tensors().items()},
+                               in_flight=len(self._rounds))
 
     @torch.no_grad()
     def adopt_state(self, state: GlobalState) -> None:
         """Continue from another member's global state (a join, or a repair).
 
-        Worker-local extras restart from it: the live model ← θ, no exchange in flight,
-        error-feedback residuals zero, eager copies ← θ.
+        Worker-local extras restart from it: the live model ← θ, error-feedback residuals
+        zero, eager copies ← θ. No own exchange is in flight: those started from the old
+        state are superseded; with overlap the n = min(P, state.in_flight) rounds in flight
+        at state s (P, except at the start and the end of the run) are fetched from the
+        members that run them, and this worker's own rounds start at s + n.
         """
         params = state.tensors["params"]
         if params.shape != (self.numel,) or params.dtype != torch.float32:
             raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
                              f"this model has {self.numel} fp32: model settings differ")
         momenta = self._fragment_order(state.tensors["momentum"]) if "momentum" in state.tensors else None
+        stride = self.inner_steps // self.num_fragments
         with self._state_lock:
             self._write_model_order(params, live=False)
             self.outer_step = state.outer_step
-            self.inner_step = state.outer_step * self.inner_steps // self.num_fragments
+            missed = min(self.round_lag, state.in_flight)
+            self.inner_step = (state.outer_step + missed) * stride
             for i, frag in enumerate(self.fragments):
                 frag.outer.state.clear()
                 if momenta is not None:
                     frag.outer.state[frag.theta]["momentum_buffer"] = momenta[i].clone()
                 frag.restart_local(self.inner_step)
-            self._rounds = []
+            self._superseded = max(self._superseded, self._generation)
+            self._generation += 1
+            self._rounds = [self._fetch_round(n) for n in range(state.outer_step, state.outer_step + missed)]
+            self._known_digest = None
         self._write_model_order(params, live=True)
+
+    def _fetch_round(self, number: int) -> Round:
+        """A round this worker missed (it was in flight when the worker adopted a state):
+        its result comes from the members that ran it, on the exchange thread, in order."""
+        generation = self._generation
+
+        def fetch():
+            if self._superseded >= generation:
+                return None
+            start = time.perf_counter()
+            result = self.group.round_result(number)
+            if result.adopted is not None:
+                self._superseded = max(self._superseded, generation)
+            return result, None, time.perf_counter() - start
+
+        stride = self.inner_steps // self.num_fragments
+        apply_step = (number + 1 + self.round_lag) * stride  # exchange t is applied as outer step t + 1
+        return Round(self._fragment_applied_at(apply_step), apply_step - self.round_lag * stride - self.delay,
+                     self._runner.submit(fetch), None, 0.0)
 
     def _settings(self) -> dict:
         return {"fragments": self.num_fragments, "delay": self.delay, "alpha": self.alpha,

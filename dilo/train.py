@@ -406,7 +406,7 @@ class Trainer:
         try:
             if self.diloco:
                 stats = [self.diloco.step()]
-                if self.step == self.cfg.run.steps:
+                if self.step == self.cfg.run.steps and not (stats[0] and stats[0].adopted):
                     stats += self.diloco.flush()  # every worker ends on the global θ
                 stats = [s for s in stats if s is not None]
                 if not stats:
@@ -436,7 +436,14 @@ class Trainer:
             elastic.save_after_failure(self, e)
             raise
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, loss: float) -> None:
+        if self.diloco is not None and self.diloco.group.elastic:
+            # A swarm exchange may have handed back a newer state since the boundary: take it
+            # first, so the checkpoint holds no superseded round.
+            stats = self.diloco.settle()
+            if stats is not None:
+                self.step = self.diloco.inner_step
+                self.after_sync(stats, loss)
         # One file per worker: its ranks hold the same θ, inner optimizer state (DDP),
         # data position and RNG states (same seed, same ops), so rank 0's is everyone's.
         if not self.speaks_for_worker:
@@ -486,10 +493,10 @@ class Trainer:
                 due = cfg.checkpoint.every and (self.outer_step % cfg.checkpoint.every == 0
                                                 or self.step == cfg.run.steps)
                 if due:
-                    self.save_checkpoint()
+                    self.save_checkpoint(loss)
                 if self.step < cfg.run.steps and self.stop_agreed():
                     if not due:
-                        self.save_checkpoint()
+                        self.save_checkpoint(loss)
                     self.writer.wait()
                     log.warning("stopped at outer step %d (inner step %d) on %s; continue with "
                                 "--checkpoint.resume auto", self.outer_step, self.step,

@@ -184,6 +184,32 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 201
 
 
+def test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight(swarm):
+    """outer.overlap eager on the swarm, P = 2 fragments: every round is applied two rounds
+    after it ran, so a state is never alone. The third peer joins mid-run, fetches the
+    results of the rounds in flight at the state it downloaded (round_result) and applies
+    them on schedule; all three agree after every outer step and end with the same hash."""
+    overlapped = ["--model.n_layers", "2", "--outer.inner_steps", "6", "--outer.fragments", "2",
+                  "--outer.overlap", "eager", "--outer.momentum", "0", "--outer.nesterov", "false",
+                  "--run.steps", "600", "--peers.min_peers", "2"]
+    a, a_dir = swarm.start("a", *overlapped)
+    b, b_dir = swarm.start("b", *overlapped, initial=a_dir)
+    # c must find a state with rounds in flight: it starts once outer steps are being applied
+    wait_for(lambda: records(a_dir, "sync"), 180, "the first outer step of a and b", [a, b])
+    c, c_dir = swarm.start("c", *overlapped, initial=a_dir)
+    assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
+    found = [s for run_dir in (a_dir, b_dir, c_dir) for s in summaries(run_dir)]
+    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
+    # 200 rounds + 1 sent by the drain (fragment 1's last steps), all applied
+    assert all(s["outer_steps"] == 201 and s["overlap"] == "eager" for s in found)
+    joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]
+    assert joined["joined"] and joined["outer_step"] >= 1
+    assert any(r["name"] == "round_results_fetched" for r in records(c_dir, "counter"))
+    assert any(r["peers"] == 3 and not r["adopted"] for r in records(c_dir, "sync"))
+    assert any(r["seconds_hidden"] > 0 for r in records(a_dir, "sync"))
+    assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 201
+
+
 def test_peer_killed_mid_exchange_survivors_agree(swarm):
     """c dies in round 4 after its averaged chunk reached one survivor but not the other:
     one survivor completes the round, the other detects the partial round, applies nothing

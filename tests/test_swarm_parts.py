@@ -93,6 +93,21 @@ def test_view_majority_and_donors():
     assert tie.majority_digest(1) == "p"  # a tie goes to the smallest peer id
 
 
+def test_view_rounds_are_apart_from_states():
+    """With overlapped outer steps a peer's round is not its state's step: round formation
+    reads the round fields, state transfer the step fields."""
+    view = View({m.peer: m for m in [
+        Member("a", 3, "s3", False, True, False, round=5, key="k"),
+        Member("b", 3, "s3", False, True, False, round=5, key="k"),
+        Member("c", 2, "s2", False, True, False, round=5, key="other"),
+        Member("d", 4, "s4", False, True, False, round=6, key="k6"),
+        Member("e", 1, "s1", True, True, False, round=9, key="")]}, {})  # a joiner, not in a round yet
+    assert {m.peer for m in view.at_round(5)} == {"a", "b", "c"} and view.majority_key(5) == "k"
+    assert view.newest_round("a") == 6 and view.newest_round("d") == 5  # e has no key: in no round yet
+    assert view.at_round(9) == []
+    assert view.majority_digest(3) == "s3" and [m.peer for m in view.donors(0, exclude="a")] == ["d"]
+
+
 # -- config ---------------------------------------------------------------------------------
 def test_peers_config_is_checked():
     cfg = parse_args(["--comm.backend", "hivemind", "--peers.initial", "/ip4/1.2.3.4/tcp/1/p2p/Qa, /dns/h/tcp/2/p2p/Qb",
@@ -105,8 +120,7 @@ def test_peers_config_is_checked():
                          (["--comm.backend", "hivemind", "--run.steps", "101", "--outer.inner_steps", "10"],
                           "multiple of outer.inner_steps"),
                          (["--comm.backend", "hivemind", "--run.mode", "ddp"], "run.mode = diloco"),
-                         (["--comm.backend", "hivemind", "--checkpoint.resume", "auto"], "checkpoint.resume"),
-                         (["--comm.backend", "hivemind", "--outer.overlap", "eager"], "outer.overlap = eager")]:
+                         (["--comm.backend", "hivemind", "--checkpoint.resume", "auto"], "checkpoint.resume")]:
         with pytest.raises(ValueError, match=message):
             parse_args(bad)
 

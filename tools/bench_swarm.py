@@ -39,6 +39,8 @@ KEY = "bench-swarm-run-key-0123456789"
 class _FakeState:
     """A SharedState without a model: P parameters and P momentum values at outer step 1."""
 
+    round_lag = 0  # no overlapped outer steps
+
     def __init__(self, numel: int, seed: int):
         import torch
 

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, SharedState
+from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, RoundId, SharedState
 from dilo.comm.torch_dist import _all_gather_single
 
 
@@ -141,6 +141,7 @@ class HierarchicalGroup(Group):
             raise ValueError(f"the slice groups of one worker disagree on (worker, number of "
                              f"workers): {idents}; build them with join_islands")
         self.rank, self.size = idents[0]
+        self.processes = self.local_size
         self.elastic = bool(self._intra_objects(inter.elastic if inter is not None else None)[0])
         if self.elastic and sliced:
             raise ValueError("an elastic inter group (a swarm) needs the leader composition (sliced=False)")
@@ -167,35 +168,46 @@ class HierarchicalGroup(Group):
         return padded[self.local_rank * length:(self.local_rank + 1) * length].clone(), length
 
     # -- the Group interface ------------------------------------------------------------
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
         start = time.perf_counter()
         numel = flat.numel()
         if self.sliced:
             part, length = self._slice(flat)
-            res = self.inter.average(part, codec)
+            res = self.inter.average(part, codec, round)
             average = self._intra_gather(res.average)[:numel]
             intra_bytes = (self.local_size - 1) * length * average.element_size()
             return ExchangeResult(average, res.bytes_sent, res.bytes_received, res.num_peers,
                                   time.perf_counter() - start, dropped=res.dropped,
                                   codec_error=res.codec_error, intra_bytes=intra_bytes)
         # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
+        return self._share_result(self.inter.average(flat, codec, round) if self.local_rank == 0 else None,
+                                  start)
+
+    def round_result(self, number: int) -> ExchangeResult:
+        if not self.elastic:
+            return super().round_result(number)
+        start = time.perf_counter()
+        return self._share_result(self.inter.round_result(number) if self.local_rank == 0 else None, start)
+
+    def _share_result(self, res: ExchangeResult | None, start: float) -> ExchangeResult:
+        """Local rank 0's result of an exchange, the same bytes on every rank of the worker."""
         sent = received = dropped = 0
-        res = None
-        meta = torch.zeros(3, dtype=torch.float64)  # num_peers, codec_error, adopted
-        if self.local_rank == 0:
-            res = self.inter.average(flat, codec)
+        meta = torch.zeros(5, dtype=torch.float64)  # num_peers, codec_error, adopted, fetched, numel
+        if res is not None:
             sent, received, dropped = res.bytes_sent, res.bytes_received, res.dropped
-            meta = torch.tensor([res.num_peers, res.codec_error, res.adopted is not None], dtype=torch.float64)
+            meta = torch.tensor([res.num_peers, res.codec_error, res.adopted is not None, res.fetched,
+                                 res.average.numel()], dtype=torch.float64)
         self._intra_broadcast(meta)
         if meta[2]:  # the swarm went on without this worker: every rank adopts its newer state
             adopted = self._share_state(res.adopted if res is not None else None)
             return ExchangeResult(torch.empty(0), sent, received, int(meta[0]), time.perf_counter() - start,
                                   adopted=adopted)
-        average = res.average.contiguous() if res is not None else torch.empty(numel, dtype=torch.float32)
+        average = res.average.contiguous() if res is not None else torch.empty(int(meta[4]), dtype=torch.float32)
         self._intra_broadcast(average)
-        intra_bytes = 0 if self.local_rank == 0 else numel * average.element_size()
+        intra_bytes = 0 if self.local_rank == 0 else average.numel() * average.element_size()
         return ExchangeResult(average, sent, received, int(meta[0]), time.perf_counter() - start,
-                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes)
+                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes,
+                              fetched=bool(meta[3]))
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         """Overwrite `flat` with worker `src`'s copy, on every rank of every worker."""
@@ -222,17 +234,18 @@ class HierarchicalGroup(Group):
     # -- elastic inter groups (leader composition) ---------------------------------------
     def _share_state(self, state: GlobalState | None) -> GlobalState | None:
         """Local rank 0's optional global state, the same bytes on every rank of the worker."""
-        layout = None if state is None else (state.outer_step, [(k, v.numel()) for k, v in state.tensors.items()])
+        layout = None if state is None else (state.outer_step, [(k, v.numel()) for k, v in state.tensors.items()],
+                                             state.in_flight)
         layout = self._intra_objects(layout)[0]
         if layout is None:
             return None
-        step, tensors = layout
+        step, tensors, in_flight = layout
         out = {}
         for name, numel in tensors:
             t = state.tensors[name].contiguous() if state is not None else torch.empty(numel, dtype=torch.float32)
             self._intra_broadcast(t)
             out[name] = t
-        return GlobalState(step, out)
+        return GlobalState(step, out, in_flight)
 
     def bind(self, state: SharedState) -> GlobalState | None:
         if not self.elastic:

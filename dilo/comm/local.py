@@ -11,7 +11,7 @@ import threading
 import torch
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, Group, two_phase_average
+from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
 
 
 class _Rendezvous:
@@ -43,7 +43,7 @@ class LocalGroup(Group):
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         return torch.cat(self._rv.exchange(self.rank, buf.clone()))
 
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:

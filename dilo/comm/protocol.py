@@ -45,15 +45,34 @@ class GlobalState:
     outer_step: int
     tensors: dict[str, torch.Tensor]
     """Flat fp32 CPU tensors in a fixed order (DiLoCo: "params", then "momentum" once it exists)."""
+    in_flight: int = 0
+    """Exchanges the member had started but not applied (not covered by the digest: it tells
+    an adopter which rounds to fetch; with overlap P at every apply step, 0 once drained)."""
 
     def digest(self) -> str:
         return state_digest(list(self.tensors.values()), self.outer_step)
+
+
+@dataclass(frozen=True)
+class RoundId:
+    """Names one exchange for an elastic group (a swarm keys its rounds by it, not by call order).
+
+    `number` counts the exchanges of the run (0, 1, ...; the same on every member for the
+    same exchange); `base` is the digest of the global state this member held when it put
+    its pseudo-gradient on the wire: members average together only with the same base.
+    """
+
+    number: int
+    base: str
 
 
 class SharedState(Protocol):
     """What the algorithm offers an elastic backend: its step and consistent snapshots."""
 
     outer_step: int
+    round_lag: int
+    """Exchanges started but not applied at an outer step: 0, or P with overlapped outer
+    steps (round t is then applied as outer step t + 1 while rounds t + 1 .. t + P run)."""
 
     def export_state(self) -> GlobalState:
         """A copy of the global state, safe to call from any thread."""
@@ -85,6 +104,9 @@ class ExchangeResult:
     adopted: GlobalState | None = None
     """Elastic backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
+    fetched: bool = False
+    """Elastic backends only: this member did not contribute; `average` is the round's result
+    as the members that ran it hold it (fetched from one of them)."""
 
 
 class Group(ABC):
@@ -99,10 +121,22 @@ class Group(ABC):
     elastic: bool = False
     """True when members come and go during the run (a swarm): there are no fixed ranks,
     the starting state comes from `bind`, and `size` is the size of the last round."""
+    processes: int = 1
+    """Processes that hold this member's copy of the global state (islands: the worker's
+    ranks); they must change it at the same inner step."""
 
     @abstractmethod
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
-        """Mean of `flat` over the members, bit-identical everywhere."""
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+        """Mean of `flat` over the members, bit-identical everywhere.
+
+        Fixed groups match calls by their order and ignore `round`; elastic groups need it.
+        """
+
+    def round_result(self, number: int) -> ExchangeResult:
+        """Elastic groups: the result of exchange `number`, which this member did not take part
+        in (it adopted a state while that round was in flight), from a member that ran it;
+        `adopted` is set instead when no member holds it any more."""
+        raise NotImplementedError(f"{type(self).__name__} has fixed members: every member runs every round")
 
     @abstractmethod
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
@@ -148,7 +182,7 @@ class SoloGroup(Group):
 
     rank, size = 0, 1
 
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:

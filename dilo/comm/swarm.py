@@ -22,6 +22,12 @@ the same seeded θ → every H steps `average`: one round (retried without peers
 it; alone, the peer applies its own Δ; behind, it downloads the newer state) → `confirm`
 publishes the new digest → `finished` keeps serving the final state while live peers are
 still behind (`peers.linger`) → `close` leaves (Ctrl-C leaves the same way).
+
+With overlapped outer steps (`outer.overlap delayed|eager`, DiLoCo's round_lag P > 0)
+rounds are applied P rounds after they run, so a state never stands alone: a peer that
+takes one (joining, resyncing) also needs the results of the P rounds in flight, which
+`round_result` fetches from the peers that ran them; a peer that is merely behind in a
+round fetches that round's result instead of a state (swarm_round.py, "Results").
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, GlobalState, Group, SharedState, chunk_numel, two_phase_average
+from dilo.comm.protocol import (ExchangeResult, GlobalState, Group, RoundId, SharedState, chunk_numel,
+                                two_phase_average)
 from dilo.comm.swarm_auth import AuthError, RunAuth, load_key, settings_fingerprint, settings_mismatch
 from dilo.comm.swarm_members import Membership
 from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
@@ -61,6 +69,8 @@ class SwarmGroup(Group):
         self.count: Callable[..., None] = lambda name, value=1.0, **labels: None
         """Metrics hook: count(name, value, **labels); the trainer points it at Metrics.count."""
         self.holder: SharedState | None = None
+        self.lag = 0
+        """The holder's round_lag: 0, or P with overlapped outer steps."""
         self._digest = ""
         self._pending = True
         self._active: Exchange | None = None
@@ -154,6 +164,8 @@ class SwarmGroup(Group):
     # -- start: join a running swarm or found one ----------------------------------------
     def bind(self, state: SharedState) -> GlobalState | None:
         self.holder = self.transfer.holder = state
+        self.lag = state.round_lag
+        self.rounds.keep = 2 * self.lag + 2 if self.lag else 0  # a joiner fetches up to P of them
         joined = self.node.run(self._join_or_found(state), timeout=self.timeout + 60)
         if joined is not None:
             info = self.transfer.last_download
@@ -182,7 +194,8 @@ class SwarmGroup(Group):
                     self._digest = self.transfer.last_download["digest"]
                     self.transfer.known_digest = (state.outer_step, self._digest)
                     self.rounds.set_step(state.outer_step)
-                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True)
+                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True,
+                                  **self._round_fields(state.outer_step, self._digest))
                     if published:
                         await self.members.update(**fields)
                     else:
@@ -196,7 +209,7 @@ class SwarmGroup(Group):
                 self._digest = await loop.run_in_executor(None, own.digest)
                 self.transfer.known_digest = (own.outer_step, self._digest)
                 self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False,
-                                       min_peers=self.min_peers)
+                                       min_peers=self.min_peers, round=own.outer_step, key=self._digest)
                 self.rounds.set_step(own.outer_step)
                 await self.members.start()
                 published = True
@@ -216,12 +229,25 @@ class SwarmGroup(Group):
                                    f"{self.timeout:.0f} s")
             await asyncio.sleep(0.5)
 
+    def _round_fields(self, step: int, digest: str) -> dict:
+        """Record fields for a peer whose state is at `step`: without overlap its next round is
+        that step's, from that state; with overlap the round is stored when entered."""
+        return {} if self.lag else {"round": step, "key": digest}
+
     # -- rounds --------------------------------------------------------------------------
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
-        t = self.holder.outer_step
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+        if round is None:
+            raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
+        t, key = round.number, round.base
         suspects: set[str] = set()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            outcome = self.node.run(self.rounds.form_group(t, self._digest, suspects), timeout=self.timeout + 120)
+            outcome = self.node.run(self.rounds.form_group(t, key, suspects), timeout=self.timeout + 120)
+            # With overlap the round's result is all this peer needs, unless the others are more
+            # than P rounds ahead: then it takes their newest state, or it would stay behind.
+            if outcome.kind == "behind" and self.lag and outcome.ahead - t <= self.lag:
+                fetched = self._fetch_result(t, key)
+                if fetched is not None:
+                    return fetched
             if outcome.kind in ("behind", "resync"):
                 state = self.node.run(self._catch_up(t, outcome.kind), timeout=self.timeout + 120)
                 if state is not None:
@@ -237,6 +263,7 @@ class SwarmGroup(Group):
                 self.rank, self.size = 0, 1
                 self.count("solo_rounds")
                 log.info("round %d: no other peer is in the round; applying this peer's own Δ", t)
+                self._finished(t, key, flat.clone(), 1)
                 return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
             group = outcome.group
             try:
@@ -254,12 +281,49 @@ class SwarmGroup(Group):
             self.node.run(self._close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
+            self._finished(t, key, result.average, group.size)
             return result
         log.warning("round %d: %d exchanges failed; applying this peer's own Δ (the digest majority "
                     "repairs it later if the others went on together)", t, MAX_ATTEMPTS)
         self.rank, self.size = 0, 1
         self.count("solo_rounds")
+        self._finished(t, key, flat.clone(), 1)
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+
+    def _finished(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
+        if self.lag:  # (without overlap confirm() moves the peer on, and nobody fetches results)
+            self.node.run(self._keep_result(t, key, average, num_peers), timeout=30)
+
+    async def _keep_result(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
+        self.rounds.finished_round(t, key, average, num_peers)
+
+    def _fetch_result(self, t: int, key: str | None) -> ExchangeResult | None:
+        """Round t's result from a peer that ran it (overlap only; see the module docstring)."""
+        start = time.perf_counter()
+        got = self.node.run(self.rounds.fetch_result(t, key, self.timeout), timeout=self.timeout + 60)
+        if got is None:
+            return None
+        average, num_peers, nbytes = got
+        self._finished(t, "" if key is None else key, average, num_peers)
+        self.count("round_results_fetched")
+        log.info("round %d: took the result of %d peers (%.1f MB) instead of an exchange", t, num_peers,
+                 nbytes / 1e6)
+        return ExchangeResult(average, 0, nbytes, num_peers, time.perf_counter() - start, fetched=True)
+
+    def round_result(self, number: int) -> ExchangeResult:
+        """A round that was in flight when this peer adopted a state (it joined, or resynced)."""
+        fetched = self._fetch_result(number, None)
+        if fetched is not None:
+            return fetched
+        state = self.node.run(self._catch_up(number, "resync"), timeout=self.timeout + 120)
+        if state is None:
+            raise RuntimeError(f"round {number}: no peer holds its result any more and no peer could serve "
+                               f"the swarm's state within comm.timeout={self.timeout:.0f} s")
+        self.transfer.known_digest = None
+        self.count("state_downloads", reason="missed_round")
+        log.warning("round %d: no peer holds its result any more; continuing from the swarm's state at "
+                    "outer step %d", number, state.outer_step)
+        return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
     def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
         chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
@@ -291,12 +355,20 @@ class SwarmGroup(Group):
         self.rounds.close_group(group, status)
 
     async def _catch_up(self, t: int, kind: str) -> GlobalState | None:
-        """Download the swarm's newer state; a resync waits for the majority to finish round t."""
+        """Download the swarm's newer state; a resync waits for the majority to finish round t.
+        With overlap (round t is not outer step t) the newest majority state is taken: the
+        rounds in flight there are fetched afterwards (DiLoCo.adopt_state)."""
         loop = asyncio.get_running_loop()
         if kind == "resync":  # this peer sits out round t: nobody should wait for it
             await self.members.update(pending=True)
         start = loop.time()
         while loop.time() - start < self.timeout:
+            if self.lag:
+                state = await self.transfer.fetch(0)
+                if state is not None:
+                    return state
+                await asyncio.sleep(0.5)
+                continue
             patient = kind == "resync" and loop.time() - start < self.timeout / 2
             state = await self.transfer.fetch(t + 1 if kind == "behind" or patient else t)
             if state is not None and (state.outer_step > t or kind == "resync"):
@@ -310,11 +382,13 @@ class SwarmGroup(Group):
 
     async def _confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         self.transfer.known_digest = (outer_step, digest)
-        self.rounds.set_step(outer_step)
+        if not self.lag:  # the next round starts from this state (with overlap it started already)
+            self.rounds.set_step(outer_step)
         # Publish and look at the others' records at once (a backstop: the next round's
         # entry compares digests again, when everyone's records are in).
         _, view = await asyncio.gather(
-            self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True),
+            self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True,
+                                **self._round_fields(outer_step, digest)),
             self.members.view())
         majority = view.majority_digest(outer_step)
         if majority is None or majority == digest:
@@ -325,8 +399,10 @@ class SwarmGroup(Group):
         if state is not None:  # the algorithm adopts exactly this state
             self._digest = self.transfer.last_download["digest"]
             self.transfer.known_digest = (state.outer_step, self._digest)
-            self.rounds.set_step(state.outer_step)
-            await self.members.update(step=state.outer_step, digest=self._digest)
+            if not self.lag:
+                self.rounds.set_step(state.outer_step)
+            await self.members.update(step=state.outer_step, digest=self._digest,
+                                      **self._round_fields(state.outer_step, self._digest))
         return state
 
     # -- end -----------------------------------------------------------------------------
@@ -340,7 +416,7 @@ class SwarmGroup(Group):
         until = loop.time() + self.linger
         while loop.time() < until:
             view = await self.members.view()
-            behind = [m for m in view.members.values() if m.step < self.rounds.step and not m.done]
+            behind = [m for m in view.members.values() if m.step < self.holder.outer_step and not m.done]
             if not behind:
                 return
             await asyncio.sleep(0.5)

@@ -3,8 +3,15 @@
 Every peer keeps one record under `<namespace>.members`, subkey = its peer id:
 
     {"fp": settings fingerprint, "step": outer step of its global state, "digest": that
-     state's hash, "pending": joined mid-round (others do not wait for it yet),
-     "training": past the start gate, "done": finished the run (still serving), "left": gone}
+     state's hash, "round": the exchange it is in or enters next, "key": the digest of the
+     state that exchange starts from, "pending": joined mid-round (others do not wait for
+     it yet), "training": past the start gate, "done": finished the run (still serving),
+     "left": gone}
+
+Without overlapped outer steps round t starts from outer step t: "round" and "key" are
+"step" and "digest", stored together. With overlap (DiLoCo's round_lag P) round t starts
+from the state at outer step t − P while the previous rounds are in flight, and each
+peer stores its round when it enters it.
 
 It is re-stored every `heartbeat` seconds with an expiry of three heartbeats, and at once
 whenever a field changes; a peer that stops refreshing (killed, cut off) drops out of
@@ -37,6 +44,8 @@ class Member:
     done: bool
     min_peers: int = 1
     """Its peers.min_peers: a member at the start gate starts once that many are there."""
+    round: int = 0
+    key: str = ""
 
 
 @dataclass
@@ -51,17 +60,22 @@ class View:
         """Members whose state is at `step` (those that have not published a digest yet excluded)."""
         return [m for m in self.members.values() if m.step == step and m.digest]
 
-    def max_step(self) -> int:
-        return max((m.step for m in self.members.values()), default=-1)
+    def at_round(self, t: int) -> list[Member]:
+        """Members in (or about to enter) round t that have published its key."""
+        return [m for m in self.members.values() if m.round == t and m.key]
+
+    def majority_key(self, t: int) -> str | None:
+        """Most common key of round t; a tie goes to the key of the smallest peer id."""
+        return _majority([(m.peer, m.key) for m in self.at_round(t)])
+
+    def newest_round(self, exclude: str) -> int:
+        """The latest round another member is in (past round t: it finished t, or took a newer
+        state); -1 if none has published one."""
+        return max((m.round for m in self.members.values() if m.key and m.peer != exclude), default=-1)
 
     def majority_digest(self, step: int) -> str | None:
         """Most common digest at `step`; a tie goes to the digest of the smallest peer id."""
-        holders = sorted(self.at_step(step), key=lambda m: m.peer)
-        if not holders:
-            return None
-        counts = Counter(m.digest for m in holders)
-        best = max(counts.values())
-        return next(m.digest for m in holders if counts[m.digest] == best)
+        return _majority([(m.peer, m.digest) for m in self.at_step(step)])
 
     def donors(self, min_step: int, exclude: str) -> list[Member]:
         """Members holding the majority state of the newest step >= min_step, best first."""
@@ -74,6 +88,15 @@ class View:
         return []
 
 
+def _majority(votes: list[tuple[str, str]]) -> str | None:
+    """The most common value of (peer, value) votes; a tie goes to the smallest peer's value."""
+    if not votes:
+        return None
+    counts = Counter(value for _, value in votes)
+    best = max(counts.values())
+    return next(value for _, value in sorted(votes) if counts[value] == best)
+
+
 class Membership:
     """This peer's record and everyone's (runs on the node's loop)."""
 
@@ -81,8 +104,8 @@ class Membership:
         self.node = node
         self.fingerprint = fingerprint
         self.heartbeat = heartbeat
-        self.me = {"fp": fingerprint, "step": 0, "digest": "", "pending": False, "training": False,
-                   "done": False, "left": False, "min_peers": 1}
+        self.me = {"fp": fingerprint, "step": 0, "digest": "", "round": 0, "key": "", "pending": False,
+                   "training": False, "done": False, "left": False, "min_peers": 1}
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
@@ -132,7 +155,8 @@ class Membership:
                     foreign[peer] = str(r.get("fp"))
                     continue
                 members[peer] = Member(peer, int(r["step"]), str(r["digest"]), bool(r["pending"]),
-                                       bool(r["training"]), bool(r["done"]), int(r.get("min_peers", 1)))
+                                       bool(r["training"]), bool(r["done"]), int(r.get("min_peers", 1)),
+                                       int(r["round"]), str(r["key"]))
             except (KeyError, TypeError, ValueError):
                 log.debug("swarm: malformed membership record from %s: %r", peer, r)
         return View(members, foreign)

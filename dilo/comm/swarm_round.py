@@ -2,10 +2,12 @@
 
 Group formation (one leader per round, no clocks)
 -------------------------------------------------
-A peer that reaches round t (its global state is at outer step t) looks at the membership
-records. The *leader* of round t is the smallest peer id among the live peers at step t
-that hold the same state digest, are not `pending` (joined mid-round) and did not fail
-this peer earlier in the round. Everyone else sends `join(t, digest)` to the leader,
+Round t is the run's t-th exchange; its key is the digest of the global state it starts
+from (the state at outer step t, or t − P with overlapped outer steps: swarm_members.py).
+A peer that reaches round t looks at the membership records. The *leader* of round t is
+the smallest peer id among the live peers in round t with the same key, that are not
+`pending` (joined mid-round) and did not fail this peer earlier in the round. Everyone
+else sends `join(t, key)` to the leader,
 which holds the call open. The leader waits until every such regular peer has joined
 (it pings those that have not, every second, and drops the ones that do not answer), or
 until `comm.timeout` has passed; then it sorts the members by peer id, picks a random
@@ -19,6 +21,15 @@ peer that is not leading: it answers `redirect` (it follows another leader), `ah
 round t itself. A leader that sees a smaller regular peer step down and redirects its
 followers. If two groups ever form for one round, their states differ; the digest
 majority (swarm_members.View) then makes the minority download the majority's state.
+
+Results of past rounds
+----------------------
+With overlapped outer steps a round is applied P rounds after it ran, so a peer that
+missed one (it was behind, or it joined while the round was in flight) can still apply
+it on schedule: it asks `result(t)` of the peers that went past round t, and gets the
+averaged vector that they will apply (sha256-checked). Each peer keeps the results of
+its last few rounds for this (`Rounds.keep`; none without overlap, where a peer that
+misses a round downloads the newer state instead).
 
 The exchange: all or nothing
 ----------------------------
@@ -36,12 +47,15 @@ contribution (and the drop is logged and counted).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from dilo.comm.swarm_auth import AuthError
 from dilo.comm.swarm_members import Membership, View
@@ -70,6 +84,8 @@ class Outcome:
     """"group" (exchange with `group`), "alone", "behind" (others are ahead), "resync" (this
     peer's state is not the majority's)."""
     group: Exchange | None = None
+    ahead: int = 0
+    """"behind": the latest round another peer was seen in."""
 
 
 class _Pulse:
@@ -92,7 +108,7 @@ class _Pulse:
 @dataclass
 class _Lead:
     t: int
-    digest: str
+    key: str
     joined: dict[str, dict] = field(default_factory=dict)
     changed: _Pulse = field(default_factory=_Pulse)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -248,56 +264,130 @@ class Rounds:
         self.finished: dict[bytes, str] = {}
         self.last_group: set[str] = set()
         """The other peers of this peer's last completed round."""
+        self.keep = 0
+        """How many past rounds' results this peer keeps for others (see the module docstring)."""
+        self.results: OrderedDict[int, tuple[str, torch.Tensor, int]] = OrderedDict()
+        """round -> (key, averaged vector, peers that ran it)."""
 
     async def start(self) -> None:
         for method, handler in (("join", self._on_join), ("put", self._on_put), ("ping", self._on_ping),
-                                ("abort", self._on_abort)):
+                                ("abort", self._on_abort), ("result", self._on_result)):
             await self.node.serve(method, handler)
 
     def set_step(self, step: int) -> None:
         self.step = step
         self.changed.fire()
 
+    # -- results of past rounds ----------------------------------------------------------
+    def finished_round(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
+        """This peer holds round t's result (it ran the round, alone or not, or fetched it)."""
+        if self.step <= t:
+            self.set_step(t + 1)
+        if self.keep:
+            self.results[t] = (key, average, num_peers)
+            while len(self.results) > self.keep:
+                self.results.popitem(last=False)
+
+    async def _on_result(self, remote, header: dict, _frames) -> tuple[dict, list]:
+        t = int(header["t"])
+        found = self.results.get(t)
+        if found is None:
+            return {"none": True, "gone": self.step > t}, []
+        key, average, num_peers = found
+        data = average.contiguous().numpy()
+        return {"key": key, "numel": average.numel(), "peers": num_peers,
+                "sha256": hashlib.sha256(data.tobytes()).hexdigest()}, [data]
+
+    async def fetch_result(self, t: int, key: str | None, timeout: float) -> tuple[torch.Tensor, int, int] | None:
+        """Round t's result from a peer that went past it: (average, its peers, bytes), or None
+        when every such peer answers that it no longer holds it, or after `timeout`.
+        With `key`, only a result of a round that started from that state is taken."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            view = await self.members.view()
+            # Peers whose record is at round t may have finished it and not entered the next yet.
+            ahead = sorted((m for m in view.members.values() if m.round >= t and m.peer != self.node.name),
+                           key=lambda m: (m.pending, m.peer))
+            gone = 0  # peers that went past round t and cannot give this peer its result
+            for m in ahead:
+                try:
+                    reply, frames = await self.node.call(m.peer, "result", {"t": t},
+                                                         timeout=max(1.0, deadline - loop.time()))
+                    if reply.get("none"):
+                        gone += bool(reply.get("gone"))
+                        continue
+                    if key is not None and reply["key"] != key:
+                        gone += 1  # that peer's round started from another state
+                        continue
+                    numel = int(reply["numel"])
+                    if len(frames) != 1 or len(frames[0]) != 4 * numel:
+                        raise RemoteError(f"a result of {[len(f) for f in frames]} bytes for {numel} values")
+                    if hashlib.sha256(frames[0]).hexdigest() != reply["sha256"]:
+                        raise RemoteError("the result does not match its checksum")
+                except (PeerUnreachable, RemoteError, KeyError, TypeError, ValueError) as e:
+                    log.debug("round %d: result from %s failed: %s", t, m.peer[-8:], e)
+                    continue
+                average = torch.frombuffer(bytearray(frames[0]), dtype=torch.float32)
+                return average, int(reply["peers"]), len(frames[0])
+            if ahead and gone == len(ahead):
+                return None
+            await asyncio.sleep(0.5)
+        return None
+
     # -- forming the group ---------------------------------------------------------------
-    def _leader(self, view: View, t: int, digest: str, suspects: set[str]) -> tuple[str, set[str]]:
+    def _leader(self, view: View, t: int, key: str, suspects: set[str]) -> tuple[str, set[str]]:
         """(leader of round t in this view, the peers a leader waits for).
 
-        A leader waits for the regular peers at step t, and for the peers of its last
+        A leader waits for the regular peers in round t, and for the peers of its last
         round that are still behind (one that lost the end of that round is downloading
-        its result right now and will be at step t in a moment).
+        its result right now and will be in round t in a moment).
         """
-        # A peer still at the start gate (not training) whose gate is open (as many peers at
-        # step t as its peers.min_peers) is about to start: the round waits for it. One whose
+        # A peer still at the start gate (not training) whose gate is open (as many peers in
+        # round t as its peers.min_peers) is about to start: the round waits for it. One whose
         # gate is still closed would hold everyone up; it joins a later round instead.
-        here = [m for m in view.at_step(t) if m.digest == digest and m.peer not in suspects]
+        here = [m for m in view.at_round(t) if m.key == key and m.peer not in suspects]
         peers = [m for m in here if m.training or m.min_peers <= len(here)]
         regular = [m for m in peers if not m.pending]
         pool = regular or peers or [view.members[self.node.name]]
         catching_up = {m.peer for m in view.members.values()
-                       if m.peer in self.last_group and m.step < t and not m.pending and m.peer not in suspects}
+                       if m.peer in self.last_group and m.round < t and not m.pending and m.peer not in suspects}
         return min(m.peer for m in pool), {m.peer for m in regular} | catching_up
 
-    async def form_group(self, t: int, digest: str, suspects: set[str]) -> Outcome:
+    def _newcomer_waits(self, view: View, t: int, suspects: set[str]) -> bool:
+        """A pending peer (it joined mid-run and has not been in a round yet) that is first in
+        round t does not run it alone while regular peers are on their way to it: it may be
+        ahead of them only because it skipped the exchanges they ran (it fetched results)."""
+        me = view.members.get(self.node.name)
+        return me is not None and me.pending and any(
+            m.training and not m.pending and m.round < t and m.peer not in suspects
+            for m in view.members.values() if m.peer != self.node.name)
+
+    async def form_group(self, t: int, key: str, suspects: set[str]) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         self.set_step(t)
         self.entered = True
+        await self.members.update(round=t, key=key)  # (without overlap confirm() stored them already)
         hint = None
         try:
             while True:
                 view = await self.members.view()
-                if view.donors(t + 1, exclude=self.node.name):
-                    return Outcome("behind")
-                majority = view.majority_digest(t)
-                if majority is not None and majority != digest:
+                if (newest := view.newest_round(self.node.name)) > t:
+                    return Outcome("behind", ahead=newest)
+                majority = view.majority_key(t)
+                if majority is not None and majority != key:
                     return Outcome("resync")
                 if loop.time() > deadline:
                     return Outcome("alone")
-                leader, _ = self._leader(view, t, digest, suspects)
+                leader, _ = self._leader(view, t, key, suspects)
                 if hint is not None and hint not in suspects and hint in view.members:
                     leader, hint = hint, None
+                if leader == self.node.name and self._newcomer_waits(view, t, suspects):
+                    await self.changed.wait(0.3)
+                    continue
                 if leader == self.node.name:
-                    outcome = await self._lead(t, digest, suspects, deadline, view)
+                    outcome = await self._lead(t, key, suspects, deadline, view)
                     if outcome is not None:
                         return outcome
                     continue
@@ -305,7 +395,7 @@ class Rounds:
                 self.changed.fire()
                 try:
                     reply, _ = await self.node.call(
-                        leader, "join", {"t": t, "digest": digest, "wait": max(0.0, deadline - loop.time())},
+                        leader, "join", {"t": t, "key": key, "wait": max(0.0, deadline - loop.time())},
                         timeout=max(1.0, deadline - loop.time()) + 5)
                 except (PeerUnreachable, RemoteError) as e:
                     log.debug("round %d: leader %s failed: %s", t, leader[-8:], e)
@@ -317,7 +407,7 @@ class Rounds:
                 if kind == "begin":
                     return Outcome("group", self._register(bytes(reply["g"]), t, list(reply["peers"]), leader))
                 if kind == "ahead":
-                    return Outcome("behind")
+                    return Outcome("behind", ahead=int(reply.get("step", t + 1)))
                 if kind == "redirect":
                     hint = str(reply["leader"])
                 elif kind in ("behind", "mismatch"):
@@ -328,26 +418,27 @@ class Rounds:
             self.entered = False
             self.changed.fire()
 
-    async def _lead(self, t: int, digest: str, suspects: set[str], deadline: float, view: View) -> Outcome | None:
+    async def _lead(self, t: int, key: str, suspects: set[str], deadline: float, view: View) -> Outcome | None:
         loop = asyncio.get_running_loop()
-        lead = self.lead = _Lead(t, digest)
+        lead = self.lead = _Lead(t, key)
         self.changed.fire()
         last_ping = 0.0
         try:
             while True:
                 if view is None:
                     view = await self.members.view()
-                if view.donors(t + 1, exclude=self.node.name):
-                    lead.finish("ahead", view.max_step())
-                    return Outcome("behind")
-                leader, regular = self._leader(view, t, digest, suspects)
+                if (newest := view.newest_round(self.node.name)) > t:
+                    lead.finish("ahead", newest)
+                    return Outcome("behind", ahead=newest)
+                leader, regular = self._leader(view, t, key, suspects)
                 if leader != self.node.name:  # a smaller regular peer reached the round
                     lead.finish("redirect", leader)
                     return None
                 missing = regular - set(lead.joined) - {self.node.name}
-                if not missing or loop.time() > deadline:
+                waiting = not missing and not lead.joined and self._newcomer_waits(view, t, suspects)
+                if (not missing and not waiting) or loop.time() > deadline:
                     break
-                if loop.time() - last_ping > PING_EVERY_S:
+                if missing and loop.time() - last_ping > PING_EVERY_S:
                     replies = await asyncio.gather(*(self._alive(p) for p in missing))
                     last_ping = loop.time()
                     suspects.update(p for p, ok in zip(missing, replies) if not ok)
@@ -357,6 +448,8 @@ class Rounds:
                 view = None
             peers = sorted({self.node.name, *lead.joined})
             if len(peers) == 1:
+                log.debug("round %d: alone; suspects %s, last group %s", t, [p[-8:] for p in suspects],
+                          [p[-8:] for p in self.last_group])
                 lead.finish("alone")
                 return Outcome("alone")
             group = self._register(os.urandom(16), t, peers, self.node.name)
@@ -385,7 +478,7 @@ class Rounds:
                 return {"r": "behind", "step": self.step}, None
             lead = self.lead
             if lead is not None and lead.t == t and not lead.result.done():
-                if header.get("digest") != lead.digest:
+                if header.get("key") != lead.key:
                     return {"r": "mismatch"}, None
                 lead.joined[peer] = header
                 lead.changed.fire()

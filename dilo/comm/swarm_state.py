@@ -2,7 +2,9 @@
 
 A donor answers `state` with a consistent copy of its global state (taken under the
 algorithm's lock, off the event loop): one raw frame per tensor, and a header naming the
-outer step, the digest and each tensor's size. The receiver accepts it only if
+outer step, the digest, each tensor's size and how many exchanges the donor had started
+but not applied (with overlapped outer steps the receiver fetches those rounds' results
+next: swarm_round.py). The receiver accepts it only if
 
 1. the bytes hash to the digest in the header (nothing was lost or altered), and
 2. that digest is the majority's for that step in a fresh membership view (the donor is
@@ -63,7 +65,8 @@ class StateTransfer:
             digest = known[1]
         else:
             digest = await loop.run_in_executor(None, state.digest)
-        meta = {"step": state.outer_step, "digest": digest, "names": names, "numel": [t.numel() for t in tensors]}
+        meta = {"step": state.outer_step, "digest": digest, "names": names, "numel": [t.numel() for t in tensors],
+                "in_flight": state.in_flight}
         return meta, [t.numpy() for t in tensors]
 
     async def _download(self, donor: str) -> GlobalState:
@@ -77,7 +80,7 @@ class StateTransfer:
                               f"{[4 * n for n in numel]}")
         tensors = {name: torch.frombuffer(f, dtype=torch.float32) if n else torch.empty(0)
                    for name, f, n in zip(meta["names"], frames, numel)}
-        state = GlobalState(int(meta["step"]), tensors)
+        state = GlobalState(int(meta["step"]), tensors, int(meta.get("in_flight", 0)))
         digest = await asyncio.get_running_loop().run_in_executor(None, state.digest)
         if digest != meta["digest"]:
             raise RemoteError(f"state does not match its checksum (got {digest[:12]}, header {meta['digest'][:12]})")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, Group, two_phase_average
+from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -53,7 +53,7 @@ class TorchGroup(Group):
         _all_gather_single(out, buf, group=self.pg)
         return out
 
-    def average(self, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
