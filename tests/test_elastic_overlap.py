@@ -1,0 +1,139 @@
+"""Overlapped outer steps with an elastic group (the swarm's contract), in one process.
+
+A fake swarm stands for the network: the result of exchange t is whatever the first member
+to run it contributed, the same bytes for every member, and every `RoundId` and digest a
+member uses is checked against the others'. A worker that adopts another's state while
+exchanges are in flight must fetch those rounds' results, apply them at the same steps,
+number its own exchanges like the others and end with the same global state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilo import DiLoCo
+from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId
+from tests.test_streaming_reference import Net, adamw, inner_step
+
+H, STEPS = 6, 60
+
+
+class Ledger:
+    """What the swarm agreed on: each round's result and key, each outer step's digest."""
+
+    def __init__(self):
+        self.results: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, str] = {}
+        self.digests: dict[int, str] = {}
+        self.fetched: list[int] = []
+
+
+class FakeSwarm(Group):
+    elastic = True
+    rank, size = 0, 2
+
+    def __init__(self, ledger: Ledger, join: GlobalState | None = None):
+        self.ledger, self.join = ledger, join
+
+    def bind(self, state):
+        return self.join
+
+    def average(self, flat, codec, round: RoundId | None = None) -> ExchangeResult:
+        assert self.ledger.keys.setdefault(round.number, round.base) == round.base, \
+            f"round {round.number} started from another state"
+        average = self.ledger.results.setdefault(round.number, codec.decode(codec.encode(flat), flat.numel()))
+        return ExchangeResult(average.clone(), 0, 0, 2, 0.0)
+
+    def round_result(self, number: int) -> ExchangeResult:
+        self.ledger.fetched.append(number)
+        return ExchangeResult(self.ledger.results[number].clone(), 0, 0, 2, 0.0, fetched=True)
+
+    def confirm(self, outer_step, digest):
+        assert self.ledger.digests.setdefault(outer_step, digest) == digest, f"diverged at outer step {outer_step}"
+        return None
+
+    def broadcast(self, flat, src=0):
+        raise AssertionError("an elastic group has no broadcast")
+
+    def all_gather_object(self, obj):
+        raise AssertionError("an elastic group has no all_gather")
+
+
+def run(diloco: DiLoCo, model, opt, worker: int, start: int, stop: int, on_step=None) -> None:
+    for step in range(start, stop):
+        inner_step(model, opt, worker, step)
+        diloco.step()
+        if on_step is not None:
+            on_step(step + 1)
+    if stop == STEPS:
+        diloco.flush()
+
+
+def make(ledger: Ledger, overlap: str, join: GlobalState | None = None):
+    model = Net()
+    opt = adamw(model)
+    diloco = DiLoCo(model, opt, inner_steps=H, group=FakeSwarm(ledger, join), codec="int8", fragments=2,
+                    overlap=overlap, delay=1, outer_momentum=0.5)
+    return diloco, model, opt
+
+
+@pytest.mark.parametrize("overlap", ["none", "delayed", "eager"])
+@pytest.mark.parametrize("join_at", [14, 25, 30])
+def test_a_member_that_adopts_mid_run_fetches_the_rounds_in_flight_and_agrees(overlap, join_at):
+    ledger = Ledger()
+    first, model, opt = make(ledger, overlap)
+    snapshot = {}
+
+    def take(step):  # a joiner downloads the state as it is at this step
+        if step == join_at:
+            snapshot["state"] = first.export_state()
+            snapshot["rounds"] = first.outer_step + len(first._rounds)
+
+    run(first, model, opt, 0, 0, STEPS, take)
+    state = snapshot["state"]
+    lag = 2 if overlap != "none" else 0
+    assert state.in_flight == snapshot["rounds"] - state.outer_step and state.in_flight <= lag + 1
+
+    joiner, model2, opt2 = make(ledger, overlap, join=state)
+    missed = min(lag, state.in_flight)
+    assert joiner.outer_step == state.outer_step and joiner.inner_step == (state.outer_step + missed) * (H // 2)
+    assert len(joiner._rounds) == missed
+    run(joiner, model2, opt2, 1, joiner.inner_step, STEPS)
+    # It applied the fetched rounds on schedule, numbered its own rounds like the first
+    # member (the fake refuses another key) and confirmed every outer step's digest.
+    assert ledger.fetched == list(range(state.outer_step, state.outer_step + missed))
+    assert joiner.outer_step == first.outer_step and joiner.global_hash() == first.global_hash()
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model2.parameters()]),
+                       torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_it():
+    """An exchange that hands back a newer state (the member fell behind): the member adopts
+    it at its next step, the exchanges it had started from the old state are never applied,
+    and it goes on from the adopted state's schedule."""
+    ledger = Ledger()
+    leader, model, opt = make(ledger, "eager")
+    snapshot = {}
+    run(leader, model, opt, 0, 0, STEPS, lambda s: snapshot.setdefault(s, leader.export_state()) if s == 40 else None)
+    newer = snapshot[40]
+
+    class Behind(FakeSwarm):
+        def average(self, flat, codec, round=None):
+            if round.number == 3:  # the others went on without this member
+                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
+            return super().average(flat, codec, round)
+
+    model2, opt2 = Net(), None
+    opt2 = adamw(model2)
+    late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
+                  overlap="eager", delay=1, outer_momentum=0.5)
+    step = 0
+    while late.outer_step < newer.outer_step and step < STEPS:
+        inner_step(model2, opt2, 1, step)
+        stats = late.step()
+        step = late.inner_step if stats is not None and stats.adopted else step + 1
+    assert late.outer_step == newer.outer_step
+    assert late.inner_step == (newer.outer_step + min(2, newer.in_flight)) * (H // 2)
+    run(late, model2, opt2, 1, late.inner_step, STEPS)
+    assert late.global_hash() == leader.global_hash()
