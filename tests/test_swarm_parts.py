@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import numpy as np
 import torch
 
 import hivemind  # noqa: E402,F401  (installed by the test extra)
@@ -148,6 +149,53 @@ def test_reaper_leaves_everything_after_a_clean_shutdown(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# -- results of past rounds (overlapped outer steps) -----------------------------------------
+class _ShortResult:
+    """A cached result whose bytes are fewer than the values it claims (a bad peer's)."""
+
+    def numel(self):
+        return 10
+
+    def contiguous(self):
+        return self
+
+    def numpy(self):
+        return np.zeros(8, dtype=np.float32)
+
+
+def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it():
+    from dilo.comm.swarm import SwarmGroup
+
+    def peer(initial):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=20.0)
+
+    fetcher = peer([])
+    others = []
+    try:
+        others = [peer(fetcher.addresses[:1]) for _ in range(2)]
+        bad, honest = others
+        good = torch.arange(10, dtype=torch.float32)
+        for p, pending, cached in ((bad, False, _ShortResult()), (honest, True, good)):
+            # both went past round 3 (the honest one is asked last: pending peers come last)
+            p.members.me.update(round=5, key="k", step=3, digest="d", training=True, pending=pending)
+            p.rounds.step = 5
+            p.rounds.keep = 4
+            p.rounds.results[3] = ("k", cached, 2)
+        for p in (fetcher, *others):
+            p.node.run(p.members.start(), timeout=30)
+        counted = []
+        fetcher.count = lambda name, value=1.0, **labels: counted.append(name)
+        result = fetcher._fetch_result(3, "k")
+        assert result.fetched and torch.equal(result.average, good) and result.num_peers == 2
+        assert counted == ["rejected_results", "round_results_fetched"]
+        # a result of a round that started from another state is not taken: nobody can help
+        assert fetcher.node.run(fetcher.rounds.fetch_result(3, "other-key", 10.0), timeout=30) is None
+    finally:
+        for p in (fetcher, *others):
+            p.close()
 
 
 # -- an exchange between in-process peers ---------------------------------------------------

@@ -3,6 +3,7 @@
     python tools/bench_swarm.py download --params 1000000 --repeats 3 --out runs/bench/swarm_download_1M.json
     python tools/bench_swarm.py download --params 100000000 --repeats 3 --out runs/bench/swarm_download_100M.json
     python tools/bench_swarm.py rounds --out runs/bench/swarm_rounds.json
+    python tools/bench_swarm.py overlap --repeats 3 --out runs/bench/swarm_overlap.json
 
 `download`: a donor process holds a global state of P parameters + P momentum values
 (8P bytes, at outer step 1); a joiner process joins the swarm `--repeats` times through
@@ -16,6 +17,14 @@ phase 1, and in phase 2, of round 4). Reported: the median sync seconds per roun
 backend (the whole outer step as the trainer logs it, waiting for the slowest worker
 included), and for the kills, per survivor, the seconds spent on the round with the kill and
 the next one, minus two median rounds.
+
+`overlap`: the same three-peer swarm with blocking outer steps (overlap none) and with
+`outer.overlap delayed` and `eager` (all with outer momentum 0, so only the overlap
+differs), `--repeats` times each, variants interleaved. Reported per variant, medians over
+repeats: the fraction of sync time hidden behind compute (sum of `seconds_hidden` over all
+sync lines of all peers / sum of `seconds`), a peer's exposed sync seconds in the run, its
+training-loop seconds and their ratio to overlap none, its compute utilization
+(compute / loop seconds), and whether every peer of every run ended with the same hash.
 """
 
 from __future__ import annotations
@@ -154,9 +163,9 @@ def _syncs_file(path: Path) -> list[float]:
             if json.loads(line)["kind"] == "sync"]
 
 
-def _swarm_run(tmp: Path, name: str, fault: str = "") -> list[dict[int, float]]:
+def _swarm_run(tmp: Path, name: str, fault: str = "", extra: tuple[str, ...] = ()) -> list[dict[int, float]]:
     base = [*COMMON, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
-            "--peers.min_peers", "3", "--peers.heartbeat", "1", "--comm.timeout", "120"]
+            "--peers.min_peers", "3", "--peers.heartbeat", "1", "--comm.timeout", "120", *extra]
     dirs = [tmp / f"{name}-{p}" for p in "abc"]
     procs = [subprocess.Popen([sys.executable, "-m", "dilo.train", *base, "--run.dir", str(dirs[0])],
                               env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -207,6 +216,42 @@ def bench_rounds(args) -> dict:
     return result
 
 
+OVERLAPS = {"none": (), "delayed": ("--outer.overlap", "delayed"), "eager": ("--outer.overlap", "eager")}
+
+
+def _overlap_run(tmp: Path, name: str, flags: tuple[str, ...]) -> dict:
+    _swarm_run(tmp, name, extra=("--outer.momentum", "0", "--outer.nesterov", "false", *flags))
+    lines, summaries = [], []
+    for peer in "abc":
+        run_dir = tmp / f"{name}-{peer}"
+        for path in run_dir.glob("metrics-*.jsonl"):
+            lines += [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "sync"]
+        summaries += [json.loads(path.read_text()) for path in run_dir.glob("summary-*.json")]
+    return {"hidden_fraction": sum(r["seconds_hidden"] for r in lines) / sum(r["seconds"] for r in lines),
+            "exposed_seconds": statistics.median(s["sync_seconds_exposed"] for s in summaries),
+            "loop_seconds": statistics.median(s["loop_seconds"] for s in summaries),
+            "utilization": statistics.median(s["compute_seconds"] / s["loop_seconds"] for s in summaries),
+            "peers_finished": len(summaries), "same_final_hash": len({s["global_hash"] for s in summaries}) == 1}
+
+
+def bench_overlap(args) -> dict:
+    result = {"model": " ".join(MODEL), "workers": 3, "inner_steps": 10, "outer_momentum": 0.0,
+              "repeats": args.repeats, "runs": {name: [] for name in OVERLAPS}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for i in range(args.repeats):
+            for name, flags in OVERLAPS.items():
+                result["runs"][name].append(_overlap_run(Path(tmp_name), f"{name}{i}", flags))
+    variants = {}
+    for name, runs in result["runs"].items():
+        variants[name] = {k: statistics.median(r[k] for r in runs)
+                          for k in ("hidden_fraction", "exposed_seconds", "loop_seconds", "utilization")}
+        variants[name]["same_final_hash"] = all(r["same_final_hash"] and r["peers_finished"] == 3 for r in runs)
+    for v in variants.values():
+        v["loop_over_none"] = v["loop_seconds"] / variants["none"]["loop_seconds"]
+    result["variants"] = variants
+    return result
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_donor":
         _donor(int(sys.argv[2]), sys.argv[3], sys.argv[4])
@@ -219,11 +264,14 @@ def main() -> None:
     d.add_argument("--out", required=True)
     r = sub.add_parser("rounds")
     r.add_argument("--out", required=True)
+    o = sub.add_parser("overlap")
+    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = bench_download(args) if args.what == "download" else bench_rounds(args)
+    result = {"download": bench_download, "rounds": bench_rounds, "overlap": bench_overlap}[args.what](args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "repeats"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("repeats", "runs")}, indent=2))
 
 
 if __name__ == "__main__":

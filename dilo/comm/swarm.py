@@ -301,6 +301,10 @@ class SwarmGroup(Group):
         """Round t's result from a peer that ran it (overlap only; see the module docstring)."""
         start = time.perf_counter()
         got = self.node.run(self.rounds.fetch_result(t, key, self.timeout), timeout=self.timeout + 60)
+        for problem in self.rounds.bad_results:
+            log.warning("refused %s", problem)
+            self.count("rejected_results")
+        self.rounds.bad_results.clear()
         if got is None:
             return None
         average, num_peers, nbytes = got

@@ -268,6 +268,8 @@ class Rounds:
         """How many past rounds' results this peer keeps for others (see the module docstring)."""
         self.results: OrderedDict[int, tuple[str, torch.Tensor, int]] = OrderedDict()
         """round -> (key, averaged vector, peers that ran it)."""
+        self.bad_results: list[str] = []
+        """Results of past rounds refused since the owner last looked (wrong size or checksum)."""
 
     async def start(self) -> None:
         for method, handler in (("join", self._on_join), ("put", self._on_put), ("ping", self._on_ping),
@@ -322,11 +324,16 @@ class Rounds:
                         continue
                     numel = int(reply["numel"])
                     if len(frames) != 1 or len(frames[0]) != 4 * numel:
-                        raise RemoteError(f"a result of {[len(f) for f in frames]} bytes for {numel} values")
-                    if hashlib.sha256(frames[0]).hexdigest() != reply["sha256"]:
-                        raise RemoteError("the result does not match its checksum")
+                        problem = f"{[len(f) for f in frames]} bytes for {numel} values"
+                    elif hashlib.sha256(frames[0]).hexdigest() != reply["sha256"]:
+                        problem = "bytes that do not match its checksum"
+                    else:
+                        problem = ""
                 except (PeerUnreachable, RemoteError, KeyError, TypeError, ValueError) as e:
                     log.debug("round %d: result from %s failed: %s", t, m.peer[-8:], e)
+                    continue
+                if problem:
+                    self.bad_results.append(f"round {t}: {m.peer[-8:]} sent a result of {problem}")
                     continue
                 average = torch.frombuffer(bytearray(frames[0]), dtype=torch.float32)
                 return average, int(reply["peers"]), len(frames[0])
