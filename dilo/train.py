@@ -219,8 +219,12 @@ class Trainer:
         if self.cfg.comm.backend == "hivemind":
             if self.island is None:
                 return self.swarm
-            island = join_islands(self.worker_size) if overlapped else self.island
-            return HierarchicalGroup(self.swarm, island.intra_pg, sliced=False)
+            if not overlapped:
+                return HierarchicalGroup(self.swarm, self.island.intra_pg, sliced=False)
+            # Exchanges on a second set; the swarm's confirm runs on the training thread, on the
+            # first set's intra group, between DDP's collectives (the same thread: never interleaved).
+            island = join_islands(self.worker_size)
+            return HierarchicalGroup(self.swarm, island.intra_pg, sliced=False, confirm_pg=self.island.intra_pg)
         # DiLoCo's process groups are its own (created here by every rank, in the same
         # order): with outer.delay or outer.overlap its collectives run on a background
         # thread, and collectives on one group must never interleave between threads

@@ -245,10 +245,12 @@ def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
     assert finish(a, 60) == 130
 
 
-def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm):
+@pytest.mark.parametrize("overlap", ["none", "eager"])
+def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm, overlap):
     """Under torchrun the ranks form one worker (data-parallel inside); only rank 0 talks to
-    the swarm, and every rank ends on the swarm's global state."""
-    steps = ["--run.steps", "40", "--peers.min_peers", "2"]
+    the swarm, and every rank ends on the swarm's global state (with overlapped outer steps
+    too: every rank applies each round at the same step)."""
+    steps = ["--run.steps", "40", "--peers.min_peers", "2", "--outer.overlap", overlap]
     a, a_dir = swarm.start("a", *steps)
     b_dir = swarm.tmp / "b"
     b = swarm.start_cmd("b", torchrun_cmd(2, [*SWARM, *steps, "--run.dir", str(b_dir), "--run.worker_size", "2",

@@ -116,11 +116,17 @@ def join_islands(worker_size: int) -> Island:
 class HierarchicalGroup(Group):
     """One worker of several processes, seen by DiLoCo as one member (see module doc)."""
 
-    def __init__(self, inter: Group | None, intra_pg: dist.ProcessGroup, sliced: bool = True):
+    def __init__(self, inter: Group | None, intra_pg: dist.ProcessGroup, sliced: bool = True,
+                 confirm_pg: dist.ProcessGroup | None = None):
+        """`confirm_pg`: another group of the worker's ranks for `confirm` when it runs on the
+        training thread while exchanges use `intra_pg` on the exchange thread (an elastic
+        inter group with overlapped exchanges): two threads must never interleave
+        collectives on one group (dilo/overlap.py)."""
         if not dist.is_initialized():
             raise RuntimeError("HierarchicalGroup needs an initialised torch.distributed process group")
         self.inter = inter
         self.intra_pg = intra_pg
+        self.confirm_pg = confirm_pg if confirm_pg is not None else intra_pg
         self.sliced = sliced
         self.local_rank = dist.get_rank(intra_pg)
         self.local_size = dist.get_world_size(intra_pg)
@@ -147,9 +153,9 @@ class HierarchicalGroup(Group):
             raise ValueError("an elastic inter group (a swarm) needs the leader composition (sliced=False)")
 
     # -- collectives inside the worker (fast links) -------------------------------------
-    def _intra_objects(self, obj: object) -> list:
+    def _intra_objects(self, obj: object, group: dist.ProcessGroup | None = None) -> list:
         out: list = [None] * self.local_size
-        dist.all_gather_object(out, obj, group=self.intra_pg)
+        dist.all_gather_object(out, obj, group=group if group is not None else self.intra_pg)
         return out
 
     def _intra_gather(self, part: torch.Tensor) -> torch.Tensor:
@@ -157,8 +163,9 @@ class HierarchicalGroup(Group):
         _all_gather_single(out, part.contiguous(), group=self.intra_pg)
         return out
 
-    def _intra_broadcast(self, flat: torch.Tensor) -> None:
-        dist.broadcast(flat, src=self._leader, group=self.intra_pg)
+    def _intra_broadcast(self, flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        # (every group of this worker has the same ranks, so the same leader)
+        dist.broadcast(flat, src=self._leader, group=group if group is not None else self.intra_pg)
 
     def _slice(self, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
         """This rank's slice of `flat` (zero-padded to equal slices) and the slice length."""
@@ -232,18 +239,18 @@ class HierarchicalGroup(Group):
         return [o for worker in everyone for o in worker]
 
     # -- elastic inter groups (leader composition) ---------------------------------------
-    def _share_state(self, state: GlobalState | None) -> GlobalState | None:
+    def _share_state(self, state: GlobalState | None, group: dist.ProcessGroup | None = None) -> GlobalState | None:
         """Local rank 0's optional global state, the same bytes on every rank of the worker."""
         layout = None if state is None else (state.outer_step, [(k, v.numel()) for k, v in state.tensors.items()],
                                              state.in_flight)
-        layout = self._intra_objects(layout)[0]
+        layout = self._intra_objects(layout, group)[0]
         if layout is None:
             return None
         step, tensors, in_flight = layout
         out = {}
         for name, numel in tensors:
             t = state.tensors[name].contiguous() if state is not None else torch.empty(numel, dtype=torch.float32)
-            self._intra_broadcast(t)
+            self._intra_broadcast(t, group)
             out[name] = t
         return GlobalState(step, out, in_flight)
 
@@ -255,11 +262,12 @@ class HierarchicalGroup(Group):
     def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         if not self.elastic:
             return super().confirm(outer_step, digest)
-        found = self._intra_objects((outer_step, digest))  # the worker's ranks first: a bug if they differ
+        found = self._intra_objects((outer_step, digest), self.confirm_pg)  # the worker's ranks first: a bug if they differ
         if len(set(found)) != 1:
             raise DivergenceError(f"the ranks of one worker hold different global states at outer step "
                                   f"{outer_step}: {found}")
-        return self._share_state(self.inter.confirm(outer_step, digest) if self.local_rank == 0 else None)
+        return self._share_state(self.inter.confirm(outer_step, digest) if self.local_rank == 0 else None,
+                                 self.confirm_pg)
 
     def close(self) -> None:
         # The intra-worker group dies with the default group (destroy_process_group).
