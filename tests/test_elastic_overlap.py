@@ -47,7 +47,7 @@ class FakeSwarm(Group):
 
     def round_result(self, number: int) -> ExchangeResult:
         self.ledger.fetched.append(number)
-        return ExchangeResult(self.ledger.results[number].clone(), 0, 0, 2, 0.0, fetched=True)
+        return ExchangeResult(self.ledger.results[number].clone(), 0, 0, 2, 0.0)
 
     def confirm(self, outer_step, digest):
         assert self.ledger.digests.setdefault(outer_step, digest) == digest, f"diverged at outer step {outer_step}"

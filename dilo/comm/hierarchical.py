@@ -199,22 +199,21 @@ class HierarchicalGroup(Group):
     def _share_result(self, res: ExchangeResult | None, start: float) -> ExchangeResult:
         """Local rank 0's result of an exchange, the same bytes on every rank of the worker."""
         sent = received = dropped = 0
-        meta = torch.zeros(5, dtype=torch.float64)  # num_peers, codec_error, adopted, fetched, numel
+        meta = torch.zeros(4, dtype=torch.float64)  # num_peers, codec_error, adopted, numel
         if res is not None:
             sent, received, dropped = res.bytes_sent, res.bytes_received, res.dropped
-            meta = torch.tensor([res.num_peers, res.codec_error, res.adopted is not None, res.fetched,
-                                 res.average.numel()], dtype=torch.float64)
+            meta = torch.tensor([res.num_peers, res.codec_error, res.adopted is not None, res.average.numel()],
+                                dtype=torch.float64)
         self._intra_broadcast(meta)
         if meta[2]:  # the swarm went on without this worker: every rank adopts its newer state
             adopted = self._share_state(res.adopted if res is not None else None)
             return ExchangeResult(torch.empty(0), sent, received, int(meta[0]), time.perf_counter() - start,
                                   adopted=adopted)
-        average = res.average.contiguous() if res is not None else torch.empty(int(meta[4]), dtype=torch.float32)
+        average = res.average.contiguous() if res is not None else torch.empty(int(meta[3]), dtype=torch.float32)
         self._intra_broadcast(average)
         intra_bytes = 0 if self.local_rank == 0 else average.numel() * average.element_size()
         return ExchangeResult(average, sent, received, int(meta[0]), time.perf_counter() - start,
-                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes,
-                              fetched=bool(meta[3]))
+                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         """Overwrite `flat` with worker `src`'s copy, on every rank of every worker."""

@@ -104,9 +104,6 @@ class ExchangeResult:
     adopted: GlobalState | None = None
     """Elastic backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
-    fetched: bool = False
-    """Elastic backends only: this member did not contribute; `average` is the round's result
-    as the members that ran it hold it (fetched from one of them)."""
 
 
 class Group(ABC):

@@ -312,7 +312,7 @@ class SwarmGroup(Group):
         self.count("round_results_fetched")
         log.info("round %d: took the result of %d peers (%.1f MB) instead of an exchange", t, num_peers,
                  nbytes / 1e6)
-        return ExchangeResult(average, 0, nbytes, num_peers, time.perf_counter() - start, fetched=True)
+        return ExchangeResult(average, 0, nbytes, num_peers, time.perf_counter() - start)
 
     def round_result(self, number: int) -> ExchangeResult:
         """A round that was in flight when this peer adopted a state (it joined, or resynced)."""
