@@ -160,6 +160,18 @@ def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     assert hashes_agree_per_step([a_dir, b_dir, c_dir, d_dir]) == 100
 
 
+def two_peers_then_a_joiner(swarm, args: list[str]) -> tuple[list[Path], list[dict]]:
+    """a and b start the run; c joins once a has applied an outer step (the run is under
+    way, rounds in flight). Returns the three run dirs and their summaries, all exited 0."""
+    a, a_dir = swarm.start("a", *args)
+    b, b_dir = swarm.start("b", *args, initial=a_dir)
+    wait_for(lambda: records(a_dir, "sync"), 180, "the first outer step of a and b", [a, b])
+    c, c_dir = swarm.start("c", *args, initial=a_dir)
+    assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
+    dirs = [a_dir, b_dir, c_dir]
+    return dirs, [s for run_dir in dirs for s in summaries(run_dir)]
+
+
 def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     """Streaming DiLoCo on the swarm: P = 2 fragments, τ = 1 (exchanges on the background
     thread), fp4 with error feedback; a third peer joins mid-run, adopts every fragment's
@@ -167,12 +179,7 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     streaming = ["--model.n_layers", "2", "--outer.inner_steps", "6", "--outer.fragments", "2",
                  "--outer.delay", "1", "--comm.codec", "fp4", "--comm.error_feedback", "true",
                  "--run.steps", "600", "--peers.min_peers", "2"]
-    a, a_dir = swarm.start("a", *streaming)
-    b, b_dir = swarm.start("b", *streaming, initial=a_dir)
-    wait_for(lambda: records(a_dir, "sync"), 180, "the first round of a and b", [a, b])
-    c, c_dir = swarm.start("c", *streaming, initial=a_dir)  # the run is under way: c joins it
-    assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
-    found = [s for run_dir in (a_dir, b_dir, c_dir) for s in summaries(run_dir)]
+    (a_dir, b_dir, c_dir), found = two_peers_then_a_joiner(swarm, streaming)
     assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
     # 600 steps x P / H = 200 fragment rounds, + 1: the drain sends fragment 1's last steps
     assert all(s["outer_steps"] == 201 and s["inner_steps"] == 600 and s["fragments"] == 2 for s in found)
@@ -192,13 +199,7 @@ def test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight(swar
     overlapped = ["--model.n_layers", "2", "--outer.inner_steps", "6", "--outer.fragments", "2",
                   "--outer.overlap", "eager", "--outer.momentum", "0", "--outer.nesterov", "false",
                   "--run.steps", "600", "--peers.min_peers", "2"]
-    a, a_dir = swarm.start("a", *overlapped)
-    b, b_dir = swarm.start("b", *overlapped, initial=a_dir)
-    # c must find a state with rounds in flight: it starts once outer steps are being applied
-    wait_for(lambda: records(a_dir, "sync"), 180, "the first outer step of a and b", [a, b])
-    c, c_dir = swarm.start("c", *overlapped, initial=a_dir)
-    assert [finish(p) for p in (a, b, c)] == [0, 0, 0], swarm.log("c")[-3000:]
-    found = [s for run_dir in (a_dir, b_dir, c_dir) for s in summaries(run_dir)]
+    (a_dir, b_dir, c_dir), found = two_peers_then_a_joiner(swarm, overlapped)
     assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
     # 200 rounds + 1 sent by the drain (fragment 1's last steps), all applied
     assert all(s["outer_steps"] == 201 and s["overlap"] == "eager" for s in found)
