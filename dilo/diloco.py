@@ -50,6 +50,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -271,19 +272,14 @@ class DiLoCo:
         named = {}
         if self.group.elastic:  # exchange number = outer step + exchanges in flight
             named["round"] = RoundId(self.outer_step + len(self._rounds), self._digest())
-        generation = self._generation
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
-            if self._superseded >= generation:
-                return None  # an earlier round of this worker adopted a newer state
-            start = time.perf_counter()
             result = self.group.average(sent, self.codec, **named)
-            if result.adopted is not None:
-                self._superseded = max(self._superseded, generation)
             mean_buffers = self.group.average(buffers, _FP32).average if buffers is not None else None
-            return result, mean_buffers, time.perf_counter() - start
+            return result, mean_buffers
 
-        handle = self._runner.submit(exchange) if self._runner else run_inline(exchange)
+        job = self._job(exchange)
+        handle = self._runner.submit(job) if self._runner else run_inline(job)
         frag.last_snapshot_step = self.inner_step
         self._rounds.append(Round(f, self.inner_step, handle, sent, pseudo_grad.norm().item()))
 
@@ -528,21 +524,28 @@ class DiLoCo:
     def _fetch_round(self, number: int) -> Round:
         """A round this worker missed (it was in flight when the worker adopted a state):
         its result comes from the members that ran it, on the exchange thread, in order."""
+        stride = self.inner_steps // self.num_fragments
+        apply_step = (number + 1 + self.round_lag) * stride  # exchange t is applied as outer step t + 1
+        job = self._job(lambda: (self.group.round_result(number), None))
+        return Round(self._fragment_applied_at(apply_step), apply_step - self.round_lag * stride - self.delay,
+                     self._runner.submit(job), None, 0.0)
+
+    def _job(self, call: Callable[[], tuple]) -> Callable[[], tuple | None]:
+        """`call` (an exchange: (result, mean buffers)) as a job of the current generation,
+        timed: skipped (None) once a state adopted since supersedes it; if it hands back a
+        state itself, the later jobs of its generation are superseded."""
         generation = self._generation
 
-        def fetch():
+        def job():
             if self._superseded >= generation:
                 return None
             start = time.perf_counter()
-            result = self.group.round_result(number)
+            result, mean_buffers = call()
             if result.adopted is not None:
                 self._superseded = max(self._superseded, generation)
-            return result, None, time.perf_counter() - start
+            return result, mean_buffers, time.perf_counter() - start
 
-        stride = self.inner_steps // self.num_fragments
-        apply_step = (number + 1 + self.round_lag) * stride  # exchange t is applied as outer step t + 1
-        return Round(self._fragment_applied_at(apply_step), apply_step - self.round_lag * stride - self.delay,
-                     self._runner.submit(fetch), None, 0.0)
+        return job
 
     def _settings(self) -> dict:
         return {"fragments": self.num_fragments, "delay": self.delay, "alpha": self.alpha,

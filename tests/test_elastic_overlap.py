@@ -124,7 +124,7 @@ def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_i
                 return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
             return super().average(flat, codec, round)
 
-    model2, opt2 = Net(), None
+    model2 = Net()
     opt2 = adamw(model2)
     late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
                   overlap="eager", delay=1, outer_momentum=0.5)
