@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec
+from dilo.global_layout import flatten_fp32, write_flat
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -90,15 +91,10 @@ class Fragment:
 
     # -- the live model's slice ----------------------------------------------------------
     def read_live(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        return flatten_fp32(self.params)
 
-    @torch.no_grad()
     def write_live(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        write_flat(self.params, flat)
 
     @property
     def start_point(self) -> torch.Tensor:
@@ -130,7 +126,8 @@ class Fragment:
         param.grad = None
 
     @torch.no_grad()
-    def outer_step(self, average: torch.Tensor) -> None:
+    def apply_outer_step(self, average: torch.Tensor) -> None:
+        """θ_p ← one outer SGD step with the averaged pseudo-gradient as its gradient."""
         self._sgd_step(self.theta, self.outer, average)
 
     @torch.no_grad()
@@ -160,6 +157,12 @@ class Fragment:
 
     def momentum(self) -> torch.Tensor | None:
         return self.outer.state.get(self.theta, {}).get("momentum_buffer")
+
+    def set_momentum(self, momentum: torch.Tensor | None) -> None:
+        """Outer momentum ← a copy of `momentum` (None: none yet, as before the first outer step)."""
+        self.outer.state.clear()
+        if momentum is not None:
+            self.outer.state[self.theta]["momentum_buffer"] = momentum.clone()
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
