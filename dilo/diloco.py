@@ -46,7 +46,7 @@ import torch.nn as nn
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import GlobalState, Group, RoundId, SoloGroup, state_digest
 from dilo.fragments import Fragment, assign_fragments
-from dilo.global_layout import FragmentLayout, flatten_fp32, write_flat
+from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
 from dilo.options import check_outer_options
 from dilo.stats import SyncStats
@@ -117,13 +117,13 @@ class DiLoCo:
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
         write_flat(self.params, flat)
         owner = assign_fragments(model, self.params, fragments)
-        self.layout = FragmentLayout(self.params, owner, fragments)
         # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
         ef = error_feedback and self.group.size > 1
         self.fragments = [
             Fragment(f, [p for p, o in zip(self.params, owner) if o == f], outer_lr, outer_momentum,
                      nesterov, eager=overlap == "eager", error_feedback=ef)
             for f in range(fragments)]
+        self.global_copy = GlobalCopy(self.fragments, FragmentLayout(self.params, owner, fragments))
         self.inner_step = 0
         self.outer_step = 0
         self.in_flight = RoundsInFlight(self.group, background=delay > 0 or overlap != "none")
@@ -138,9 +138,7 @@ class DiLoCo:
     @property
     def global_params(self) -> torch.Tensor:
         """θ of every fragment, in the model's parameter order (flat fp32, CPU)."""
-        if self.num_fragments == 1:
-            return self.fragments[0].theta
-        return self.layout.model_order([f.theta.detach() for f in self.fragments])
+        return self.global_copy.params
 
     @property
     def round_lag(self) -> int:
@@ -206,16 +204,8 @@ class DiLoCo:
                 if stats.adopted:  # the live model restarted from the adopted state
                     return stats
             if frag.eager_theta is not None and fresh is not None:
-                # Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M: the fresh own share replaces the stale one.
-                # (A round fetched after a join had no own share: the average stands for it.)
-                stale_own = previous.sent if previous is not None else None
-                if stale_own is None:
-                    stale_own = average if previous is not None and torch.isfinite(average).all() \
-                        else torch.zeros_like(fresh.sent)
-                proxy = (fresh.sent - stale_own) / self.group.size
-                if average is not None and torch.isfinite(average).all():
-                    proxy += average
-                frag.eager_step(proxy)
+                frag.eager_step(fresh.sent, previous.sent if previous is not None else None, average,
+                                self.group.size)
         frag.merge(self.alpha)
         frag.last_merge_step = self.inner_step
         return stats
@@ -337,23 +327,11 @@ class DiLoCo:
     # -- identity and persistence ------------------------------------------------------
     def momentum(self) -> torch.Tensor | None:
         """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
-        momenta = [f.momentum() for f in self.fragments]
-        if all(m is None for m in momenta):
-            return None
-        return self.layout.model_order([m if m is not None else torch.zeros(f.numel)
-                                        for m, f in zip(momenta, self.fragments)])
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """θ and the outer momentum (once one exists) in model order."""
-        tensors = {"params": self.global_params.detach()}
-        momentum = self.momentum()
-        if momentum is not None:
-            tensors["momentum"] = momentum
-        return tensors
+        return self.global_copy.momentum()
 
     def global_hash(self) -> str:
         """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
-        return state_digest(list(self._state_tensors().values()), self.outer_step)
+        return state_digest(list(self.global_copy.tensors().values()), self.outer_step)
 
     def _digest(self) -> str:
         """`global_hash()` of the current state, computed once per state."""
@@ -364,7 +342,7 @@ class DiLoCo:
     def export_state(self) -> GlobalState:
         """A consistent copy of θ, the outer momentum and the outer step (any thread)."""
         with self._state_lock:
-            return GlobalState(self.outer_step, {k: v.clone() for k, v in self._state_tensors().items()},
+            return GlobalState(self.outer_step, {k: v.clone() for k, v in self.global_copy.tensors().items()},
                                in_flight=len(self.in_flight))
 
     @torch.no_grad()
@@ -381,15 +359,13 @@ class DiLoCo:
         if params.shape != (self.numel,) or params.dtype != torch.float32:
             raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
                              f"this model has {self.numel} fp32: model settings differ")
-        momenta = self.layout.fragment_order(state.tensors["momentum"]) if "momentum" in state.tensors else None
         stride = self.inner_steps // self.num_fragments
         with self._state_lock:
-            self.layout.write_fragments(params, [f.theta for f in self.fragments])
+            self.global_copy.write(state.tensors)
             self.outer_step = state.outer_step
             missed = min(self.round_lag, state.in_flight)
             self.inner_step = (state.outer_step + missed) * stride
-            for i, frag in enumerate(self.fragments):
-                frag.set_momentum(momenta[i] if momenta is not None else None)
+            for frag in self.fragments:
                 frag.restart_local(self.inner_step)
             self.in_flight.supersede()
             for number in range(state.outer_step, state.outer_step + missed):
@@ -436,7 +412,7 @@ class DiLoCo:
                              f"this run has {self._settings()}; resume with the run's original config")
         own = state.get("inner_optimizer") is not None  # None: a new slot or another world's file
         with self._state_lock:
-            self.layout.write_fragments(flat, [f.theta for f in self.fragments])
+            self.global_copy.write_params(flat)
             for frag, frag_state in zip(self.fragments, state["fragments"]):
                 frag.load_state_dict(frag_state)
             self.inner_step = int(state["inner_step"])
@@ -456,7 +432,7 @@ class DiLoCo:
     def load_global_params(self, flat: torch.Tensor) -> None:
         """Start from another run's global weights (no optimizer state, counters at 0)."""
         self._check_numel(flat)
-        self.layout.write_fragments(flat, [f.theta for f in self.fragments])
+        self.global_copy.write_params(flat)
         write_flat(self.params, flat)
         for frag in self.fragments:
             frag.reset_eager()

@@ -131,7 +131,18 @@ class Fragment:
         self._sgd_step(self.theta, self.outer, average)
 
     @torch.no_grad()
-    def eager_step(self, proxy: torch.Tensor) -> None:
+    def eager_step(self, fresh_own: torch.Tensor, stale_own: torch.Tensor | None,
+                   average: torch.Tensor | None, members: int) -> None:
+        """The eager copy's outer step with Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M: the fresh
+        own share `fresh_own` replaces the stale one in the round's `average` (None: no round
+        was due). A round fetched after a join had no own share (`stale_own` None): the
+        average stands for it."""
+        if stale_own is None:
+            stale_own = average if average is not None and torch.isfinite(average).all() \
+                else torch.zeros_like(fresh_own)
+        proxy = (fresh_own - stale_own) / members
+        if average is not None and torch.isfinite(average).all():
+            proxy += average
         self._sgd_step(self.eager_theta, self.eager_outer, proxy)
 
     @torch.no_grad()

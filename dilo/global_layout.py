@@ -66,3 +66,46 @@ class FragmentLayout:
             per_fragment[f][offsets[f]:offsets[f] + n].copy_(flat[src:src + n])
             offsets[f] += n
             src += n
+
+
+class GlobalCopy:
+    """θ and the outer momentum of every fragment, seen in the model's parameter order (what
+    checkpoints, the global hash and a swarm's state transfer hold)."""
+
+    def __init__(self, fragments: Sequence, layout: FragmentLayout):
+        self.fragments = fragments
+        self.layout = layout
+
+    @property
+    def params(self) -> torch.Tensor:
+        """θ of every fragment, in the model's parameter order (flat fp32, CPU)."""
+        if len(self.fragments) == 1:
+            return self.fragments[0].theta
+        return self.layout.model_order([f.theta.detach() for f in self.fragments])
+
+    def momentum(self) -> torch.Tensor | None:
+        """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
+        momenta = [f.momentum() for f in self.fragments]
+        if all(m is None for m in momenta):
+            return None
+        return self.layout.model_order([m if m is not None else torch.zeros(f.numel)
+                                        for m, f in zip(momenta, self.fragments)])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """θ and the outer momentum (once one exists) in model order: a `GlobalState`'s tensors."""
+        tensors = {"params": self.params.detach()}
+        momentum = self.momentum()
+        if momentum is not None:
+            tensors["momentum"] = momentum
+        return tensors
+
+    def write_params(self, flat: torch.Tensor) -> None:
+        """Every θ_p ← its part of a model-order flat vector."""
+        self.layout.write_fragments(flat, [f.theta for f in self.fragments])
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """θ and the outer momenta ← another member's (`tensors()` of its copy)."""
+        self.write_params(tensors["params"])
+        momenta = self.layout.fragment_order(tensors["momentum"]) if "momentum" in tensors else None
+        for i, frag in enumerate(self.fragments):
+            frag.set_momentum(momenta[i] if momenta is not None else None)
