@@ -30,25 +30,27 @@ runs exactly (same bytes):
 Whatever the variant, θ_p and its momentum change only by averages that are the same
 bytes on every worker, in the same order: they stay bit-identical (hash-checked).
 
-The exchanges in flight, and with groups of open membership (the hivemind swarm) the
-adoption of a newer state and the rounds it supersedes or fetches, are dilo/in_flight.py;
-θ's layout (model order ⇄ fragment order) is dilo/global_layout.py.
+`DiLoCo` is the loop; what it holds between calls, and its snapshots, adoption and
+checkpoints, are `OuterState` (dilo/outer_state.py). The exchanges in flight, and with
+groups of open membership (the hivemind swarm) the rounds an adopted state supersedes or
+fetches, are dilo/in_flight.py; θ's layout (model order ⇄ fragment order) is
+dilo/global_layout.py.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import GlobalState, Group, RoundId, SoloGroup, state_digest
-from dilo.fragments import Fragment, assign_fragments
-from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
+from dilo.comm.protocol import Group, RoundId, SoloGroup
+from dilo.fragments import Fragment, Schedule, assign_fragments
+from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
 from dilo.options import check_outer_options
+from dilo.outer_state import OuterState
 from dilo.stats import SyncStats
 
 log = logging.getLogger("dilo")
@@ -67,8 +69,11 @@ def default_group() -> Group:
     return SoloGroup()
 
 
-class DiLoCo:
+class DiLoCo(OuterState):
     """Wraps a model and its inner optimizer; call `step()` after every inner step.
+
+    Its state (θ, counters, rounds in flight), hash, `adopt_state` and checkpoints are
+    `OuterState`'s; this class is the schedule of exchanges and outer steps.
 
     With the defaults it synchronises every `inner_steps` calls: afterwards the model's
     trainable parameters equal the new global parameters, bit-identical on every
@@ -96,54 +101,39 @@ class DiLoCo:
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         check_outer_options(inner_steps, fragments, delay, alpha, overlap, error_feedback,
                             self.codec.name, self.codec.lossless)
-        self.model, self.inner_optimizer, self.inner_steps = model, inner_optimizer, inner_steps
+        self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
         self.group = group if group is not None else default_group()
         self.check_hashes = check_hashes
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
             raise ValueError("DiLoCo needs at least one parameter with requires_grad=True")
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         if self.group.open_membership and self.buffers:
             raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
                              "use a model without them or comm.backend = torch")
-        self.numel = sum(p.numel() for p in self.params)
-        # θ, the outer momenta and the step change only under this lock, so an open-membership
-        # backend can snapshot them from its own thread (to serve a joining peer).
-        self._state_lock = threading.Lock()
-        flat = flatten_fp32(self.params)
+        flat = flatten_fp32(params)
         if not self.group.open_membership:
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
-        write_flat(self.params, flat)
-        owner = assign_fragments(model, self.params, fragments)
+        write_flat(params, flat)
+        owner = assign_fragments(model, params, fragments)
         # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
         ef = error_feedback and self.group.size > 1
-        self.fragments = [
-            Fragment(f, [p for p, o in zip(self.params, owner) if o == f], outer_lr, outer_momentum,
-                     nesterov, eager=overlap == "eager", error_feedback=ef)
-            for f in range(fragments)]
-        self.global_copy = GlobalCopy(self.fragments, FragmentLayout(self.params, owner, fragments))
-        self.inner_step = 0
-        self.outer_step = 0
-        self.in_flight = RoundsInFlight(self.group, background=delay > 0 or overlap != "none")
-        self._known_digest: tuple[int, str] | None = None
-        """(outer step, global_hash) of the current state, once computed: the base of rounds."""
+        frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
+                          nesterov, eager=overlap == "eager", error_feedback=ef)
+                 for f in range(fragments)]
+        overlapped = overlap != "none"
+        super().__init__(params, frags, owner, inner_optimizer,
+                         Schedule(inner_steps, fragments, delay, overlapped),
+                         RoundsInFlight(self.group, background=delay > 0 or overlapped),
+                         {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
+                          "error_feedback": error_feedback})
         self.joined = self.group.bind(self)  # a running swarm's state, or None
         if self.joined is not None:
             self.adopt_state(self.joined)
         if self.buffers and self.group.size > 1:  # every worker starts from the same buffers
             write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32).average)
-
-    @property
-    def global_params(self) -> torch.Tensor:
-        """θ of every fragment, in the model's parameter order (flat fp32, CPU)."""
-        return self.global_copy.params
-
-    @property
-    def round_lag(self) -> int:
-        """Exchanges started but not yet applied at an outer step (see dilo/in_flight.py)."""
-        return self.num_fragments if self.overlap != "none" else 0
 
     # -- the public loop ---------------------------------------------------------------
     def step(self) -> SyncStats | None:
@@ -154,17 +144,11 @@ class DiLoCo:
             adopted = self._adopt_early()
             if adopted is not None:
                 return adopted
-        starting = self._fragment_applied_at(self.inner_step + self.delay)
+        starting = self.schedule.fragment_applied_at(self.inner_step + self.delay)
         if starting is not None:
             self._start_round(starting)
-        ending = self._fragment_applied_at(self.inner_step)
+        ending = self.schedule.fragment_applied_at(self.inner_step)
         return self._end_round(ending) if ending is not None else None
-
-    def _fragment_applied_at(self, step: int) -> int | None:
-        """The fragment p with step ≡ p·H/P (mod H), if any."""
-        stride = self.inner_steps // self.num_fragments
-        phase = step % self.inner_steps
-        return phase // stride if phase % stride == 0 else None
 
     @torch.no_grad()
     def _start_round(self, f: int) -> None:
@@ -323,119 +307,6 @@ class DiLoCo:
                     "adopting the majority's state", self.outer_step)
         self.adopt_state(repaired)
         return True
-
-    # -- identity and persistence ------------------------------------------------------
-    def momentum(self) -> torch.Tensor | None:
-        """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
-        return self.global_copy.momentum()
-
-    def global_hash(self) -> str:
-        """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
-        return state_digest(list(self.global_copy.tensors().values()), self.outer_step)
-
-    def _digest(self) -> str:
-        """`global_hash()` of the current state, computed once per state."""
-        if self._known_digest is None or self._known_digest[0] != self.outer_step:
-            self._known_digest = (self.outer_step, self.global_hash())
-        return self._known_digest[1]
-
-    def export_state(self) -> GlobalState:
-        """A consistent copy of θ, the outer momentum and the outer step (any thread)."""
-        with self._state_lock:
-            return GlobalState(self.outer_step, {k: v.clone() for k, v in self.global_copy.tensors().items()},
-                               in_flight=len(self.in_flight))
-
-    @torch.no_grad()
-    def adopt_state(self, state: GlobalState) -> None:
-        """Continue from another member's global state (a join, or a repair).
-
-        Worker-local extras restart from it: the live model ← θ, error-feedback residuals
-        zero, eager copies ← θ. No own exchange is in flight: those started from the old
-        state are superseded; with overlap the n = min(P, state.in_flight) rounds in flight
-        at state s (P, except at the start and the end of the run) are fetched from the
-        members that run them, and this worker's own rounds start at s + n.
-        """
-        params = state.tensors["params"]
-        if params.shape != (self.numel,) or params.dtype != torch.float32:
-            raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
-                             f"this model has {self.numel} fp32: model settings differ")
-        stride = self.inner_steps // self.num_fragments
-        with self._state_lock:
-            self.global_copy.write(state.tensors)
-            self.outer_step = state.outer_step
-            missed = min(self.round_lag, state.in_flight)
-            self.inner_step = (state.outer_step + missed) * stride
-            for frag in self.fragments:
-                frag.restart_local(self.inner_step)
-            self.in_flight.supersede()
-            for number in range(state.outer_step, state.outer_step + missed):
-                apply_step = (number + 1 + self.round_lag) * stride  # exchange t is applied as outer step t + 1
-                self.in_flight.fetch(number, self._fragment_applied_at(apply_step),
-                                     apply_step - self.round_lag * stride - self.delay)
-            self._known_digest = None
-        write_flat(self.params, params)
-
-    def _settings(self) -> dict:
-        return {"fragments": self.num_fragments, "delay": self.delay, "alpha": self.alpha,
-                "overlap": self.overlap, "error_feedback": self.error_feedback}
-
-    def _check_numel(self, flat: torch.Tensor) -> None:
-        if flat.shape != (self.numel,):
-            raise ValueError(f"checkpoint holds {flat.numel()} synchronized parameters, "
-                             f"this model has {self.numel}: model settings differ")
-
-    def state_dict(self) -> dict:
-        """Everything to continue exactly. Waits for exchanges in flight (their results are
-        saved, to be applied at their scheduled step), so a checkpoint never holds a guess."""
-        self.in_flight.wait()
-        self.in_flight.collect_hash_checks(block=True)
-        state = {
-            "global_params": self.global_params.detach().clone(),
-            "fragments": [f.state_dict() for f in self.fragments],
-            "inner_optimizer": self.inner_optimizer.state_dict(),
-            "inner_step": self.inner_step,
-            "outer_step": self.outer_step,
-            "settings": self._settings(),
-            "rounds": self.in_flight.state(),
-        }
-        live = flatten_fp32(self.params)
-        if not torch.equal(live, state["global_params"]):
-            state["live_params"] = live
-        return state
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        flat = state["global_params"]
-        self._check_numel(flat)
-        if state["settings"] != self._settings():
-            raise ValueError(f"checkpoint was written with outer/comm settings {state['settings']}, "
-                             f"this run has {self._settings()}; resume with the run's original config")
-        own = state.get("inner_optimizer") is not None  # None: a new slot or another world's file
-        with self._state_lock:
-            self.global_copy.write_params(flat)
-            for frag, frag_state in zip(self.fragments, state["fragments"]):
-                frag.load_state_dict(frag_state)
-            self.inner_step = int(state["inner_step"])
-            self.outer_step = int(state["outer_step"])
-            self.in_flight.load_state(state["rounds"])
-        if own:
-            self.inner_optimizer.load_state_dict(state["inner_optimizer"])
-            write_flat(self.params, state.get("live_params", flat))
-        else:
-            # The global part came from another worker: its worker-local extras are not ours.
-            # Start fresh from θ (rounds in flight stay: their averages are everyone's).
-            for frag in self.fragments:
-                frag.restart_local()
-            write_flat(self.params, flat)
-
-    @torch.no_grad()
-    def load_global_params(self, flat: torch.Tensor) -> None:
-        """Start from another run's global weights (no optimizer state, counters at 0)."""
-        self._check_numel(flat)
-        self.global_copy.write_params(flat)
-        write_flat(self.params, flat)
-        for frag in self.fragments:
-            frag.reset_eager()
 
     def close(self) -> None:
         """Stop the exchange thread (after `flush()`; a hung collective is not waited for)."""

@@ -56,6 +56,29 @@ def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments
     return assignment
 
 
+class Schedule:
+    """When each fragment is applied, and how many exchanges are in flight at an outer step."""
+
+    def __init__(self, inner_steps: int, num_fragments: int, delay: int, overlapped: bool):
+        self.inner_steps, self.num_fragments, self.delay = inner_steps, num_fragments, delay
+        self.stride = inner_steps // num_fragments
+        """Inner steps between two apply steps (H/P)."""
+        self.round_lag = num_fragments if overlapped else 0
+        """Exchanges started but not yet applied at an outer step: 0, or P with overlap
+        delayed/eager (round t is applied as outer step t + 1 while rounds t + 1 .. t + P run)."""
+
+    def fragment_applied_at(self, step: int) -> int | None:
+        """The fragment p with step ≡ p·H/P (mod H), if any."""
+        phase = step % self.inner_steps
+        return phase // self.stride if phase % self.stride == 0 else None
+
+    def missed_round(self, number: int) -> tuple[int, int]:
+        """(fragment, inner step it was started at) of exchange `number`, for a member that
+        adopted a state while it was in flight."""
+        apply_step = (number + 1 + self.round_lag) * self.stride  # exchange t is applied as outer step t + 1
+        return self.fragment_applied_at(apply_step), apply_step - self.round_lag * self.stride - self.delay
+
+
 def codec_roundtrip(codec: Codec, x: torch.Tensor) -> torch.Tensor:
     """What `x` becomes on the wire.
 

@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 import torch
 
 from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group
+from dilo.fragments import Schedule
 from dilo.overlap import ExchangeRunner, Handle, run_inline
 
 
@@ -115,6 +116,16 @@ class RoundsInFlight:
         self._superseded = max(self._superseded, self._generation)
         self._generation += 1
         self.rounds = []
+
+    def restart_from(self, outer_step: int, in_flight: int, schedule: Schedule) -> int:
+        """After adopting a state at `outer_step` (whose holder had `in_flight` exchanges
+        started): supersede every round, fetch the n = min(P, in_flight) rounds in flight at
+        that state (P, except at the start and the end of the run); returns n."""
+        self.supersede()
+        missed = min(schedule.round_lag, in_flight)
+        for number in range(outer_step, outer_step + missed):
+            self.fetch(number, *schedule.missed_round(number))
+        return missed
 
     def fetch(self, number: int, fragment: int, started: int) -> None:
         """Add exchange `number`, which this worker missed (it was in flight when the worker

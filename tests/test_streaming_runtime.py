@@ -264,3 +264,21 @@ def test_constructor_refuses_bad_options(kwargs, word):
     model = Net()
     with pytest.raises(ValueError, match=word):
         DiLoCo(model, adamw(model), inner_steps=4, **kwargs)
+
+
+def test_a_round_checkpointed_by_an_earlier_version_still_loads():
+    """The keys a checkpoint's `rounds` entries were written with before the serialisation was
+    derived from the dataclasses: they load, and the round saves under the same keys."""
+    from dilo.in_flight import round_from_state, round_state
+
+    old = {"fragment": 1, "started": 5, "sent": torch.ones(3), "pseudo_grad_norm": 2.0,
+           "average": torch.zeros(3), "bytes_sent": 10, "bytes_received": 20, "num_peers": 2,
+           "exchange_seconds": 0.5, "dropped": 1, "codec_error": 0.1, "buffers": None, "seconds": 0.6,
+           "exposed": 0.2}
+    rnd = round_from_state(old)
+    result, buffers, seconds = rnd.handle.result()
+    assert (rnd.fragment, rnd.started, rnd.pseudo_grad_norm) == (1, 5, 2.0)
+    assert (result.bytes_sent, result.bytes_received, result.num_peers, result.seconds, result.dropped,
+            result.codec_error, result.intra_bytes, result.adopted) == (10, 20, 2, 0.5, 1, 0.1, 0, None)
+    assert (buffers, seconds, rnd.handle.exposed_seconds) == (None, 0.6, 0.2)
+    assert set(round_state(rnd)) == set(old)
