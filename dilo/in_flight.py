@@ -22,13 +22,16 @@ exchanges started from the old one: they are skipped (or their results discarded
 never applied (`supersede`).
 
 Threading hazard: the supersede counters are written by two threads. Jobs carry the
-generation they were started in; the exchange thread skips those of a generation
-<= `_superseded`. The training thread raises `_superseded` when it adopts a state
-(`supersede`); the exchange thread raises it when a job hands back a state itself, so
-that the later jobs of the same generation are skipped before they reach the wire. Both
-only ever raise it (max), and a plain int assignment is atomic under the GIL, so a job
-sees either value, and either is safe: one more skipped job, or one whose result the
-training thread discards (`RoundsInFlight` no longer holds its round).
+generation they were started in (`_generation`, written by the training thread only);
+the exchange thread skips those of a generation <= `_superseded`. The training thread
+raises `_superseded` when it adopts a state (`supersede`); the exchange thread raises it
+when a job hands back a state itself, so that the later jobs of the same generation are
+skipped before they reach the wire. A job reads `_superseded` once, before it starts: a
+state adopted while it runs does not stop it, and its result is discarded (its round is
+no longer held). The two writes are a read-then-write each, not locked together; if they
+race, the value written last may be the smaller one, and then a job of a superseded
+generation runs instead of being skipped — wasted work whose result is likewise
+discarded, never applied.
 """
 
 from __future__ import annotations
