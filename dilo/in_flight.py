@@ -62,9 +62,11 @@ class Round:
 
 
 # Checkpoint keys that differ from the ExchangeResult field they hold (older checkpoints
-# use these names, so they stay), and the fields a finished round does not keep.
+# use these names, so they stay), and the field a finished round does not keep: a state
+# handed back is adopted before a checkpoint is written (`DiLoCo.settle`). A field added
+# to ExchangeResult is saved; checkpoints without it load its default.
 _RESULT_KEYS = {"seconds": "exchange_seconds"}
-_NOT_SAVED = ("adopted", "intra_bytes")
+_NOT_SAVED = ("adopted",)
 
 
 def round_state(rnd: Round) -> dict:
