@@ -364,10 +364,6 @@ def validate(cfg: Config) -> None:
     _require(i.warmup_steps >= 0, f"inner.warmup_steps must be >= 0, got {i.warmup_steps}")
     _require(0.0 <= i.min_lr_ratio <= 1.0, f"inner.min_lr_ratio must be in [0, 1], got {i.min_lr_ratio}")
     _require(i.grad_clip >= 0, f"inner.grad_clip must be >= 0 (0 = off), got {i.grad_clip}")
-    _require(o.lr > 0, f"outer.lr must be > 0, got {o.lr}")
-    _require(0.0 <= o.momentum < 1.0, f"outer.momentum must be in [0, 1), got {o.momentum}")
-    _require(not (o.nesterov and o.momentum == 0),
-             "outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum")
     _validate_streaming(cfg)
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
@@ -428,10 +424,12 @@ def _validate_peers(cfg: Config) -> None:
 
 
 def _validate_streaming(cfg: Config) -> None:
-    """Streaming DiLoCo, overlapped outer steps and error feedback (docs/streaming.md): the
-    rules DiLoCo itself applies (dilo/options.py), then those that need the rest of the config."""
+    """The outer loop's options, with streaming, overlap and error feedback (docs/streaming.md):
+    the rules DiLoCo itself applies (dilo/options.py), then those that need the rest of the config."""
     o, c = cfg.outer, cfg.comm
-    check_outer_options(o.inner_steps, o.fragments, o.delay, o.alpha, o.overlap, c.error_feedback, c.codec)
+    check_outer_options(inner_steps=o.inner_steps, outer_lr=o.lr, outer_momentum=o.momentum, nesterov=o.nesterov,
+                        fragments=o.fragments, delay=o.delay, alpha=o.alpha, overlap=o.overlap,
+                        error_feedback=c.error_feedback, codec=c.codec)
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

@@ -99,8 +99,10 @@ class DiLoCo(OuterState):
         error_feedback: bool = False,
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
-        check_outer_options(inner_steps, fragments, delay, alpha, overlap, error_feedback,
-                            self.codec.name, self.codec.lossless)
+        check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                            nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
+                            error_feedback=error_feedback, codec=self.codec.name,
+                            codec_lossless=self.codec.lossless)
         self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback

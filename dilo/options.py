@@ -15,16 +15,24 @@ CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
 LOSSLESS_CODECS = ("fp32",)
 
 
-def check_outer_options(inner_steps: int, fragments: int = 1, delay: int = 0, alpha: float = 0.0,
+def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                        nesterov: bool = True, fragments: int = 1, delay: int = 0, alpha: float = 0.0,
                         overlap: str = "none", error_feedback: bool = False, codec: str = "int8",
                         codec_lossless: bool | None = None) -> None:
-    """Raise ValueError for outer/comm options DiLoCo cannot run.
+    """Raise ValueError for outer/comm options DiLoCo cannot run (the keywords are DiLoCo's).
 
     `codec` is a codec's name; `codec_lossless` says whether it is exact (default: looked
     up among the built-in codecs, for a user's own codec object pass its `lossless`).
     """
     if inner_steps < 1:
         _refuse(f"outer.inner_steps (H) must be >= 1, got {inner_steps}", "inner_steps")
+    if not outer_lr > 0:
+        _refuse(f"outer.lr must be > 0, got {outer_lr}", "outer_lr")
+    if not 0.0 <= outer_momentum < 1.0:
+        _refuse(f"outer.momentum must be in [0, 1), got {outer_momentum}", "outer_momentum")
+    if nesterov and outer_momentum == 0:
+        _refuse("outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum",
+                "nesterov", "outer_momentum")
     if fragments < 1:
         _refuse(f"outer.fragments (P) must be >= 1, got {fragments}", "fragments")
     if inner_steps % fragments:

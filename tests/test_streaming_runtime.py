@@ -259,6 +259,8 @@ def test_the_documented_combination_is_accepted():
     (dict(fragments=3), "fragments"), (dict(fragments=2, delay=2), "delay"),
     (dict(alpha=-0.1), "alpha"), (dict(overlap="async"), "overlap"),
     (dict(codec="fp32", error_feedback=True), "error_feedback"),
+    (dict(outer_lr=0.0), "outer_lr"), (dict(outer_momentum=1.0), "outer_momentum"),
+    (dict(outer_momentum=0.0), "nesterov"),
 ])
 def test_constructor_refuses_bad_options(kwargs, word):
     model = Net()
