@@ -53,6 +53,7 @@ class Round:
 
     fragment: int
     started: int
+    """Inner step at which its pseudo-gradient was taken (it is applied `delay` steps later)."""
     handle: Handle
     """Its job's outcome: (ExchangeResult, mean buffers or None, seconds), or None if superseded."""
     sent: torch.Tensor | None
