@@ -37,9 +37,9 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["CODEC_NAMES", "Codec", "get_codec"]
+from dilo.options import CODEC_NAMES
 
-CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
+__all__ = ["CODEC_NAMES", "Codec", "get_codec"]
 
 # fp4 value (before scaling) of each nibble: 0, 2**-6, ..., 2**0, then the negatives
 # (nibble 8, "negative zero", is never produced and decodes to 0). 0 * inf is NaN, so a

@@ -17,8 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dilo.codecs import CODEC_NAMES
-from dilo.diloco import OVERLAPS
+from dilo.options import CODEC_NAMES, check_outer_options
 
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
@@ -365,11 +364,6 @@ def validate(cfg: Config) -> None:
     _require(i.warmup_steps >= 0, f"inner.warmup_steps must be >= 0, got {i.warmup_steps}")
     _require(0.0 <= i.min_lr_ratio <= 1.0, f"inner.min_lr_ratio must be in [0, 1], got {i.min_lr_ratio}")
     _require(i.grad_clip >= 0, f"inner.grad_clip must be >= 0 (0 = off), got {i.grad_clip}")
-    _require(o.inner_steps >= 1, f"outer.inner_steps (H) must be >= 1, got {o.inner_steps}")
-    _require(o.lr > 0, f"outer.lr must be > 0, got {o.lr}")
-    _require(0.0 <= o.momentum < 1.0, f"outer.momentum must be in [0, 1), got {o.momentum}")
-    _require(not (o.nesterov and o.momentum == 0),
-             "outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum")
     _validate_streaming(cfg)
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
@@ -430,23 +424,15 @@ def _validate_peers(cfg: Config) -> None:
 
 
 def _validate_streaming(cfg: Config) -> None:
-    """Streaming DiLoCo, overlapped outer steps and error feedback (docs/streaming.md)."""
+    """The outer loop's options, with streaming, overlap and error feedback (docs/streaming.md):
+    the rules DiLoCo itself applies (dilo/options.py), then those that need the rest of the config."""
     o, c = cfg.outer, cfg.comm
-    _require(o.fragments >= 1, f"outer.fragments must be >= 1, got {o.fragments}")
-    _require(o.inner_steps % o.fragments == 0,
-             f"outer.fragments ({o.fragments}) must divide outer.inner_steps ({o.inner_steps}): "
-             "one fragment is exchanged every inner_steps / fragments steps")
+    check_outer_options(inner_steps=o.inner_steps, outer_lr=o.lr, outer_momentum=o.momentum, nesterov=o.nesterov,
+                        fragments=o.fragments, delay=o.delay, alpha=o.alpha, overlap=o.overlap,
+                        error_feedback=c.error_feedback, codec=c.codec)
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")
-    stride = o.inner_steps // o.fragments
-    _require(0 <= o.delay < stride,
-             f"outer.delay ({o.delay}) must be >= 0 and < outer.inner_steps / outer.fragments "
-             f"({o.inner_steps} / {o.fragments} = {stride}), so one fragment is in flight at a time")
-    _require(0.0 <= o.alpha <= 1.0, f"outer.alpha must be in [0, 1], got {o.alpha}")
-    _require(o.overlap in OVERLAPS, f"outer.overlap must be one of {', '.join(OVERLAPS)}, got {o.overlap!r}")
-    _require(not (c.error_feedback and c.codec == "fp32"),
-             "comm.error_feedback = true needs a lossy comm.codec (bf16, fp16, int8, fp4); fp32 loses nothing")
     if cfg.run.mode != "diloco":
         changed = [key for key, on in (("outer.fragments", o.fragments != 1), ("outer.delay", o.delay != 0),
                                        ("outer.alpha", o.alpha != 0.0), ("outer.overlap", o.overlap != "none"),

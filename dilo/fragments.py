@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec
+from dilo.global_layout import flatten_fp32, write_flat
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -53,6 +54,29 @@ def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments
             raise ValueError(f"fragment {f} of {num_fragments} holds no trainable parameter; "
                              "use fewer fragments")
     return assignment
+
+
+class Schedule:
+    """When each fragment is applied, and how many exchanges are in flight at an outer step."""
+
+    def __init__(self, inner_steps: int, num_fragments: int, delay: int, overlapped: bool):
+        self.inner_steps, self.num_fragments, self.delay = inner_steps, num_fragments, delay
+        self.stride = inner_steps // num_fragments
+        """Inner steps between two apply steps (H/P)."""
+        self.round_lag = num_fragments if overlapped else 0
+        """Exchanges started but not yet applied at an outer step: 0, or P with overlap
+        delayed/eager (round t is applied as outer step t + 1 while rounds t + 1 .. t + P run)."""
+
+    def fragment_applied_at(self, step: int) -> int | None:
+        """The fragment p with step ≡ p·H/P (mod H), if any."""
+        phase = step % self.inner_steps
+        return phase // self.stride if phase % self.stride == 0 else None
+
+    def missed_round(self, number: int) -> tuple[int, int]:
+        """(fragment, inner step it was started at) of exchange `number`, for a member that
+        adopted a state while it was in flight."""
+        apply_step = (number + 1 + self.round_lag) * self.stride  # exchange t is applied as outer step t + 1
+        return self.fragment_applied_at(apply_step), apply_step - self.round_lag * self.stride - self.delay
 
 
 def codec_roundtrip(codec: Codec, x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +114,10 @@ class Fragment:
 
     # -- the live model's slice ----------------------------------------------------------
     def read_live(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        return flatten_fp32(self.params)
 
-    @torch.no_grad()
     def write_live(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        write_flat(self.params, flat)
 
     @property
     def start_point(self) -> torch.Tensor:
@@ -130,11 +149,23 @@ class Fragment:
         param.grad = None
 
     @torch.no_grad()
-    def outer_step(self, average: torch.Tensor) -> None:
+    def apply_outer_step(self, average: torch.Tensor) -> None:
+        """θ_p ← one outer SGD step with the averaged pseudo-gradient as its gradient."""
         self._sgd_step(self.theta, self.outer, average)
 
     @torch.no_grad()
-    def eager_step(self, proxy: torch.Tensor) -> None:
+    def eager_step(self, fresh_own: torch.Tensor, stale_own: torch.Tensor | None,
+                   average: torch.Tensor | None, members: int) -> None:
+        """The eager copy's outer step with Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M: the fresh
+        own share `fresh_own` replaces the stale one in the round's `average` (None: no round
+        was due). A round fetched after a join had no own share (`stale_own` None): the
+        average stands for it."""
+        if stale_own is None:
+            stale_own = average if average is not None and torch.isfinite(average).all() \
+                else torch.zeros_like(fresh_own)
+        proxy = (fresh_own - stale_own) / members
+        if average is not None and torch.isfinite(average).all():
+            proxy += average
         self._sgd_step(self.eager_theta, self.eager_outer, proxy)
 
     @torch.no_grad()
@@ -160,6 +191,12 @@ class Fragment:
 
     def momentum(self) -> torch.Tensor | None:
         return self.outer.state.get(self.theta, {}).get("momentum_buffer")
+
+    def set_momentum(self, momentum: torch.Tensor | None) -> None:
+        """Outer momentum ← a copy of `momentum` (None: none yet, as before the first outer step)."""
+        self.outer.state.clear()
+        if momentum is not None:
+            self.outer.state[self.theta]["momentum_buffer"] = momentum.clone()
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -5,9 +5,8 @@ DiLoCo issues while exchanges may be in flight (pseudo-gradient averages, buffer
 averages, the hash comparison) is submitted here and runs on that thread, one at a
 time, in submission order. `run_inline` is the blocking twin used when nothing
 overlaps (`outer.delay = 0`, `outer.overlap = none`): the same jobs, on the caller's
-thread, so the classic algorithm runs exactly as before. A `Round` is one fragment's
-exchange from its snapshot until it is applied; `round_state` / `round_from_state` turn
-a finished one into checkpointable tensors and back.
+thread, so the classic algorithm runs exactly as before. The rounds these jobs belong to
+are dilo/in_flight.py.
 
 Distributed hazards, and why this is safe:
 
@@ -39,12 +38,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable
-
-import torch
-
-from dilo.comm.protocol import ExchangeResult
 
 
 class Handle:
@@ -118,34 +112,3 @@ class ExchangeRunner:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
-
-
-@dataclass(eq=False)
-class Round:
-    """One exchange of one fragment, from its snapshot until it is applied."""
-
-    fragment: int
-    started: int
-    handle: Handle
-    sent: torch.Tensor
-    """What this worker contributed (Δ_m, plus the residual with error feedback)."""
-    pseudo_grad_norm: float
-
-
-def round_state(rnd: Round) -> dict:
-    """A finished round as plain tensors and numbers (for checkpoints)."""
-    result, mean_buffers, seconds = rnd.handle.result()
-    return {"fragment": rnd.fragment, "started": rnd.started, "sent": rnd.sent,
-            "pseudo_grad_norm": rnd.pseudo_grad_norm, "average": result.average,
-            "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
-            "num_peers": result.num_peers, "exchange_seconds": result.seconds,
-            "dropped": result.dropped, "codec_error": result.codec_error,
-            "buffers": mean_buffers, "seconds": seconds, "exposed": rnd.handle.exposed_seconds}
-
-
-def round_from_state(s: dict) -> Round:
-    result = ExchangeResult(s["average"], s["bytes_sent"], s["bytes_received"], s["num_peers"],
-                            s["exchange_seconds"], dropped=s["dropped"], codec_error=s["codec_error"])
-    handle = run_inline(lambda: (result, s["buffers"], s["seconds"]))
-    handle.exposed_seconds = s["exposed"]
-    return Round(s["fragment"], s["started"], handle, s["sent"], s["pseudo_grad_norm"])

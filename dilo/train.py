@@ -441,7 +441,7 @@ class Trainer:
             raise
 
     def save_checkpoint(self, loss: float) -> None:
-        if self.diloco is not None and self.diloco.group.elastic:
+        if self.diloco is not None and self.diloco.group.open_membership:
             # A swarm exchange may have handed back a newer state since the boundary: take it
             # first, so the checkpoint holds no superseded round.
             stats = self.diloco.settle()

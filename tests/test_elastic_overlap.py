@@ -1,4 +1,4 @@
-"""Overlapped outer steps with an elastic group (the swarm's contract), in one process.
+"""Overlapped outer steps with a group of open membership (the swarm's contract), in one process.
 
 A fake swarm stands for the network: the result of exchange t is whatever the first member
 to run it contributed, the same bytes for every member, and every `RoundId` and digest a
@@ -30,7 +30,7 @@ class Ledger:
 
 
 class FakeSwarm(Group):
-    elastic = True
+    open_membership = True
     rank, size = 0, 2
 
     def __init__(self, ledger: Ledger, join: GlobalState | None = None):
@@ -54,10 +54,10 @@ class FakeSwarm(Group):
         return None
 
     def broadcast(self, flat, src=0):
-        raise AssertionError("an elastic group has no broadcast")
+        raise AssertionError("a group of open membership has no broadcast")
 
     def all_gather_object(self, obj):
-        raise AssertionError("an elastic group has no all_gather")
+        raise AssertionError("a group of open membership has no all_gather")
 
 
 def run(diloco: DiLoCo, model, opt, worker: int, start: int, stop: int, on_step=None) -> None:
@@ -88,7 +88,7 @@ def test_a_member_that_adopts_mid_run_fetches_the_rounds_in_flight_and_agrees(ov
     def take(step):  # a joiner downloads the state as it is at this step
         if step == join_at:
             snapshot["state"] = first.export_state()
-            snapshot["rounds"] = first.outer_step + len(first._rounds)
+            snapshot["rounds"] = first.outer_step + len(first.in_flight)
 
     run(first, model, opt, 0, 0, STEPS, take)
     state = snapshot["state"]
@@ -98,7 +98,7 @@ def test_a_member_that_adopts_mid_run_fetches_the_rounds_in_flight_and_agrees(ov
     joiner, model2, opt2 = make(ledger, overlap, join=state)
     missed = min(lag, state.in_flight)
     assert joiner.outer_step == state.outer_step and joiner.inner_step == (state.outer_step + missed) * (H // 2)
-    assert len(joiner._rounds) == missed
+    assert len(joiner.in_flight) == missed
     run(joiner, model2, opt2, 1, joiner.inner_step, STEPS)
     # It applied the fetched rounds on schedule, numbered its own rounds like the first
     # member (the fake refuses another key) and confirmed every outer step's digest.

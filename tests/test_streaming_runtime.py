@@ -190,7 +190,7 @@ def test_resume_with_exchanges_in_flight_is_exact():
                 for step in range(stop_at):
                     inner_step(model, opt, rank, step)
                     diloco.step()
-                assert diloco._rounds, "nothing in flight at the cut: the test would prove little"
+                assert len(diloco.in_flight), "nothing in flight at the cut: the test would prove little"
                 buf = io.BytesIO()
                 torch.save(diloco.state_dict(), buf)
                 diloco.close()
@@ -259,8 +259,29 @@ def test_the_documented_combination_is_accepted():
     (dict(fragments=3), "fragments"), (dict(fragments=2, delay=2), "delay"),
     (dict(alpha=-0.1), "alpha"), (dict(overlap="async"), "overlap"),
     (dict(codec="fp32", error_feedback=True), "error_feedback"),
+    (dict(outer_lr=0.0), "outer_lr"), (dict(outer_momentum=1.0), "outer_momentum"),
+    (dict(outer_momentum=0.0), "nesterov"),
 ])
 def test_constructor_refuses_bad_options(kwargs, word):
     model = Net()
     with pytest.raises(ValueError, match=word):
         DiLoCo(model, adamw(model), inner_steps=4, **kwargs)
+
+
+def test_a_round_checkpointed_by_an_earlier_version_still_loads():
+    """The keys a checkpoint's `rounds` entries were written with before the serialisation was
+    derived from the dataclasses: they load (intra_bytes, saved since, defaults to 0), and the
+    round saves under the same keys."""
+    from dilo.in_flight import round_from_state, round_state
+
+    old = {"fragment": 1, "started": 5, "sent": torch.ones(3), "pseudo_grad_norm": 2.0,
+           "average": torch.zeros(3), "bytes_sent": 10, "bytes_received": 20, "num_peers": 2,
+           "exchange_seconds": 0.5, "dropped": 1, "codec_error": 0.1, "buffers": None, "seconds": 0.6,
+           "exposed": 0.2}
+    rnd = round_from_state(old)
+    result, buffers, seconds = rnd.handle.result()
+    assert (rnd.fragment, rnd.started, rnd.pseudo_grad_norm) == (1, 5, 2.0)
+    assert (result.bytes_sent, result.bytes_received, result.num_peers, result.seconds, result.dropped,
+            result.codec_error, result.intra_bytes, result.adopted) == (10, 20, 2, 0.5, 1, 0.1, 0, None)
+    assert (buffers, seconds, rnd.handle.exposed_seconds) == (None, 0.6, 0.2)
+    assert set(round_state(rnd)) == set(old) | {"intra_bytes"}

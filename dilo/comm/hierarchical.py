@@ -21,8 +21,8 @@ sliced (default; what `--run.worker_size` uses)
 leader (`sliced=False`)
     Only local rank 0 has an `inter` group (e.g. the one process that joins a swarm);
     it averages the whole vector and broadcasts the result inside the worker. The
-    other ranks pass `inter=None` and never touch the outside network. If `inter` is
-    elastic (a swarm), the group is too: the global state that local rank 0 receives
+    other ranks pass `inter=None` and never touch the outside network. If `inter` has
+    open membership (a swarm), the group has too: the global state that local rank 0 receives
     from the swarm (when joining, when it fell behind, or as a repair) is broadcast to
     every rank of the worker, so all of them adopt the same bytes.
 
@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from dilo.codecs import Codec
 from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, RoundId, SharedState
-from dilo.comm.torch_dist import _all_gather_single
+from dilo.comm.torch_dist import all_gather_single
 
 
 @dataclass
@@ -119,7 +119,7 @@ class HierarchicalGroup(Group):
     def __init__(self, inter: Group | None, intra_pg: dist.ProcessGroup, sliced: bool = True,
                  confirm_pg: dist.ProcessGroup | None = None):
         """`confirm_pg`: another group of the worker's ranks for `confirm` when it runs on the
-        training thread while exchanges use `intra_pg` on the exchange thread (an elastic
+        training thread while exchanges use `intra_pg` on the exchange thread (an open-membership
         inter group with overlapped exchanges): two threads must never interleave
         collectives on one group (dilo/overlap.py)."""
         if not dist.is_initialized():
@@ -148,9 +148,10 @@ class HierarchicalGroup(Group):
                              f"workers): {idents}; build them with join_islands")
         self.rank, self.size = idents[0]
         self.processes = self.local_size
-        self.elastic = bool(self._intra_objects(inter.elastic if inter is not None else None)[0])
-        if self.elastic and sliced:
-            raise ValueError("an elastic inter group (a swarm) needs the leader composition (sliced=False)")
+        self.open_membership = bool(self._intra_objects(inter.open_membership if inter is not None else None)[0])
+        if self.open_membership and sliced:
+            raise ValueError("an inter group of open membership (a swarm) needs the leader composition "
+                             "(sliced=False)")
 
     # -- collectives inside the worker (fast links) -------------------------------------
     def _intra_objects(self, obj: object, group: dist.ProcessGroup | None = None) -> list:
@@ -160,7 +161,7 @@ class HierarchicalGroup(Group):
 
     def _intra_gather(self, part: torch.Tensor) -> torch.Tensor:
         out = torch.empty(part.numel() * self.local_size, dtype=part.dtype)
-        _all_gather_single(out, part.contiguous(), group=self.intra_pg)
+        all_gather_single(out, part.contiguous(), group=self.intra_pg)
         return out
 
     def _intra_broadcast(self, flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
@@ -191,7 +192,7 @@ class HierarchicalGroup(Group):
                                   start)
 
     def round_result(self, number: int) -> ExchangeResult:
-        if not self.elastic:
+        if not self.open_membership:
             return super().round_result(number)
         start = time.perf_counter()
         return self._share_result(self.inter.round_result(number) if self.local_rank == 0 else None, start)
@@ -237,7 +238,7 @@ class HierarchicalGroup(Group):
         everyone = self._intra_objects(everyone)[0]            # local rank 0's answer
         return [o for worker in everyone for o in worker]
 
-    # -- elastic inter groups (leader composition) ---------------------------------------
+    # -- inter groups of open membership (leader composition) ---------------------------------------
     def _share_state(self, state: GlobalState | None, group: dist.ProcessGroup | None = None) -> GlobalState | None:
         """Local rank 0's optional global state, the same bytes on every rank of the worker."""
         layout = None if state is None else (state.outer_step, [(k, v.numel()) for k, v in state.tensors.items()],
@@ -254,12 +255,12 @@ class HierarchicalGroup(Group):
         return GlobalState(step, out, in_flight)
 
     def bind(self, state: SharedState) -> GlobalState | None:
-        if not self.elastic:
+        if not self.open_membership:
             return None
         return self._share_state(self.inter.bind(state) if self.local_rank == 0 else None)
 
     def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
-        if not self.elastic:
+        if not self.open_membership:
             return super().confirm(outer_step, digest)
         found = self._intra_objects((outer_step, digest), self.confirm_pg)  # the worker's ranks first: a bug if they differ
         if len(set(found)) != 1:

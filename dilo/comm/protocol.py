@@ -55,7 +55,7 @@ class GlobalState:
 
 @dataclass(frozen=True)
 class RoundId:
-    """Names one exchange for an elastic group (a swarm keys its rounds by it, not by call order).
+    """Names one exchange for a group of open membership (a swarm keys its rounds by it, not by call order).
 
     `number` counts the exchanges of the run (0, 1, ...; the same on every member for the
     same exchange); `base` is the digest of the global state this member held when it put
@@ -67,7 +67,7 @@ class RoundId:
 
 
 class SharedState(Protocol):
-    """What the algorithm offers an elastic backend: its step and consistent snapshots."""
+    """What the algorithm offers a backend of open membership: its step and consistent snapshots."""
 
     outer_step: int
     round_lag: int
@@ -102,7 +102,7 @@ class ExchangeResult:
     """Bytes this member received from the other processes of its own worker (fast
     intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
     adopted: GlobalState | None = None
-    """Elastic backends only: this member could not take part in the round (it fell behind
+    """Open-membership backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
 
 
@@ -115,7 +115,7 @@ class Group(ABC):
 
     rank: int
     size: int
-    elastic: bool = False
+    open_membership: bool = False
     """True when members come and go during the run (a swarm): there are no fixed ranks,
     the starting state comes from `bind`, and `size` is the size of the last round."""
     processes: int = 1
@@ -126,11 +126,11 @@ class Group(ABC):
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
         """Mean of `flat` over the members, bit-identical everywhere.
 
-        Fixed groups match calls by their order and ignore `round`; elastic groups need it.
+        Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
         """
 
     def round_result(self, number: int) -> ExchangeResult:
-        """Elastic groups: the result of exchange `number`, which this member did not take part
+        """Open membership: the result of exchange `number`, which this member did not take part
         in (it adopted a state while that round was in flight), from a member that ran it;
         `adopted` is set instead when no member holds it any more."""
         raise NotImplementedError(f"{type(self).__name__} has fixed members: every member runs every round")
@@ -151,7 +151,7 @@ class Group(ABC):
         return any(self.all_gather_object(bool(flag)))
 
     def bind(self, state: SharedState) -> GlobalState | None:
-        """Called once by the algorithm before training. Elastic backends serve `state` to
+        """Called once by the algorithm before training. Open-membership backends serve `state` to
         peers that join later and return the running swarm's global state to start from
         (None when this member starts the run). Fixed groups agree through `broadcast`."""
         return None
@@ -160,7 +160,7 @@ class Group(ABC):
         """After an outer step: check that every member holds the global state `digest`.
 
         Fixed groups compare all digests and raise on a mismatch (a bug: the exchange makes
-        them identical). Elastic backends may instead return the majority's state for a
+        them identical). Open-membership backends may instead return the majority's state for a
         member that diverged, which the algorithm then adopts.
         """
         # One entry per process that holds θ: a HierarchicalGroup of one worker still has

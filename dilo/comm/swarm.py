@@ -57,7 +57,7 @@ MAX_ATTEMPTS = 8
 
 
 class SwarmGroup(Group):
-    elastic = True
+    open_membership = True
 
     def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
                  announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,

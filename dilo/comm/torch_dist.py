@@ -18,7 +18,8 @@ from dilo.codecs import Codec
 from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""`all_gather_single(out, buf, group=pg)`: every rank's `buf` concatenated into `out`, in rank order."""
 
 
 def launched_by_torchrun() -> bool:
@@ -50,7 +51,7 @@ class TorchGroup(Group):
 
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         out = torch.empty(buf.numel() * self.size, dtype=buf.dtype)
-        _all_gather_single(out, buf, group=self.pg)
+        all_gather_single(out, buf, group=self.pg)
         return out
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:

@@ -1,0 +1,111 @@
+"""θ's layout: the model's parameter order, the fragments' order, and the flat fp32 CPU copy.
+
+DiLoCo keeps θ and the outer momentum as one flat fp32 CPU vector per fragment (its
+parameters in model order, dilo/fragments.py). Checkpoints, `init_from`, the global
+hash and a swarm's state transfer see them in the model's parameter order instead, so
+they do not depend on how the parameters were split. `FragmentLayout` converts between
+the two; `flatten_fp32` / `write_flat` are the one way dilo reads a list of tensors
+(parameters, buffers) into such a vector and writes one back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def flatten_fp32(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`tensors` flattened and concatenated into a new fp32 CPU vector (whatever their
+    device and dtype; detached)."""
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+
+
+@torch.no_grad()
+def write_flat(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive slices of `flat` into `tensors` (the inverse of `flatten_fp32`)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class FragmentLayout:
+    """Where each synchronized parameter's elements sit: a model-order flat vector ⇄ one
+    flat vector per fragment (`owner[i]` is parameter i's fragment)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], owner: Sequence[int], num_fragments: int):
+        self.sizes = [p.numel() for p in params]
+        self.owner = list(owner)
+        self.num_fragments = num_fragments
+
+    def fragment_order(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A model-order flat vector cut into one flat vector per fragment."""
+        parts: list[list[torch.Tensor]] = [[] for _ in range(self.num_fragments)]
+        offset = 0
+        for n, f in zip(self.sizes, self.owner):
+            parts[f].append(flat[offset:offset + n])
+            offset += n
+        return [torch.cat(x) if x else torch.zeros(0) for x in parts]
+
+    def model_order(self, per_fragment: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One flat vector per fragment joined into a model-order flat vector."""
+        offsets = [0] * self.num_fragments
+        parts = []
+        for n, f in zip(self.sizes, self.owner):
+            parts.append(per_fragment[f][offsets[f]:offsets[f] + n])
+            offsets[f] += n
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def write_fragments(self, flat: torch.Tensor, per_fragment: Sequence[torch.Tensor]) -> None:
+        """Copy a model-order flat vector into the per-fragment vectors, in place."""
+        offsets = [0] * self.num_fragments
+        src = 0
+        for n, f in zip(self.sizes, self.owner):
+            per_fragment[f][offsets[f]:offsets[f] + n].copy_(flat[src:src + n])
+            offsets[f] += n
+            src += n
+
+
+class GlobalCopy:
+    """θ and the outer momentum of every fragment, seen in the model's parameter order (what
+    checkpoints, the global hash and a swarm's state transfer hold)."""
+
+    def __init__(self, fragments: Sequence, layout: FragmentLayout):
+        self.fragments = fragments
+        self.layout = layout
+
+    @property
+    def params(self) -> torch.Tensor:
+        """θ of every fragment, in the model's parameter order (flat fp32, CPU)."""
+        if len(self.fragments) == 1:
+            return self.fragments[0].theta
+        return self.layout.model_order([f.theta.detach() for f in self.fragments])
+
+    def momentum(self) -> torch.Tensor | None:
+        """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
+        momenta = [f.momentum() for f in self.fragments]
+        if all(m is None for m in momenta):
+            return None
+        return self.layout.model_order([m if m is not None else torch.zeros(f.numel)
+                                        for m, f in zip(momenta, self.fragments)])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """θ and the outer momentum (once one exists) in model order: a `GlobalState`'s tensors."""
+        tensors = {"params": self.params.detach()}
+        momentum = self.momentum()
+        if momentum is not None:
+            tensors["momentum"] = momentum
+        return tensors
+
+    def write_params(self, flat: torch.Tensor) -> None:
+        """Every θ_p ← its part of a model-order flat vector."""
+        self.layout.write_fragments(flat, [f.theta for f in self.fragments])
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """θ and the outer momenta ← another member's (`tensors()` of its copy)."""
+        self.write_params(tensors["params"])
+        momenta = self.layout.fragment_order(tensors["momentum"]) if "momentum" in tensors else None
+        for i, frag in enumerate(self.fragments):
+            frag.set_momentum(momenta[i] if momenta is not None else None)

@@ -1,0 +1,59 @@
+"""The outer loop's options and their one validation (torch-free: config parsing imports it).
+
+`check_outer_options` is called by the CLI's config validation (dilo/config.py, with
+the config's values) and by `dilo.DiLoCo` (with its keywords): one set of rules, one
+set of messages. Each message names the config key (e.g. `outer.fragments`), then the
+keyword of `dilo.DiLoCo` that sets the same option, so it reads right from either side.
+"""
+
+from __future__ import annotations
+
+OVERLAPS = ("none", "delayed", "eager")
+"""`outer.overlap` / `overlap=`: when an exchange is applied (docs/streaming.md)."""
+CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
+"""`comm.codec` / `codec=`: the wire formats of dilo/codecs.py."""
+LOSSLESS_CODECS = ("fp32",)
+
+
+def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                        nesterov: bool = True, fragments: int = 1, delay: int = 0, alpha: float = 0.0,
+                        overlap: str = "none", error_feedback: bool = False, codec: str = "int8",
+                        codec_lossless: bool | None = None) -> None:
+    """Raise ValueError for outer/comm options DiLoCo cannot run (the keywords are DiLoCo's).
+
+    `codec` is a codec's name; `codec_lossless` says whether it is exact (default: looked
+    up among the built-in codecs, for a user's own codec object pass its `lossless`).
+    """
+    if inner_steps < 1:
+        _refuse(f"outer.inner_steps (H) must be >= 1, got {inner_steps}", "inner_steps")
+    if not outer_lr > 0:
+        _refuse(f"outer.lr must be > 0, got {outer_lr}", "outer_lr")
+    if not 0.0 <= outer_momentum < 1.0:
+        _refuse(f"outer.momentum must be in [0, 1), got {outer_momentum}", "outer_momentum")
+    if nesterov and outer_momentum == 0:
+        _refuse("outer.nesterov = true needs outer.momentum > 0; set outer.nesterov = false or a momentum",
+                "nesterov", "outer_momentum")
+    if fragments < 1:
+        _refuse(f"outer.fragments (P) must be >= 1, got {fragments}", "fragments")
+    if inner_steps % fragments:
+        _refuse(f"outer.fragments ({fragments}) must divide outer.inner_steps ({inner_steps}): one "
+                "fragment is exchanged every inner_steps / fragments steps", "fragments", "inner_steps")
+    stride = inner_steps // fragments
+    if not 0 <= delay < stride:
+        _refuse(f"outer.delay (τ) = {delay} must be >= 0 and < outer.inner_steps / outer.fragments "
+                f"({inner_steps} / {fragments} = {stride}), so one fragment is in flight at a time",
+                "delay", "inner_steps", "fragments")
+    if not 0.0 <= alpha <= 1.0:
+        _refuse(f"outer.alpha must be in [0, 1], got {alpha}", "alpha")
+    if overlap not in OVERLAPS:
+        _refuse(f"outer.overlap must be one of {', '.join(OVERLAPS)}, got {overlap!r}", "overlap")
+    lossless = codec in LOSSLESS_CODECS if codec_lossless is None else codec_lossless
+    if error_feedback and lossless:
+        lossy = ", ".join(n for n in CODEC_NAMES if n not in LOSSLESS_CODECS)
+        _refuse(f"comm.error_feedback = true needs a lossy comm.codec ({lossy}); {codec} loses nothing",
+                "error_feedback", "codec")
+
+
+def _refuse(message: str, *keywords: str) -> None:
+    """Raise the config key's message, naming DiLoCo's keywords too."""
+    raise ValueError(f"{message} (DiLoCo keyword{'s' if len(keywords) > 1 else ''}: {', '.join(keywords)})")

@@ -1,0 +1,162 @@
+"""What DiLoCo's outer loop holds between calls, and what other parts do with it.
+
+`OuterState` holds the fragments (θ_p, outer momenta, worker-local extras), the counters
+`inner_step` / `outer_step` and the rounds in flight (dilo/in_flight.py). Its methods
+serve everything but the loop itself: a consistent snapshot for a swarm serving a
+joining peer (`export_state`, from the backend's thread), continuing from another
+member's state (`adopt_state`), the global hash, checkpoints and `init_from`. `DiLoCo`
+(dilo/diloco.py) is an `OuterState` plus the loop that changes it.
+
+Threading: θ, the outer momenta, `outer_step` and the rounds in flight change only under
+`_state_lock` (on the training thread), so `export_state` — called from a backend's own
+thread — never sees an outer step without its θ, or a round count of another step.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn as nn
+
+from dilo.comm.protocol import GlobalState, state_digest
+from dilo.fragments import Fragment, Schedule
+from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
+from dilo.in_flight import RoundsInFlight
+
+
+class OuterState:
+    """θ, the outer momenta, the counters and the rounds in flight (see the module docstring)."""
+
+    def __init__(self, params: list[nn.Parameter], fragments: list[Fragment], owner: list[int],
+                 inner_optimizer: torch.optim.Optimizer, schedule: Schedule, in_flight: RoundsInFlight,
+                 settings: dict):
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.fragments = fragments
+        self.global_copy = GlobalCopy(fragments, FragmentLayout(params, owner, len(fragments)))
+        self.inner_optimizer = inner_optimizer
+        self.schedule = schedule
+        self.in_flight = in_flight
+        self.settings = settings
+        """The options a checkpoint must have been written with (`load_state_dict` checks)."""
+        self.inner_step = 0
+        self.outer_step = 0
+        # θ, the outer momenta and the step change only under this lock, so a backend of open
+        # membership can snapshot them from its own thread (to serve a joining peer).
+        self._state_lock = threading.Lock()
+        self._known_digest: tuple[int, str] | None = None
+        """(outer step, global_hash) of the current state, once computed: the base of rounds."""
+
+    @property
+    def global_params(self) -> torch.Tensor:
+        """θ of every fragment, in the model's parameter order (flat fp32, CPU)."""
+        return self.global_copy.params
+
+    @property
+    def round_lag(self) -> int:
+        """Exchanges started but not yet applied at an outer step (dilo/in_flight.py)."""
+        return self.schedule.round_lag
+
+    def momentum(self) -> torch.Tensor | None:
+        """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
+        return self.global_copy.momentum()
+
+    def global_hash(self) -> str:
+        """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
+        return state_digest(list(self.global_copy.tensors().values()), self.outer_step)
+
+    def _digest(self) -> str:
+        """`global_hash()` of the current state, computed once per state."""
+        if self._known_digest is None or self._known_digest[0] != self.outer_step:
+            self._known_digest = (self.outer_step, self.global_hash())
+        return self._known_digest[1]
+
+    def export_state(self) -> GlobalState:
+        """A consistent copy of θ, the outer momentum and the outer step (any thread)."""
+        with self._state_lock:
+            return GlobalState(self.outer_step, {k: v.clone() for k, v in self.global_copy.tensors().items()},
+                               in_flight=len(self.in_flight))
+
+    @torch.no_grad()
+    def adopt_state(self, state: GlobalState) -> None:
+        """Continue from another member's global state (a join, or a repair).
+
+        Worker-local extras restart from it: the live model ← θ, error-feedback residuals
+        zero, eager copies ← θ. No own exchange is in flight: those started from the old
+        state are superseded; with overlap the n = min(P, state.in_flight) rounds in flight
+        at state s (P, except at the start and the end of the run) are fetched from the
+        members that run them, and this worker's own rounds start at s + n.
+        """
+        params = state.tensors["params"]
+        if params.shape != (self.numel,) or params.dtype != torch.float32:
+            raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
+                             f"this model has {self.numel} fp32: model settings differ")
+        with self._state_lock:
+            self.global_copy.write(state.tensors)
+            self.outer_step = state.outer_step
+            missed = self.in_flight.restart_from(state.outer_step, state.in_flight, self.schedule)
+            self.inner_step = (state.outer_step + missed) * self.schedule.stride
+            for frag in self.fragments:
+                frag.restart_local(self.inner_step)
+            self._known_digest = None
+        write_flat(self.params, params)
+
+    # -- persistence ---------------------------------------------------------------------
+    def _check_numel(self, flat: torch.Tensor) -> None:
+        if flat.shape != (self.numel,):
+            raise ValueError(f"checkpoint holds {flat.numel()} synchronized parameters, "
+                             f"this model has {self.numel}: model settings differ")
+
+    def state_dict(self) -> dict:
+        """Everything to continue exactly. Waits for exchanges in flight (their results are
+        saved, to be applied at their scheduled step), so a checkpoint never holds a guess."""
+        self.in_flight.wait()
+        self.in_flight.collect_hash_checks(block=True)
+        state = {
+            "global_params": self.global_params.detach().clone(),
+            "fragments": [f.state_dict() for f in self.fragments],
+            "inner_optimizer": self.inner_optimizer.state_dict(),
+            "inner_step": self.inner_step,
+            "outer_step": self.outer_step,
+            "settings": dict(self.settings),
+            "rounds": self.in_flight.state(),
+        }
+        live = flatten_fp32(self.params)
+        if not torch.equal(live, state["global_params"]):
+            state["live_params"] = live
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        flat = state["global_params"]
+        self._check_numel(flat)
+        if state["settings"] != self.settings:
+            raise ValueError(f"checkpoint was written with outer/comm settings {state['settings']}, "
+                             f"this run has {self.settings}; resume with the run's original config")
+        own = state.get("inner_optimizer") is not None  # None: a new slot or another world's file
+        with self._state_lock:
+            self.global_copy.write_params(flat)
+            for frag, frag_state in zip(self.fragments, state["fragments"]):
+                frag.load_state_dict(frag_state)
+            self.inner_step = int(state["inner_step"])
+            self.outer_step = int(state["outer_step"])
+            self.in_flight.load_state(state["rounds"])
+        if own:
+            self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+            write_flat(self.params, state.get("live_params", flat))
+        else:
+            # The global part came from another worker: its worker-local extras are not ours.
+            # Start fresh from θ (rounds in flight stay: their averages are everyone's).
+            for frag in self.fragments:
+                frag.restart_local()
+            write_flat(self.params, flat)
+
+    @torch.no_grad()
+    def load_global_params(self, flat: torch.Tensor) -> None:
+        """Start from another run's global weights (no optimizer state, counters at 0)."""
+        self._check_numel(flat)
+        self.global_copy.write_params(flat)
+        write_flat(self.params, flat)
+        for frag in self.fragments:
+            frag.reset_eager()
