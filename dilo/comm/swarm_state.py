@@ -120,3 +120,25 @@ class StateTransfer:
                 return True
             await asyncio.sleep(0.3)
         return False
+
+    async def catch_up(self, t: int, kind: str, lag: int) -> GlobalState | None:
+        """Download the swarm's newer state; a resync waits for the majority to finish round t.
+        With overlap (round t is not outer step t) the newest majority state is taken: the
+        rounds in flight there are fetched afterwards (DiLoCo.adopt_state)."""
+        loop = asyncio.get_running_loop()
+        if kind == "resync":  # this peer sits out round t: nobody should wait for it
+            await self.members.update(pending=True)
+        start = loop.time()
+        while loop.time() - start < self.timeout:
+            if lag:
+                state = await self.fetch(0)
+                if state is not None:
+                    return state
+                await asyncio.sleep(0.5)
+                continue
+            patient = kind == "resync" and loop.time() - start < self.timeout / 2
+            state = await self.fetch(t + 1 if kind == "behind" or patient else t)
+            if state is not None and (state.outer_step > t or kind == "resync"):
+                return state
+            await asyncio.sleep(0.5)
+        return None
