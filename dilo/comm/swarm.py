@@ -6,9 +6,9 @@
 hivemind provides the transport (libp2p: NAT-friendly, encrypted, authenticated peer
 ids) and the DHT (who is in the run, where each peer stands). dilo's own code forms the
 group of each round and runs the same two-phase exchange as the torch backend over it,
-so the bytes and the invariants are the same (see swarm_round.py for why hivemind's
-matchmaking and all-reduce are not used: they give time-window groups and partial
-averages; a DiLoCo round needs every live peer, all-or-nothing, bit-identical results).
+so the bytes and the invariants are the same (hivemind's matchmaking and all-reduce are
+not used: they give time-window groups and partial averages; a DiLoCo round needs every
+live peer, all-or-nothing, bit-identical results: swarm_round.py, swarm_exchange.py).
 
 The pieces, one file each: swarm_node (loop thread, p2pd, DHT, RPC), swarm_auth (run
 key, tokens, signed records), swarm_admission (hello: settings checked on both sides),
