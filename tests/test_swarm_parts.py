@@ -320,3 +320,15 @@ def test_from_config_builds_a_peer_that_counts_and_describes_itself(tmp_path):
         assert counted == [("refused_peers", {"reason": "run key"})]
     finally:
         group.close()
+
+
+def test_linger_zero_ends_at_once():
+    """peers.linger = 0 (allowed) used to raise UnboundLocalError at the end of a run."""
+    from dilo.comm.swarm import SwarmGroup
+
+    group = SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=[], listen=["/ip4/127.0.0.1/tcp/0"],
+                       announce=[], timeout=20.0, linger=0.0)
+    try:
+        assert group.node.run(group.members.linger(5, 0.0), timeout=30) == []
+    finally:
+        group.close()

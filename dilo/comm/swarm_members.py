@@ -167,6 +167,7 @@ class Membership:
         loop = asyncio.get_running_loop()
         await self.update(done=True)
         until = loop.time() + seconds
+        behind: list[Member] = []  # peers.linger = 0: nothing to wait for
         while loop.time() < until:
             view = await self.view()
             behind = [m for m in view.members.values() if m.step < outer_step and not m.done]
