@@ -21,7 +21,7 @@ use it for process trees): the supervisor runs as `python -I reaper.py`, outside
 package, with its output sent to /dev/null. If it failed to start (an import that breaks
 in some environment) nobody would see it, and a killed peer would leave a ghost daemon
 behind. What it needs from psutil is one field of /proc/<pid>/stat (`_start_time`), so it
-imports nothing that can fail and starts in a few milliseconds on every peer start.
+imports nothing that can fail and adds no import time to every peer's start.
 """
 
 from __future__ import annotations
