@@ -12,9 +12,9 @@ live peer, all-or-nothing, bit-identical results: swarm_round.py, swarm_exchange
 
 The pieces, one file each: swarm_node (loop thread, p2pd, DHT, RPC), swarm_auth (run
 key, tokens, signed records), swarm_admission (hello: settings checked on both sides),
-swarm_members (membership records), swarm_round (group formation), swarm_exchange (one
-group's exchange and its mailboxes), swarm_results (results of past rounds), swarm_state
-(state download), reaper (cleanup on a kill).
+swarm_members (membership records), swarm_start (join or found the run), swarm_round
+(group formation), swarm_exchange (one group's exchange and its mailboxes), swarm_results
+(results of past rounds), swarm_state (state download), reaper (cleanup on a kill).
 
 Life of a peer: start the node and say hello to `peers.initial` (a wrong key or other
 run settings are refused here, on both sides) → `bind`: if the swarm is training,
@@ -61,6 +61,7 @@ from dilo.comm.swarm_members import Membership  # noqa: E402
 from dilo.comm.swarm_node import SwarmNode  # noqa: E402
 from dilo.comm.swarm_results import RoundResults  # noqa: E402
 from dilo.comm.swarm_round import Rounds  # noqa: E402
+from dilo.comm.swarm_start import join_or_found, round_fields  # noqa: E402
 from dilo.comm.swarm_state import StateTransfer  # noqa: E402
 
 log = logging.getLogger("dilo")
@@ -166,73 +167,18 @@ class SwarmGroup(Group):
         self.holder = self.transfer.holder = state
         self.lag = state.round_lag
         self.results.keep = 2 * self.lag + 2 if self.lag else 0  # a joiner fetches up to P of them
-        joined = self.node.run(self._join_or_found(state), timeout=self.timeout + 60)
-        if joined is not None:
+        joined, self._digest = self.node.run(
+            join_or_found(self.members, self.transfer, self.rounds, state, min_peers=self.min_peers,
+                          timeout=self.timeout, running_at=self._running_at), timeout=self.timeout + 60)
+        if joined is None:
+            self._pending = False
+        else:
             info = self.transfer.last_download
             log.info("joined the swarm at outer step %d: state %.1f MB from %s in %.2f s (%.1f MB/s)",
                      joined.outer_step, info["bytes"] / 1e6, info["donor"][-8:], info["seconds"],
                      info["bytes"] / 1e6 / max(info["seconds"], 1e-9))
             self.count("state_downloads", reason="join")
         return joined
-
-    async def _join_or_found(self, holder: SharedState) -> GlobalState | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        published = warned = False
-        while True:
-            view = await self.members.view()
-            others = [m for m in view.members.values() if m.peer != self.name]
-            if view.foreign and not warned:
-                log.warning("%d peers with other run settings are in this swarm's DHT; they are ignored",
-                            len(view.foreign))
-                warned = True
-            # Peers that passed the start gate together are all at step 0 with the seeded θ;
-            # once one has finished a round, a newcomer joins mid-run instead.
-            if any(m.training and m.step > 0 for m in others):
-                state = await self.transfer.fetch(0)
-                if state is not None:
-                    self._digest = self.transfer.last_download["digest"]
-                    self.transfer.known_digest = (state.outer_step, self._digest)
-                    self.rounds.set_step(state.outer_step)
-                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True,
-                                  **self._round_fields(state.outer_step, self._digest))
-                    if published:
-                        await self.members.update(**fields)
-                    else:
-                        self.members.me.update(fields)
-                        await self.members.start()
-                    return state
-            elif self._running_at:  # the run we were pointed at is not visible (yet, or any more)
-                pass
-            elif not published:  # the start gate: a regular member at step 0 with the seeded θ
-                own = await loop.run_in_executor(None, holder.export_state)
-                self._digest = await loop.run_in_executor(None, own.digest)
-                self.transfer.known_digest = (own.outer_step, self._digest)
-                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False,
-                                       min_peers=self.min_peers, round=own.outer_step, key=self._digest)
-                self.rounds.set_step(own.outer_step)
-                await self.members.start()
-                published = True
-                continue
-            elif len(others) + 1 >= self.min_peers or any(m.training for m in others):
-                await self.members.update(pending=False, training=True)
-                self._pending = False
-                log.info("starting the run with %d peers", len(others) + 1)
-                return None
-            if loop.time() > deadline and self._running_at:
-                raise RuntimeError(f"peers.initial was training (outer step {self._running_at}) but no peer "
-                                   f"of that run could serve its state within comm.timeout={self.timeout:.0f} s; "
-                                   "the run may have ended")
-            if loop.time() > deadline:
-                raise RuntimeError(f"only {len(others) + 1} of peers.min_peers={self.min_peers} peers "
-                                   f"(or no donor for the running swarm's state) within comm.timeout="
-                                   f"{self.timeout:.0f} s")
-            await asyncio.sleep(0.5)
-
-    def _round_fields(self, step: int, digest: str) -> dict:
-        """Record fields for a peer whose state is at `step`: without overlap its next round is
-        that step's, from that state; with overlap the round is stored when entered."""
-        return {} if self.lag else {"round": step, "key": digest}
 
     # -- rounds --------------------------------------------------------------------------
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
@@ -269,16 +215,16 @@ class SwarmGroup(Group):
             try:
                 result = self._exchange(group, flat, codec)
             except ExchangeFailed as e:
-                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 self.count("partial_rounds")
                 log.warning("round %d: exchange among %d peers failed (%s); nothing applied, retrying "
                             "with the live peers", t, group.size, e)
                 suspects |= e.peers - {self.name}
                 continue
             except BaseException:
-                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 raise
-            self.node.run(self._close_group(group, "done"), timeout=30)
+            self.node.run(self.rounds.close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
             self._finished(t, key, result.average, group.size)
@@ -292,10 +238,7 @@ class SwarmGroup(Group):
 
     def _finished(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
         if self.lag:  # (without overlap confirm() moves the peer on, and nobody fetches results)
-            self.node.run(self._keep_result(t, key, average, num_peers), timeout=30)
-
-    async def _keep_result(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
-        self.results.finished_round(t, key, average, num_peers)
+            self.node.run(self.results.finished_round(t, key, average, num_peers), timeout=30)
 
     def _fetch_result(self, t: int, key: str | None) -> ExchangeResult | None:
         """Round t's result from a peer that ran it (overlap only; see the module docstring)."""
@@ -340,9 +283,6 @@ class SwarmGroup(Group):
         finally:
             self._active = None
 
-    async def _close_group(self, group: Exchange, status: str) -> None:
-        self.rounds.close_group(group, status)
-
     def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         self._digest = digest
         return self.node.run(self._confirm(outer_step, digest), timeout=self.timeout + 60)
@@ -355,7 +295,7 @@ class SwarmGroup(Group):
         # entry compares digests again, when everyone's records are in).
         _, view = await asyncio.gather(
             self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True,
-                                **self._round_fields(outer_step, digest)),
+                                **round_fields(self.lag, outer_step, digest)),
             self.members.view())
         majority = view.majority_digest(outer_step)
         if majority is None or majority == digest:
@@ -369,7 +309,7 @@ class SwarmGroup(Group):
             if not self.lag:
                 self.rounds.set_step(state.outer_step)
             await self.members.update(step=state.outer_step, digest=self._digest,
-                                      **self._round_fields(state.outer_step, self._digest))
+                                      **round_fields(self.lag, state.outer_step, self._digest))
         return state
 
     # -- end -----------------------------------------------------------------------------
@@ -386,7 +326,7 @@ class SwarmGroup(Group):
             return
         try:
             if self._active is not None:
-                self.node.run(self._close_group(self._active, "aborted"), timeout=10)
+                self.node.run(self.rounds.close_group(self._active, "aborted"), timeout=10)
             self.node.run(self.members.stop(), timeout=10)
         except Exception as e:
             log.debug("swarm: leaving: %r", e)

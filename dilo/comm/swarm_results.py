@@ -40,7 +40,7 @@ class RoundResults:
     async def start(self) -> None:
         await self.node.serve("result", self._on_result)
 
-    def finished_round(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
+    async def finished_round(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
         """This peer holds round t's result (it ran the round, alone or not, or fetched it)."""
         if self.position.step <= t:
             self.position.set_step(t + 1)

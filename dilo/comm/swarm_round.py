@@ -256,7 +256,7 @@ class Rounds:
             await self.position.changed.wait(min(1.0, until - loop.time()))  # not in round t yet
 
     # -- this peer's groups ----------------------------------------------------------------
-    def close_group(self, group: Exchange, status: str) -> None:
+    async def close_group(self, group: Exchange, status: str) -> None:
         self.mailboxes.close(group, status)
         if status == "done":
             self.last_group = set(group.peers) - {self.node.name}
