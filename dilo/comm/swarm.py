@@ -73,6 +73,7 @@ Count = Callable[..., None]
 def _no_count(name: str, value: float = 1.0, **labels) -> None:
     pass
 
+
 MAX_ATTEMPTS = 8
 """Failed exchanges in one round before a peer gives up on the others and applies its own Δ."""
 
@@ -124,8 +125,8 @@ class SwarmGroup(Group):
                    run_dir=cfg.run.dir, count=count)
 
     def describe(self) -> dict:
-        """For the trainer's start event: this peer's id, its addresses, and the state download
-        it joined with (bytes, seconds, donor, digest; None when it started the run)."""
+        """For the trainer's start event: this peer's id, its addresses, and its last state
+        download (after bind: the one it joined with; None when it founded the run)."""
         return {"peer": self.name, "addresses": list(self.addresses), "download": self.transfer.last_download}
 
     async def _start_services(self, heartbeat: float) -> None:
@@ -153,9 +154,9 @@ class SwarmGroup(Group):
         return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "little") % num_shards
 
     def _announce(self, run_dir: str | None) -> None:
-        if run_dir:  # others (and tests) read it while it is written: replaced atomically
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write.write_text(Path(run_dir) / "address.txt", "\n".join(self.addresses) + "\n")
+        if run_dir:  # read while it is written: replaced atomically (not fsynced: it dies with the peer)
+            text = "\n".join(self.addresses) + "\n"
+            atomic_write.write_text(Path(run_dir) / "address.txt", text, durable=False)
         log.info("swarm peer %s; others join with --peers.initial %s", self.name, ",".join(self.addresses))
 
     def _refused(self, peer: str, reason: str, detail: str = "") -> None:
