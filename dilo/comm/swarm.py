@@ -80,6 +80,7 @@ MAX_ATTEMPTS = 8
 
 class SwarmGroup(Group):
     open_membership = True
+    elastic = True  # until the merge: main's protocol/diloco still read Group.elastic (drop this line then)
 
     def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
                  announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,
