@@ -4,14 +4,15 @@ A donor answers `state` with a consistent copy of its global state (taken under 
 algorithm's lock, off the event loop): one raw frame per tensor, and a header naming the
 outer step, the digest, each tensor's size and how many exchanges the donor had started
 but not applied (with overlapped outer steps the receiver fetches those rounds' results
-next: swarm_round.py). The receiver accepts it only if
+next: swarm_results.py). The receiver accepts it only if
 
 1. the bytes hash to the digest in the header (nothing was lost or altered), and
 2. that digest is the majority's for that step in a fresh membership view (the donor is
    not a lone diverged peer, and not lying about what the swarm agreed on).
 
 Otherwise it tries the next donor: members holding the majority state of the newest
-step, non-pending first. A donor that dies mid-transfer is one failed call.
+step, non-pending first. A donor that dies mid-transfer is one failed call. `catch_up`
+is the loop around it for a peer that fell behind or holds a minority state.
 """
 
 from __future__ import annotations
