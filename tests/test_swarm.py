@@ -57,13 +57,15 @@ class Swarm:
         self.key_file = tmp_path / "run.key"
         self.key_file.write_text(KEY)
 
-    def start(self, name: str, *extra: str, initial: Path | None = None, env: dict | None = None):
+    def start(self, name: str, *extra: str, initial: Path | None = None, kill_at: str = ""):
+        """`dilo train` as a swarm peer; with kill_at "ROUND:PHASE" it SIGKILLs itself in the middle
+        of that exchange (tools/swarm_fault_peer.py)."""
         run_dir = self.tmp / name
-        args = ["-m", "dilo.train", *SWARM, "--run.dir", str(run_dir), "--peers.key_file", str(self.key_file),
-                *extra]
+        entry = ["-m", "tools.swarm_fault_peer", "--kill-at", kill_at] if kill_at else ["-m", "dilo.train"]
+        args = [*entry, *SWARM, "--run.dir", str(run_dir), "--peers.key_file", str(self.key_file), *extra]
         if initial is not None:
             args += ["--peers.initial", self.address(initial)]
-        return self.start_cmd(name, [sys.executable, *args], env), run_dir
+        return self.start_cmd(name, [sys.executable, *args]), run_dir
 
     def start_cmd(self, name: str, cmd: list[str], env: dict | None = None):
         # The tag is inherited by the peer's p2pd and reaper: no_leftovers finds them by it.
@@ -218,7 +220,7 @@ def test_peer_killed_mid_exchange_survivors_agree(swarm):
     steps = ["--run.steps", "60", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
     b, b_dir = swarm.start("b", *steps, initial=a_dir)
-    c, c_dir = swarm.start("c", *steps, initial=a_dir, env={"DILO_FAULT_KILL_AT": "4:2"})
+    c, c_dir = swarm.start("c", *steps, initial=a_dir, kill_at="4:2")
     assert finish(c) == -signal.SIGKILL
     assert [finish(a), finish(b)] == [0, 0], swarm.log("a")[-3000:] + swarm.log("b")[-3000:]
     found = summaries(a_dir) + summaries(b_dir)

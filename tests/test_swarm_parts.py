@@ -168,11 +168,13 @@ class _ShortResult:
 def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it():
     from dilo.comm.swarm import SwarmGroup
 
-    def peer(initial):
-        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
-                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=20.0)
+    counted = []
 
-    fetcher = peer([])
+    def peer(initial, count=None):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=20.0, count=count)
+
+    fetcher = peer([], count=lambda name, value=1.0, **labels: counted.append(name))
     others = []
     try:
         others = [peer(fetcher.addresses[:1]) for _ in range(2)]
@@ -181,18 +183,16 @@ def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it()
         for p, pending, cached in ((bad, False, _ShortResult()), (honest, True, good)):
             # both went past round 3 (the honest one is asked last: pending peers come last)
             p.members.me.update(round=5, key="k", step=3, digest="d", training=True, pending=pending)
-            p.rounds.step = 5
-            p.rounds.keep = 4
-            p.rounds.results[3] = ("k", cached, 2)
+            p.rounds.position.step = 5
+            p.results.keep = 4
+            p.results.held[3] = ("k", cached, 2)
         for p in (fetcher, *others):
             p.node.run(p.members.start(), timeout=30)
-        counted = []
-        fetcher.count = lambda name, value=1.0, **labels: counted.append(name)
         result = fetcher._fetch_result(3, "k")
         assert torch.equal(result.average, good) and result.num_peers == 2 and result.bytes_sent == 0
         assert counted == ["rejected_results", "round_results_fetched"]
         # a result of a round that started from another state is not taken: nobody can help
-        assert fetcher.node.run(fetcher.rounds.fetch_result(3, "other-key", 10.0), timeout=30) is None
+        assert fetcher.node.run(fetcher.results.fetch(3, "other-key", 10.0), timeout=30) is None
     finally:
         for p in (fetcher, *others):
             p.close()
@@ -201,7 +201,7 @@ def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it()
 # -- an exchange between in-process peers ---------------------------------------------------
 def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
     from dilo.comm.swarm import SwarmGroup
-    from dilo.comm.swarm_round import to_bytes_view
+    from dilo.comm.swarm_exchange import to_bytes_view
 
     def peer(initial):
         return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
@@ -215,7 +215,7 @@ def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
         group_id = os.urandom(16)
 
         async def register(p):
-            return p.rounds._register(group_id, 0, names)
+            return p.rounds.mailboxes.register(group_id, 0, names)
 
         groups = [p.node.run(register(p)) for p in peers]
         codec = get_codec("fp32")
@@ -269,13 +269,12 @@ def test_a_peer_without_the_key_or_with_other_settings_is_refused_on_both_sides(
     mine = parse_args(["--model.d_model", "32", "--model.n_heads", "2"]).shared_settings()
     other = parse_args(["--model.d_model", "64", "--model.n_heads", "2"]).shared_settings()
 
-    def peer(key, settings, initial):
+    def peer(key, settings, initial, count=None):
         return SwarmGroup(auth=RunAuth(key), settings=settings, initial=initial,
-                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0, count=count)
 
-    member = peer(b"k" * 20, mine, [])
     counted = []
-    member.count = lambda name, value=1.0, **labels: counted.append((name, labels))
+    member = peer(b"k" * 20, mine, [], count=lambda name, value=1.0, **labels: counted.append((name, labels)))
     try:
         with pytest.raises(ValueError, match="does not hold the swarm's run key"):
             peer(b"x" * 20, mine, member.addresses[:1])
@@ -289,3 +288,47 @@ def test_a_peer_without_the_key_or_with_other_settings_is_refused_on_both_sides(
         assert "model.d_model (this peer 32, that peer 64)" in caplog.text
     finally:
         member.close()
+
+
+# -- the extra, the factory, the start event -------------------------------------------------
+def test_importing_the_swarm_without_hivemind_says_how_to_install_it(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hivemind", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "dilo.comm.swarm", raising=False)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[swarm\]'"):
+        importlib.import_module("dilo.comm.swarm")
+
+
+def test_from_config_builds_a_peer_that_counts_and_describes_itself(tmp_path):
+    from dilo.comm.swarm import SwarmGroup
+
+    key = tmp_path / "run.key"
+    key.write_text("0123456789abcdef-key\n")
+    cfg = parse_args(["--comm.backend", "hivemind", "--peers.key_file", str(key), "--run.dir", str(tmp_path / "a"),
+                      "--peers.listen", "/ip4/127.0.0.1/tcp/0", "--run.steps", "100", "--outer.inner_steps", "10"])
+    counted = []
+    group = SwarmGroup.from_config(cfg, count=lambda name, value=1.0, **labels: counted.append((name, labels)))
+    try:
+        described = group.describe()
+        assert described["peer"] == group.name and described["download"] is None
+        assert described["addresses"] and all("/p2p/" in a for a in described["addresses"])
+        assert (tmp_path / "a" / "address.txt").read_text().split() == described["addresses"]
+        assert group.open_membership
+        group._refused("someone", "run key")
+        assert counted == [("refused_peers", {"reason": "run key"})]
+    finally:
+        group.close()
+
+
+def test_linger_zero_ends_at_once():
+    """peers.linger = 0 (allowed) used to raise UnboundLocalError at the end of a run."""
+    from dilo.comm.swarm import SwarmGroup
+
+    group = SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=[], listen=["/ip4/127.0.0.1/tcp/0"],
+                       announce=[], timeout=20.0, linger=0.0)
+    try:
+        assert group.node.run(group.members.linger(5, 0.0), timeout=30) == []
+    finally:
+        group.close()

@@ -176,10 +176,10 @@ def _swarm_run(tmp: Path, name: str, fault: str = "", extra: tuple[str, ...] = (
             assert time.time() < deadline and procs[0].poll() is None, "first peer did not start"
             time.sleep(0.2)
         initial = address_file.read_text().split()[0]
-        for i, d in enumerate(dirs[1:], start=1):
-            env = _env({"DILO_FAULT_KILL_AT": fault} if fault and i == 2 else None)
-            procs.append(subprocess.Popen([sys.executable, "-m", "dilo.train", *base, "--run.dir", str(d),
-                                           "--peers.initial", initial], env=env, cwd=REPO,
+        for i, d in enumerate(dirs[1:], start=1):  # the third peer crashes mid-round with a fault
+            entry = ["-m", "tools.swarm_fault_peer", "--kill-at", fault] if fault and i == 2 else ["-m", "dilo.train"]
+            procs.append(subprocess.Popen([sys.executable, *entry, *base, "--run.dir", str(d),
+                                           "--peers.initial", initial], env=_env(), cwd=REPO,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for p in procs:
             p.wait(timeout=900)

@@ -16,7 +16,12 @@ The supervisor reads commands from a pipe. End of file on that pipe means the pe
 gone (the kernel closes the pipe when the process dies, whatever killed it): then it
 terminates the watched processes that are still the same processes (pid and start time),
 kills them if they do not exit within a grace period, removes the watched paths and exits.
-Standard library only: it runs as `python -I reaper.py`, outside the package.
+Standard library only, on purpose (psutil is a core dependency, and the tools and tests
+use it for process trees): the supervisor runs as `python -I reaper.py`, outside the
+package, with its output sent to /dev/null. If it failed to start (an import that breaks
+in some environment) nobody would see it, and a killed peer would leave a ghost daemon
+behind. What it needs from psutil is one field of /proc/<pid>/stat (`_start_time`), so it
+imports nothing that can fail and adds no import time to every peer's start.
 """
 
 from __future__ import annotations

@@ -6,13 +6,15 @@
 hivemind provides the transport (libp2p: NAT-friendly, encrypted, authenticated peer
 ids) and the DHT (who is in the run, where each peer stands). dilo's own code forms the
 group of each round and runs the same two-phase exchange as the torch backend over it,
-so the bytes and the invariants are the same (see swarm_round.py for why hivemind's
-matchmaking and all-reduce are not used: they give time-window groups and partial
-averages; a DiLoCo round needs every live peer, all-or-nothing, bit-identical results).
+so the bytes and the invariants are the same (hivemind's matchmaking and all-reduce are
+not used: they give time-window groups and partial averages; a DiLoCo round needs every
+live peer, all-or-nothing, bit-identical results: swarm_round.py, swarm_exchange.py).
 
 The pieces, one file each: swarm_node (loop thread, p2pd, DHT, RPC), swarm_auth (run
-key, tokens, signed records), swarm_members (membership records), swarm_round (group
-formation and exchange), swarm_state (state download), reaper (cleanup on a kill).
+key, tokens, signed records), swarm_admission (hello: settings checked on both sides),
+swarm_members (membership records), swarm_start (join or found the run), swarm_round
+(group formation), swarm_exchange (one group's exchange and its mailboxes), swarm_results
+(results of past rounds), swarm_state (state download), reaper (cleanup on a kill).
 
 Life of a peer: start the node and say hello to `peers.initial` (a wrong key or other
 run settings are refused here, on both sides) → `bind`: if the swarm is training,
@@ -27,13 +29,17 @@ With overlapped outer steps (`outer.overlap delayed|eager`, DiLoCo's round_lag P
 rounds are applied P rounds after they run, so a state never stands alone: a peer that
 takes one (joining, resyncing) also needs the results of the P rounds in flight, which
 `round_result` fetches from the peers that ran them; a peer that is merely behind in a
-round fetches that round's result instead of a state (swarm_round.py, "Results").
+round fetches that round's result instead of a state (swarm_results.py).
+
+Importing this module without hivemind installed raises ImportError that says how to
+install the extra.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -41,16 +47,32 @@ from typing import Callable
 
 import torch
 
-from dilo.codecs import Codec
-from dilo.comm.protocol import (ExchangeResult, GlobalState, Group, RoundId, SharedState, chunk_numel,
-                                two_phase_average)
-from dilo.comm.swarm_auth import AuthError, RunAuth, load_key, settings_fingerprint, settings_mismatch
-from dilo.comm.swarm_members import Membership
-from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
-from dilo.comm.swarm_round import Exchange, ExchangeFailed, Rounds, to_bytes_view
-from dilo.comm.swarm_state import StateTransfer
+if importlib.util.find_spec("hivemind") is None:  # checked without importing it (its logging is set first)
+    raise ImportError("comm.backend = hivemind needs the swarm extra: pip install -e '.[swarm]'",
+                      name="hivemind")
+
+from dilo import atomic_write  # noqa: E402
+from dilo.codecs import Codec  # noqa: E402
+from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, SharedState  # noqa: E402
+from dilo.comm.swarm_admission import Admission  # noqa: E402
+from dilo.comm.swarm_auth import RunAuth, load_key, settings_fingerprint  # noqa: E402
+from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, average_in_group  # noqa: E402
+from dilo.comm.swarm_members import Membership  # noqa: E402
+from dilo.comm.swarm_node import SwarmNode  # noqa: E402
+from dilo.comm.swarm_results import RoundResults  # noqa: E402
+from dilo.comm.swarm_round import Rounds  # noqa: E402
+from dilo.comm.swarm_start import join_or_found, round_fields  # noqa: E402
+from dilo.comm.swarm_state import StateTransfer  # noqa: E402
 
 log = logging.getLogger("dilo")
+
+Count = Callable[..., None]
+"""count(name: str, value: float = 1.0, **labels): one counter event (the trainer's metrics)."""
+
+
+def _no_count(name: str, value: float = 1.0, **labels) -> None:
+    pass
+
 
 MAX_ATTEMPTS = 8
 """Failed exchanges in one round before a peer gives up on the others and applies its own Δ."""
@@ -61,13 +83,14 @@ class SwarmGroup(Group):
 
     def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
                  announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,
-                 linger: float = 30.0, timeout: float = 600.0, run_dir: str | None = None):
+                 linger: float = 30.0, timeout: float = 600.0, run_dir: str | None = None,
+                 count: Count | None = None):
         self.rank, self.size = 0, 1
         self.settings = settings
         self.fingerprint = settings_fingerprint(settings)
         self.min_peers, self.linger, self.timeout = min_peers, linger, timeout
-        self.count: Callable[..., None] = lambda name, value=1.0, **labels: None
-        """Metrics hook: count(name, value, **labels); the trainer points it at Metrics.count."""
+        self.count: Count = count or _no_count
+        """Metrics hook, called for each counter event (refusals, downloads, solo rounds, ...)."""
         self.holder: SharedState | None = None
         self.lag = 0
         """The holder's round_lag: 0, or P with overlapped outer steps."""
@@ -85,27 +108,37 @@ class SwarmGroup(Group):
             self.addresses = self.node.run(self.node.addresses(), timeout=30)
             self._announce(run_dir)
             if initial:
-                self._hello(initial)
+                self._running_at = self.admission.hello(initial)
         except BaseException:
             self.node.close()
             raise
 
     @classmethod
-    def from_config(cls, cfg) -> SwarmGroup:
+    def from_config(cls, cfg, count: Count | None = None) -> SwarmGroup:
+        """This peer, started and admitted (`peers.*`, `comm.timeout`); count(name, value=1.0,
+        **labels) receives each counter event (default: none are recorded)."""
         p = cfg.peers
         settings = {**cfg.shared_settings(), "run": {"steps": cfg.run.steps}}
         return cls(auth=RunAuth(load_key(p.key_file, p.open)), settings=settings, initial=p.initial,
                    listen=p.listen, announce=p.announce, identity_file=p.identity_file,
                    min_peers=p.min_peers, heartbeat=p.heartbeat, linger=p.linger, timeout=cfg.comm.timeout,
-                   run_dir=cfg.run.dir)
+                   run_dir=cfg.run.dir, count=count)
+
+    def describe(self) -> dict:
+        """For the trainer's start event: this peer's id, its addresses, and its last state
+        download (after bind: the one it joined with; None when it founded the run)."""
+        return {"peer": self.name, "addresses": list(self.addresses), "download": self.transfer.last_download}
 
     async def _start_services(self, heartbeat: float) -> None:
         self.members = Membership(self.node, self.fingerprint, heartbeat)
+        self.admission = Admission(self.node, self.members, self.settings, self._refused)
         self.transfer = StateTransfer(self.node, self.members, self.settings, self.timeout)
         self.rounds = Rounds(self.node, self.members, self.timeout)
-        await self.node.serve("hello", self._on_hello)
+        self.results = RoundResults(self.node, self.members, self.rounds.position)
+        await self.admission.start()
         await self.transfer.start()
         await self.rounds.start()
+        await self.results.start()
 
     # -- identity and admission ----------------------------------------------------------
     @property
@@ -121,118 +154,32 @@ class SwarmGroup(Group):
         return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "little") % num_shards
 
     def _announce(self, run_dir: str | None) -> None:
-        text = "\n".join(self.addresses) + "\n"
-        if run_dir:
-            path = Path(run_dir) / "address.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".address.txt.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+        if run_dir:  # read while it is written: replaced atomically (not fsynced: it dies with the peer)
+            text = "\n".join(self.addresses) + "\n"
+            atomic_write.write_text(Path(run_dir) / "address.txt", text, durable=False)
         log.info("swarm peer %s; others join with --peers.initial %s", self.name, ",".join(self.addresses))
 
     def _refused(self, peer: str, reason: str, detail: str = "") -> None:
         log.warning("refused peer %s: %s", peer, detail or {"run key": "it does not hold the run key"}.get(reason, reason))
         self.count("refused_peers", reason=reason)
 
-    async def _on_hello(self, remote, header: dict, _frames):
-        theirs = header.get("settings", {})
-        if settings_mismatch(self.settings, theirs):
-            self._refused(remote.to_base58(), "settings", "its run settings differ: " +
-                          settings_mismatch(self.settings, theirs, "this peer", "that peer"))
-            raise AuthError(f"refused by {self.name}: run settings differ from the swarm's: " +
-                            settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
-        me = self.members.me
-        return {"name": self.name, "training": me["training"], "step": me["step"]}, None
-
-    def _hello(self, initial: list[str]) -> None:
-        answered = []
-        for addr in initial:
-            peer = addr.rsplit("/p2p/", 1)[-1].split("/")[0]
-            try:
-                reply, _ = self.node.run(self.node.call(peer, "hello", {"settings": self.settings}, timeout=30),
-                                         timeout=40)
-                answered.append(addr)
-                if reply.get("training") and int(reply.get("step", 0)) > 0:
-                    self._running_at = max(self._running_at, int(reply["step"]))
-            except AuthError as e:
-                raise ValueError(f"peers.initial {addr}: {e}") from None
-            except (PeerUnreachable, RemoteError) as e:
-                log.warning("peers.initial %s did not answer: %s", addr, e)
-        if not answered:
-            raise ValueError(f"none of peers.initial answered: {', '.join(initial)}")
-
     # -- start: join a running swarm or found one ----------------------------------------
     def bind(self, state: SharedState) -> GlobalState | None:
         self.holder = self.transfer.holder = state
         self.lag = state.round_lag
-        self.rounds.keep = 2 * self.lag + 2 if self.lag else 0  # a joiner fetches up to P of them
-        joined = self.node.run(self._join_or_found(state), timeout=self.timeout + 60)
-        if joined is not None:
+        self.results.keep = 2 * self.lag + 2 if self.lag else 0  # a joiner fetches up to P of them
+        joined, self._digest = self.node.run(
+            join_or_found(self.members, self.transfer, self.rounds, state, min_peers=self.min_peers,
+                          timeout=self.timeout, running_at=self._running_at), timeout=self.timeout + 60)
+        if joined is None:
+            self._pending = False
+        else:
             info = self.transfer.last_download
             log.info("joined the swarm at outer step %d: state %.1f MB from %s in %.2f s (%.1f MB/s)",
                      joined.outer_step, info["bytes"] / 1e6, info["donor"][-8:], info["seconds"],
                      info["bytes"] / 1e6 / max(info["seconds"], 1e-9))
             self.count("state_downloads", reason="join")
         return joined
-
-    async def _join_or_found(self, holder: SharedState) -> GlobalState | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        published = warned = False
-        while True:
-            view = await self.members.view()
-            others = [m for m in view.members.values() if m.peer != self.name]
-            if view.foreign and not warned:
-                log.warning("%d peers with other run settings are in this swarm's DHT; they are ignored",
-                            len(view.foreign))
-                warned = True
-            # Peers that passed the start gate together are all at step 0 with the seeded θ;
-            # once one has finished a round, a newcomer joins mid-run instead.
-            if any(m.training and m.step > 0 for m in others):
-                state = await self.transfer.fetch(0)
-                if state is not None:
-                    self._digest = self.transfer.last_download["digest"]
-                    self.transfer.known_digest = (state.outer_step, self._digest)
-                    self.rounds.set_step(state.outer_step)
-                    fields = dict(step=state.outer_step, digest=self._digest, pending=True, training=True,
-                                  **self._round_fields(state.outer_step, self._digest))
-                    if published:
-                        await self.members.update(**fields)
-                    else:
-                        self.members.me.update(fields)
-                        await self.members.start()
-                    return state
-            elif self._running_at:  # the run we were pointed at is not visible (yet, or any more)
-                pass
-            elif not published:  # the start gate: a regular member at step 0 with the seeded θ
-                own = await loop.run_in_executor(None, holder.export_state)
-                self._digest = await loop.run_in_executor(None, own.digest)
-                self.transfer.known_digest = (own.outer_step, self._digest)
-                self.members.me.update(step=own.outer_step, digest=self._digest, pending=False, training=False,
-                                       min_peers=self.min_peers, round=own.outer_step, key=self._digest)
-                self.rounds.set_step(own.outer_step)
-                await self.members.start()
-                published = True
-                continue
-            elif len(others) + 1 >= self.min_peers or any(m.training for m in others):
-                await self.members.update(pending=False, training=True)
-                self._pending = False
-                log.info("starting the run with %d peers", len(others) + 1)
-                return None
-            if loop.time() > deadline and self._running_at:
-                raise RuntimeError(f"peers.initial was training (outer step {self._running_at}) but no peer "
-                                   f"of that run could serve its state within comm.timeout={self.timeout:.0f} s; "
-                                   "the run may have ended")
-            if loop.time() > deadline:
-                raise RuntimeError(f"only {len(others) + 1} of peers.min_peers={self.min_peers} peers "
-                                   f"(or no donor for the running swarm's state) within comm.timeout="
-                                   f"{self.timeout:.0f} s")
-            await asyncio.sleep(0.5)
-
-    def _round_fields(self, step: int, digest: str) -> dict:
-        """Record fields for a peer whose state is at `step`: without overlap its next round is
-        that step's, from that state; with overlap the round is stored when entered."""
-        return {} if self.lag else {"round": step, "key": digest}
 
     # -- rounds --------------------------------------------------------------------------
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
@@ -249,7 +196,7 @@ class SwarmGroup(Group):
                 if fetched is not None:
                     return fetched
             if outcome.kind in ("behind", "resync"):
-                state = self.node.run(self._catch_up(t, outcome.kind), timeout=self.timeout + 120)
+                state = self.node.run(self.transfer.catch_up(t, outcome.kind, self.lag), timeout=self.timeout + 120)
                 if state is not None:
                     self.transfer.known_digest = None  # until confirm() publishes the adopted state's
                     self.count("state_downloads", reason=outcome.kind)
@@ -269,16 +216,16 @@ class SwarmGroup(Group):
             try:
                 result = self._exchange(group, flat, codec)
             except ExchangeFailed as e:
-                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 self.count("partial_rounds")
                 log.warning("round %d: exchange among %d peers failed (%s); nothing applied, retrying "
                             "with the live peers", t, group.size, e)
                 suspects |= e.peers - {self.name}
                 continue
             except BaseException:
-                self.node.run(self._close_group(group, "aborted"), timeout=30)
+                self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 raise
-            self.node.run(self._close_group(group, "done"), timeout=30)
+            self.node.run(self.rounds.close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
             self._finished(t, key, result.average, group.size)
@@ -292,19 +239,16 @@ class SwarmGroup(Group):
 
     def _finished(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
         if self.lag:  # (without overlap confirm() moves the peer on, and nobody fetches results)
-            self.node.run(self._keep_result(t, key, average, num_peers), timeout=30)
-
-    async def _keep_result(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
-        self.rounds.finished_round(t, key, average, num_peers)
+            self.node.run(self.results.finished_round(t, key, average, num_peers), timeout=30)
 
     def _fetch_result(self, t: int, key: str | None) -> ExchangeResult | None:
         """Round t's result from a peer that ran it (overlap only; see the module docstring)."""
         start = time.perf_counter()
-        got = self.node.run(self.rounds.fetch_result(t, key, self.timeout), timeout=self.timeout + 60)
-        for problem in self.rounds.bad_results:
+        got = self.node.run(self.results.fetch(t, key, self.timeout), timeout=self.timeout + 60)
+        for problem in self.results.bad_results:
             log.warning("refused %s", problem)
             self.count("rejected_results")
-        self.rounds.bad_results.clear()
+        self.results.bad_results.clear()
         if got is None:
             return None
         average, num_peers, nbytes = got
@@ -319,7 +263,7 @@ class SwarmGroup(Group):
         fetched = self._fetch_result(number, None)
         if fetched is not None:
             return fetched
-        state = self.node.run(self._catch_up(number, "resync"), timeout=self.timeout + 120)
+        state = self.node.run(self.transfer.catch_up(number, "resync", self.lag), timeout=self.timeout + 120)
         if state is None:
             raise RuntimeError(f"round {number}: no peer holds its result any more and no peer could serve "
                                f"the swarm's state within comm.timeout={self.timeout:.0f} s")
@@ -330,55 +274,15 @@ class SwarmGroup(Group):
         return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
     def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
-        chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
-        nbytes = codec.encoded_nbytes(chunk)
-        poison = codec.encode(torch.full((chunk,), float("nan"))).numpy().tobytes()
-
-        def collective(phase: int, slices: list) -> torch.Tensor:
-            got = self.node.run(group.collective(phase, slices, nbytes, poison, self.timeout),
-                                timeout=self.timeout + 30)
-            for problem in group.bad_slices:
-                log.warning("round %d: dropped a contribution: %s", group.t, problem)
-                self.count("rejected_contributions", reason="wrong_size")
-            group.bad_slices.clear()
-            return torch.frombuffer(bytearray(b"".join(got)), dtype=torch.uint8)
-
-        def all_to_all(buf: torch.Tensor) -> torch.Tensor:
-            return collective(1, [to_bytes_view(s) for s in buf.view(group.size, -1)])
-
-        def all_gather(buf: torch.Tensor) -> torch.Tensor:
-            return collective(2, [to_bytes_view(buf)] * group.size)
+        def dropped(problem: str) -> None:
+            log.warning("round %d: dropped a contribution: %s", group.t, problem)
+            self.count("rejected_contributions", reason="wrong_size")
 
         self._active = group
         try:
-            return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather)
+            return average_in_group(self.node, group, flat, codec, self.timeout, dropped)
         finally:
             self._active = None
-
-    async def _close_group(self, group: Exchange, status: str) -> None:
-        self.rounds.close_group(group, status)
-
-    async def _catch_up(self, t: int, kind: str) -> GlobalState | None:
-        """Download the swarm's newer state; a resync waits for the majority to finish round t.
-        With overlap (round t is not outer step t) the newest majority state is taken: the
-        rounds in flight there are fetched afterwards (DiLoCo.adopt_state)."""
-        loop = asyncio.get_running_loop()
-        if kind == "resync":  # this peer sits out round t: nobody should wait for it
-            await self.members.update(pending=True)
-        start = loop.time()
-        while loop.time() - start < self.timeout:
-            if self.lag:
-                state = await self.transfer.fetch(0)
-                if state is not None:
-                    return state
-                await asyncio.sleep(0.5)
-                continue
-            patient = kind == "resync" and loop.time() - start < self.timeout / 2
-            state = await self.transfer.fetch(t + 1 if kind == "behind" or patient else t)
-            if state is not None and (state.outer_step > t or kind == "resync"):
-                return state
-            await asyncio.sleep(0.5)
-        return None
 
     def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
         self._digest = digest
@@ -392,7 +296,7 @@ class SwarmGroup(Group):
         # entry compares digests again, when everyone's records are in).
         _, view = await asyncio.gather(
             self.members.update(step=outer_step, digest=digest, pending=self._pending, training=True,
-                                **self._round_fields(outer_step, digest)),
+                                **round_fields(self.lag, outer_step, digest)),
             self.members.view())
         majority = view.majority_digest(outer_step)
         if majority is None or majority == digest:
@@ -406,26 +310,16 @@ class SwarmGroup(Group):
             if not self.lag:
                 self.rounds.set_step(state.outer_step)
             await self.members.update(step=state.outer_step, digest=self._digest,
-                                      **self._round_fields(state.outer_step, self._digest))
+                                      **round_fields(self.lag, state.outer_step, self._digest))
         return state
 
     # -- end -----------------------------------------------------------------------------
     def finished(self) -> None:
         """The run is over here: serve the final state while live peers are still behind."""
-        self.node.run(self._linger(), timeout=self.linger + 60)
-
-    async def _linger(self) -> None:
-        loop = asyncio.get_running_loop()
-        await self.members.update(done=True)
-        until = loop.time() + self.linger
-        while loop.time() < until:
-            view = await self.members.view()
-            behind = [m for m in view.members.values() if m.step < self.holder.outer_step and not m.done]
-            if not behind:
-                return
-            await asyncio.sleep(0.5)
-        log.warning("stopped serving after peers.linger=%.0f s; peers still behind: %s", self.linger,
-                    ", ".join(m.peer[-8:] for m in behind))
+        behind = self.node.run(self.members.linger(self.holder.outer_step, self.linger), timeout=self.linger + 60)
+        if behind:
+            log.warning("stopped serving after peers.linger=%.0f s; peers still behind: %s", self.linger,
+                        ", ".join(m.peer[-8:] for m in behind))
 
     def close(self) -> None:
         """Leave the swarm: tell the others, stop the daemon, remove its files. Idempotent."""
@@ -433,7 +327,7 @@ class SwarmGroup(Group):
             return
         try:
             if self._active is not None:
-                self.node.run(self._close_group(self._active, "aborted"), timeout=10)
+                self.node.run(self.rounds.close_group(self._active, "aborted"), timeout=10)
             self.node.run(self.members.stop(), timeout=10)
         except Exception as e:
             log.debug("swarm: leaving: %r", e)

@@ -160,3 +160,18 @@ class Membership:
             except (KeyError, TypeError, ValueError):
                 log.debug("swarm: malformed membership record from %s: %r", peer, r)
         return View(members, foreign)
+
+    async def linger(self, outer_step: int, seconds: float) -> list[Member]:
+        """Mark this peer done, then wait (at most `seconds`) until no live peer is behind
+        `outer_step`: those may still download this peer's state. Returns those still behind."""
+        loop = asyncio.get_running_loop()
+        await self.update(done=True)
+        until = loop.time() + seconds
+        behind: list[Member] = []  # peers.linger = 0: nothing to wait for
+        while loop.time() < until:
+            view = await self.view()
+            behind = [m for m in view.members.values() if m.step < outer_step and not m.done]
+            if not behind:
+                return []
+            await asyncio.sleep(0.5)
+        return behind

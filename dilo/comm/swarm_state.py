@@ -4,14 +4,15 @@ A donor answers `state` with a consistent copy of its global state (taken under 
 algorithm's lock, off the event loop): one raw frame per tensor, and a header naming the
 outer step, the digest, each tensor's size and how many exchanges the donor had started
 but not applied (with overlapped outer steps the receiver fetches those rounds' results
-next: swarm_round.py). The receiver accepts it only if
+next: swarm_results.py). The receiver accepts it only if
 
 1. the bytes hash to the digest in the header (nothing was lost or altered), and
 2. that digest is the majority's for that step in a fresh membership view (the donor is
    not a lone diverged peer, and not lying about what the swarm agreed on).
 
 Otherwise it tries the next donor: members holding the majority state of the newest
-step, non-pending first. A donor that dies mid-transfer is one failed call.
+step, non-pending first. A donor that dies mid-transfer is one failed call. `catch_up`
+is the loop around it for a peer that fell behind or holds a minority state.
 """
 
 from __future__ import annotations
@@ -120,3 +121,25 @@ class StateTransfer:
                 return True
             await asyncio.sleep(0.3)
         return False
+
+    async def catch_up(self, t: int, kind: str, lag: int) -> GlobalState | None:
+        """Download the swarm's newer state; a resync waits for the majority to finish round t.
+        With overlap (round t is not outer step t) the newest majority state is taken: the
+        rounds in flight there are fetched afterwards (DiLoCo.adopt_state)."""
+        loop = asyncio.get_running_loop()
+        if kind == "resync":  # this peer sits out round t: nobody should wait for it
+            await self.members.update(pending=True)
+        start = loop.time()
+        while loop.time() - start < self.timeout:
+            if lag:
+                state = await self.fetch(0)
+                if state is not None:
+                    return state
+                await asyncio.sleep(0.5)
+                continue
+            patient = kind == "resync" and loop.time() - start < self.timeout / 2
+            state = await self.fetch(t + 1 if kind == "behind" or patient else t)
+            if state is not None and (state.outer_step > t or kind == "resync"):
+                return state
+            await asyncio.sleep(0.5)
+        return None
