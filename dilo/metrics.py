@@ -168,6 +168,9 @@ def _serve(registry: CollectorRegistry, host: str, port: int) -> _MetricsServer:
         server_class = type("_MetricsServer6", (_MetricsServer,), {"address_family": socket.AF_INET6})
     try:
         server = server_class((host, port), _QuietHandler)
+    except OverflowError:  # metrics.port + local rank went past 65535
+        raise ValueError(f"metrics.port: port {port} (metrics.port + this process's local rank) "
+                         "is past 65535; choose a lower --metrics.port") from None
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise ValueError(
@@ -219,6 +222,10 @@ class Metrics:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            self._stop_server()
+            raise ValueError(f"run.dir {self.path.parent}: cannot write {self.path.name} there "
+                             f"({e.strerror}); choose a writable --run.dir") from e
         except BaseException:
             self._stop_server()
             raise

@@ -228,3 +228,12 @@ def test_progress_lines_without_a_tty(tmp_path, capsys, caplog, progress):
     assert lines == ["step 10/400 | loss 2.31 | 5.23k tok/s | outer 0",
                      "step 20/400 | loss 2.2 | 5.3k tok/s | outer 1"]
     assert "\r" not in capsys.readouterr().err  # no bar
+
+
+def test_unusable_run_dir_or_port_is_a_message(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="choose a writable --run.dir"):
+        Metrics(blocker / "run", 0, progress=False)
+    with pytest.raises(ValueError, match="past 65535"):
+        Metrics(tmp_path, 0, port=65536, progress=False)  # metrics.port + local rank
