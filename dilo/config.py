@@ -179,11 +179,13 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     port: int = 0
-    """Prometheus port (+ local rank); 0 = off."""
+    """Prometheus endpoint http://metrics.host:PORT/metrics; each process serves on port + its local rank; 0 = off."""
+    host: str = "127.0.0.1"
+    """Address the Prometheus endpoint listens on. The default serves this machine only (the endpoint has no authentication); a Prometheus on another machine, the usual case with torchrun over several nodes, needs 0.0.0.0 or this node's address on the cluster network."""
     log_every: int = 10
-    """Write an inner-step metrics line every N inner steps."""
+    """Write an inner-step metrics line (and a progress update) every N inner steps."""
     progress: str = "auto"
-    """Progress bar: auto (on a TTY, rank 0), on, off."""
+    """On rank 0: `auto` (a bar on a TTY, else an INFO line every log_every steps), `on` (a bar), `off` (INFO lines)."""
 
 
 @dataclass
@@ -305,7 +307,10 @@ def parse_args(argv: list[str]) -> Config:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(help_text())
+            from dilo.config_help import help_text  # imports this module: loaded on demand
+
+            print(help_text())  # on stdout, exit 0: help is an answer, not an error
+            raise SystemExit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}; options look like --section.key value")
         if "=" in arg:
@@ -375,9 +380,7 @@ def validate(cfg: Config) -> None:
     _require(not (k.resume and k.init_from),
              "checkpoint.resume and checkpoint.init_from exclude each other: resume continues a run, "
              "init_from starts a new one from its weights")
-    _require(0 <= x.port <= 65535, f"metrics.port must be in 0..65535, got {x.port}")
-    _require(x.log_every >= 1, f"metrics.log_every must be >= 1, got {x.log_every}")
-    _require(x.progress in ("auto", "on", "off"), f"metrics.progress must be auto, on or off, got {x.progress!r}")
+    _validate_metrics(cfg)
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:
@@ -440,10 +443,11 @@ def _validate_streaming(cfg: Config) -> None:
         _require(not changed, f"{', '.join(changed)} only apply to run.mode = diloco, not {cfg.run.mode!r}")
 
 
-def help_text() -> str:
-    lines = ["usage: dilo train [--config FILE.toml] [--section.key VALUE ...]", ""]
-    for name, section in _sections(Config()).items():
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(section):
-            lines.append(f"  --{name}.{key_name(f.name)} (default {getattr(section, f.name)!r})")
-    return "\n".join(lines)
+def _validate_metrics(cfg: Config) -> None:
+    x = cfg.metrics
+    _require(0 <= x.port <= 65535, f"metrics.port must be a TCP port in 1..65535, or 0 for no "
+             f"Prometheus endpoint; got {x.port}")
+    _require(bool(x.host.strip()), "metrics.host must be an address to listen on, e.g. 127.0.0.1 "
+             "(this machine only) or 0.0.0.0 (every interface)")
+    _require(x.log_every >= 1, f"metrics.log_every must be >= 1, got {x.log_every}")
+    _require(x.progress in ("auto", "on", "off"), f"metrics.progress must be auto, on or off, got {x.progress!r}")

@@ -1,43 +1,55 @@
-"""Observability for one DiLoCo worker: JSON lines, Prometheus endpoint, progress bar.
+"""Observability for one DiLoCo worker: JSON lines, a Prometheus endpoint, progress.
 
 Every record goes to ``<run_dir>/metrics-<worker>.jsonl`` (one JSON object per line,
-flushed at once so a killed worker keeps everything it logged). When ``port > 0`` the
-same numbers are served as Prometheus text at ``http://<host>:<port>/metrics``.
-Standard library only, so tools can read the files without torch installed.
+flushed at once so a killed worker keeps everything it logged); the JSON lines hold
+every field, and tools/ read them without torch installed.
+
+When ``port > 0`` the numbers that make sense to watch live are served for Prometheus
+at ``http://<host>:<port>/metrics`` by ``prometheus_client`` (a custom collector over
+this object's state, in a private registry, behind a WSGI server that ``close()``
+shuts down). They are declared in dilo/metric_names.py, each with its HELP text; a
+field not declared there (ids, hashes, strings) is in the JSON lines only. Names
+follow Prometheus' conventions: base unit last, ``_total`` on counters, one family
+per quantity with ``worker`` (and ``fragment``) as labels, no pre-computed rates
+(tokens and bytes are counters: ``rate()`` gives the throughput).
+
+Progress: on a TTY a tqdm bar, with the root logger routed through ``tqdm.write``
+while the bar lives, so log lines never land on the bar; otherwise (a pipe, a log
+file, or progress off) one INFO line per ``progress()`` call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import http.server
 import json
+import logging
 import math
-import os
-import re
+import socket
 import socketserver
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-# Fields that are also summed into run-wide counters, whatever kind of line they are in.
-_ACCUMULATED = ("bytes_sent", "bytes_received", "tokens")
-_PROGRESS_MIN_INTERVAL_S = 0.2  # at most ~5 redraws per second
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, make_wsgi_app
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily,
+                                    Metric, SummaryMetricFamily)
+from prometheus_client.registry import Collector
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dilo.atomic_write import write_json
+from dilo.metric_names import EVENT_INFO, EVENTS, FIELD_METRICS, STEP_METRICS, Spec, counter_help
 
-def _metric_name(*parts: str) -> str:
-    name = re.sub(r"[^a-zA-Z0-9_]", "_", "_".join(parts))
-    return "_" + name if name[0].isdigit() else name
-
-
-def _label_value(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+log = logging.getLogger("dilo")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _jsonable(value: Any) -> Any:
@@ -65,43 +77,155 @@ def _human(value: float) -> str:
     return f"{value:.3g}"
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
+Labels = tuple[tuple[str, str], ...]
+
+
+class _State:
+    """What the endpoint shows, keyed (family name, labels); guarded by Metrics._lock."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[tuple[str, Labels], float] = {}
+        self.counters: dict[tuple[str, Labels], float] = {}
+        self.summaries: dict[tuple[str, Labels], tuple[int, float]] = {}
+        self.infos: dict[str, dict[str, str]] = {}
+
+    def add(self, spec: Spec, labels: Labels, value: float) -> float:
+        key = (spec.name, labels)
+        if spec.type == "gauge":
+            self.gauges[key] = value
+        elif spec.type == "counter":
+            self.counters[key] = self.counters.get(key, 0.0) + value
+            return self.counters[key]
+        else:
+            count, total = self.summaries.get(key, (0, 0.0))
+            self.summaries[key] = (count + 1, total + value)
+        return value
+
+
+class _Collector(Collector):
+    """Builds the families from a snapshot of the state at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        with m._lock:
+            gauges, counters = dict(m._state.gauges), dict(m._state.counters)
+            summaries, infos = dict(m._state.summaries), dict(m._state.infos)
+        helps = {s.name: s.help for s in (*FIELD_METRICS.values(), *STEP_METRICS.values(), EVENTS)}
+        for samples, make in ((gauges, GaugeMetricFamily), (counters, CounterMetricFamily),
+                              (summaries, SummaryMetricFamily)):
+            by_name: dict[str, list[tuple[dict[str, str], Any]]] = {}
+            for (name, labels), value in sorted(samples.items()):
+                by_name.setdefault(name, []).append((dict(labels), value))
+            for name, rows in by_name.items():
+                # One label set per family: a label some samples lack is empty on them.
+                label_names = sorted({k for labels, _ in rows for k in labels})
+                help_text = helps.get(name) or counter_help(name.removeprefix("dilo_"))
+                family = make(name, help_text, labels=["worker", *label_names])
+                for labels, value in rows:
+                    values = [m.worker, *(labels.get(k, "") for k in label_names)]
+                    if make is SummaryMetricFamily:
+                        family.add_metric(values, count_value=value[0], sum_value=value[1])
+                    else:
+                        family.add_metric(values, value)
+                yield family
+        for name, values in sorted(infos.items()):
+            help_text = next(h for n, h, _ in EVENT_INFO.values() if n == name)
+            info = InfoMetricFamily(name, help_text, labels=["worker"])
+            info.add_metric([m.worker], values)
+            yield info
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup that can hang offline.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = "localhost", self.server_address[1]
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape is noise
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> _MetricsServer:
+    """A WSGI server for `registry` at http://host:port/metrics (404 elsewhere), not yet serving."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict, start_response: Callable) -> Any:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+        return metrics_app(environ, start_response)
+
+    server_class = _MetricsServer
+    if ":" in host:  # an IPv6 address
+        server_class = type("_MetricsServer6", (_MetricsServer,), {"address_family": socket.AF_INET6})
+    try:
+        server = server_class((host, port), _QuietHandler)
+    except OverflowError:  # metrics.port + local rank went past 65535
+        raise ValueError(f"metrics.port: port {port} (metrics.port + this process's local rank) "
+                         "is past 65535; choose a lower --metrics.port") from None
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise ValueError(
+                f"metrics.port={port} on metrics.host={host}: cannot listen there ({e.strerror}); "
+                "choose another port (--metrics.port, 0 disables the endpoint) or a host "
+                "address of this machine (--metrics.host)") from e
+        raise
+    server.set_app(app)
+    return server
+
+
+def _label_name(key: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+    return "_" + name if name[:1].isdigit() else name
 
 
 class Metrics:
-    """JSONL + Prometheus + progress bar for one worker. Thread-safe; usable as a context manager."""
+    """JSONL + Prometheus + progress for one worker. Thread-safe; usable as a context manager.
+
+    `host`/`port`: where the Prometheus endpoint listens (port 0 = no endpoint).
+    `progress`: True = a tqdm bar, False = INFO lines, None = a bar when stderr is a TTY.
+    """
 
     def __init__(self, run_dir: str | Path, worker: int | str, *, port: int = 0,
-                 total_steps: int = 0, progress: bool | None = None, is_writer: bool = True):
+                 host: str = "127.0.0.1", total_steps: int = 0, progress: bool | None = None,
+                 is_writer: bool = True):
         self.worker = str(worker)
         self.path = Path(run_dir) / f"metrics-{self.worker}.jsonl"
-        self.port = port
+        self.port, self.host = port, host
         self.total_steps = total_steps
         self.is_writer = is_writer
         self._lock = threading.Lock()
-        self._gauges: dict[str, float] = {}
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._state = _State()
+        self.registry = CollectorRegistry(auto_describe=False)  # private: no global state
+        self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds
         self._file = None
-        self._server: _QuietServer | None = None
+        self._server: _MetricsServer | None = None
         self._thread: threading.Thread | None = None
         self._closed = not is_writer
-        self._show_progress = False
-        self._last_draw = -math.inf
-        self._last_len = 0
+        self._use_bar = False
+        self._bar: tqdm | None = None
+        self._log_redirect = contextlib.ExitStack()
         if not is_writer:
             return
-        self._show_progress = sys.stderr.isatty() if progress is None else progress
+        self._use_bar = sys.stderr.isatty() if progress is None else progress
         if port > 0:
-            self._start_server(port)
+            self._start_server(host, port)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            self._stop_server()
+            raise ValueError(f"run.dir {self.path.parent}: cannot write {self.path.name} there "
+                             f"({e.strerror}); choose a writable --run.dir") from e
         except BaseException:
             self._stop_server()
             raise
@@ -109,58 +233,62 @@ class Metrics:
     # ---- JSON lines and metric updates -------------------------------------------------
 
     def log(self, kind: str, **fields: Any) -> None:
-        """Append one line {"kind", "time", **fields}; numeric fields become gauges dilo_<kind>_<field>."""
+        """Append one line {"kind", "time", **fields}; declared fields update the endpoint."""
         record = {"kind": kind, "time": time.time(), **fields}
         with self._lock:
             if self._closed:  # checked under the lock: another thread may be closing
                 return
-            for key, value in fields.items():
-                if not _is_number(value):
-                    continue
-                self._gauges[_metric_name("dilo", kind, key)] = float(value)
-                if key in _ACCUMULATED:
-                    self._add_counter(_metric_name("dilo", key, "total"), value, ())
-            self._add_counter(_metric_name("dilo", kind, "events_total"), 1, ())
+            self._update(kind, fields)
             self._write(record)
 
     def count(self, name: str, value: float = 1.0, **labels: Any) -> None:
         """Increment counter dilo_<name>_total{labels} and log a kind="counter" line."""
-        label_key = tuple(sorted((_metric_name(k), str(v)) for k, v in labels.items()))
+        label_key = tuple(sorted((_label_name(k), str(v)) for k, v in labels.items()))
+        spec = Spec(f"dilo_{_label_name(name)}", "counter", counter_help(name))
         with self._lock:
             if self._closed:
                 return
-            total = self._add_counter(_metric_name("dilo", name, "total"), value, label_key)
+            total = self._state.add(spec, label_key, float(value))
             record = {"kind": "counter", "time": time.time(), "name": name, "value": value,
                       "total": total}
             if labels:
                 record["labels"] = labels
             self._write(record)
 
-    def _add_counter(self, name: str, value: float, labels: tuple) -> float:
-        key = (name, labels)
-        self._counters[key] = self._counters.get(key, 0.0) + float(value)
-        return self._counters[key]
+    def _update(self, kind: str, fields: dict[str, Any]) -> None:
+        state = self._state
+        if kind == "event" and fields.get("event"):
+            event = str(fields["event"])
+            state.add(EVENTS, (("event", event),), 1.0)
+            if event in EVENT_INFO:
+                name, _, keys = EVENT_INFO[event]
+                state.infos[name] = {k: str(fields[k]) for k in keys if k in fields}
+        # A run without fragments exchanges the whole model as fragment 0.
+        fragment = (("fragment", str(fields.get("fragment", 0))),)
+        for key, value in fields.items():
+            spec = STEP_METRICS.get(key) or FIELD_METRICS.get((kind, key))
+            if spec is not None and _is_number(value):
+                state.add(spec, fragment if spec.by_fragment else (), float(value))
 
     def _write(self, record: dict) -> None:
         # Flushed per line: a SIGKILL loses at most the line being written (read_jsonl skips it).
         self._file.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
         self._file.flush()
 
-    # ---- progress bar ------------------------------------------------------------------
+    def render_prometheus(self) -> str:
+        """What a scrape returns now, in the Prometheus text format."""
+        return generate_latest(self.registry).decode()
+
+    # ---- progress ----------------------------------------------------------------------
 
     def progress(self, step: int, **fields: Any) -> None:
-        """Redraw `step 120/400 | loss 2.31 | 5.2k tok/s | outer 6`, at most ~5 times a second.
+        """Show `step 120/400 | loss 2.31 | 5.2k tok/s | outer 6` (bar or INFO line).
 
         A field named `<unit>_per_s` is shown as a rate (`tok_per_s=5200` -> `5.2k tok/s`).
         """
-        if self._closed or not self._show_progress:
+        if self._closed:
             return
-        now = time.monotonic()
-        final = self.total_steps > 0 and step >= self.total_steps
-        if now - self._last_draw < _PROGRESS_MIN_INTERVAL_S and not final:
-            return
-        self._last_draw = now
-        parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
+        parts = []
         for key, value in fields.items():
             if key.endswith("_per_s") and _is_number(value):
                 parts.append(f"{_human(value)} {key[:-len('_per_s')]}/s")
@@ -168,41 +296,38 @@ class Metrics:
                 parts.append(f"{key} {value:.3g}")
             else:
                 parts.append(f"{key} {value}")
-        line = " | ".join(parts)
-        sys.stderr.write("\r" + line.ljust(self._last_len))
-        sys.stderr.flush()
-        self._last_len = len(line)
+        if not self._use_bar:
+            total = f"/{self.total_steps}" if self.total_steps else ""
+            log.info(" | ".join([f"step {step}{total}", *parts]))
+            return
+        if self._bar is None:
+            # While the bar lives, console log handlers write through tqdm.write, which
+            # clears the bar, prints the line and redraws the bar below it.
+            self._log_redirect.enter_context(
+                logging_redirect_tqdm([logging.root, logging.getLogger("hivemind")]))
+            self._bar = tqdm(total=self.total_steps or None, initial=step, unit="step",
+                             file=sys.stderr, dynamic_ncols=True, desc="step")
+        self._bar.set_postfix_str(" | ".join(parts), refresh=False)
+        self._bar.update(step - self._bar.n)
 
     # ---- summary and shutdown ----------------------------------------------------------
 
     def write_summary(self, summary: dict) -> Path:
-        """Write <run_dir>/summary-<worker>.json atomically (temp file, fsync, rename)."""
+        """Write <run_dir>/summary-<worker>.json atomically."""
         path = self.path.parent / f"summary-{self.worker}.json"
-        if not self.is_writer:
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_jsonable(summary), f, indent=2, sort_keys=True, allow_nan=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if self.is_writer:
+            write_json(path, _jsonable(summary), sort_keys=True)
         return path
 
     def close(self) -> None:
-        """End the progress line, stop the HTTP server, close the file. Idempotent."""
+        """Close the progress bar, stop the HTTP server, close the file. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if self._last_len:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._bar.close()
+        self._log_redirect.close()
         self._stop_server()
         with self._lock:
             self._file.close()
@@ -213,51 +338,8 @@ class Metrics:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # ---- Prometheus endpoint -----------------------------------------------------------
-
-    def render_prometheus(self) -> str:
-        """The current metrics in Prometheus text exposition format 0.0.4."""
-        worker = f'worker="{_label_value(self.worker)}"'
-        lines: list[str] = []
-        with self._lock:
-            for name, value in sorted(self._gauges.items()):
-                lines += [f"# TYPE {name} gauge", f"{name}{{{worker}}} {value!r}"]
-            typed: set[str] = set()
-            for (name, labels), value in sorted(self._counters.items()):
-                if name not in typed:
-                    typed.add(name)
-                    lines.append(f"# TYPE {name} counter")
-                label_text = "".join(f',{k}="{_label_value(v)}"' for k, v in labels)
-                lines.append(f"{name}{{{worker}{label_text}}} {value!r}")
-        return "\n".join(lines) + "\n"
-
-    def _start_server(self, port: int) -> None:
-        metrics = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = metrics.render_prometheus().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # one line per scrape is noise
-
-        try:
-            self._server = _QuietServer(("0.0.0.0", port), Handler)
-        except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise ValueError(
-                    f"metrics.port={port}: port {port} is not available ({e.strerror}); "
-                    "choose another port (--metrics.port) or 0 to disable the endpoint"
-                ) from e
-            raise
+    def _start_server(self, host: str, port: int) -> None:
+        self._server = _serve(self.registry, host, port)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
             name=f"dilo-metrics-{port}", daemon=True)

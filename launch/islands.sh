@@ -18,14 +18,19 @@
 #
 # torchrun gives each node a contiguous block of global ranks, and dilo makes worker w of
 # ranks [w*WORKER_SIZE, (w+1)*WORKER_SIZE), so with WORKER_SIZE = NPROC a worker is a node
-# and only the outer exchange crosses the slow links. Extra arguments go to dilo.train.
+# and only the outer exchange crosses the slow links.
+# Other arguments are `dilo train` options (python -m dilo.cli train --help lists them);
+# paths in them are relative to the directory you run this from. -h/--help: this text.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage() { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p}}' "$0"; }
+for arg in "$@"; do case "$arg" in -h|--help) usage; exit 0 ;; esac; done
+REPO="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative paths in the arguments stay yours
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?set NNODES (number of nodes)}"
 : "${RDZV_HOST:?set RDZV_HOST to a node every node can reach}"
 NPROC=${NPROC:-1}
 WORKER_SIZE=${WORKER_SIZE:-$NPROC}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc-per-node "$NPROC" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id "${RUN_ID:-dilo}" \

@@ -28,11 +28,16 @@
 #   MONITOR_INTERVAL  seconds between the agent's checks of its workers    (default 1)
 #   PYTHON        interpreter with dilo and torch installed
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  pick the network interface when a node has several
+# Other arguments are `dilo train` options (python -m dilo.cli train --help lists them);
+# paths in them are relative to the directory you run this from. -h/--help: this text.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage() { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p}}' "$0"; }
+for arg in "$@"; do case "$arg" in -h|--help) usage; exit 0 ;; esac; done
+REPO="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative paths in the arguments stay yours
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?set NNODES (e.g. 1:4: at least 1 node, at most 4)}"
 : "${RDZV_HOST:?set RDZV_HOST to the host of the rendezvous store}"
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 RDZV_CONF="last_call_timeout=${LAST_CALL:-5},join_timeout=600${RDZV_EXTRA:+,$RDZV_EXTRA}"
 case "${RDZV_STORE:-agent}" in
     agent) ;;

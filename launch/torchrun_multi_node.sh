@@ -15,11 +15,16 @@
 #   PYTHON     interpreter with dilo and torch installed
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  pick the network interface when a node has several
 # The outer exchange runs on CPU tensors over gloo (cuda tensors of inner DDP use NCCL).
+# Other arguments are `dilo train` options (python -m dilo.cli train --help lists them);
+# paths in them are relative to the directory you run this from. -h/--help: this text.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage() { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p}}' "$0"; }
+for arg in "$@"; do case "$arg" in -h|--help) usage; exit 0 ;; esac; done
+REPO="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative paths in the arguments stay yours
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?set NNODES (e.g. 2, or 1:4 for elastic)}"
 : "${RDZV_HOST:?set RDZV_HOST to a node every node can reach}"
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id "${RUN_ID:-dilo}" \

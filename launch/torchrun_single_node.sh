@@ -6,8 +6,12 @@
 # Environment:
 #   NPROC   processes (= DiLoCo workers) on this machine        (default 4)
 #   PYTHON  interpreter with dilo and torch installed             (default: .venv/bin/python if present)
-# Every other argument goes to dilo.train (--config FILE, --section.key VALUE).
+# Other arguments are `dilo train` options (python -m dilo.cli train --help lists them);
+# paths in them are relative to the directory you run this from. -h/--help: this text.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+usage() { sed -n '2,/^set -euo pipefail/{/^#/{s/^# \{0,1\}//;p}}' "$0"; }
+for arg in "$@"; do case "$arg" in -h|--help) usage; exit 0 ;; esac; done
+REPO="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative paths in the arguments stay yours
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-4}" -m dilo.train "$@"

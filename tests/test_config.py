@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import sys
+import tomllib
 
 import pytest
 
-from dilo.config import Config, parse_args
+from dilo.config import Config, key_name, parse_args
+from dilo.config_help import field_docs
 from tests.conftest import REPO, SMALL
 
 TINY = str(REPO / "configs" / "tiny.toml")
@@ -44,6 +48,9 @@ def test_overrides_beat_the_preset():
     (["--checkpoint.resume", "auto", "--checkpoint.init_from", "x"], "exclude each other"),
     (["--config", "/no/such.toml"], "no such file"),
     (["--outer.inner_steps"], "needs a value"),
+    (["--metrics.port", "70000"], "metrics.port must be a TCP port in 1..65535, or 0"),
+    (["--metrics.port", "-1"], "metrics.port must be a TCP port"),
+    (["--metrics.host", ""], "metrics.host must be an address"),
 ])
 def test_mistakes_name_the_key(args, needle):
     with pytest.raises(ValueError) as e:
@@ -78,3 +85,47 @@ def test_cli_refuses_before_training(procs, tmp_path, args, needle):
     assert res.returncode == 2
     assert needle in res.stdout
     assert not list(run.glob("checkpoints/*")) and not list(run.glob("summary-*"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dilo.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_every_key_has_a_description():
+    cfg, docs = Config(), field_docs()
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        for g in dataclasses.fields(section):
+            assert docs.get((type(section).__name__, g.name)), \
+                f"{f.name}.{key_name(g.name)} has no docstring in dilo/config.py"
+
+
+def test_train_help_on_stdout_with_every_key():
+    res = cli("train", "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: dilo train")
+    out = " ".join(res.stdout.split())  # descriptions are wrapped
+    assert "--outer.lr FLOAT (default 0.7) Outer (Nesterov SGD) learning rate." in out
+    assert '--metrics.host STR (default "127.0.0.1") Address the Prometheus endpoint' in out
+    assert "--checkpoint.async BOOL (default false)" in out
+    for name, section in dataclasses.asdict(Config()).items():
+        for key in section:
+            assert f"--{name}.{key_name(key)} " in res.stdout
+    assert "Traceback" not in res.stderr
+
+
+def test_version_and_top_level_help():
+    res = cli("--version")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert (res.returncode, res.stdout.strip()) == (0, f"dilo {project['version']}")
+    res = cli("--help")
+    assert res.returncode == 0 and "train" in res.stdout and "--version" in res.stdout
+    res = cli()
+    assert res.returncode == 2 and "usage: dilo" in res.stderr
+
+
+def test_swarm_help():
+    res = cli("swarm", "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: dilo swarm") and "--peers.key_file STR" in res.stdout
