@@ -85,9 +85,11 @@ if numba is not None:
     _kernel = njit(cache=True, nogil=True)
     _FINITE_CHUNK = 1 << 16
     _CANONICAL_NAN = 0x7FC00000
-    # fp4 rounding boundaries relative to the scale (as codecs._FP4_MIDPOINTS, float64).
+    # fp4 rounding boundaries relative to the scale (as codecs._FP4_MIDPOINTS, float64)
+    # and value of each nibble before scaling (as codecs._FP4_VALUES, fp32). They are
+    # passed to the kernels as arguments, not read as constants: LLVM would fold
+    # ``-1.0 * s`` into ``-s``, which flips a NaN's sign bit (torch multiplies).
     _MIDPOINTS = np.array([2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)])
-    # fp4 value of each nibble before scaling (as codecs._FP4_VALUES, fp32).
     _VALUES = np.array(
         [0.0] + [2.0 ** (c - 7) for c in range(1, 8)] + [0.0] + [-(2.0 ** (c - 7)) for c in range(1, 8)],
         dtype=np.float32,
@@ -164,7 +166,7 @@ if numba is not None:
         return np.uint8(c + 8 * (v <= -t0))
 
     @_kernel
-    def _fp4_encode(x, bits, out, block_size):
+    def _fp4_encode(x, bits, out, block_size, midpoints):
         n = x.size
         payload = (n + 1) // 2
         cell = np.zeros(1, np.float32)
@@ -175,7 +177,7 @@ if numba is not None:
             stop = min(start + block_size, n)
             scale = _absmax(bits, start, stop, cell, cell_bits)
             for c in range(7):
-                exact = np.float64(scale) * _MIDPOINTS[c]
+                exact = np.float64(scale) * midpoints[c]
                 tc = np.float32(exact)
                 if np.float64(tc) < exact:
                     tc = np.nextafter(tc, inf)
@@ -197,7 +199,7 @@ if numba is not None:
             _put_scale(out, payload + 4 * blk, scale, cell, cell_bytes)
 
     @_kernel
-    def _fp4_decode(buf, out, block_size):
+    def _fp4_decode(buf, out, block_size, values):
         n = out.size
         payload = (n + 1) // 2
         cell = np.zeros(1, np.float32)
@@ -207,7 +209,7 @@ if numba is not None:
             stop = min(start + block_size, n)
             scale = _get_scale(buf, payload + 4 * blk, cell, cell_bytes)
             for c in range(16):
-                table[c] = _VALUES[c] * scale
+                table[c] = values[c] * scale
             i = start
             if i % 2 == 1 and i < stop:
                 out[i] = table[buf[i // 2] >> 4]
@@ -239,8 +241,8 @@ def int8_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
 
 def fp4_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
     xn = _np(x)
-    _fp4_encode(xn, xn.view(np.int32), _np(out), block_size)
+    _fp4_encode(xn, xn.view(np.int32), _np(out), block_size, _MIDPOINTS)
 
 
 def fp4_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
-    _fp4_decode(_np(buf), _np(out), block_size)
+    _fp4_decode(_np(buf), _np(out), block_size, _VALUES)
