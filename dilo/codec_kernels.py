@@ -95,25 +95,28 @@ if numba is not None:
         dtype=np.float32,
     )
 
+    # Loops index slices from 0 (``for i in range(a.size)``): numba then knows the
+    # index is not negative, drops its wraparound check, and LLVM vectorizes the loop.
+
     @_kernel
     def _all_finite(bits):
         # The max of |x|'s bit pattern is below inf's exactly when everything is finite.
         # Integer max vectorizes; checking per chunk stops early on a bad value.
-        n = bits.size
-        for start in range(0, n, _FINITE_CHUNK):
+        for start in range(0, bits.size, _FINITE_CHUNK):
+            chunk = bits[start : start + _FINITE_CHUNK]
             m = np.int32(0)
-            for i in range(start, min(start + _FINITE_CHUNK, n)):
-                m = max(m, bits[i] & np.int32(0x7FFFFFFF))
+            for i in range(chunk.size):
+                m = max(m, np.int32(chunk[i] & np.int32(0x7FFFFFFF)))
             if m >= 0x7F800000:
                 return False
         return True
 
     @_kernel
-    def _absmax(bits, start, stop, cell, cell_bits):
-        """max |x| over bits[start:stop] as fp32; canonical NaN if any NaN (as torch.amax)."""
+    def _absmax(bits, cell, cell_bits):
+        """max |x| of a block (its int32 bits) as fp32; canonical NaN if any NaN (as torch.amax)."""
         m = np.int32(0)
-        for i in range(start, stop):
-            m = max(m, bits[i] & np.int32(0x7FFFFFFF))
+        for i in range(bits.size):
+            m = max(m, np.int32(bits[i] & np.int32(0x7FFFFFFF)))
         cell_bits[0] = np.int32(_CANONICAL_NAN) if m > 0x7F800000 else m
         return cell[0]
 
@@ -136,16 +139,18 @@ if numba is not None:
         q = out[:n].view(np.int8)
         cell = np.zeros(1, np.float32)
         cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
-        lo, hi, one = np.float32(-127), np.float32(127), np.float32(1)
+        lo, hi, zero, one = np.float32(-127), np.float32(127), np.float32(0), np.float32(1)
         for blk, start in enumerate(range(0, n, block_size)):
             stop = min(start + block_size, n)
-            scale = _absmax(bits, start, stop, cell, cell_bits) / np.float32(127)
+            scale = _absmax(bits[start:stop], cell, cell_bits) / np.float32(127)
             divisor = scale if scale > 0 else one
-            for i in range(start, stop):
-                w = x[i] / divisor
-                if w != w:
-                    w = np.float32(0)
-                q[i] = np.int8(np.rint(min(max(w, lo), hi)))
+            xb, qb = x[start:stop], q[start:stop]
+            for i in range(xb.size):
+                w = xb[i] / divisor
+                w = zero if w != w else w
+                w = lo if w < lo else w
+                w = hi if w > hi else w
+                qb[i] = np.int8(np.rint(w))
             _put_scale(out, n + 4 * blk, scale, cell, cell_bytes)
 
     @_kernel
@@ -156,8 +161,9 @@ if numba is not None:
         cell_bytes = cell.view(np.uint8)
         for blk, start in enumerate(range(0, n, block_size)):
             scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
-            for i in range(start, min(start + block_size, n)):
-                out[i] = np.float32(q[i]) * scale
+            qb, ob = q[start : start + block_size], out[start : start + block_size]
+            for i in range(qb.size):
+                ob[i] = np.float32(qb[i]) * scale
 
     @_kernel
     def _fp4_code(v, t0, t1, t2, t3, t4, t5, t6):
@@ -175,7 +181,7 @@ if numba is not None:
         inf = np.float32(np.inf)
         for blk, start in enumerate(range(0, n, block_size)):
             stop = min(start + block_size, n)
-            scale = _absmax(bits, start, stop, cell, cell_bits)
+            scale = _absmax(bits[start:stop], cell, cell_bits)
             for c in range(7):
                 exact = np.float64(scale) * midpoints[c]
                 tc = np.float32(exact)
@@ -184,15 +190,15 @@ if numba is not None:
                 t[c] = tc if scale > 0 else inf
             t0, t1, t2, t3, t4, t5, t6 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
             i = start
-            if i % 2 == 1 and i < stop:  # high nibble of a byte the previous block began
+            if i % 2 == 1:  # high nibble of a byte the previous block began
                 out[i // 2] |= _fp4_code(x[i], t0, t1, t2, t3, t4, t5, t6) << 4
                 i += 1
             pairs = (stop - i) // 2
-            j0 = i // 2
+            xb, ob = x[i : i + 2 * pairs], out[i // 2 : i // 2 + pairs]
             for j in range(pairs):
-                lo = _fp4_code(x[i + 2 * j], t0, t1, t2, t3, t4, t5, t6)
-                hi = _fp4_code(x[i + 2 * j + 1], t0, t1, t2, t3, t4, t5, t6)
-                out[j0 + j] = lo | (hi << 4)
+                lo = _fp4_code(xb[2 * j], t0, t1, t2, t3, t4, t5, t6)
+                hi = _fp4_code(xb[2 * j + 1], t0, t1, t2, t3, t4, t5, t6)
+                ob[j] = lo | (hi << 4)
             i += 2 * pairs
             if i < stop:  # low nibble; the high one is the next block's (or zero at the end)
                 out[i // 2] = _fp4_code(x[i], t0, t1, t2, t3, t4, t5, t6)
@@ -211,15 +217,15 @@ if numba is not None:
             for c in range(16):
                 table[c] = values[c] * scale
             i = start
-            if i % 2 == 1 and i < stop:
+            if i % 2 == 1:
                 out[i] = table[buf[i // 2] >> 4]
                 i += 1
             pairs = (stop - i) // 2
-            j0 = i // 2
+            bb, ob = buf[i // 2 : i // 2 + pairs], out[i : i + 2 * pairs]
             for j in range(pairs):
-                byte = buf[j0 + j]
-                out[i + 2 * j] = table[byte & 15]
-                out[i + 2 * j + 1] = table[byte >> 4]
+                byte = bb[j]
+                ob[2 * j] = table[byte & 15]
+                ob[2 * j + 1] = table[byte >> 4]
             i += 2 * pairs
             if i < stop:
                 out[i] = table[buf[i // 2] & 15]
