@@ -205,11 +205,26 @@ if numba is not None:
             _put_scale(out, payload + 4 * blk, scale, cell, cell_bytes)
 
     @_kernel
-    def _fp4_decode(buf, out, block_size, values):
+    def _fp4_pair_from_bits(byte, sbits):
+        """Two decoded values (int32 bits) of a byte when ``s * 2**-6`` is a normal float.
+
+        Then ``s * 2**(c-7)`` is exact, so subtracting ``7 - c`` from the exponent is
+        the same number the table's fp32 product gives; code 0 is +0.
+        """
+        lo, hi = byte & 15, byte >> 4
+        vlo = (sbits - ((7 - (lo & 7)) << 23)) | ((lo & 8) << 28)
+        vhi = (sbits - ((7 - (hi & 7)) << 23)) | ((hi & 8) << 28)
+        return (
+            np.int32(0) if (lo & 7) == 0 else np.int32(vlo),
+            np.int32(0) if (hi & 7) == 0 else np.int32(vhi),
+        )
+
+    @_kernel
+    def _fp4_decode(buf, out, out_bits, block_size, values):
         n = out.size
         payload = (n + 1) // 2
         cell = np.zeros(1, np.float32)
-        cell_bytes = cell.view(np.uint8)
+        cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
         table = np.empty(16, np.float32)
         for blk, start in enumerate(range(0, n, block_size)):
             stop = min(start + block_size, n)
@@ -221,11 +236,18 @@ if numba is not None:
                 out[i] = table[buf[i // 2] >> 4]
                 i += 1
             pairs = (stop - i) // 2
-            bb, ob = buf[i // 2 : i // 2 + pairs], out[i : i + 2 * pairs]
-            for j in range(pairs):
-                byte = bb[j]
-                ob[2 * j] = table[byte & 15]
-                ob[2 * j + 1] = table[byte >> 4]
+            bb = buf[i // 2 : i // 2 + pairs]
+            sbits = cell_bits[0]
+            if 0x03800000 <= sbits < 0x7F800000:  # finite, positive, s * 2**-6 normal
+                obits = out_bits[i : i + 2 * pairs]
+                for j in range(pairs):
+                    obits[2 * j], obits[2 * j + 1] = _fp4_pair_from_bits(np.int32(bb[j]), sbits)
+            else:  # zero, subnormal range, inf, NaN: the fp32 products themselves
+                ob = out[i : i + 2 * pairs]
+                for j in range(pairs):
+                    byte = bb[j]
+                    ob[2 * j] = table[byte & 15]
+                    ob[2 * j + 1] = table[byte >> 4]
             i += 2 * pairs
             if i < stop:
                 out[i] = table[buf[i // 2] & 15]
@@ -251,4 +273,5 @@ def fp4_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
 
 
 def fp4_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
-    _fp4_decode(_np(buf), _np(out), block_size, _VALUES)
+    on = _np(out)
+    _fp4_decode(_np(buf), on, on.view(np.int32), block_size, _VALUES)

@@ -120,6 +120,10 @@ def _edge_cases() -> dict[str, np.ndarray]:
         ),
         "subnormals": _f32([1e-45, -3e-45, 1e-40, -2e-39, 1.1e-38, 0.0, 5e-42]),
         "subnormal_with_normal": _f32([1e-40, 1.0, -1e-44, 1e-38]),
+        # fp4 decode takes an exponent shortcut only while s * 2**-6 is normal: both sides.
+        "fp4_scale_2e-120": _f32([2.0**-120] + [s * 2.0 ** (-120 - k) for k in range(7) for s in (1, -1)]),
+        "fp4_scale_2e-121": _f32([2.0**-121] + [s * 2.0 ** (-121 - k) for k in range(7) for s in (1, -1)]),
+        "fp4_scale_max": _f32([3.4028235e38, -1.7e38, 2.0**121, -(2.0**120), 1.0]),
         "huge": _f32([3.4e38, -3.4e38, 1e38, 1.0, -1e-30]),
         "inf": _f32([1.0, np.inf, -2.0, 0.0, 5.0]),
         "neg_inf": _f32([1.0, -np.inf, -2.0, 0.0, 5.0]),
