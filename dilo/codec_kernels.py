@@ -166,10 +166,22 @@ if numba is not None:
                 ob[i] = np.float32(qb[i]) * scale
 
     @_kernel
-    def _fp4_code(v, t0, t1, t2, t3, t4, t5, t6):
-        a = abs(v)
-        c = (a >= t0) + (a >= t1) + (a >= t2) + (a >= t3) + (a >= t4) + (a >= t5) + (a >= t6)
-        return np.uint8(c + 8 * (v <= -t0))
+    def _fp4_codes(xb, t, codes):
+        """Nibbles of a block into ``codes``: how many thresholds ``<= |x|``, sign if x <= -t_1."""
+        t0, t1, t2, t3, t4, t5, t6 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
+        for i in range(xb.size):
+            v = xb[i]
+            a = abs(v)
+            c = np.int32(0)
+            c += a >= t0
+            c += a >= t1
+            c += a >= t2
+            c += a >= t3
+            c += a >= t4
+            c += a >= t5
+            c += a >= t6
+            c += np.int32(8) if v <= -t0 else np.int32(0)
+            codes[i] = c
 
     @_kernel
     def _fp4_encode(x, bits, out, block_size, midpoints):
@@ -178,30 +190,30 @@ if numba is not None:
         cell = np.zeros(1, np.float32)
         cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
         t = np.empty(7, np.float32)
+        codes = np.empty(block_size, np.int32)
         inf = np.float32(np.inf)
         for blk, start in enumerate(range(0, n, block_size)):
             stop = min(start + block_size, n)
             scale = _absmax(bits[start:stop], cell, cell_bits)
             for c in range(7):
                 exact = np.float64(scale) * midpoints[c]
-                tc = np.float32(exact)
-                if np.float64(tc) < exact:
-                    tc = np.nextafter(tc, inf)
-                t[c] = tc if scale > 0 else inf
-            t0, t1, t2, t3, t4, t5, t6 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
-            i = start
-            if i % 2 == 1:  # high nibble of a byte the previous block began
-                out[i // 2] |= _fp4_code(x[i], t0, t1, t2, t3, t4, t5, t6) << 4
-                i += 1
-            pairs = (stop - i) // 2
-            xb, ob = x[i : i + 2 * pairs], out[i // 2 : i // 2 + pairs]
+                cell[0] = np.float32(exact)
+                if np.float64(cell[0]) < exact:  # round up: the next fp32 (exact >= 0, finite)
+                    cell_bits[0] += 1
+                t[c] = cell[0] if scale > 0 else inf
+            m = stop - start
+            _fp4_codes(x[start:stop], t, codes)
+            k = 0
+            if start % 2 == 1:  # high nibble of a byte the previous block began
+                out[start // 2] |= np.uint8(codes[0] << 4)
+                k = 1
+            pairs = (m - k) // 2
+            ob = out[(start + k) // 2 : (start + k) // 2 + pairs]
+            cb = codes[k : k + 2 * pairs]
             for j in range(pairs):
-                lo = _fp4_code(xb[2 * j], t0, t1, t2, t3, t4, t5, t6)
-                hi = _fp4_code(xb[2 * j + 1], t0, t1, t2, t3, t4, t5, t6)
-                ob[j] = lo | (hi << 4)
-            i += 2 * pairs
-            if i < stop:  # low nibble; the high one is the next block's (or zero at the end)
-                out[i // 2] = _fp4_code(x[i], t0, t1, t2, t3, t4, t5, t6)
+                ob[j] = np.uint8(cb[2 * j] | (cb[2 * j + 1] << 4))
+            if k + 2 * pairs < m:  # low nibble; the high one is the next block's (or zero at the end)
+                out[(stop - 1) // 2] = np.uint8(codes[m - 1])
             _put_scale(out, payload + 4 * blk, scale, cell, cell_bytes)
 
     @_kernel
