@@ -85,13 +85,8 @@ def _check_out(out: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torc
     """``out`` if it is a 1-D contiguous CPU tensor of ``numel`` x ``dtype``, else a new one."""
     if out is None:
         return torch.empty(numel, dtype=dtype)
-    if (
-        out.dtype != dtype
-        or out.dim() != 1
-        or out.numel() != numel
-        or out.device.type != "cpu"
-        or not out.is_contiguous()
-    ):
+    shape_ok = out.dim() == 1 and out.numel() == numel and out.is_contiguous()
+    if out.dtype != dtype or not shape_ok or out.device.type != "cpu":
         raise ValueError(
             f"out= must be a contiguous 1-D {dtype} CPU tensor of {numel} elements, got "
             f"dtype={out.dtype} shape={tuple(out.shape)} device={out.device}"
