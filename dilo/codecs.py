@@ -26,7 +26,13 @@ little-endian on every platform torch supports):
 Non-finite input never crashes ``encode``. With bf16/fp16/fp32 a NaN stays NaN and an
 inf becomes the largest finite value (bf16/fp16) or stays inf (fp32). With int8/fp4 a
 block holding an inf or NaN gets a non-finite scale, so its whole block decodes to
-non-finite values. Callers must reject non-finite pseudo-gradients themselves.
+non-finite values. Callers must reject non-finite pseudo-gradients themselves
+(``dilo.codec_kernels.all_finite`` checks in one pass).
+
+``encode(x, out=buf)`` and ``decode(buf, numel, out=x)`` write into a preallocated
+output (same bytes) so callers can reuse bounded buffers. int8 and fp4 run the one-pass
+numba kernels of ``dilo.codec_kernels`` when numba is installed (``BACKEND``), else
+the torch code below; both give exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import ClassVar
 
 import torch
 
+from dilo import codec_kernels
 from dilo.options import CODEC_NAMES
 
 __all__ = ["CODEC_NAMES", "Codec", "get_codec"]
@@ -53,6 +60,7 @@ _FP4_MIDPOINTS = torch.tensor(
     [2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)], dtype=torch.float64
 )
 _CHUNK_NUMEL = 1 << 20
+_CAST_CHUNK_NUMEL = 1 << 18  # 1 MiB of fp32 scratch: stays in cache, few python calls
 
 
 def _check_input(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +78,19 @@ def _as(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return buf.view(dtype)
     except RuntimeError:
         return buf.clone().view(dtype)
+
+
+def _check_out(out: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """``out`` if it is a 1-D contiguous CPU tensor of ``numel`` x ``dtype``, else a new one."""
+    if out is None:
+        return torch.empty(numel, dtype=dtype)
+    shape_ok = out.dim() == 1 and out.numel() == numel and out.is_contiguous()
+    if out.dtype != dtype or not shape_ok or out.device.type != "cpu":
+        raise ValueError(
+            f"out= must be a contiguous 1-D {dtype} CPU tensor of {numel} elements, got "
+            f"dtype={out.dtype} shape={tuple(out.shape)} device={out.device}"
+        )
+    return out
 
 
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -92,12 +113,20 @@ class Codec:
         """Exact size of ``encode`` output for ``numel`` elements."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """1-D fp32 CPU tensor -> new 1-D uint8 tensor of ``encoded_nbytes(x.numel())``."""
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """1-D fp32 CPU tensor -> 1-D uint8 tensor of ``encoded_nbytes(x.numel())``.
+
+        Written into ``out`` (contiguous uint8 of that size) when given, else a new tensor.
+        """
         raise NotImplementedError
 
-    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
-        """``encode`` output -> new 1-D fp32 tensor of ``numel`` (ValueError on a wrong size)."""
+    def decode(
+        self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``encode`` output -> 1-D fp32 tensor of ``numel`` (ValueError on a wrong size).
+
+        Written into ``out`` (contiguous fp32 of ``numel``) when given, else a new tensor.
+        """
         raise NotImplementedError
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +155,31 @@ class _CastCodec(Codec):
     def encoded_nbytes(self, numel: int) -> int:
         return numel * self.dtype.itemsize
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = _check_input(x)
+        n = x.numel()
+        out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
+        dst = _as(out, self.dtype)
         if self.lossless:
-            return x.clone().view(torch.uint8)
-        return x.clamp(-self.max_finite, self.max_finite).to(self.dtype).view(torch.uint8)
+            dst.copy_(x)
+        else:
+            # Clamp a cache-sized piece into scratch, cast it into place: one trip
+            # through memory. The same element-wise ops as on the whole tensor.
+            work = torch.empty(min(n, _CAST_CHUNK_NUMEL), dtype=torch.float32)
+            for start in range(0, n, _CAST_CHUNK_NUMEL):
+                stop = min(start + _CAST_CHUNK_NUMEL, n)
+                w = work[: stop - start]
+                torch.clamp(x[start:stop], -self.max_finite, self.max_finite, out=w)
+                dst[start:stop].copy_(w)
+        if dst.data_ptr() != out.data_ptr():  # _as copied an unaligned out
+            out.copy_(dst.view(torch.uint8))
+        return out
 
-    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+    def decode(
+        self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         buf = self._check_buf(buf, numel)
-        return _as(buf, self.dtype).to(torch.float32, copy=True)
+        return _check_out(out, torch.float32, numel).copy_(_as(buf, self.dtype))
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         if self.lossless:
@@ -207,10 +252,15 @@ class _Int8(_BlockCodec):
     def _payload_nbytes(self, numel: int) -> int:
         return numel
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = _check_input(x)
         n = x.numel()
-        q_out = torch.empty(n, dtype=torch.int8)
+        out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
+        if codec_kernels.BACKEND == "numba":
+            codec_kernels.int8_encode(x, out, self.block_size)
+            return out
+        codec_kernels.warn_if_slow()
+        q_out = out[:n].view(torch.int8)
         scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
         work = self._scratch(torch.float32)
         for el, bl in self._chunks(n):
@@ -221,12 +271,19 @@ class _Int8(_BlockCodec):
             torch.div(xb, divisor, out=w).round_().nan_to_num_(nan=0.0).clamp_(-127, 127)
             q_out[el] = w.view(-1)[: el.stop - el.start]
             scales[bl] = scale.view(-1)
-        return torch.cat([q_out.view(torch.uint8), scales.view(torch.uint8)])
+        out[n:] = scales.view(torch.uint8)
+        return out
 
-    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+    def decode(
+        self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = _check_out(out, torch.float32, numel)
+        if codec_kernels.BACKEND == "numba":
+            codec_kernels.int8_decode(self._check_buf(buf, numel), out, self.block_size)
+            return out
+        codec_kernels.warn_if_slow()
         q, scale = self._split(buf, numel)
         q = q.view(torch.int8)
-        out = torch.empty(numel, dtype=torch.float32)
         work = self._scratch(torch.float32)
         for el, bl in self._chunks(numel):
             qb = _blocks(q[el], self.block_size)
@@ -262,9 +319,14 @@ class _Fp4(_BlockCodec):
         t = torch.where(t.double() < exact, torch.nextafter(t, torch.tensor(math.inf)), t)
         return torch.where(scale > 0, t, math.inf)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = _check_input(x)
         n = x.numel()
+        out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
+        if codec_kernels.BACKEND == "numba":
+            codec_kernels.fp4_encode(x, out, self.block_size)
+            return out
+        codec_kernels.warn_if_slow()
         nib = torch.zeros(n + n % 2, dtype=torch.uint8)
         scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
         a_work = self._scratch(torch.float32)
@@ -282,13 +344,21 @@ class _Fp4(_BlockCodec):
             code.add_(torch.le(xb, -t[:, :1], out=hit), alpha=8)
             nib[el] = code.view(-1)[: el.stop - el.start]
             scales[bl] = scale.view(-1)
-        packed = nib[0::2] | (nib[1::2] << 4)
-        return torch.cat([packed, scales.view(torch.uint8)])
+        k = self._payload_nbytes(n)
+        torch.bitwise_or(nib[0::2], nib[1::2] << 4, out=out[:k])
+        out[k:] = scales.view(torch.uint8)
+        return out
 
-    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+    def decode(
+        self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = _check_out(out, torch.float32, numel)
+        if codec_kernels.BACKEND == "numba":
+            codec_kernels.fp4_decode(self._check_buf(buf, numel), out, self.block_size)
+            return out
+        codec_kernels.warn_if_slow()
         packed, scale = self._split(buf, numel)
         nib = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
-        out = torch.empty(numel, dtype=torch.float32)
         idx_work, val_work = self._scratch(torch.int64), self._scratch(torch.float32)
         for el, bl in self._chunks(numel):
             nb = _blocks(nib[el], self.block_size)

@@ -1,0 +1,289 @@
+"""One-pass numba kernels for the int8 and fp4 codecs, and a one-pass finiteness check.
+
+``dilo.codecs`` defines the wire formats and a torch implementation of them; the
+kernels here produce exactly the same bytes (tests/test_codec_kernels.py compares
+both against an independent reference encoder) at about the cost of a memcpy: each
+block of ``b`` elements is read once into cache, its absmax and scale are formed, and
+its codes are written straight into the caller's output buffer.
+
+Exactness, operation by operation, as the torch path does it:
+
+- absmax is an integer max over ``bits & 0x7fffffff`` (non-negative floats order like
+  their bit patterns). Any NaN in the block gives the canonical quiet NaN
+  ``0x7fc00000``, which is what ``torch.amax`` returns whatever the NaN's payload.
+- int8: ``s = absmax / 127`` and ``x / s`` are fp32 divisions (not a multiplication
+  by a reciprocal); a block whose ``s`` is not ``> 0`` (zero or NaN) divides by 1;
+  NaN codes to 0, values beyond ±127 clamp (clamping before ``rint`` is the same as
+  after, since the bounds are integers); ``rint`` rounds half to even.
+- fp4: the 7 thresholds are formed in float64 and rounded up to fp32 (see
+  ``codecs._Fp4._thresholds``); the code is the number of thresholds ``<= |x|``; the
+  sign bit is set when ``x <= -t_1``.
+- decoding multiplies in fp32 (fp4: the 16 products ``value * s`` per block).
+
+numba is an optional extra (``pip install -e '.[fast]'``). Without it, ``BACKEND`` is
+``"torch"``, ``dilo.codecs`` runs its torch implementation, and the first use says so
+once in the log: never a silent fallback. ``DILO_CODEC_KERNELS=torch`` in the
+environment, or ``use_backend("torch")``, forces the torch path (tests compare both).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["BACKEND", "NUMBA_VERSION", "all_finite", "use_backend", "warn_if_slow"]
+
+log = logging.getLogger(__name__)
+
+try:
+    import numba
+    from numba import njit
+except ImportError:  # the optional "fast" extra is not installed
+    numba = None
+
+NUMBA_VERSION: str | None = numba.__version__ if numba is not None else None
+# "numba" when the one-pass kernels run, "torch" when dilo.codecs uses its torch code.
+BACKEND: str = "numba" if numba is not None else "torch"
+if os.environ.get("DILO_CODEC_KERNELS", "") == "torch":
+    BACKEND = "torch"
+
+_warned = False
+
+
+def use_backend(name: str) -> None:
+    """Select ``"numba"`` or ``"torch"`` for this process (tests compare the two)."""
+    global BACKEND
+    if name not in ("numba", "torch"):
+        raise ValueError(f"codec kernel backend must be 'numba' or 'torch', got {name!r}")
+    if name == "numba" and numba is None:
+        raise ValueError("codec kernels: numba is not installed (pip install -e '.[fast]')")
+    BACKEND = name
+
+
+def warn_if_slow() -> None:
+    """Say once per process that the torch path runs because numba is missing."""
+    global _warned
+    if numba is None and not _warned:
+        _warned = True
+        log.warning("codec kernels: numba not installed, using the torch path (pip install -e '.[fast]')")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element of the fp32 CPU tensor ``x`` is inf or NaN; one pass, exact."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return bool(torch.isfinite(x).all())
+    if BACKEND == "numba":
+        return bool(_all_finite(x.view(-1).numpy().view(np.int32)))
+    warn_if_slow()
+    return bool(torch.isfinite(x).all())
+
+
+if numba is not None:
+    _kernel = njit(cache=True, nogil=True)
+    _FINITE_CHUNK = 1 << 16
+    _CANONICAL_NAN = 0x7FC00000
+    # fp4 rounding boundaries relative to the scale (as codecs._FP4_MIDPOINTS, float64)
+    # and value of each nibble before scaling (as codecs._FP4_VALUES, fp32). They are
+    # passed to the kernels as arguments, not read as constants: LLVM would fold
+    # ``-1.0 * s`` into ``-s``, which flips a NaN's sign bit (torch multiplies).
+    _MIDPOINTS = np.array([2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)])
+    _VALUES = np.array(
+        [0.0] + [2.0 ** (c - 7) for c in range(1, 8)] + [0.0] + [-(2.0 ** (c - 7)) for c in range(1, 8)],
+        dtype=np.float32,
+    )
+
+    # Loops index slices from 0 (``for i in range(a.size)``): numba then knows the
+    # index is not negative, drops its wraparound check, and LLVM vectorizes the loop.
+
+    @_kernel
+    def _all_finite(bits):
+        # The max of |x|'s bit pattern is below inf's exactly when everything is finite.
+        # Integer max vectorizes; checking per chunk stops early on a bad value.
+        for start in range(0, bits.size, _FINITE_CHUNK):
+            chunk = bits[start : start + _FINITE_CHUNK]
+            m = np.int32(0)
+            for i in range(chunk.size):
+                m = max(m, np.int32(chunk[i] & np.int32(0x7FFFFFFF)))
+            if m >= 0x7F800000:
+                return False
+        return True
+
+    @_kernel
+    def _absmax(bits, cell, cell_bits):
+        """max |x| of a block (its int32 bits) as fp32; canonical NaN if any NaN (as torch.amax)."""
+        m = np.int32(0)
+        for i in range(bits.size):
+            m = max(m, np.int32(bits[i] & np.int32(0x7FFFFFFF)))
+        cell_bits[0] = np.int32(_CANONICAL_NAN) if m > 0x7F800000 else m
+        return cell[0]
+
+    @_kernel
+    def _put_scale(out, offset, value, cell, cell_bytes):
+        """Write the fp32 ``value`` at byte ``offset`` of ``out`` (maybe unaligned)."""
+        cell[0] = value
+        for k in range(4):
+            out[offset + k] = cell_bytes[k]
+
+    @_kernel
+    def _get_scale(buf, offset, cell, cell_bytes):
+        for k in range(4):
+            cell_bytes[k] = buf[offset + k]
+        return cell[0]
+
+    @_kernel
+    def _int8_encode(x, bits, out, block_size):
+        n = x.size
+        q = out[:n].view(np.int8)
+        cell = np.zeros(1, np.float32)
+        cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
+        lo, hi, zero, one = np.float32(-127), np.float32(127), np.float32(0), np.float32(1)
+        for blk, start in enumerate(range(0, n, block_size)):
+            stop = min(start + block_size, n)
+            scale = _absmax(bits[start:stop], cell, cell_bits) / np.float32(127)
+            divisor = scale if scale > 0 else one
+            xb, qb = x[start:stop], q[start:stop]
+            for i in range(xb.size):
+                w = xb[i] / divisor
+                w = zero if w != w else w
+                w = lo if w < lo else w
+                w = hi if w > hi else w
+                qb[i] = np.int8(np.rint(w))
+            _put_scale(out, n + 4 * blk, scale, cell, cell_bytes)
+
+    @_kernel
+    def _int8_decode(buf, out, block_size):
+        n = out.size
+        q = buf[:n].view(np.int8)
+        cell = np.zeros(1, np.float32)
+        cell_bytes = cell.view(np.uint8)
+        for blk, start in enumerate(range(0, n, block_size)):
+            scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
+            qb, ob = q[start : start + block_size], out[start : start + block_size]
+            for i in range(qb.size):
+                ob[i] = np.float32(qb[i]) * scale
+
+    @_kernel
+    def _fp4_codes(xb, t, codes):
+        """Nibbles of a block into ``codes``: how many thresholds ``<= |x|``, sign if x <= -t_1."""
+        t0, t1, t2, t3, t4, t5, t6 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
+        for i in range(xb.size):
+            v = xb[i]
+            a = abs(v)
+            c = np.int32(0)
+            c += a >= t0
+            c += a >= t1
+            c += a >= t2
+            c += a >= t3
+            c += a >= t4
+            c += a >= t5
+            c += a >= t6
+            c += np.int32(8) if v <= -t0 else np.int32(0)
+            codes[i] = c
+
+    @_kernel
+    def _fp4_encode(x, bits, out, block_size, midpoints):
+        n = x.size
+        payload = (n + 1) // 2
+        cell = np.zeros(1, np.float32)
+        cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
+        t = np.empty(7, np.float32)
+        codes = np.empty(block_size, np.int32)
+        inf = np.float32(np.inf)
+        for blk, start in enumerate(range(0, n, block_size)):
+            stop = min(start + block_size, n)
+            scale = _absmax(bits[start:stop], cell, cell_bits)
+            for c in range(7):
+                exact = np.float64(scale) * midpoints[c]
+                cell[0] = np.float32(exact)
+                if np.float64(cell[0]) < exact:  # round up: the next fp32 (exact >= 0, finite)
+                    cell_bits[0] += 1
+                t[c] = cell[0] if scale > 0 else inf
+            m = stop - start
+            _fp4_codes(x[start:stop], t, codes)
+            k = 0
+            if start % 2 == 1:  # high nibble of a byte the previous block began
+                out[start // 2] |= np.uint8(codes[0] << 4)
+                k = 1
+            pairs = (m - k) // 2
+            ob = out[(start + k) // 2 : (start + k) // 2 + pairs]
+            cb = codes[k : k + 2 * pairs]
+            for j in range(pairs):
+                ob[j] = np.uint8(cb[2 * j] | (cb[2 * j + 1] << 4))
+            if k + 2 * pairs < m:  # low nibble; the high one is the next block's (or zero at the end)
+                out[(stop - 1) // 2] = np.uint8(codes[m - 1])
+            _put_scale(out, payload + 4 * blk, scale, cell, cell_bytes)
+
+    @_kernel
+    def _fp4_pair_from_bits(byte, sbits):
+        """Two decoded values (int32 bits) of a byte when ``s * 2**-6`` is a normal float.
+
+        Then ``s * 2**(c-7)`` is exact, so subtracting ``7 - c`` from the exponent is
+        the same number the table's fp32 product gives; code 0 is +0.
+        """
+        lo, hi = byte & 15, byte >> 4
+        vlo = (sbits - ((7 - (lo & 7)) << 23)) | ((lo & 8) << 28)
+        vhi = (sbits - ((7 - (hi & 7)) << 23)) | ((hi & 8) << 28)
+        return (
+            np.int32(0) if (lo & 7) == 0 else np.int32(vlo),
+            np.int32(0) if (hi & 7) == 0 else np.int32(vhi),
+        )
+
+    @_kernel
+    def _fp4_decode(buf, out, out_bits, block_size, values):
+        n = out.size
+        payload = (n + 1) // 2
+        cell = np.zeros(1, np.float32)
+        cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
+        table = np.empty(16, np.float32)
+        for blk, start in enumerate(range(0, n, block_size)):
+            stop = min(start + block_size, n)
+            scale = _get_scale(buf, payload + 4 * blk, cell, cell_bytes)
+            for c in range(16):
+                table[c] = values[c] * scale
+            i = start
+            if i % 2 == 1:
+                out[i] = table[buf[i // 2] >> 4]
+                i += 1
+            pairs = (stop - i) // 2
+            bb = buf[i // 2 : i // 2 + pairs]
+            sbits = cell_bits[0]
+            if 0x03800000 <= sbits < 0x7F800000:  # finite, positive, s * 2**-6 normal
+                obits = out_bits[i : i + 2 * pairs]
+                for j in range(pairs):
+                    obits[2 * j], obits[2 * j + 1] = _fp4_pair_from_bits(np.int32(bb[j]), sbits)
+            else:  # zero, subnormal range, inf, NaN: the fp32 products themselves
+                ob = out[i : i + 2 * pairs]
+                for j in range(pairs):
+                    byte = bb[j]
+                    ob[2 * j] = table[byte & 15]
+                    ob[2 * j + 1] = table[byte >> 4]
+            i += 2 * pairs
+            if i < stop:
+                out[i] = table[buf[i // 2] & 15]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def int8_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
+    """Encode contiguous fp32 ``x`` into the uint8 ``out`` (``codecs`` checked both)."""
+    xn = _np(x)
+    _int8_encode(xn, xn.view(np.int32), _np(out), block_size)
+
+
+def int8_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
+    _int8_decode(_np(buf), _np(out), block_size)
+
+
+def fp4_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
+    xn = _np(x)
+    _fp4_encode(xn, xn.view(np.int32), _np(out), block_size, _MIDPOINTS)
+
+
+def fp4_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
+    on = _np(out)
+    _fp4_decode(_np(buf), on, on.view(np.int32), block_size, _VALUES)
