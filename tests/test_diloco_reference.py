@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dilo import DiLoCo
 from dilo.comm.local import local_groups
-from tests.threads import run_workers
+from tests.helpers import run_workers
 
 H, ROUNDS, WORKERS = 4, 3, 3
 OUTER_LR, MOMENTUM = 0.7, 0.9
