@@ -19,7 +19,7 @@ import torch
 from dilo.codecs import CODEC_NAMES, get_codec
 from dilo.comm.local import local_groups
 from tests.helpers import REPO, SMALL, child_env
-from tools import bench_comm, bench_overhead, bench_quality, bench_utilization, netsim, plot, report
+from tools import bench_comm, bench_overhead, bench_quality, bench_utilization, netsim, plot, proctree, report
 
 TINY_MODEL = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
               "--model.seq_len", "32", "--data.max_bytes", "400000", "--data.batch_size", "4",
@@ -138,7 +138,7 @@ def test_netsim_cli_cleans_up_on_sigterm(tmp_path):
             proc.wait(timeout=10)
     assert set(netsim.list_namespaces()) == before
     time.sleep(0.2)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert not proctree.alive(child)
 
 
 # -- bench_comm -----------------------------------------------------------------------------
@@ -297,6 +297,7 @@ def test_bench_quality_end_to_end(tmp_path):
 
 # -- bench_utilization ----------------------------------------------------------------------
 @pytest.mark.e2e
+@pytest.mark.usefixtures("needs_netsim")
 @pytest.mark.slow
 def test_bench_utilization_end_to_end(tmp_path):
     before = set(netsim.list_namespaces())

@@ -65,3 +65,27 @@ def kill_tree(root: int, sig: int = signal.SIGKILL, include_root: bool = True) -
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return signalled
+
+
+def alive(pid: int) -> bool:
+    """True while pid runs (a zombie, dead but not yet reaped by its parent, is not alive)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def cmdline(pid: int) -> str:
+    """pid's command line joined by spaces; "" when it is gone or not readable."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def environ(pid: int) -> dict[str, str]:
+    """pid's environment as it started; {} when it is gone or not readable."""
+    try:
+        return psutil.Process(pid).environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return {}
