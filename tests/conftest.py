@@ -13,23 +13,37 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import Procs
 from tools import netsim
 
-# A child command that holds one of these starts a multi-process run (or a tool that does).
-_E2E_COMMANDS = ("torch.distributed.run", "torchrun", "dilo.train", "dilo.cli", "tests.islands_worker",
-                 "tools/chaos", "tools.chaos", "tools/bench_", "tools.bench_", "tools/netsim", "tools.netsim")
+# A child command starts a multi-process run when one of its words is one of these modules
+# (python -m ...), a torchrun executable, or one of these tools' scripts; `dilo.cli` counts
+# unless it is only asked for help or its version.
+_E2E_MODULES = ("torch.distributed.run", "dilo.train", "tests.islands_worker")
+_ONLY_ASKS = {"-h", "--help", "--version"}
+_E2E_TOOLS = ("chaos", "bench_", "netsim")
 # Fixtures that start such runs (a module-scoped one does so before the Popen check is set up).
 _E2E_FIXTURES = ("procs", "swarm", "island_results")
 _GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _starts_a_run(args) -> bool:
-    words = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
-    return any(marker in word for word in words for marker in _E2E_COMMANDS)
+    words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    for word in words:
+        path = Path(word)
+        if word in _E2E_MODULES or path.name == "torchrun":
+            return True
+        if word == "dilo.cli" and not _ONLY_ASKS & set(words):
+            return True
+        if word.startswith("tools.") and word[len("tools."):].startswith(_E2E_TOOLS):
+            return True
+        if path.parent.name == "tools" and path.suffix == ".py" and path.name.startswith(_E2E_TOOLS):
+            return True
+    return False
 
 
 @pytest.fixture(autouse=True)
