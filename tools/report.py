@@ -92,11 +92,13 @@ def run_tool(main_fn, argv: list[str] | None = None, name: str = "") -> int:
     """Call main_fn(argv); print ToolError/ValueError as one clear line and return 2.
 
     SIGTERM and SIGHUP become SystemExit, so the tools' `finally` blocks end the runs
-    they started (their children live in sessions of their own and would survive).
+    they started (their children live in sessions of their own and would survive); the
+    handlers found are put back on return (a tool called in-process, e.g. by a test).
     """
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _leave)
+            previous[sig] = signal.signal(sig, _leave)
     try:
         return main_fn(sys.argv[1:] if argv is None else argv) or 0
     except (ToolError, ValueError) as e:
@@ -105,3 +107,6 @@ def run_tool(main_fn, argv: list[str] | None = None, name: str = "") -> int:
     except KeyboardInterrupt:
         print(f"{name or Path(sys.argv[0]).stem}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
