@@ -1,100 +1,105 @@
-"""Shared test helpers: run dilo under torchrun or python with timeouts, always cleaned up."""
+"""Fixtures only (what tests share otherwise lives in tests/helpers.py).
+
+Two guards keep the suite honest:
+* a test that starts dilo, torchrun or a run-launching tool in a child process must carry
+  the `e2e` marker (so `pytest -m "not slow and not e2e"` is a quick loop of in-process
+  tests); one that does so unmarked fails;
+* a test must leave the SIGINT/SIGTERM handlers as it found them (a handler left behind
+  changes what Ctrl-C does to the rest of the run); one that does not fails, and the
+  handlers are restored.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tools.proctree import children, descendants  # noqa: F401  (the tests import them from here)
+from tests.helpers import Procs
+from tools import netsim
 
-REPO = Path(__file__).resolve().parents[1]
-
-# A model small enough that a multi-process run takes seconds on 2 cores.
-SMALL = [
-    "--config", str(REPO / "configs" / "tiny.toml"),
-    "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.seq_len", "32",
-    "--data.max_bytes", "400000", "--data.batch_size", "4", "--data.eval_batches", "2",
-    "--inner.warmup_steps", "5", "--metrics.progress", "off", "--run.threads", "1",
-]
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A child command starts a multi-process run when one of its words is one of these modules
+# (python -m ...), a torchrun executable, or one of these tools' scripts; `dilo.cli` counts
+# unless it is only asked for help or its version.
+_E2E_MODULES = ("torch.distributed.run", "dilo.train", "tests.islands_worker")
+_ONLY_ASKS = {"-h", "--help", "--version"}
+_E2E_TOOLS = ("chaos", "bench_", "netsim")
+# Fixtures that start such runs (a module-scoped one does so before the Popen check is set up).
+_E2E_FIXTURES = ("procs", "swarm", "island_results")
+_GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", "dilo.train", *args]
+def _starts_a_run(args) -> bool:
+    words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    for word in words:
+        path = Path(word)
+        if word in _E2E_MODULES or path.name == "torchrun":
+            return True
+        if word == "dilo.cli" and not _ONLY_ASKS & set(words):
+            return True
+        if word.startswith("tools.") and word[len("tools."):].startswith(_E2E_TOOLS):
+            return True
+        if path.parent.name == "tools" and path.suffix == ".py" and path.name.startswith(_E2E_TOOLS):
+            return True
+    return False
 
 
-def child_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+@pytest.fixture(autouse=True)
+def _e2e_marker_is_honest(request, monkeypatch):
+    started: list[str] = []
+    popen_init = subprocess.Popen.__init__
+
+    def recording_init(self, args, *rest, **kwargs):
+        if _starts_a_run(args):
+            started.append(" ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args))
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+    yield
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+    used = [f for f in _E2E_FIXTURES if f in request.fixturenames]
+    if started or used:
+        what = started[0][:200] if started else f"uses the fixture {used[0]!r}"
+        pytest.fail(f"{request.node.nodeid} starts a multi-process run but has no @pytest.mark.e2e: "
+                    f"{what}", pytrace=False)
 
 
-class Procs:
-    """Starts processes in their own process group; kills every one of them at teardown."""
+@pytest.fixture(autouse=True)
+def _signal_handlers_are_restored(request):
+    before = {sig: signal.getsignal(sig) for sig in _GUARDED_SIGNALS}
+    yield
+    changed = [signal.Signals(sig).name for sig, handler in before.items() if signal.getsignal(sig) != handler]
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left the {' and '.join(changed)} handler changed "
+                    "(restore it in the test)", pytrace=False)
 
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
 
-    def start(self, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        f = open(log, "wb")
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})},
-                             cwd=REPO, start_new_session=True)
-        f.close()
-        self.procs.append(p)
-        return p
+@pytest.fixture
+def keep_signal_handlers():
+    """For a test that calls code which sets signal handlers for a whole process (e.g. the
+    reaper's loop): puts SIGINT/SIGTERM back afterwards."""
+    before = {sig: signal.getsignal(sig) for sig in _GUARDED_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
-    def run(self, cmd: list[str], log: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-        p = self.start(cmd, log)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill(p)
-            raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-        return subprocess.CompletedProcess(cmd, rc, log.read_text(), "")
 
-    @staticmethod
-    def kill(p: subprocess.Popen) -> None:
-        """SIGKILL the process, its process group and every descendant.
-
-        torchrun starts its workers in sessions of their own, so killing the launcher's
-        group alone would orphan them: walk the tree first, then kill it all.
-        """
-        victims = descendants(p.pid)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait(timeout=30)
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            self.kill(p)
+@pytest.fixture
+def no_launch_env(monkeypatch):
+    """No torchrun variables in this process's environment while the test runs (a test that
+    trains in-process must not believe it is one rank of a torchrun; restored afterwards)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
 def procs():
+    """Processes started through it are killed (with their whole tree) at teardown."""
     p = Procs()
     try:
         yield p
@@ -102,5 +107,9 @@ def procs():
         p.cleanup()
 
 
-def summaries(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("summary-*.json"))]
+@pytest.fixture
+def needs_netsim():
+    """Skips, with the reason, where network namespaces or tc cannot be used here."""
+    reason = netsim.unavailable()
+    if reason is not None:
+        pytest.skip(reason)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 # The final eval loss of the fault-free reference (2 workers, SMALL, 60 steps, H = 5) moves
 # by up to 9.9% when only the initial weights change (run.seed 0..4: 3.795, 3.631, 3.499,
@@ -35,6 +35,7 @@ def assert_correct(r: dict) -> None:
     assert r["final_workers"] == 2
 
 
+@pytest.mark.e2e
 def test_ci_chaos_run_survives_with_the_same_loss(procs, tmp_path):
     r = chaos(procs, tmp_path, "--faults", "2", "--kinds", "kill_worker,kill_in_checkpoint",
               "--seed", "3", "--run.steps", "60")
@@ -47,6 +48,7 @@ def test_ci_chaos_run_survives_with_the_same_loss(procs, tmp_path):
         assert r["same_result_as_reference"], "exact resumes must reproduce the reference bit for bit"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_nodes_one_killed_and_readded(procs, tmp_path):
     """Two torchrun agents on a c10d rendezvous at 127.0.0.1: one node dies, the other goes

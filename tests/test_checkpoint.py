@@ -11,7 +11,7 @@ import torch
 
 from dilo import checkpoint
 from dilo.config import parse_args
-from tests.conftest import SMALL, summaries
+from tests.helpers import SMALL, summaries
 
 
 def test_round_trip(tmp_path):
@@ -60,6 +60,7 @@ COMMON = ["--run.steps", "20", "--outer.inner_steps", "5", "--checkpoint.every",
           "--checkpoint.keep", "3"]
 
 
+@pytest.mark.e2e
 def test_resume_auto_falls_back_over_a_corrupt_checkpoint(procs, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert train(procs, tmp_path, ref, *COMMON, name="ref").returncode == 0
@@ -72,6 +73,7 @@ def test_resume_auto_falls_back_over_a_corrupt_checkpoint(procs, tmp_path):
     assert summaries(run)[0]["global_hash"] == summaries(ref)[0]["global_hash"]
 
 
+@pytest.mark.e2e
 def test_explicit_corrupt_resume_fails_and_changes_nothing(procs, tmp_path):
     run = tmp_path / "run"
     assert train(procs, tmp_path, run, *COMMON[:1], "10", *COMMON[2:], name="a").returncode == 0
@@ -84,6 +86,7 @@ def test_explicit_corrupt_resume_fails_and_changes_nothing(procs, tmp_path):
     assert after == {p: b for p, b in before.items() if not p.name.startswith("metrics")}
 
 
+@pytest.mark.e2e
 def test_fresh_run_refuses_a_dir_with_checkpoints(procs, tmp_path):
     run = tmp_path / "run"
     assert train(procs, tmp_path, run, *COMMON[:1], "5", *COMMON[2:], name="a").returncode == 0
@@ -91,6 +94,7 @@ def test_fresh_run_refuses_a_dir_with_checkpoints(procs, tmp_path):
     assert res.returncode == 2 and "checkpoint.resume auto" in res.stdout
 
 
+@pytest.mark.e2e
 def test_init_from_starts_a_new_run_from_global_weights(procs, tmp_path, monkeypatch):
     src = tmp_path / "src"
     assert train(procs, tmp_path, src, *COMMON[:1], "10", *COMMON[2:], name="a").returncode == 0

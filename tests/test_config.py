@@ -11,7 +11,7 @@ import pytest
 
 from dilo.config import Config, key_name, parse_args
 from dilo.config_help import field_docs
-from tests.conftest import REPO, SMALL
+from tests.helpers import REPO, SMALL
 
 TINY = str(REPO / "configs" / "tiny.toml")
 
@@ -78,6 +78,7 @@ def test_fingerprint_tracks_shared_settings():
     (["--outer.inner_steps", "0"], "outer.inner_steps"),
     (["--data.path", "/no/such/corpus.txt"], "data.path"),
 ])
+@pytest.mark.e2e
 def test_cli_refuses_before_training(procs, tmp_path, args, needle):
     run = tmp_path / "run"
     res = procs.run([sys.executable, "-m", "dilo.cli", "train", *SMALL, "--run.dir", str(run), *args],

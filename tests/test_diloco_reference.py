@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dilo import DiLoCo
 from dilo.comm.local import local_groups
-from tests.threads import run_workers
+from tests.helpers import run_workers
 
 H, ROUNDS, WORKERS = 4, 3, 3
 OUTER_LR, MOMENTUM = 0.7, 0.9
@@ -118,6 +118,8 @@ def test_replicas_bit_identical(codec):
 
 
 def test_only_trainable_params_sync_and_buffers_average():
+    """Frozen parameters stay out of θ; floating-point buffers (BatchNorm's running stats)
+    end as the mean of what the workers held when they exchanged, the same on every worker."""
     groups = local_groups(2)
     models = []
     for _ in range(2):
@@ -137,9 +139,15 @@ def test_only_trainable_params_sync_and_buffers_average():
             model(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
+            # what this worker holds when the exchange (at the 2nd step) takes its buffers
+            own = (model[1].running_mean.clone(), model[1].running_var.clone())
             diloco.step()
         assert torch.equal(model[0].weight, frozen_before)
-        return model[1].running_mean.clone(), model[1].running_var.clone()
+        return own, (model[1].running_mean.clone(), model[1].running_var.clone())
 
-    (m0, v0), (m1, v1) = run_workers(worker, 2)
-    assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    (own0, after0), (own1, after1) = run_workers(worker, 2)
+    for i, name in enumerate(["running_mean", "running_var"]):
+        assert not torch.equal(own0[i], own1[i]), f"{name}: the workers' buffers must differ to test the mean"
+        mean = (own0[i] + own1[i]) / 2  # fp32, member order: what the exact exchange computes
+        assert torch.equal(after0[i], mean), f"{name} of worker 0 is not the mean"
+        assert torch.equal(after1[i], mean), f"{name} of worker 1 is not the mean"

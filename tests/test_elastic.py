@@ -13,7 +13,7 @@ import torch
 
 from dilo import checkpoint, elastic
 from dilo.comm.local import local_groups
-from tests.threads import run_workers
+from tests.helpers import run_workers
 
 
 def f(step: int, worker: int, num_workers: int, exact: bool = True) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from dilo import DiLoCo
 from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId
-from tests.test_streaming_reference import Net, adamw, inner_step
+from tests.helpers import Net, adamw, inner_step
 
 H, STEPS = 6, 60
 

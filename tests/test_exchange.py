@@ -9,7 +9,7 @@ import torch
 
 from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
-from tests.threads import run_workers
+from tests.helpers import run_workers
 
 LOSSY = ["bf16", "fp16", "int8", "fp4"]
 

@@ -16,9 +16,8 @@ from dilo.comm.local import local_groups
 from dilo.config import parse_args
 from dilo.graceful_stop import GracefulStop
 from dilo.train import Trainer
-from tests.conftest import SMALL, summaries, torchrun_cmd
-from tests.test_torchrun import children
-from tests.threads import run_workers
+from tests.helpers import SMALL, run_workers, summaries, torchrun_cmd
+from tools.proctree import children
 
 
 def lines(run_dir: Path, worker: int, kind: str, event: str | None = None) -> list[dict]:
@@ -62,6 +61,7 @@ def test_stop_flag_is_agreed_by_all_and_a_second_ctrl_c_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.e2e
 def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs, tmp_path):
     run = tmp_path / "run"
     common = [*SMALL, "--run.dir", str(run), "--outer.inner_steps", "5", "--checkpoint.every", "0"]
@@ -95,8 +95,6 @@ def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs
 
 
 def train_in_process(run_dir: Path, *args: str) -> dict:
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(var, None)
     trainer = Trainer(parse_args([*SMALL, "--run.dir", str(run_dir), "--outer.inner_steps", "5",
                                   "--checkpoint.every", "1", "--checkpoint.keep", "10", *args]))
     try:
@@ -105,6 +103,7 @@ def train_in_process(run_dir: Path, *args: str) -> dict:
         trainer.close()
 
 
+@pytest.mark.usefixtures("no_launch_env")
 def test_async_checkpoint_has_the_sync_content_and_resumes_to_the_same_hash(tmp_path):
     sync = train_in_process(tmp_path / "sync", "--run.steps", "20")
     background = train_in_process(tmp_path / "async", "--run.steps", "20", "--checkpoint.async", "true")
@@ -125,6 +124,8 @@ def test_async_checkpoint_has_the_sync_content_and_resumes_to_the_same_hash(tmp_
     assert resumed["global_hash"] == sync["global_hash"]
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("no_launch_env")
 def test_grow_then_shrink_resumes_elastically(procs, tmp_path):
     run = tmp_path / "run"
     common = ["--checkpoint.keep", "2"]

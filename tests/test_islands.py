@@ -27,7 +27,8 @@ from dilo.comm.protocol import chunk_numel
 from dilo.config import Config, parse_args, validate_world_size
 from dilo.train import main as train_main
 from tests import islands_worker as iw
-from tests.conftest import SMALL, children, free_port, summaries, torchrun_cmd
+from tests.helpers import Procs, SMALL, free_port, summaries, torchrun_cmd
+from tools.proctree import children
 
 NUM_WORKERS = 2
 WORLD = NUM_WORKERS * iw.WORKER_SIZE
@@ -102,8 +103,6 @@ def reference() -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def island_results(tmp_path_factory):
     """Run tests/islands_worker.py once as 4 processes; the tests below read its output."""
-    from tests.conftest import Procs
-
     out = tmp_path_factory.mktemp("islands")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
@@ -117,6 +116,7 @@ def island_results(tmp_path_factory):
     return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.e2e
 def test_layout_and_membership(island_results):
     assert [r["island"] for r in island_results] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
     for r, res in enumerate(island_results):
@@ -126,12 +126,14 @@ def test_layout_and_membership(island_results):
             assert res[name]["gathered"] == [0, 1, 2, 3]  # one entry per process, worker-major
 
 
+@pytest.mark.e2e
 def test_a_misbuilt_composition_is_refused_on_every_rank(island_results):
     for res in island_results:
         assert "every rank of the worker must have an inter group" in res["misbuilt"]
         assert "local ranks [0] of 2" in res["misbuilt"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["sliced_fp32", "leader_fp32"])
 def test_update_equals_reference(island_results, name):
     expected = reference()
@@ -144,6 +146,7 @@ def test_update_equals_reference(island_results, name):
             torch.testing.assert_close(res[name]["theta"][r], expected[r], atol=1e-6, rtol=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", [n for n, _, _ in iw.RUNS])
 def test_global_state_bit_identical_on_all_ranks(island_results, name):
     first = island_results[0][name]
@@ -154,6 +157,7 @@ def test_global_state_bit_identical_on_all_ranks(island_results, name):
             assert torch.equal(res[name]["model"][r], first["theta"][r])  # live model = θ
 
 
+@pytest.mark.e2e
 def test_int8_stays_near_the_reference(island_results):
     expected = reference()
     for r in range(iw.ROUNDS):
@@ -161,6 +165,7 @@ def test_int8_stays_near_the_reference(island_results):
         assert (theta - expected[r]).norm() / expected[r].norm() < 1e-2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_each_rank_sends_a_worker_size_share(island_results, codec):
     numel = island_results[0]["sliced_fp32"]["theta"][0].numel()
@@ -175,6 +180,7 @@ def test_each_rank_sends_a_worker_size_share(island_results, codec):
         assert res[f"sliced_{codec}"]["intra"] == [(iw.WORKER_SIZE - 1) * slice_len * 4] * iw.ROUNDS
 
 
+@pytest.mark.e2e
 def test_leader_mode_only_local_rank_0_uses_the_slow_links(island_results):
     for res in island_results:
         _, rank_in_worker, _ = res["island"]
@@ -191,6 +197,7 @@ def sync_hashes(path) -> list[str]:
     return [r["global_hash"] for r in records if r["kind"] == "sync"]
 
 
+@pytest.mark.e2e
 def test_train_two_workers_of_two_ranks(procs, tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--run.dir", str(run), "--run.steps", "10", "--outer.inner_steps", "5",
@@ -214,6 +221,7 @@ def test_train_two_workers_of_two_ranks(procs, tmp_path):
     assert ckpts == ["worker-0.pt", "worker-1.pt"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_and_resume_with_islands_gives_the_uninterrupted_hash(procs, tmp_path):
     common = [*SMALL, "--run.steps", "60", "--outer.inner_steps", "5", "--run.worker_size", "2",

@@ -16,27 +16,10 @@ import torch.nn as nn
 
 from dilo import DiLoCo
 from dilo.comm.local import local_groups
-from tests.threads import run_workers
+from tests.helpers import Net, adamw, inner_step, run_workers
 
 WORKERS, H, STEPS = 3, 4, 22  # 22: the run ends mid-round, so the final drain is exercised too
 OUTER_LR, MOMENTUM = 0.7, 0.9
-
-
-class Net(nn.Module):
-    """A residual stack: embedding, a ModuleList of blocks, head (like the GPT, in small)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Linear(6, 8)
-        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = torch.tanh(self.emb(x))
-        for block in self.blocks:
-            x = x + torch.tanh(block(x))
-        return self.head(x)
 
 
 # Fragments written out by hand from the rule: block i -> i mod P; embedding -> 0; head -> P-1.
@@ -52,22 +35,6 @@ def fragment_params(model: nn.Module, num_fragments: int) -> list[list[torch.Ten
         groups.append([p for name, p in model.named_parameters()
                        if any(name.startswith(prefix + ".") for prefix in prefixes)])
     return groups
-
-
-def batch(worker: int, step: int):
-    g = torch.Generator().manual_seed(7919 * worker + step)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-
-
-def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
-
-
-def inner_step(model, opt, worker: int, step: int) -> None:
-    x, y = batch(worker, step)
-    nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def sgd(params):

@@ -18,9 +18,7 @@ from dilo.comm.protocol import Group
 from dilo.config import ModelConfig, parse_args
 from dilo.fragments import assign_fragments
 from dilo.model import GPT
-from tests.conftest import REPO
-from tests.test_streaming_reference import Net, adamw, inner_step
-from tests.threads import run_workers
+from tests.helpers import REPO, Net, adamw, inner_step, run_workers
 
 
 class CoreDiLoCo:

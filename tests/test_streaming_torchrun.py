@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dilo.codecs import get_codec
-from tests.conftest import SMALL, summaries, torchrun_cmd
+from tests.helpers import SMALL, summaries, torchrun_cmd
 
 WORKERS = 3
 STREAMING = [*SMALL, "--model.n_layers", "2", "--run.steps", "24", "--outer.inner_steps", "6",
@@ -23,6 +23,7 @@ def records(run_dir: Path, worker: int, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@pytest.mark.e2e
 def test_streaming_eager_fp4_workers_agree_and_learn(procs, tmp_path):
     run = tmp_path / "run"
     res = procs.run(torchrun_cmd(WORKERS, [*STREAMING, "--run.dir", str(run)]), tmp_path / "log.txt")
@@ -52,6 +53,7 @@ def test_streaming_eager_fp4_workers_agree_and_learn(procs, tmp_path):
     assert math.isclose(total, s["sync_seconds"], rel_tol=1e-6) and s["sync_seconds_hidden"] > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_streaming_resume_from_a_mid_run_checkpoint_is_exact(procs, tmp_path):
     """The checkpoint at outer step 3 holds exchanges in flight; resuming from it reproduces

@@ -17,7 +17,7 @@ import pytest
 
 import hivemind  # noqa: E402,F401  (installed by the test extra)
 
-from tests.conftest import SMALL, summaries, torchrun_cmd  # noqa: E402
+from tests.helpers import SMALL, summaries, torchrun_cmd  # noqa: E402
 
 SWARM = [*SMALL, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
          "--outer.inner_steps", "5", "--comm.timeout", "60", "--peers.heartbeat", "1",
@@ -140,6 +140,7 @@ def swarm(procs, tmp_path):
 
 
 # -- tests --------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     steps = ["--run.steps", "500", "--peers.min_peers", "3"]
     a, a_dir = swarm.start("a", *steps)
@@ -174,6 +175,7 @@ def two_peers_then_a_joiner(swarm, args: list[str]) -> tuple[list[Path], list[di
     return dirs, [s for run_dir in dirs for s in summaries(run_dir)]
 
 
+@pytest.mark.e2e
 def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     """Streaming DiLoCo on the swarm: P = 2 fragments, τ = 1 (exchanges on the background
     thread), fp4 with error feedback; a third peer joins mid-run, adopts every fragment's
@@ -193,6 +195,7 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
     assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 201
 
 
+@pytest.mark.e2e
 def test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight(swarm):
     """outer.overlap eager on the swarm, P = 2 fragments: every round is applied two rounds
     after it ran, so a state is never alone. The third peer joins mid-run, fetches the
@@ -213,6 +216,7 @@ def test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight(swar
     assert hashes_agree_per_step([a_dir, b_dir, c_dir]) == 201
 
 
+@pytest.mark.e2e
 def test_peer_killed_mid_exchange_survivors_agree(swarm):
     """c dies in round 4 after its averaged chunk reached one survivor but not the other:
     one survivor completes the round, the other detects the partial round, applies nothing
@@ -232,6 +236,7 @@ def test_peer_killed_mid_exchange_survivors_agree(swarm):
                    if r["outer_step"] > 5)
 
 
+@pytest.mark.e2e
 def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
     """The same refusals as test_swarm_parts, end to end: exit code 2 and both sides' logs,
     then Ctrl-C on the member that refused them."""
@@ -248,6 +253,7 @@ def test_wrong_key_and_other_model_are_refused_by_the_cli(swarm):
     assert finish(a, 60) == 130
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("overlap", ["none", "eager"])
 def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm, overlap):
     """Under torchrun the ranks form one worker (data-parallel inside); only rank 0 talks to

@@ -127,6 +127,7 @@ def test_peers_config_is_checked():
 
 
 # -- the reaper -----------------------------------------------------------------------------
+@pytest.mark.usefixtures("keep_signal_handlers")
 def test_reaper_kills_watched_processes_and_removes_files_when_the_peer_is_gone(tmp_path):
     victim = subprocess.Popen(["sleep", "60"])
     sock = tmp_path / "p2pd.sock"
@@ -139,6 +140,7 @@ def test_reaper_kills_watched_processes_and_removes_files_when_the_peer_is_gone(
         victim.wait()
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")
 def test_reaper_leaves_everything_after_a_clean_shutdown(tmp_path):
     bystander = subprocess.Popen(["sleep", "60"])
     keep = tmp_path / "kept"

@@ -18,8 +18,8 @@ import torch
 
 from dilo.codecs import CODEC_NAMES, get_codec
 from dilo.comm.local import local_groups
-from tests.conftest import REPO, SMALL, child_env
-from tools import bench_comm, bench_overhead, bench_quality, bench_utilization, netsim, plot, report
+from tests.helpers import REPO, SMALL, child_env
+from tools import bench_comm, bench_overhead, bench_quality, bench_utilization, netsim, plot, proctree, report
 
 TINY_MODEL = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
               "--model.seq_len", "32", "--data.max_bytes", "400000", "--data.batch_size", "4",
@@ -82,6 +82,7 @@ else:
 """
 
 
+@pytest.mark.usefixtures("needs_netsim")
 def test_netsim_links_are_shaped_and_everything_is_removed():
     before = set(netsim.list_namespaces())
     n = 400_000
@@ -99,6 +100,8 @@ def test_netsim_links_are_shaped_and_everything_is_removed():
     assert set(netsim.list_namespaces()) == before
 
 
+@pytest.mark.usefixtures("needs_netsim")
+@pytest.mark.e2e
 def test_netsim_cli_cleans_up_after_a_failing_command():
     before = set(netsim.list_namespaces())
     cmd = [sys.executable, str(REPO / "tools" / "netsim.py"), "--rate", "100mbit", "--hosts", "2",
@@ -112,6 +115,8 @@ def test_netsim_cli_cleans_up_after_a_failing_command():
     assert bad.returncode == 2 and "bytes per second" in bad.stderr
 
 
+@pytest.mark.usefixtures("needs_netsim")
+@pytest.mark.e2e
 def test_netsim_cli_cleans_up_on_sigterm(tmp_path):
     before = set(netsim.list_namespaces())
     marker = tmp_path / "child.pid"
@@ -133,7 +138,7 @@ def test_netsim_cli_cleans_up_on_sigterm(tmp_path):
             proc.wait(timeout=10)
     assert set(netsim.list_namespaces()) == before
     time.sleep(0.2)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert not proctree.alive(child)
 
 
 # -- bench_comm -----------------------------------------------------------------------------
@@ -185,6 +190,8 @@ def test_bench_comm_summary_of_a_shared_loopback():
         bench_comm.summarize("loopback", "torch", workers, args)
 
 
+@pytest.mark.usefixtures("needs_netsim")
+@pytest.mark.e2e
 def test_bench_comm_runs_and_writes_its_json(tmp_path):
     before = set(netsim.list_namespaces())
     out = tmp_path / "comm.json"
@@ -268,6 +275,7 @@ def test_bench_quality_aggregate_pairs_seeds():
     assert dil["final_eval_loss"]["mean"] == pytest.approx(3.1)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_bench_quality_end_to_end(tmp_path):
     out = tmp_path / "q.json"
@@ -288,6 +296,8 @@ def test_bench_quality_end_to_end(tmp_path):
 
 
 # -- bench_utilization ----------------------------------------------------------------------
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_netsim")
 @pytest.mark.slow
 def test_bench_utilization_end_to_end(tmp_path):
     before = set(netsim.list_namespaces())

@@ -9,8 +9,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from dilo.codecs import get_codec
-from tests.conftest import SMALL, children, summaries, torchrun_cmd
+from tests.helpers import SMALL, summaries, torchrun_cmd
+from tools.proctree import children
 
 
 def sync_lines(run_dir: Path, worker: int) -> list[dict]:
@@ -18,6 +21,7 @@ def sync_lines(run_dir: Path, worker: int) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "sync"]
 
 
+@pytest.mark.e2e
 def test_three_workers_int8(procs, tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--run.dir", str(run), "--run.steps", "20", "--outer.inner_steps", "5",
@@ -41,6 +45,7 @@ def test_three_workers_int8(procs, tmp_path):
     assert (run / "checkpoints" / "step-000004" / "worker-2.pt").exists()
 
 
+@pytest.mark.e2e
 def test_ddp_baseline(procs, tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--run.dir", str(run), "--run.steps", "10", "--outer.inner_steps", "5",
@@ -52,6 +57,7 @@ def test_ddp_baseline(procs, tmp_path):
     assert found[0]["bytes_are_estimated"] and found[0]["bytes_sent"] > 0
 
 
+@pytest.mark.e2e
 def test_sigkill_and_resume_gives_the_uninterrupted_hash(procs, tmp_path):
     # on_failure off: a survivor's save-after-failure file (non-exact, newer) would make
     # resume auto take the elastic path, which trades exactness for less recomputation.

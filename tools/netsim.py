@@ -113,6 +113,22 @@ def require_tools() -> None:
                           "namespaces, veth pairs and tc qdiscs; run it as root (e.g. with sudo)")
 
 
+def unavailable() -> str | None:
+    """Why netsim cannot run on this machine, or None when it can: ip/tc missing, not root,
+    or the kernel refusing network namespaces (a container without CAP_SYS_ADMIN). Creates
+    and removes one probe namespace. The tests skip with this reason."""
+    try:
+        require_tools()
+    except NetSimError as e:
+        return str(e)
+    probe = f"{PREFIX}-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    res = _ip("netns", "add", probe, check=False)
+    if res.returncode != 0:
+        return f"netsim cannot create a network namespace here: {res.stderr.strip() or res.stdout.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return _cmd(["ip", *args], check)
 

@@ -6,14 +6,12 @@ spread. `describe(values)` is the one summary of repeated measurements used ever
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,19 +47,12 @@ def document(tool: str, settings: dict, results: Any) -> dict:
 
 
 def write_json(path: str | Path, doc: dict) -> Path:
-    """Atomic write (temp file + rename): a tool killed mid-write leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, allow_nan=False, default=_plain)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic write (dilo/atomic_write.py): a tool killed mid-write leaves the old file."""
+    # Imported here: `import dilo` still loads torch, and netsim (which imports this module
+    # for ToolError) starts without it.
+    from dilo.atomic_write import write_json as atomic_write_json
+
+    return atomic_write_json(path, doc, default=_plain)
 
 
 def _plain(value: Any) -> Any:
@@ -101,11 +92,13 @@ def run_tool(main_fn, argv: list[str] | None = None, name: str = "") -> int:
     """Call main_fn(argv); print ToolError/ValueError as one clear line and return 2.
 
     SIGTERM and SIGHUP become SystemExit, so the tools' `finally` blocks end the runs
-    they started (their children live in sessions of their own and would survive).
+    they started (their children live in sessions of their own and would survive); the
+    handlers found are put back on return (a tool called in-process, e.g. by a test).
     """
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _leave)
+            previous[sig] = signal.signal(sig, _leave)
     try:
         return main_fn(sys.argv[1:] if argv is None else argv) or 0
     except (ToolError, ValueError) as e:
@@ -114,3 +107,6 @@ def run_tool(main_fn, argv: list[str] | None = None, name: str = "") -> int:
     except KeyboardInterrupt:
         print(f"{name or Path(sys.argv[0]).stem}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,7 +6,7 @@ The benchmarks never import the training loop: they start `python -m dilo.train`
 
 Process hygiene: every child starts in its own session; on a timeout, an exception or
 Ctrl-C the whole tree (torchrun puts its workers in sessions of their own, so the tree
-is found through /proc, not the process group) gets SIGTERM, then SIGKILL.
+is found through psutil, not the process group) gets SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -71,7 +73,8 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM proc's session (torchrun forwards it), then SIGKILL whatever is left below it."""
     if proc.poll() is not None:
         return
-    tree = descendants(proc.pid)
+    # psutil handles remember each process's start time: a pid reused meanwhile is not hit.
+    tree = _handles([proc.pid, *descendants(proc.pid)])
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -80,12 +83,22 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
-    for pid in [proc.pid, *tree, *descendants(proc.pid)]:
+    for victim in tree + _handles(descendants(proc.pid)):
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            victim.kill()
+        except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=30)
+
+
+def _handles(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def wait_all(procs: list[subprocess.Popen], timeout_s: float, what: str, logs: list[Path]) -> None:
