@@ -22,7 +22,7 @@ from tools import netsim
 
 # A child command starts a multi-process run when one of its words is one of these modules
 # (python -m ...), a torchrun executable, or one of these tools' scripts; `dilo.cli` counts
-# unless it is only asked for help or its version.
+# unless it is given no command or only asked for help or its version.
 _E2E_MODULES = ("torch.distributed.run", "dilo.train", "tests.islands_worker")
 _ONLY_ASKS = {"-h", "--help", "--version"}
 _E2E_TOOLS = ("chaos", "bench_", "netsim")
@@ -37,8 +37,9 @@ def _starts_a_run(args) -> bool:
         path = Path(word)
         if word in _E2E_MODULES or path.name == "torchrun":
             return True
-        if word == "dilo.cli" and not _ONLY_ASKS & set(words):
-            return True
+        if word == "dilo.cli":  # a bare `dilo` prints its usage; help and version start nothing
+            rest = set(words[words.index(word) + 1:])
+            return bool(rest) and not _ONLY_ASKS & rest
         if word.startswith("tools.") and word[len("tools."):].startswith(_E2E_TOOLS):
             return True
         if path.parent.name == "tools" and path.suffix == ".py" and path.name.startswith(_E2E_TOOLS):
