@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from dilo import checkpoint, resume
+from dilo import atomic_write, checkpoint, resume
 from dilo.comm.local import local_groups
 from tests.threads import run_workers
 
@@ -102,7 +102,7 @@ def _writer(run_dir: str, seed: int) -> None:
         time.sleep(0.03)
         real_fsync(fd)
 
-    checkpoint.os.fsync = slow_fsync  # this forked child only
+    atomic_write.os.fsync = slow_fsync  # this forked child only
     # numpy, not torch ops: torch's thread pool may not survive fork()
     base = np.random.default_rng(seed).standard_normal(PAYLOAD, dtype=np.float32)
     for step in range(1, 10_000):
@@ -132,7 +132,7 @@ def test_kill_during_checkpoint_write_leaves_only_complete_files(tmp_path):
             os.kill(child.pid, signal.SIGKILL)
             child.join(timeout=30)
         assert child.exitcode == -signal.SIGKILL
-        torn += bool(list(run_dir.glob("checkpoints/*/.worker-*.tmp-*")))
+        torn += bool(list(run_dir.glob("checkpoints/*/.worker-*.tmp")))
         steps = checkpoint.list_steps(run_dir)
         complete = [s for s in steps
                     if all(checkpoint.worker_file(checkpoint.step_dir(run_dir, s), w).exists() for w in (0, 1))]
