@@ -146,13 +146,3 @@ def test_resume_with_other_settings_names_them(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "outer.lr = 0.7 (now 0.5)" in err and "Traceback" not in err
 
-
-def test_unwritable_run_dir_is_one_line(tmp_path, monkeypatch, capsys):
-    from dilo.train import main
-
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    (tmp_path / "a_file").write_text("")
-    assert main([*SMALL, "--run.dir", str(tmp_path / "a_file" / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "run.dir" in err and "not writable" in err
