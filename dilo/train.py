@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dilo import checkpoint, resume
-from dilo.comm.build import build_groups
+from dilo import checkpoint
+from dilo.comm.build import build_groups, worker_identity
+from dilo.checkpointing import Checkpoints
 from dilo.comm.protocol import DivergenceError
 from dilo.config import Config, parse_args
 from dilo.data import ShardedBatches, eval_batches, load_tokens
@@ -81,18 +82,8 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config) -> None:
-        world, swarm = self.world, self.groups.swarm
-        worker, shard, num_shards = world.worker, world.worker, world.num_workers
-        if cfg.comm.backend == "hivemind":  # a swarm has no ranks: each peer picks a shard of its own
-            num_shards = cfg.peers.num_shards
-            peer = None
-            if swarm is not None:
-                peer = (swarm.label, cfg.peers.shard if cfg.peers.shard >= 0 else swarm.data_shard(num_shards))
-            if world.island is not None:  # the worker's other ranks learn its name and shard
-                everyone: list = [None] * world.worker_size
-                dist.all_gather_object(everyone, peer, group=world.island.intra_pg)
-                peer = everyone[0]
-            worker, shard = peer
+        world = self.world
+        worker, shard, num_shards = worker_identity(cfg, world, self.groups.swarm)
         train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
         if int(train_tokens.max()) >= cfg.model.vocab_size:
             raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
@@ -136,7 +127,6 @@ class Trainer:
         # Seconds of this process (not restored on resume): inner steps, and the whole loop.
         self.compute_seconds = 0.0
         self.loop_seconds = 0.0
-        self.writer = checkpoint.AsyncWriter()
         self.stopper = GracefulStop()
 
         port = cfg.metrics.port + world.local_rank if cfg.metrics.port else 0
@@ -145,6 +135,7 @@ class Trainer:
         name = str(worker) if world.speaks_for_worker else f"{worker}.{world.rank_in_worker}"
         self.metrics = Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps, progress=show)
         self.counts.attach(self.metrics.count)
+        self.checkpoints = Checkpoints(cfg, world, self.groups.world, self.state, self.metrics, self.world_id)
         log_start(self, shard, num_shards, port)
 
     def follow_adoption(self) -> None:
@@ -213,7 +204,7 @@ class Trainer:
             self.metrics.log("event", event="diverged", error=str(e), world=self.world_id)
             raise
         except RuntimeError as e:  # a peer died or timed out mid-exchange
-            self.save_after_failure(e)
+            self.checkpoints.save_after_failure(e)
             raise
         self.state.record_boundary()
         return True
@@ -223,36 +214,8 @@ class Trainer:
         try:
             return self.stopper.agreed(self.groups.world)
         except RuntimeError as e:
-            self.save_after_failure(e)
+            self.checkpoints.save_after_failure(e)
             raise
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Apply checkpoint.init_from / checkpoint.resume before the first step."""
-        k, run_dir = self.cfg.checkpoint, self.cfg.run.dir
-        if k.init_from:
-            self.state.init_from(k.init_from)
-            return
-        if not k.resume:
-            existing = checkpoint.list_steps(run_dir)
-            if existing:
-                raise ValueError(f"run.dir {run_dir} already holds checkpoints (newest: step "
-                                 f"{existing[-1]}); pass --checkpoint.resume auto to continue it, or "
-                                 "choose another run.dir")
-            return
-        found = resume.resume(resume.ResumeContext(run_dir, k.resume, self.state.worker,
-                                                   self.world.num_workers, self.world.rank, self.groups.world))
-        if found is None:
-            return
-        self.state.load_state_dict(found.state, found.source, exact=found.exact)
-        s, plan = self.state, found.plan
-        log.info("resumed from %s (%s: written by %d workers, now %d) at inner step %d, outer step "
-                 "%d; inner optimizer state %s", plan.dir, plan.kind, plan.written_by, s.num_workers,
-                 s.inner_step, s.outer_step,
-                 "fresh" if found.inner_from is None else f"from outer step {found.inner_from}")
-        self.metrics.log("event", event="resume", path=plan.dir, how=plan.kind, step=s.inner_step,
-                         outer_step=s.outer_step, written_by=plan.written_by, workers=s.num_workers,
-                         inner_from=found.inner_from, world=self.world_id, global_hash=s.global_hash())
 
     def save_checkpoint(self, loss: float) -> None:
         if self.diloco is not None and self.diloco.group.open_membership:
@@ -261,49 +224,14 @@ class Trainer:
             stats = self.diloco.settle()
             if stats is not None:
                 self.record_sync(stats, loss)
-        # One file per worker: its ranks hold the same θ, inner optimizer state (DDP),
-        # data position and RNG states (same seed, same ops), so rank 0's is everyone's.
-        if not self.world.speaks_for_worker:
-            return
-        s, k = self.state, self.cfg.checkpoint
-        args = (self.cfg.run.dir, s.worker, s.outer_step, s.state_dict(), k.keep, s.num_workers)
-        if not k.async_:
-            path = checkpoint.save(*args)
-            self.metrics.log("event", event="checkpoint", path=str(path), outer_step=s.outer_step)
-            return
-        busy = self.writer.busy
-        path, waited = self.writer.save(*args)
-        if busy:  # bounded memory: one write in flight, so this request had to wait for it
-            log.warning("checkpoint of outer step %d waited %.2f s for the previous write; the "
-                        "disk is slower than checkpoint.every rounds", s.outer_step, waited)
-            self.metrics.count("checkpoint_waits")
-        self.metrics.log("event", event="checkpoint", path=str(path), outer_step=s.outer_step,
-                         background=True, waited_seconds=waited if busy else 0.0)
-
-    def save_after_failure(self, error: BaseException) -> None:
-        """A failed exchange: keep the last consistent global state (resume.save_after_failure)."""
-        s, k = self.state, self.cfg.checkpoint
-        log.error("exchange failed at outer step %d: %s", s.outer_step + 1, str(error)[:300])
-        if not (self.diloco and k.every and k.on_failure and self.world.speaks_for_worker) or s.outer_step == 0:
-            return
-        boundary = s.failure_boundary()
-        try:
-            self.writer.wait()  # a background write of this very step may still be running
-        except checkpoint.CheckpointError as e:
-            log.error("%s", e)
-        path = resume.save_after_failure(self.cfg.run.dir, s.worker, s.num_workers, k.keep,
-                                         s.outer_step, s.state_dict, boundary)
-        if path is not None:
-            self.metrics.log("event", event="checkpoint", path=str(path), outer_step=s.outer_step,
-                             on_failure=True, error=str(error)[:300], world=self.world_id,
-                             global_hash=s.global_hash())
+        self.checkpoints.save()
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to run.steps, or to a graceful stop; returns the summary (marked `stopped`)."""
         cfg, s = self.cfg, self.state
         self.stopper.install()
-        self.resume()
+        self.checkpoints.restore()
         tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()
@@ -341,7 +269,7 @@ class Trainer:
             return False
         if not due:
             self.save_checkpoint(loss)
-        self.writer.wait()
+        self.checkpoints.writer.wait()
         log.warning("stopped at outer step %d (inner step %d) on %s; continue with "
                     "--checkpoint.resume auto", s.outer_step, s.inner_step,
                     self.stopper.signal_name or "a peer's request")
@@ -350,7 +278,7 @@ class Trainer:
         return True
 
     def finish(self, stopped: bool = False) -> dict:
-        self.writer.wait()
+        self.checkpoints.writer.wait()
         # Every rank joins this gather (a collective); then only the worker's rank 0
         # evaluates and writes summary-<worker>.json.
         per_rank = self.worker_totals()
@@ -379,7 +307,7 @@ class Trainer:
 
     def close(self) -> None:
         try:
-            self.writer.wait()
+            self.checkpoints.writer.wait()
         except checkpoint.CheckpointError as e:
             log.error("%s", e)
         self.stopper.uninstall()

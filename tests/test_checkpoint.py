@@ -105,7 +105,7 @@ def test_init_from_starts_a_new_run_from_global_weights(procs, tmp_path, monkeyp
                       "--checkpoint.init_from", str(step_dir), "--inner.lr", "1e-3"])
     trainer = Trainer(cfg)
     try:
-        trainer.resume()
+        trainer.checkpoints.restore()
         assert torch.equal(trainer.diloco.global_params.detach(), want)
         assert trainer.state.inner_step == 0 and trainer.diloco.outer_step == 0
         assert not trainer.optimizer.state  # fresh inner optimizer

@@ -66,6 +66,23 @@ def build_groups(cfg: Config, world: World, count: Callable[..., None]) -> Group
     return Groups(world_group, outer, swarm)
 
 
+def worker_identity(cfg: Config, world: World, swarm: SwarmGroup | None) -> tuple[int | str, int, int]:
+    """(worker name, data shard, number of shards): the rank's worker and shard under
+    torchrun; a swarm has no ranks, so each peer names itself and picks a shard of its
+    own. A collective on the worker's island (its other ranks learn name and shard)."""
+    if cfg.comm.backend != "hivemind":
+        return world.worker, world.worker, world.num_workers
+    num_shards = cfg.peers.num_shards
+    peer = None
+    if swarm is not None:
+        peer = (swarm.label, cfg.peers.shard if cfg.peers.shard >= 0 else swarm.data_shard(num_shards))
+    if world.island is not None:
+        everyone: list = [None] * world.worker_size
+        dist.all_gather_object(everyone, peer, group=world.island.intra_pg)
+        peer = everyone[0]
+    return peer[0], peer[1], num_shards
+
+
 def _outer_group(cfg: Config, world: World, swarm: SwarmGroup | None) -> Group:
     overlapped = cfg.outer.delay > 0 or cfg.outer.overlap != "none"
     if cfg.comm.backend == "hivemind":
