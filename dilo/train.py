@@ -124,6 +124,7 @@ class Trainer:
                                  batches, self.diloco)
         if self.diloco is not None and self.diloco.joined is not None:
             self.follow_adoption()  # joined a running swarm: its state, its step
+            self.state.record_boundary()
         # Seconds of this process (not restored on resume): inner steps, and the whole loop.
         self.compute_seconds = 0.0
         self.loop_seconds = 0.0
