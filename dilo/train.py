@@ -37,33 +37,14 @@ from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
 from dilo.comm.protocol import DivergenceError
 from dilo.config import Config, parse_args
-from dilo.data import ShardedBatches, eval_batches, load_tokens
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
-from dilo.metrics import Metrics
+from dilo.inner_loop import evaluate, load_data, lr_at
 from dilo.model import GPT, param_groups
 from dilo.stats import SyncStats
-from dilo.train_report import LateCounts, log, log_start, log_sync, mb, summary_of
+from dilo.train_report import LateCounts, log, log_start, log_sync, mb, open_metrics, summary_of
 from dilo.world import join_world
 from dilo.worker_state import WorkerState
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Linear warmup to inner.lr, then cosine decay to inner.min_lr_ratio * inner.lr."""
-    peak, warmup, total = cfg.inner.lr, cfg.inner.warmup_steps, cfg.run.steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = peak * cfg.inner.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
-    model.eval()
-    losses = [model(x.to(device), y.to(device)).item() for x, y in batches]
-    model.train()
-    return sum(losses) / len(losses)
 
 
 class Trainer:
@@ -84,19 +65,7 @@ class Trainer:
     def _build(self, cfg: Config) -> None:
         world = self.world
         worker, shard, num_shards = worker_identity(cfg, world, self.groups.swarm)
-        train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
-        if int(train_tokens.max()) >= cfg.model.vocab_size:
-            raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
-                             f"is {cfg.model.vocab_size}; raise model.vocab_size")
-        # The worker reads shard `worker` of num_workers with worker_size x data.batch_size
-        # rows per step; its rank r trains on rows r, r + S, r + 2S, ... (see next_batch).
-        # A worker of S ranks thus sees exactly the stream of a one-process worker with
-        # S times the batch, and the position (batch_index) is the same on all its ranks.
-        batches = ShardedBatches(train_tokens, shard, num_shards,
-                                 cfg.data.batch_size * world.worker_size, cfg.model.seq_len)
-        self.eval_set = eval_batches(val_tokens if len(val_tokens) else train_tokens,
-                                     cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
-
+        batches, self.eval_set = load_data(cfg, shard, num_shards, world.worker_size)
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
         random.seed(cfg.run.seed + shard)
         self.model = GPT(cfg.model).to(world.device)
@@ -130,11 +99,7 @@ class Trainer:
         self.loop_seconds = 0.0
         self.stopper = GracefulStop()
 
-        port = cfg.metrics.port + world.local_rank if cfg.metrics.port else 0
-        show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if world.is_leader else False
-        # metrics-<worker>.jsonl for the worker's rank 0, metrics-<worker>.<r>.jsonl for its rank r > 0
-        name = str(worker) if world.speaks_for_worker else f"{worker}.{world.rank_in_worker}"
-        self.metrics = Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps, progress=show)
+        self.metrics, port = open_metrics(cfg, world, worker)
         self.counts.attach(self.metrics.count)
         self.checkpoints = Checkpoints(cfg, world, self.groups.world, self.state, self.metrics, self.world_id)
         log_start(self, shard, num_shards, port)

@@ -11,7 +11,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from dilo.config import Config
+from dilo.metrics import Metrics
 from dilo.stats import SyncStats, sync_record
+from dilo.world import World
 
 if TYPE_CHECKING:
     from dilo.train import Trainer
@@ -45,6 +48,15 @@ class LateCounts:
             self._sink, early, self._early = sink, self._early, []
         for name, value, labels in early:
             sink(name, value, **labels)
+
+
+def open_metrics(cfg: Config, world: World, worker: int | str) -> tuple[Metrics, int]:
+    """This process's metrics (and the endpoint's port, 0 = off): metrics-<worker>.jsonl for
+    the worker's rank 0, metrics-<worker>.<r>.jsonl for its rank r > 0."""
+    port = cfg.metrics.port + world.local_rank if cfg.metrics.port else 0
+    show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if world.is_leader else False
+    name = str(worker) if world.speaks_for_worker else f"{worker}.{world.rank_in_worker}"
+    return Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps, progress=show), port
 
 
 def synced_params(t: Trainer) -> int:
