@@ -11,7 +11,10 @@ trains on its own data), and only the global state θ, v, step is the same every
 a checkpoint of that boundary is exact, one of a mid-round state would not be. The price
 is latency: a stop takes up to one round (H inner steps). Under torchrun the agent
 SIGKILLs workers `--shutdown-timeout` seconds (default 30) after forwarding a signal, so
-set that above the duration of one round (launch/torchrun_elastic.sh does).
+set that above the duration of one round (launch/torchrun_elastic.sh does). torchrun
+itself exits 1 after forwarding a signal, however cleanly the workers stopped; launched by
+`python -m dilo.torchrun` (same arguments) the run exits 0 (dilo/torchrun.py). Every rank
+writes its summary, marked `"stopped": true`.
 
 A second Ctrl-C while a stop is pending raises KeyboardInterrupt at once.
 """
