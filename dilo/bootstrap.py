@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from dilo.comm.build import swarm_group_class
 from dilo.config import parse_args
 
 log = logging.getLogger("dilo")
@@ -29,12 +30,10 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    from dilo.comm.swarm import SwarmGroup
-
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        node = SwarmGroup.from_config(cfg)
+        node = swarm_group_class().from_config(cfg)
     except ValueError as e:
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2

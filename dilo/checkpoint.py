@@ -9,8 +9,9 @@ old set of files or the new one, never a file that looks valid but is not. Loadi
 checks magic, length and checksum before unpickling (with `weights_only=True`), so a
 truncated or corrupt file is refused as a whole, never half-loaded.
 
-A worker killed while writing leaves at most a temporary `.worker-<w>.pt.tmp-<pid>` file,
-which nothing reads; the step folder then simply lacks that worker's file.
+A worker killed while writing leaves at most a temporary `.worker-<w>.pt.<random>.tmp`
+file (dilo/atomic_write.py), which nothing reads and its next prune removes; the step
+folder then simply lacks that worker's file.
 
 `AsyncWriter` moves the write off the training thread: the state is copied to CPU
 memory at the step boundary, serialised and written in a background thread, at most one
@@ -22,15 +23,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
-import shutil
 import struct
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+from dilo import atomic_write
 
 log = logging.getLogger("dilo")
 
@@ -55,31 +56,13 @@ def worker_file(directory: Path, worker: int) -> Path:
     return directory / f"worker-{worker}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, state: dict) -> None:
+    """`MAGIC | sha256 | length | payload` to `path`, atomically and durably."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     header = _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    atomic_write.write_bytes(path, header, payload)
 
 
 def read_verified(path: str | Path) -> dict:
@@ -127,7 +110,7 @@ def prune(run_dir: str | Path, worker: int | str, keep: int, num_workers: int = 
                             and int(slot) % num_workers == worker)
                 if slot == str(worker) or departed:
                     path.unlink(missing_ok=True)
-            for tmp in list(directory.glob(f".worker-{worker}.pt.tmp-*")):  # left by a killed writer
+            for tmp in list(directory.glob(f".worker-{worker}.pt.*.tmp")):  # left by a killed writer
                 tmp.unlink(missing_ok=True)
             directory.rmdir()  # the last worker to prune removes the folder
         except OSError:  # gone already, or not empty yet
@@ -143,28 +126,6 @@ def list_steps(run_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def valid_steps(run_dir: str | Path, worker: int) -> list[int]:
-    """Steps whose file for `worker` passes verification; corrupt ones are skipped loudly."""
-    good = []
-    for step in list_steps(run_dir):
-        path = worker_file(step_dir(run_dir, step), worker)
-        if not path.exists():
-            continue
-        try:
-            read_verified(path)
-        except CheckpointError as e:
-            log.warning("skipping checkpoint: %s", e)
-            continue
-        good.append(step)
-    return good
-
-
-def newest_common_step(steps_per_worker: list[list[int]]) -> int | None:
-    """The newest step every worker can resume from, or None."""
-    common = set(steps_per_worker[0]).intersection(*map(set, steps_per_worker[1:]))
-    return max(common) if common else None
-
-
 def resolve_init_from(path: str | Path) -> Path:
     """`checkpoint.init_from` may name a worker file or a step folder."""
     path = Path(path)
@@ -176,10 +137,6 @@ def resolve_init_from(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint.init_from={path}: no such file or folder")
     return path
-
-
-def clear(run_dir: str | Path) -> None:
-    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
 
 
 def snapshot(state: object) -> object:

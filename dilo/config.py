@@ -205,15 +205,33 @@ class Config:
 
     def shared_settings(self) -> dict:
         """The settings every worker of one run must share (model, algorithm, codec)."""
-        shared = {k: self.to_dict()[k] for k in ("model", "outer")}
-        shared["comm"] = {"codec": self.comm.codec, "block_size": self.comm.block_size,
-                          "error_feedback": self.comm.error_feedback}
-        shared["mode"] = self.run.mode
-        return shared
+        return shared_settings_of(self.to_dict())
 
     def fingerprint(self) -> str:
         """Hash of `shared_settings()`."""
         return hashlib.sha256(json.dumps(self.shared_settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shared_settings_of(config: dict) -> dict:
+    """`Config.shared_settings()` of a config dict (`Config.to_dict()`, as checkpoints store it)."""
+    shared = {k: config[k] for k in ("model", "outer")}
+    shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
+    shared["mode"] = config["run"]["mode"]
+    return shared
+
+
+def shared_settings_diff(stored: dict, current: dict) -> list[str]:
+    """The keys where two `shared_settings()` differ, as `key = stored (now current)` texts."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = "run.mode" if k == "mode" and not prefix else prefix + key_name(k)
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(stored), flat(current)
+    return [f"{k} = {a.get(k, '(unset)')} (now {b.get(k, '(unset)')})"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _sections(cfg: Config) -> dict[str, object]:

@@ -11,7 +11,10 @@ trains on its own data), and only the global state θ, v, step is the same every
 a checkpoint of that boundary is exact, one of a mid-round state would not be. The price
 is latency: a stop takes up to one round (H inner steps). Under torchrun the agent
 SIGKILLs workers `--shutdown-timeout` seconds (default 30) after forwarding a signal, so
-set that above the duration of one round (launch/torchrun_elastic.sh does).
+set that above the duration of one round (launch/torchrun_elastic.sh does). torchrun
+itself exits 1 after forwarding a signal, however cleanly the workers stopped; launched by
+`python -m dilo.torchrun` (same arguments) the run exits 0 (dilo/torchrun.py). Every rank
+writes its summary, marked `"stopped": true`.
 
 A second Ctrl-C while a stop is pending raises KeyboardInterrupt at once.
 """
@@ -19,8 +22,10 @@ A second Ctrl-C while a stop is pending raises KeyboardInterrupt at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 
 from dilo.comm.protocol import Group
 
@@ -63,3 +68,32 @@ class GracefulStop:
         A collective: every member must call it at the same outer step.
         """
         return group.any_true(self.requested)
+
+
+# -- exit reports for dilo.torchrun -----------------------------------------------------------
+# torchrun's agent exits 1 after forwarding a SIGTERM even when every worker stopped cleanly
+# (dilo/torchrun.py). There, every worker reports how it ended in a file of its own under
+# $DILO_EXIT_DIR (set by dilo.torchrun; without it nothing is written).
+EXIT_DIR_ENV = "DILO_EXIT_DIR"
+
+
+def _exit_report_path() -> Path | None:
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return Path(folder) / f"{int(attempt):06d}-{os.getpid()}"
+
+
+def mark_start() -> None:
+    """This worker runs (it has not ended cleanly: a SIGKILL leaves this report)."""
+    path = _exit_report_path()
+    if path is not None:
+        path.write_text("running")
+
+
+def mark_exit(code: int) -> None:
+    """This worker ends with exit status `code`."""
+    path = _exit_report_path()
+    if path is not None:
+        path.write_text(str(code))

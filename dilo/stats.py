@@ -1,8 +1,13 @@
-"""The one stats record: what an outer step did (`SyncStats`)."""
+"""The one stats record: what an outer step did (`SyncStats`) and the run's totals.
+
+The fields are declared once, here. The JSONL `sync` line is `sync_record(stats)`, the
+per-run totals accumulate from the record (`RunTotals.add`), and the summary's traffic
+keys come from `RunTotals.summary()`; a field added here reaches all three.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -14,7 +19,7 @@ class SyncStats:
     """Wall time of the exchange itself, wherever it ran."""
     bytes_sent: int
     bytes_received: int
-    num_peers: int
+    num_peers: int = field(metadata={"key": "peers"})
     global_hash: str
     dropped: int
     codec_error: float
@@ -28,3 +33,57 @@ class SyncStats:
     """Bytes received from the worker's own other processes (islands), not in bytes_received."""
     adopted: bool = False
     """True when this worker took the group's newer state instead of applying a round."""
+
+
+def sync_record(stats: SyncStats) -> dict:
+    """The fields of the JSONL `sync` line (num_peers is spelled `peers` there)."""
+    return {f.metadata.get("key", f.name): getattr(stats, f.name) for f in fields(stats)}
+
+
+@dataclass
+class RunTotals:
+    """Sums over a run's outer steps (restored from a checkpoint on resume).
+
+    A field's `summary` metadata is its key in summary-<worker>.json (None: not in it).
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    syncs: int = field(default=0, metadata={"summary": None})
+    sync_seconds: float = 0.0
+    dropped: int = field(default=0, metadata={"summary": "dropped_contributions"})
+    intra_bytes: int = 0
+    peak_sync_bytes: int = 0
+    """The largest bytes_sent of one outer step."""
+    sync_seconds_hidden: float = 0.0
+    sync_seconds_exposed: float = 0.0
+
+    def add(self, stats: SyncStats) -> None:
+        self.bytes_sent += stats.bytes_sent
+        self.bytes_received += stats.bytes_received
+        self.syncs += 1
+        self.sync_seconds += stats.seconds
+        self.dropped += stats.dropped
+        self.intra_bytes += stats.intra_bytes
+        self.peak_sync_bytes = max(self.peak_sync_bytes, stats.bytes_sent)
+        self.sync_seconds_hidden += stats.seconds_hidden
+        self.sync_seconds_exposed += stats.seconds_exposed
+
+    def to_dict(self) -> dict:
+        """The checkpoint's `totals` (the field names)."""
+        return asdict(self)
+
+    def load(self, saved: dict) -> None:
+        """Take the values of a checkpoint's `totals`."""
+        for f in fields(self):
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
+
+    def summary(self) -> dict:
+        """The totals' keys and values in summary-<worker>.json."""
+        out = {}
+        for f in fields(self):
+            key = f.metadata.get("summary", f.name)
+            if key is not None:
+                out[key] = getattr(self, f.name)
+        return out

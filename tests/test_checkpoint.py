@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dilo import checkpoint
+from dilo import checkpoint, resume
 from dilo.config import parse_args
 from tests.helpers import SMALL, summaries
 
@@ -42,13 +42,13 @@ def test_damaged_file_is_refused(tmp_path, damage):
 def test_keep_prunes_oldest_and_auto_skips_corrupt(tmp_path):
     for step in (1, 2, 3):
         for worker in (0, 1):
-            checkpoint.save(tmp_path, worker, step, {"s": step}, keep=2)
+            checkpoint.save(tmp_path, worker, step, {"outer_step": step, "num_workers": 2}, keep=2)
     assert checkpoint.list_steps(tmp_path) == [2, 3]
     newest = checkpoint.worker_file(checkpoint.step_dir(tmp_path, 3), 1)
     newest.write_bytes(newest.read_bytes()[:20])
-    per_worker = [checkpoint.valid_steps(tmp_path, w) for w in (0, 1)]
+    dirs = [checkpoint.step_dir(tmp_path, s) for s in checkpoint.list_steps(tmp_path)]
+    per_worker = [[f["step"] for f in resume.survey(dirs, w, 2)] for w in (0, 1)]
     assert per_worker == [[2, 3], [2]]
-    assert checkpoint.newest_common_step(per_worker) == 2
 
 
 def train(procs, tmp_path, run, *args, name="log"):
@@ -109,9 +109,9 @@ def test_init_from_starts_a_new_run_from_global_weights(procs, tmp_path, monkeyp
                       "--checkpoint.init_from", str(step_dir), "--inner.lr", "1e-3"])
     trainer = Trainer(cfg)
     try:
-        trainer.resume()
+        trainer.checkpoints.restore()
         assert torch.equal(trainer.diloco.global_params.detach(), want)
-        assert trainer.step == 0 and trainer.diloco.outer_step == 0
+        assert trainer.state.inner_step == 0 and trainer.diloco.outer_step == 0
         assert not trainer.optimizer.state  # fresh inner optimizer
     finally:
         trainer.close()
@@ -126,7 +126,7 @@ def test_prune_survives_another_worker_removing_the_folder(tmp_path, monkeypatch
     real_glob = Path.glob
 
     def glob_racing_with_worker_1(self, pattern):
-        if pattern.startswith(".worker-0.pt.tmp"):  # worker 1 empties and removes the folder
+        if pattern.startswith(".worker-0.pt.") and pattern.endswith(".tmp"):  # worker 1 empties and removes the folder
             for f in self.iterdir():                # between the is_dir check and the scan
                 f.unlink()
             self.rmdir()
@@ -136,3 +136,17 @@ def test_prune_survives_another_worker_removing_the_folder(tmp_path, monkeypatch
     monkeypatch.setattr(Path, "glob", glob_racing_with_worker_1)
     checkpoint.prune(tmp_path, 0, keep=2, num_workers=2)
     assert checkpoint.list_steps(tmp_path) == [2, 3]
+
+
+def test_resume_with_other_settings_names_them(tmp_path, monkeypatch, capsys):
+    from dilo.train import main
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args = [*SMALL, "--run.dir", str(tmp_path / "run"), *COMMON[:1], "10", *COMMON[2:]]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--checkpoint.resume", "auto", "--outer.lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "outer.lr = 0.7 (now 0.5)" in err and "Traceback" not in err
+

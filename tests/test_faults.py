@@ -83,7 +83,9 @@ def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs
     for w in (0, 1):
         state = checkpoint.read_verified(checkpoint.worker_file(checkpoint.step_dir(run, outer), w))
         assert state["outer_step"] == outer and state["step"] == 5 * outer and state["exact"]
-    assert not summaries(run) and outer * 5 < 2000
+    stopped = summaries(run)  # a graceful stop writes the summary, marked as stopped
+    assert len(stopped) == 2 and all(x["stopped"] and x["outer_steps"] == outer for x in stopped)
+    assert outer * 5 < 2000
 
     res = procs.run(torchrun_cmd(2, [*common, "--run.steps", str(5 * outer + 10),
                                      "--checkpoint.resume", "auto"]), tmp_path / "b.txt")
@@ -92,6 +94,27 @@ def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs
     found = summaries(run)
     assert len(found) == 2 and len({s["global_hash"] for s in found}) == 1
     assert found[0]["outer_steps"] == outer + 2
+
+
+def test_sigterm_to_torchrun_ends_the_run_with_exit_0_and_summaries(procs, tmp_path):
+    """dilo.torchrun: torchrun's agent re-raises the SIGTERM it forwarded (exit 1); the
+    wrapper exits 0 when every worker stopped cleanly."""
+    run = tmp_path / "run"
+    cmd = torchrun_cmd(2, [*SMALL, "--run.dir", str(run), "--outer.inner_steps", "5",
+                           "--checkpoint.every", "0", "--run.steps", "2000"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    cmd[2] = "dilo.torchrun"
+    agent = procs.start(cmd, tmp_path / "a.txt")
+    deadline = time.time() + 180
+    while not (lines(run, 0, "sync") and lines(run, 1, "sync")):
+        assert time.time() < deadline and agent.poll() is None, (tmp_path / "a.txt").read_text()[-3000:]
+        time.sleep(0.1)
+    agent.send_signal(signal.SIGTERM)  # the agent, as a scheduler would; it forwards it to both ranks
+    assert agent.wait(timeout=120) == 0, (tmp_path / "a.txt").read_text()[-3000:]
+    found = summaries(run)
+    assert len(found) == 2 and all(x["stopped"] for x in found)
+    assert len({x["global_hash"] for x in found}) == 1
+    assert all(lines(run, w, "event", "stop")[0]["signal"] == "SIGTERM" for w in (0, 1))
 
 
 def train_in_process(run_dir: Path, *args: str) -> dict:

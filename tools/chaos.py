@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -119,22 +121,28 @@ def temporary_files(run_dir: Path) -> set[str]:
     found = set()
     try:
         for step in os.scandir(run_dir / "checkpoints"):
-            found.update(e.path for e in os.scandir(step.path) if ".tmp-" in e.name)
+            found.update(e.path for e in os.scandir(step.path)
+                         if e.name.startswith(".worker-") and e.name.endswith(".tmp"))
     except (FileNotFoundError, NotADirectoryError):
         pass
     return found
 
 
 def catch_checkpoint_write(run_dir: Path, writers: set[int], deadline: float) -> tuple[int, str] | None:
-    """Poll for a new checkpoint temporary file of one of `writers` (pids; the name ends in
-    the writer's pid); (pid, path) or None by the deadline. Files left by earlier kills are
-    ignored."""
+    """Poll for a new checkpoint temporary file of one of `writers` (pids; the writer is the
+    one holding it open); (pid, path) or None by the deadline. Files left by earlier kills
+    are ignored."""
     stale = temporary_files(run_dir)
     while time.time() < deadline:
-        for path in temporary_files(run_dir) - stale:
-            pid = int(path.rsplit("-", 1)[1])
-            if pid in writers:
-                return pid, path
+        new = temporary_files(run_dir) - stale
+        if new:
+            for pid in writers:
+                try:
+                    held = {f.path for f in psutil.Process(pid).open_files()}
+                except psutil.Error:  # gone, or not ours to inspect
+                    continue
+                if held & new:
+                    return pid, next(iter(held & new))
         time.sleep(0.0005)
     return None
 

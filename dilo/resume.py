@@ -13,7 +13,7 @@ the newest consistent state is found on the members' disks and shared over the n
    - exact: the newest step where every slot 0..W-1 has a regular file written by a
      world of W workers, provided every newer valid file is also a regular file of a
      W-world (a torn write: workers killed while writing the next checkpoint). Every
-     worker loads its own file and continues bit-identically (DESIGN.md invariant 4).
+     worker loads its own file and continues bit-identically (docs/design.md, invariants).
    - elastic: otherwise the newest step with any valid file. The lowest rank holding a
      file of that step reads it and broadcasts the global state: θ, outer momentum, outer
      and inner step counters, data position, the model's non-synchronised tensors. Every
@@ -23,14 +23,16 @@ the newest consistent state is found on the members' disks and shared over the n
 3. check: the loaded global hash must equal the one recorded in the file and be the same
    on every rank (if files of one step disagree, worker 0's global state is taken).
 
-`resume(trainer)` runs the three; `save_after_failure(trainer, error)` writes the state a
-member still holds when an exchange fails, so the next world can start from it.
+`resume(context)` runs the three and returns the state to load; `save_after_failure(...)`
+writes the state a member still holds when an exchange fails, so the next world can start
+from it. Neither sees the trainer: their inputs are explicit.
 
 Why any file of a step will do for the global state: the outer step is a collective, so
-every member that completes outer step t holds bit-identical θ, v and counters (invariant
-1). Files written after a failed exchange ("on failure" files, `exact` = False) hold the
-last outer step the member completed, which is equally consistent; their inner optimizer
-state is the member's latest, so they are only used elastically.
+every member that completes outer step t holds bit-identical θ, v and counters
+(docs/design.md, invariants). Files written after a failed exchange ("on failure" files,
+`exact` = False) hold the last outer step the member completed, which is equally
+consistent; their inner optimizer state is the member's latest, so they are only used
+elastically.
 """
 
 from __future__ import annotations
@@ -39,15 +41,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from dilo import checkpoint
 from dilo.comm.protocol import Group
-
-if TYPE_CHECKING:
-    from dilo.train import Trainer
 
 log = logging.getLogger("dilo")
 
@@ -193,98 +192,111 @@ def broadcast_global_state(group: Group, state: dict | None, source_rank: int) -
     return _place_tensors(meta, tensors)
 
 
-# -- the trainer's side -------------------------------------------------------------------
+# -- the worker's side ----------------------------------------------------------------------
 
 
-def resume(trainer: Trainer) -> None:
-    """`checkpoint.resume` (auto or a step folder): survey, plan, load, check; a collective."""
-    t, cfg = trainer, trainer.cfg
-    explicit = cfg.checkpoint.resume != "auto"
-    dirs = [Path(cfg.checkpoint.resume)] if explicit else [
-        checkpoint.step_dir(cfg.run.dir, s) for s in checkpoint.list_steps(cfg.run.dir)]
-    mine = survey(dirs, t.worker, t.num_workers)
-    plan = plan_resume(t.group.all_gather_object(mine), t.num_workers)
+@dataclass
+class ResumeContext:
+    """What resuming needs to know about this process (explicit: never the trainer)."""
+
+    run_dir: str
+    setting: str
+    """`checkpoint.resume`: `auto` or a step folder."""
+    worker: int
+    num_workers: int
+    rank: int
+    """This process's rank in `group` (several per worker with run.worker_size > 1)."""
+    group: Group
+    """Every process of this world: the surveys are gathered and the state broadcast here."""
+
+
+@dataclass
+class Resumed:
+    """A state to load (`load_state_dict(state, source, exact)`) and where it came from."""
+
+    state: dict
+    source: str
+    exact: bool
+    plan: ResumePlan
+    inner_from: int | None
+    """The outer step of the file the inner optimizer state comes from; None = fresh."""
+
+
+def resume(ctx: ResumeContext) -> Resumed | None:
+    """Survey, plan, read: the state this worker continues from, None to start fresh.
+
+    A collective: every process of `ctx.group` calls it.
+    """
+    explicit = ctx.setting != "auto"
+    dirs = [Path(ctx.setting)] if explicit else [
+        checkpoint.step_dir(ctx.run_dir, s) for s in checkpoint.list_steps(ctx.run_dir)]
+    mine = survey(dirs, ctx.worker, ctx.num_workers)
+    plan = plan_resume(ctx.group.all_gather_object(mine), ctx.num_workers)
     if plan.kind == "fresh":
         if explicit:
-            raise checkpoint.CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no valid "
+            raise checkpoint.CheckpointError(f"checkpoint.resume={ctx.setting}: no valid "
                                              "checkpoint file there (see the warnings above)")
-        log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", cfg.run.dir)
-        return
-    inner_from: int | None = plan.step
+        log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", ctx.run_dir)
+        return None
     if plan.kind == "exact":
-        path = checkpoint.worker_file(Path(plan.dir), t.worker)
-        t.load_state_dict(checkpoint.read_verified(path), str(path))
+        path = checkpoint.worker_file(Path(plan.dir), ctx.worker)
+        found = Resumed(checkpoint.read_verified(path), str(path), True, plan, plan.step)
     else:
-        inner_from = load_elastic(t, plan, mine)
-    if len(set(t.group.all_gather_object(t.global_hash()))) > 1:
+        found = _elastic_state(ctx, plan, mine)
+    # Loading checks that the state hashes to the value recorded in it, so comparing the
+    # recorded hashes is comparing the loaded states.
+    if len(set(ctx.group.all_gather_object(found.state["global_hash"]))) > 1:
         # Files of one step written by two attempts that were not bit-identical (e.g.
         # non-deterministic GPU kernels): take worker 0's global state everywhere.
         log.warning("checkpoint files of outer step %d disagree; taking worker 0's global "
                     "state on every worker", plan.step)
         plan = ResumePlan("elastic", plan.step, plan.dir, 0, 0, plan.written_by)
-        inner_from = load_elastic(t, plan, mine)
-    log.info("resumed from %s (%s: written by %d workers, now %d) at inner step %d, outer step "
-             "%d; inner optimizer state %s", plan.dir, plan.kind, plan.written_by, t.num_workers,
-             t.step, t.outer_step, "fresh" if inner_from is None else f"from outer step {inner_from}")
-    t.metrics.log("event", event="resume", path=plan.dir, how=plan.kind, step=t.step,
-                  outer_step=t.outer_step, written_by=plan.written_by, workers=t.num_workers,
-                  inner_from=inner_from, world=t.world_id, global_hash=t.global_hash())
+        found = _elastic_state(ctx, plan, mine)
+    return found
 
 
-def load_elastic(trainer: Trainer, plan: ResumePlan, mine: list[dict]) -> int | None:
+def _elastic_state(ctx: ResumeContext, plan: ResumePlan, mine: list[dict]) -> Resumed:
     """The plan's global state, broadcast from its source; the inner state from this worker's
-    own newest file up to that step, or fresh. Returns that file's step, or None."""
-    t = trainer
+    own newest file up to that step, or fresh."""
     source = None
-    if t.rank == plan.source_rank:  # gather index = global rank (several per island)
+    if ctx.rank == plan.source_rank:  # gather index = global rank (several per island)
         source = checkpoint.read_verified(checkpoint.worker_file(Path(plan.dir), plan.source_worker))
-    shared = broadcast_global_state(t.group, source, plan.source_rank)
-    own_file = own_newest(mine, t.worker, plan.step)
+    shared = broadcast_global_state(ctx.group, source, plan.source_rank)
+    own_file = own_newest(mine, ctx.worker, plan.step)
     own = None
     if own_file is not None:
-        own = checkpoint.read_verified(checkpoint.worker_file(Path(own_file["dir"]), t.worker))
-    t.load_state_dict(merge(shared, own), f"{plan.dir} (elastic)", exact=False)
-    return own_file["step"] if own_file else None
+        own = checkpoint.read_verified(checkpoint.worker_file(Path(own_file["dir"]), ctx.worker))
+    return Resumed(merge(shared, own), f"{plan.dir} (elastic)", False, plan,
+                   own_file["step"] if own_file else None)
 
 
-def save_after_failure(trainer: Trainer, error: BaseException) -> None:
+def save_after_failure(run_dir: str, worker: int, num_workers: int, keep: int, outer_step: int,
+                       state: Callable[[], dict], boundary: dict) -> Path | None:
     """An exchange failed (a peer died or timed out): save the state this member still holds.
 
     A failed average leaves θ, v and the outer step untouched (outer step t, the last
     boundary); a failure after the update (hash check, buffers) leaves them at t + 1, the
     current boundary. Either is the state every member that got that far holds, bit for
-    bit. Step and data position are set to that boundary's; the inner optimizer is this
-    worker's latest, so the file is marked `exact = False` and serves elastic resumes only.
-    Skipped if this worker already has a file for that outer step, and in DDP mode (its
-    state changes at every step). torchrun's agent SIGKILLs the worker `shutdown timeout`
-    seconds after the failure: a write cut short leaves only a temporary file.
+    bit. `boundary` holds that boundary's step, data position and DiLoCo inner step (the
+    caller picks which); the inner optimizer is this worker's latest, so the file is
+    marked `exact = False` and serves elastic resumes only. Skipped (None) if this worker
+    already has a file for `outer_step`. torchrun's agent SIGKILLs the worker `shutdown
+    timeout` seconds after the failure: a write cut short leaves only a temporary file.
     """
-    t, k = trainer, trainer.cfg.checkpoint
-    log.error("exchange failed at outer step %d: %s", t.outer_step + 1, str(error)[:300])
-    if not (t.diloco and k.every and k.on_failure and t.speaks_for_worker) or t.outer_step == 0:
-        return
-    boundary = t.boundary
-    if t.outer_step != boundary["outer_step"]:  # the failure came after the outer step
-        boundary = {"step": t.step, "data": t.batches.state_dict(), "inner_step": t.diloco.inner_step}
-    try:
-        t.writer.wait()  # a background write of this very step may still be running
-    except checkpoint.CheckpointError as e:
-        log.error("%s", e)
-    path = checkpoint.worker_file(checkpoint.step_dir(t.cfg.run.dir, t.outer_step), t.worker)
+    path = checkpoint.worker_file(checkpoint.step_dir(run_dir, outer_step), worker)
     if path.exists():
-        return
+        return None
     try:
-        state = t.state_dict()
+        saved = state()
     except Exception as e:  # noqa: BLE001 - e.g. the failed exchange was still in flight
         log.error("could not save the state after the failure: %s", str(e)[:300])
-        return
-    state.update(step=boundary["step"], data=boundary["data"], exact=False)
-    state["diloco"]["inner_step"] = boundary["inner_step"]
+        return None
+    saved.update(step=boundary["step"], data=boundary["data"], exact=False)
+    saved["diloco"]["inner_step"] = boundary["inner_step"]
     try:
-        checkpoint.save(t.cfg.run.dir, t.worker, t.outer_step, state, k.keep, t.num_workers)
+        checkpoint.save(run_dir, worker, outer_step, saved, keep, num_workers)
     except OSError as e:  # the exchange's error is the one to report; this one is a footnote
         log.error("could not save the state after the failure: %s", e)
-        return
-    log.warning("saved the last consistent global state (outer step %d) to %s", t.outer_step, path)
-    t.metrics.log("event", event="checkpoint", path=str(path), outer_step=t.outer_step,
-                  on_failure=True, error=str(error)[:300], world=t.world_id, global_hash=t.global_hash())
+        return None
+    log.warning("saved the last consistent global state (outer step %d) to %s", outer_step, path)
+    return path

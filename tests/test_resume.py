@@ -1,17 +1,18 @@
-"""Elastic resume: the plan, the state broadcast, and checkpoints killed mid-write."""
+"""Resume: the plan, the state broadcast, and checkpoints killed mid-write."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 
 import numpy as np
 import torch
 
-from dilo import checkpoint, elastic
+from dilo import atomic_write, checkpoint, resume
 from dilo.comm.local import local_groups
 from tests.helpers import run_workers
 
@@ -27,8 +28,8 @@ def surveys_from(files: list[dict], world_size: int) -> list[list[dict]]:
             for r in range(world_size)]
 
 
-def plan(files: list[dict], world_size: int) -> elastic.ResumePlan:
-    return elastic.plan_resume(surveys_from(files, world_size), world_size)
+def plan(files: list[dict], world_size: int) -> resume.ResumePlan:
+    return resume.plan_resume(surveys_from(files, world_size), world_size)
 
 
 def test_plan_same_world_is_exact_at_newest_complete_step():
@@ -61,7 +62,7 @@ def test_plan_prefers_newer_failure_state_and_refuses_mixed_worlds():
     assert plan(files, 3).kind == "elastic" and plan(files, 3).step == 5
     # a complete step that also holds a departed slot's file is from another world
     files = [f(4, w, 3) for w in range(3)]
-    assert plan(files, 2) == elastic.ResumePlan("elastic", 4, "step-000004", 0, 0, 3)
+    assert plan(files, 2) == resume.ResumePlan("elastic", 4, "step-000004", 0, 0, 3)
 
 
 def test_broadcast_global_state_gives_every_member_the_source_state():
@@ -73,7 +74,7 @@ def test_broadcast_global_state_gives_every_member_the_source_state():
                                             "param_groups": [{"lr": 0.7, "params": [0]}]}},
              "model_rest": {"small": torch.arange(3.0)}}
     groups = local_groups(3)
-    got = run_workers(lambda r: elastic.broadcast_global_state(groups[r], state if r == 1 else None, 1), 3)
+    got = run_workers(lambda r: resume.broadcast_global_state(groups[r], state if r == 1 else None, 1), 3)
     for shared in got:
         assert set(shared) == {"fingerprint", "step", "data", "global_hash", "diloco", "model_rest"}
         assert torch.equal(shared["diloco"]["global_params"], big)
@@ -82,9 +83,9 @@ def test_broadcast_global_state_gives_every_member_the_source_state():
         assert torch.equal(shared["model_rest"]["small"], torch.arange(3.0))
         assert shared["step"] == 7 and shared["data"] == {"position": 96}
     own = {"totals": {"syncs": 5}, "rng": "r", "diloco": {"inner_optimizer": {"mine": 1}}}
-    merged = elastic.merge(got[0], own)
+    merged = resume.merge(got[0], own)
     assert merged["diloco"]["inner_optimizer"] == {"mine": 1} and merged["totals"] == {"syncs": 5}
-    fresh = elastic.merge(got[2], None)
+    fresh = resume.merge(got[2], None)
     assert fresh["diloco"]["inner_optimizer"] is None and fresh["rng"] is None
 
 
@@ -101,7 +102,7 @@ def _writer(run_dir: str, seed: int) -> None:
         time.sleep(0.03)
         real_fsync(fd)
 
-    checkpoint.os.fsync = slow_fsync  # this forked child only
+    atomic_write.os.fsync = slow_fsync  # this forked child only
     # numpy, not torch ops: torch's thread pool may not survive fork()
     base = np.random.default_rng(seed).standard_normal(PAYLOAD, dtype=np.float32)
     for step in range(1, 10_000):
@@ -131,7 +132,7 @@ def test_kill_during_checkpoint_write_leaves_only_complete_files(tmp_path):
             os.kill(child.pid, signal.SIGKILL)
             child.join(timeout=30)
         assert child.exitcode == -signal.SIGKILL
-        torn += bool(list(run_dir.glob("checkpoints/*/.worker-*.tmp-*")))
+        torn += bool(list(run_dir.glob("checkpoints/*/.worker-*.tmp")))
         steps = checkpoint.list_steps(run_dir)
         complete = [s for s in steps
                     if all(checkpoint.worker_file(checkpoint.step_dir(run_dir, s), w).exists() for w in (0, 1))]
@@ -141,13 +142,13 @@ def test_kill_during_checkpoint_write_leaves_only_complete_files(tmp_path):
             state = checkpoint.read_verified(path)
             assert np.array_equal(state["payload"].numpy(), base + np.float32(state["outer_step"]))
         dirs = [checkpoint.step_dir(run_dir, s) for s in steps]
-        same = elastic.plan_resume([elastic.survey(dirs, r, 2) for r in range(2)], 2)
+        same = resume.plan_resume([resume.survey(dirs, r, 2) for r in range(2)], 2)
         if complete:  # the same world resumes exactly from the newest step both workers finished
             assert (same.kind, same.step) == ("exact", max(complete))
         else:  # killed during the very first checkpoint
             assert (same.kind, same.step) == ("elastic", max(any_file)) if any_file else same.kind == "fresh"
         for world in (1, 3):  # a changed world takes the newest state there is
-            p = elastic.plan_resume([elastic.survey(dirs, r, world) for r in range(world)], world)
+            p = resume.plan_resume([resume.survey(dirs, r, world) for r in range(world)], world)
             assert (p.kind, p.step) == ("elastic", max(any_file))
-        checkpoint.clear(run_dir)
+        shutil.rmtree(checkpoint.checkpoint_root(run_dir))
     assert torn >= 2, "no kill landed inside a write; the test did not test anything"

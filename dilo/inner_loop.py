@@ -1,0 +1,46 @@
+"""What a worker's inner steps need besides the model: its data, the LR schedule, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from dilo.config import Config
+from dilo.data import ShardedBatches, eval_batches, load_tokens
+
+
+def load_data(cfg: Config, shard: int, num_shards: int, worker_size: int) -> tuple[ShardedBatches, list]:
+    """The worker's training batches (shard `shard` of `num_shards`) and the evaluation set."""
+    train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
+    if int(train_tokens.max()) >= cfg.model.vocab_size:
+        raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
+                         f"is {cfg.model.vocab_size}; raise model.vocab_size")
+    # The worker reads its shard with worker_size x data.batch_size rows per step; its
+    # rank r trains on rows r, r + S, r + 2S, ... (Trainer.next_batch). A worker of S
+    # ranks thus sees exactly the stream of a one-process worker with S times the batch,
+    # and the position (batch_index) is the same on all its ranks.
+    batches = ShardedBatches(train_tokens, shard, num_shards, cfg.data.batch_size * worker_size,
+                             cfg.model.seq_len)
+    evaluation = eval_batches(val_tokens if len(val_tokens) else train_tokens,
+                              cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
+    return batches, evaluation
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warmup to inner.lr, then cosine decay to inner.min_lr_ratio * inner.lr."""
+    peak, warmup, total = cfg.inner.lr, cfg.inner.warmup_steps, cfg.run.steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = peak * cfg.inner.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
+    model.eval()
+    losses = [model(x.to(device), y.to(device)).item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)

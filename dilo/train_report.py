@@ -1,0 +1,127 @@
+"""What the trainer tells the user: the start line, one line per outer step, the summary.
+
+Kept beside dilo/train.py so the loop there reads without its formatting; the stats'
+fields come from dilo/stats.py (declared once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from dilo.config import Config
+from dilo.metrics import Metrics
+from dilo.stats import SyncStats, sync_record
+from dilo.world import World
+
+if TYPE_CHECKING:
+    from dilo.train import Trainer
+
+log = logging.getLogger("dilo")
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+class LateCounts:
+    """The swarm's counter hook (`count(name, value=1.0, **labels)`): events that arrive
+    before the metrics exist (the swarm is built first: it names the worker) are kept and
+    handed over when `attach` gives the sink. Called from the swarm's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sink: Callable[..., None] | None = None
+        self._early: list[tuple[str, float, dict]] = []
+
+    def __call__(self, name: str, value: float = 1.0, **labels: Any) -> None:
+        with self._lock:
+            if self._sink is None:
+                self._early.append((name, value, labels))
+                return
+        self._sink(name, value, **labels)
+
+    def attach(self, sink: Callable[..., None]) -> None:
+        with self._lock:
+            self._sink, early, self._early = sink, self._early, []
+        for name, value, labels in early:
+            sink(name, value, **labels)
+
+
+def open_metrics(cfg: Config, world: World, worker: int | str) -> tuple[Metrics, int]:
+    """This process's metrics (and the endpoint's port, 0 = off): metrics-<worker>.jsonl for
+    the worker's rank 0, metrics-<worker>.<r>.jsonl for its rank r > 0."""
+    port = cfg.metrics.port + world.local_rank if cfg.metrics.port else 0
+    show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if world.is_leader else False
+    name = str(worker) if world.speaks_for_worker else f"{worker}.{world.rank_in_worker}"
+    return Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps, progress=show), port
+
+
+def synced_params(t: Trainer) -> int:
+    return t.diloco.numel if t.diloco else t.model.num_params()
+
+
+def log_start(t: Trainer, shard: int, num_shards: int, port: int) -> None:
+    """The start line (INFO) and the JSONL start event (and the swarm's)."""
+    cfg, w, s = t.cfg, t.world, t.state
+    t.metrics.log("event", event="start", workers=w.num_workers, mode=cfg.run.mode,
+                  worker_size=w.worker_size, rank=w.rank, world=t.world_id,
+                  config=cfg.to_dict(), fingerprint=cfg.fingerprint(), synced_params=synced_params(t))
+    swarm = t.groups.swarm
+    if swarm is not None:
+        t.metrics.log("event", event="swarm", shard=shard, num_shards=num_shards, outer_step=s.outer_step,
+                      joined=t.diloco.joined is not None, **swarm.describe())
+    every = cfg.checkpoint.every
+    log.info("run.dir %s: %s worker%s (worker_size %d), %s, model %.2fM params; metrics %s, summary "
+             "%s/summary-<worker>.json, checkpoints %s%s", cfg.run.dir,
+             "swarm" if swarm is not None else w.num_workers, "" if w.num_workers == 1 else "s",
+             w.worker_size, cfg.run.mode, t.model.num_params() / 1e6, t.metrics.path, cfg.run.dir,
+             f"{cfg.run.dir}/checkpoints every {every} outer steps" if every else "off",
+             f"; metrics endpoint on port {port} (/metrics)" if port else "")
+
+
+def log_sync(t: Trainer, stats: SyncStats, loss: float) -> None:
+    """The JSONL `sync` line and the INFO line of one outer step."""
+    t.metrics.log("sync", step=t.state.inner_step, loss=loss, **sync_record(stats), world=t.world_id)
+    if stats.dropped:
+        t.metrics.count("dropped_contributions", stats.dropped)
+    intra = f" (+{mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
+    frag = f" | fragment {stats.fragment}" if t.cfg.outer.fragments > 1 else ""
+    hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""
+    log.info("outer %d | step %d%s | loss %.4f | sent %s recv %s%s | %.3f s%s | peers %d | hash %s",
+             stats.outer_step, t.state.inner_step, frag, loss, mb(stats.bytes_sent), mb(stats.bytes_received),
+             intra, stats.seconds, hidden, stats.num_peers, stats.global_hash[:12])
+
+
+def summary_of(t: Trainer, eval_loss: float, per_rank: list[dict], stopped: bool) -> dict:
+    """summary-<worker>.json: the run's settings, counters, times and totals (stats.RunTotals)."""
+    cfg, s = t.cfg, t.state
+    swarm = t.groups.swarm
+    return {
+        "worker": s.worker,
+        "num_workers": swarm.size if swarm else t.world.num_workers,
+        "mode": cfg.run.mode,
+        "codec": cfg.comm.codec if t.diloco else "fp32",
+        "outer_steps": s.outer_step,
+        "inner_steps": s.inner_step,
+        "tokens": s.batches.tokens_consumed,
+        "final_eval_loss": eval_loss,
+        "wall_seconds": time.time() - t.start_time,
+        **s.totals.summary(),
+        "bytes_are_estimated": t.diloco is None,
+        "worker_size": t.world.worker_size,
+        "worker_bytes_sent": sum(r["bytes_sent"] for r in per_rank),
+        "worker_bytes_received": sum(r["bytes_received"] for r in per_rank),
+        "compute_seconds": t.compute_seconds,
+        "loop_seconds": t.loop_seconds,
+        "fragments": cfg.outer.fragments,
+        "overlap": cfg.outer.overlap,
+        "error_feedback": cfg.comm.error_feedback,
+        "synced_params": synced_params(t),
+        "global_hash": s.global_hash(),
+        "fingerprint": cfg.fingerprint(),
+        "world": t.world_id,
+        "stopped": stopped,
+    }

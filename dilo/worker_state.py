@@ -1,0 +1,135 @@
+"""A worker's checkpointable state: counters, data position, model, optimizers, totals, RNG.
+
+`state_dict()` is everything needed to continue exactly; `resume.WORKER_KEYS` and the
+inner optimizer are this worker's own, the rest is the same on every worker of the world
+(docs/design.md, invariants). The trainer owns one `WorkerState` and advances
+`inner_step`; DiLoCo owns θ, the outer momentum and `outer_step`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+
+import torch
+import torch.nn as nn
+
+from dilo import checkpoint
+from dilo.config import Config, shared_settings_diff, shared_settings_of
+from dilo.data import ShardedBatches
+from dilo.diloco import DiLoCo
+from dilo.stats import RunTotals
+
+log = logging.getLogger("dilo")
+
+
+def params_hash(model: nn.Module, step: int) -> str:
+    """Global hash for data-parallel mode: the (replicated) parameters and the step."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().to("cpu", torch.float32).numpy().tobytes())
+    h.update(step.to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+class WorkerState:
+    def __init__(self, cfg: Config, worker: int | str, num_workers: int, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, batches: ShardedBatches, diloco: DiLoCo | None):
+        self.cfg, self.worker, self.num_workers = cfg, worker, num_workers
+        self.model, self.optimizer, self.batches, self.diloco = model, optimizer, batches, diloco
+        self.inner_step = 0
+        self.totals = RunTotals()
+        self.record_boundary()
+
+    @property
+    def outer_step(self) -> int:
+        return self.diloco.outer_step if self.diloco else self.inner_step // self.cfg.outer.inner_steps
+
+    def global_hash(self) -> str:
+        return self.diloco.global_hash() if self.diloco else params_hash(self.model, self.inner_step)
+
+    def record_boundary(self) -> None:
+        """Remember the counters of the last completed outer step (for a failure's save)."""
+        self.boundary = {"step": self.inner_step, "data": self.batches.state_dict(),
+                         "outer_step": self.outer_step,
+                         "inner_step": self.diloco.inner_step if self.diloco else self.inner_step}
+
+    def failure_boundary(self) -> dict:
+        """The boundary whose state this worker holds after a failed exchange: the last one,
+        or the current one if the failure came after the outer step (resume.save_after_failure)."""
+        if self.outer_step == self.boundary["outer_step"]:
+            return self.boundary
+        return {"step": self.inner_step, "data": self.batches.state_dict(),
+                "inner_step": self.diloco.inner_step}
+
+    def state_dict(self) -> dict:
+        state = {
+            "fingerprint": self.cfg.fingerprint(),
+            "config": self.cfg.to_dict(),
+            "num_workers": self.num_workers,
+            "worker_size": self.cfg.run.worker_size,
+            "worker": self.worker,
+            "exact": True,
+            "step": self.inner_step,
+            "outer_step": self.outer_step,
+            "data": self.batches.state_dict(),
+            "global_hash": self.global_hash(),
+            "totals": self.totals.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        if self.diloco:
+            state["diloco"] = self.diloco.state_dict()
+            synced = {id(p) for p in self.diloco.params}
+            state["model_rest"] = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
+                                   if id(v) not in synced}
+        else:
+            state["model"] = self.model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, source: str, exact: bool = True) -> None:
+        """Load a checkpoint; `exact=False` takes one merged by resume.merge (a changed world)."""
+        if state["fingerprint"] != self.cfg.fingerprint():
+            differ = shared_settings_diff(shared_settings_of(state["config"]), self.cfg.shared_settings())
+            raise ValueError(f"{source} was written with other settings: {'; '.join(differ)}; "
+                             "resume with the run's original config, or choose another run.dir")
+        if exact and state["num_workers"] != self.num_workers:
+            raise ValueError(f"{source} was written by {state['num_workers']} workers, this run has "
+                             f"{self.num_workers}; an exact resume needs the same number of workers")
+        worker_size = self.cfg.run.worker_size
+        if state.get("worker_size", 1) != worker_size:
+            raise ValueError(f"{source} was written with run.worker_size = {state.get('worker_size', 1)}, "
+                             f"this run has {worker_size}; an exact resume needs the same worker size")
+        self.inner_step = int(state["step"])
+        self.batches.load_state_dict(state["data"])
+        if state.get("totals"):
+            self.totals.load(state["totals"])
+        if state.get("rng"):
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+        else:  # a worker slot new to this run: its own streams, reproducible
+            torch.manual_seed(hash((self.cfg.run.seed, self.worker, self.inner_step)) & 0xFFFFFFFF)
+            random.seed(hash((self.cfg.run.seed, self.worker, self.inner_step)))
+        if self.diloco:
+            self.model.load_state_dict({k: v for k, v in state["model_rest"].items()}, strict=False)
+            self.diloco.load_state_dict(state["diloco"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.global_hash() != state["global_hash"]:
+            raise checkpoint.CheckpointError(f"{source}: the loaded global state does not hash to "
+                                             "the value recorded when it was saved")
+        self.record_boundary()
+
+    def init_from(self, where: str) -> None:
+        """`checkpoint.init_from`: a new run from a checkpoint's global weights only."""
+        path = checkpoint.resolve_init_from(where)
+        state = checkpoint.read_verified(path)
+        if "diloco" in state:
+            if not self.diloco:
+                raise ValueError("checkpoint.init_from from a DiLoCo run needs run.mode = diloco")
+            self.diloco.load_global_params(state["diloco"]["global_params"])
+        else:
+            self.model.load_state_dict(state["model"])
+        log.info("initialised weights from %s (new run: fresh optimizers, schedule, data)", path)
