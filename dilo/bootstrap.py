@@ -18,11 +18,15 @@ import threading
 
 from dilo.comm.build import swarm_group_class
 from dilo.config import parse_args
+from dilo.config_help import SWARM_ABOUT, SWARM_USAGE, help_text, wants_help
 
 log = logging.getLogger("dilo")
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(help_text(SWARM_USAGE, SWARM_ABOUT))
+        return 0
     try:
         cfg = parse_args(["--comm.backend", "hivemind", *argv])
     except ValueError as e:

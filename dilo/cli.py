@@ -18,14 +18,6 @@ options:
   -h, --help   show this help and exit
   --version    print dilo's version and exit"""
 
-SWARM_USAGE = "usage: dilo swarm [--config FILE.toml] [--section.key VALUE | --section.key=VALUE ...]"
-SWARM_ABOUT = """Run a bootstrap node for the hivemind backend: it trains nothing, keeps the swarm's
-DHT reachable at a fixed address while peers come and go, prints the address to join (also
-written to <run.dir>/address.txt) and runs until Ctrl-C or SIGTERM. It admits peers like any
-member, so give it the training peers' --config (model, outer, comm: the run fingerprint)
-and their run key. The keys that matter to it are run.dir and peers.* (docs/swarm.md);
-comm.backend is always hivemind."""
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -41,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         from dilo.train import main as train_main
 
-        return train_main(rest)  # `--help` is answered by dilo.config.parse_args
+        return train_main(rest)  # answers --help itself
     if command == "swarm":
-        if "-h" in rest or "--help" in rest:
-            from dilo.config_help import help_text
-
-            print(help_text(SWARM_USAGE, SWARM_ABOUT))
-            return 0
-        from dilo.bootstrap import main as swarm_main
+        from dilo.bootstrap import main as swarm_main  # answers --help itself
 
         return swarm_main(rest)
     print(f"dilo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

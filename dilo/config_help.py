@@ -21,6 +21,20 @@ A list is comma-separated on the command line. A wrong key or value is refused b
 anything starts. Presets: configs/*.toml."""
 
 
+SWARM_USAGE = "usage: dilo swarm [--config FILE.toml] [--section.key VALUE | --section.key=VALUE ...]"
+SWARM_ABOUT = """Run a bootstrap node for the hivemind backend: it trains nothing, keeps the swarm's
+DHT reachable at a fixed address while peers come and go, prints the address to join (also
+written to <run.dir>/address.txt) and runs until Ctrl-C or SIGTERM. It admits peers like any
+member, so give it the training peers' --config (model, outer, comm: the run fingerprint)
+and their run key. The keys that matter to it are run.dir and peers.* (docs/swarm.md);
+comm.backend is always hivemind."""
+
+
+def wants_help(argv: list[str]) -> bool:
+    """`-h` or `--help` anywhere among the arguments: print the help, start nothing."""
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
 def field_docs() -> dict[tuple[str, str], str]:
     """(section class name, field name) -> the docstring written under the field, on one line."""
     tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))

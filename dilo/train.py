@@ -37,12 +37,13 @@ from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
 from dilo.comm.protocol import DivergenceError
 from dilo.config import Config, parse_args
+from dilo.config_help import help_text, wants_help
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, lr_at
 from dilo.model import GPT, param_groups
 from dilo.stats import SyncStats
-from dilo.train_report import LateCounts, log, log_start, log_sync, mb, open_metrics, summary_of
+from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
 from dilo.world import join_world
 from dilo.worker_state import WorkerState
 
@@ -102,7 +103,11 @@ class Trainer:
         self.metrics, port = open_metrics(cfg, world, worker)
         self.counts.attach(self.metrics.count)
         self.checkpoints = Checkpoints(cfg, world, self.groups.world, self.state, self.metrics, self.world_id)
-        log_start(self, shard, num_shards, port)
+        synced = self.diloco.numel if self.diloco else self.model.num_params()
+        self.report = RunReport(cfg, world, self.metrics, self.world_id, self.state, synced,
+                                self.groups.swarm, self.start_time)
+        self.report.start(self.model.num_params(), shard, num_shards, port,
+                          joined=self.diloco is not None and self.diloco.joined is not None)
 
     def follow_adoption(self) -> None:
         """The one place where the loop's inner step is rewritten from outside the loop.
@@ -140,7 +145,7 @@ class Trainer:
         if stats.adopted:
             self.follow_adoption()
         self.state.totals.add(stats)
-        log_sync(self, stats, loss)
+        self.report.sync(stats, loss)
 
     def add_ddp_traffic(self) -> None:
         """Data-parallel bookkeeping at the outer-step cadence: ring all-reduce traffic."""
@@ -253,7 +258,7 @@ class Trainer:
         eval_loss = evaluate(self.model, self.eval_set, self.world.device)
         self.metrics.log("eval", step=self.state.inner_step, outer_step=self.state.outer_step,
                          eval_loss=eval_loss)
-        summary = summary_of(self, eval_loss, per_rank, stopped)
+        summary = self.report.summary(eval_loss, per_rank, stopped, self.compute_seconds, self.loop_seconds)
         path = self.metrics.write_summary(summary)
         if self.groups.swarm is not None and not stopped:
             self.groups.swarm.finished()
@@ -286,8 +291,12 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text())  # on stdout, exit 0: help is an answer, not an error
+        return 0
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
     except ValueError as e:
         print(f"dilo: config error: {e}", file=sys.stderr)
         return 2

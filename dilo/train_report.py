@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from dilo.config import Config
 from dilo.metrics import Metrics
 from dilo.stats import SyncStats, sync_record
+from dilo.worker_state import WorkerState
 from dilo.world import World
-
-if TYPE_CHECKING:
-    from dilo.train import Trainer
 
 log = logging.getLogger("dilo")
 
@@ -56,72 +54,81 @@ def open_metrics(cfg: Config, world: World, worker: int | str) -> tuple[Metrics,
     port = cfg.metrics.port + world.local_rank if cfg.metrics.port else 0
     show = {"on": True, "off": False, "auto": None}[cfg.metrics.progress] if world.is_leader else False
     name = str(worker) if world.speaks_for_worker else f"{worker}.{world.rank_in_worker}"
-    return Metrics(cfg.run.dir, name, port=port, total_steps=cfg.run.steps, progress=show), port
+    return Metrics(cfg.run.dir, name, port=port, host=cfg.metrics.host, total_steps=cfg.run.steps,
+                   progress=show), port
 
 
-def synced_params(t: Trainer) -> int:
-    return t.diloco.numel if t.diloco else t.model.num_params()
+class RunReport:
+    """The start line, the sync lines and the summary of one process, from explicit inputs.
 
+    Built once the metrics exist; what changes during the run (the worker's state, the
+    loop's seconds) is passed to each call, so this module never sees the Trainer.
+    """
 
-def log_start(t: Trainer, shard: int, num_shards: int, port: int) -> None:
-    """The start line (INFO) and the JSONL start event (and the swarm's)."""
-    cfg, w, s = t.cfg, t.world, t.state
-    t.metrics.log("event", event="start", workers=w.num_workers, mode=cfg.run.mode,
-                  worker_size=w.worker_size, rank=w.rank, world=t.world_id,
-                  config=cfg.to_dict(), fingerprint=cfg.fingerprint(), synced_params=synced_params(t))
-    swarm = t.groups.swarm
-    if swarm is not None:
-        t.metrics.log("event", event="swarm", shard=shard, num_shards=num_shards, outer_step=s.outer_step,
-                      joined=t.diloco.joined is not None, **swarm.describe())
-    every = cfg.checkpoint.every
-    log.info("run.dir %s: %s worker%s (worker_size %d), %s, model %.2fM params; metrics %s, summary "
-             "%s/summary-<worker>.json, checkpoints %s%s", cfg.run.dir,
-             "swarm" if swarm is not None else w.num_workers, "" if w.num_workers == 1 else "s",
-             w.worker_size, cfg.run.mode, t.model.num_params() / 1e6, t.metrics.path, cfg.run.dir,
-             f"{cfg.run.dir}/checkpoints every {every} outer steps" if every else "off",
-             f"; metrics endpoint on port {port} (/metrics)" if port else "")
+    def __init__(self, cfg: Config, world: World, metrics: Metrics, world_id: str, state: WorkerState,
+                 synced_params: int, swarm: Any | None, start_time: float):
+        self.cfg, self.world, self.metrics, self.world_id = cfg, world, metrics, world_id
+        self.state, self.synced_params, self.swarm = state, synced_params, swarm
+        self.start_time = start_time  # time.time() when the process began its set-up
 
+    def start(self, model_params: int, shard: int, num_shards: int, port: int, joined: bool) -> None:
+        """The start line (INFO) and the JSONL start event (and the swarm's)."""
+        cfg, w, s = self.cfg, self.world, self.state
+        self.metrics.log("event", event="start", workers=w.num_workers, mode=cfg.run.mode,
+                         worker_size=w.worker_size, rank=w.rank, world=self.world_id,
+                         config=cfg.to_dict(), fingerprint=cfg.fingerprint(), synced_params=self.synced_params)
+        if self.swarm is not None:
+            self.metrics.log("event", event="swarm", shard=shard, num_shards=num_shards,
+                             outer_step=s.outer_step, joined=joined, **self.swarm.describe())
+        every = cfg.checkpoint.every
+        log.info("run.dir %s: %s worker%s (worker_size %d), %s, model %.2fM params; metrics %s, summary "
+                 "%s/summary-<worker>.json, checkpoints %s%s", cfg.run.dir,
+                 "swarm" if self.swarm is not None else w.num_workers, "" if w.num_workers == 1 else "s",
+                 w.worker_size, cfg.run.mode, model_params / 1e6, self.metrics.path, cfg.run.dir,
+                 f"{cfg.run.dir}/checkpoints every {every} outer steps" if every else "off",
+                 f"; metrics endpoint on {cfg.metrics.host}:{port} (/metrics)" if port else "")
 
-def log_sync(t: Trainer, stats: SyncStats, loss: float) -> None:
-    """The JSONL `sync` line and the INFO line of one outer step."""
-    t.metrics.log("sync", step=t.state.inner_step, loss=loss, **sync_record(stats), world=t.world_id)
-    if stats.dropped:
-        t.metrics.count("dropped_contributions", stats.dropped)
-    intra = f" (+{mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
-    frag = f" | fragment {stats.fragment}" if t.cfg.outer.fragments > 1 else ""
-    hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""
-    log.info("outer %d | step %d%s | loss %.4f | sent %s recv %s%s | %.3f s%s | peers %d | hash %s",
-             stats.outer_step, t.state.inner_step, frag, loss, mb(stats.bytes_sent), mb(stats.bytes_received),
-             intra, stats.seconds, hidden, stats.num_peers, stats.global_hash[:12])
+    def sync(self, stats: SyncStats, loss: float) -> None:
+        """The JSONL `sync` line and the INFO line of one outer step."""
+        inner_step = self.state.inner_step
+        self.metrics.log("sync", step=inner_step, loss=loss, **sync_record(stats), world=self.world_id)
+        if stats.dropped:
+            self.metrics.count("dropped_contributions", stats.dropped)
+        intra = f" (+{mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
+        frag = f" | fragment {stats.fragment}" if self.cfg.outer.fragments > 1 else ""
+        hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""
+        log.info("outer %d | step %d%s | loss %.4f | sent %s recv %s%s | %.3f s%s | peers %d | hash %s",
+                 stats.outer_step, inner_step, frag, loss, mb(stats.bytes_sent), mb(stats.bytes_received),
+                 intra, stats.seconds, hidden, stats.num_peers, stats.global_hash[:12])
 
-
-def summary_of(t: Trainer, eval_loss: float, per_rank: list[dict], stopped: bool) -> dict:
-    """summary-<worker>.json: the run's settings, counters, times and totals (stats.RunTotals)."""
-    cfg, s = t.cfg, t.state
-    swarm = t.groups.swarm
-    return {
-        "worker": s.worker,
-        "num_workers": swarm.size if swarm else t.world.num_workers,
-        "mode": cfg.run.mode,
-        "codec": cfg.comm.codec if t.diloco else "fp32",
-        "outer_steps": s.outer_step,
-        "inner_steps": s.inner_step,
-        "tokens": s.batches.tokens_consumed,
-        "final_eval_loss": eval_loss,
-        "wall_seconds": time.time() - t.start_time,
-        **s.totals.summary(),
-        "bytes_are_estimated": t.diloco is None,
-        "worker_size": t.world.worker_size,
-        "worker_bytes_sent": sum(r["bytes_sent"] for r in per_rank),
-        "worker_bytes_received": sum(r["bytes_received"] for r in per_rank),
-        "compute_seconds": t.compute_seconds,
-        "loop_seconds": t.loop_seconds,
-        "fragments": cfg.outer.fragments,
-        "overlap": cfg.outer.overlap,
-        "error_feedback": cfg.comm.error_feedback,
-        "synced_params": synced_params(t),
-        "global_hash": s.global_hash(),
-        "fingerprint": cfg.fingerprint(),
-        "world": t.world_id,
-        "stopped": stopped,
-    }
+    def summary(self, eval_loss: float, per_rank: list[dict], stopped: bool, compute_seconds: float,
+                loop_seconds: float) -> dict:
+        """summary-<worker>.json: the run's settings, counters, times and totals (stats.RunTotals)."""
+        cfg, s, swarm = self.cfg, self.state, self.swarm
+        diloco = cfg.run.mode == "diloco"
+        return {
+            "worker": s.worker,
+            "num_workers": swarm.size if swarm else self.world.num_workers,
+            "mode": cfg.run.mode,
+            "codec": cfg.comm.codec if diloco else "fp32",
+            "outer_steps": s.outer_step,
+            "inner_steps": s.inner_step,
+            "tokens": s.batches.tokens_consumed,
+            "final_eval_loss": eval_loss,
+            "wall_seconds": time.time() - self.start_time,
+            **s.totals.summary(),
+            "bytes_are_estimated": not diloco,
+            "worker_size": self.world.worker_size,
+            "worker_bytes_sent": sum(r["bytes_sent"] for r in per_rank),
+            "worker_bytes_received": sum(r["bytes_received"] for r in per_rank),
+            "compute_seconds": compute_seconds,
+            "loop_seconds": loop_seconds,
+            "fragments": cfg.outer.fragments,
+            "overlap": cfg.outer.overlap,
+            "error_feedback": cfg.comm.error_feedback,
+            "synced_params": self.synced_params,
+            "global_hash": s.global_hash(),
+            "fingerprint": cfg.fingerprint(),
+            "world": self.world_id,
+            "stopped": stopped,
+        }

@@ -23,7 +23,7 @@ from tools import netsim
 # A child command starts a multi-process run when one of its words is one of these modules
 # (python -m ...), a torchrun executable, or one of these tools' scripts; `dilo.cli` counts
 # unless it is given no command or only asked for help or its version.
-_E2E_MODULES = ("torch.distributed.run", "dilo.train", "tests.islands_worker")
+_E2E_MODULES = ("torch.distributed.run", "dilo.torchrun", "dilo.train", "tests.islands_worker")
 _ONLY_ASKS = {"-h", "--help", "--version"}
 _E2E_TOOLS = ("chaos", "bench_", "netsim")
 # Fixtures that start such runs (a module-scoped one does so before the Popen check is set up).

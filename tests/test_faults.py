@@ -96,6 +96,7 @@ def test_sigterm_to_one_rank_stops_all_at_one_outer_step_with_a_checkpoint(procs
     assert found[0]["outer_steps"] == outer + 2
 
 
+@pytest.mark.e2e
 def test_sigterm_to_torchrun_ends_the_run_with_exit_0_and_summaries(procs, tmp_path):
     """dilo.torchrun: torchrun's agent re-raises the SIGTERM it forwarded (exit 1); the
     wrapper exits 0 when every worker stopped cleanly."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import SMALL, child_env
+from tests.helpers import SMALL, child_env
 
 
 def test_unwritable_run_dir_is_one_line(tmp_path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ def swarm_group_class() -> type:
     """`SwarmGroup`, or a ValueError saying how to install the hivemind extra."""
     try:
         from dilo.comm.swarm import SwarmGroup
-    except ModuleNotFoundError as e:
+    except ImportError as e:  # dilo.comm.swarm raises it (name="hivemind") before importing hivemind
         if (e.name or "").split(".")[0] != "hivemind":
             raise
         raise ValueError("comm.backend = hivemind needs the swarm extra: pip install -e '.[swarm]'") from None
