@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/torchrun --nproc-per-node $(WORKERS) -m dilo.train --config configs/tiny.toml --run.dir $(RUN_DIR)
+	$(BIN)/python -m dilo.torchrun --nproc-per-node $(WORKERS) -m dilo.train --config configs/tiny.toml --run.dir $(RUN_DIR)
 
 # What CI runs: everything but the long end-to-end runs marked slow (~10 min on 2 cores).
 test: $(STAMP)

@@ -31,7 +31,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 NPROC=${NPROC:-1}
 WORKER_SIZE=${WORKER_SIZE:-$NPROC}
 PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m dilo.torchrun \
     --nnodes "$NNODES" --nproc-per-node "$NPROC" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id "${RUN_ID:-dilo}" \
     -m dilo.train --run.worker_size "$WORKER_SIZE" "$@"

@@ -49,7 +49,7 @@ esac
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # Read by recent torch (2.13 does); older releases wait a fixed 30 s after forwarding a signal.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m dilo.torchrun \
     --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id "${RUN_ID:-dilo}" \
     --rdzv-conf "$RDZV_CONF" \

@@ -25,7 +25,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?set NNODES (e.g. 2, or 1:4 for elastic)}"
 : "${RDZV_HOST:?set RDZV_HOST to a node every node can reach}"
 PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m dilo.torchrun \
     --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv-id "${RUN_ID:-dilo}" \
     --max-restarts "${MAX_RESTARTS:-0}" \

@@ -14,4 +14,4 @@ for arg in "$@"; do case "$arg" in -h|--help) usage; exit 0 ;; esac; done
 REPO="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative paths in the arguments stay yours
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-4}" -m dilo.train "$@"
+exec "$PYTHON" -m dilo.torchrun --standalone --nproc-per-node "${NPROC:-4}" -m dilo.train "$@"

@@ -17,6 +17,7 @@ from dilo.config import parse_args
 from dilo.graceful_stop import GracefulStop
 from dilo.train import Trainer
 from tests.helpers import SMALL, run_workers, summaries, torchrun_cmd
+from tools import proctree
 from tools.proctree import children
 
 
@@ -27,8 +28,7 @@ def lines(run_dir: Path, worker: int, kind: str, event: str | None = None) -> li
 
 
 def rank_of(pid: int) -> int:
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+    return int(proctree.environ(pid)["RANK"])
 
 
 def same_content(a: object, b: object) -> bool:

@@ -1,6 +1,6 @@
 """Streaming DiLoCo, delayed and eager outer steps against an independent reference.
 
-The reference below is written from DESIGN §1 / docs/streaming.md with plain torch
+The reference below is written from docs/design.md (the algorithm) and docs/streaming.md with plain torch
 (AdamW per worker, exact means, one torch.optim.SGD(nesterov=True) per fragment) and
 never calls dilo. dilo runs the same workers on the threads backend with the fp32 codec.
 """

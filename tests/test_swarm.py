@@ -13,10 +13,12 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 import hivemind  # noqa: E402,F401  (installed by the test extra)
 
+from tools import proctree
 from tests.helpers import SMALL, summaries, torchrun_cmd  # noqa: E402
 
 SWARM = [*SMALL, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
@@ -106,19 +108,13 @@ def _leftovers(tag: str) -> set[str]:
     """This test's processes (tagged through the environment), and socket files of hivemind
     daemons that no live process uses any more, and every /dev/shm entry."""
     found, in_use = set(), set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
+    for proc in psutil.process_iter():
+        entry, cmd, environ = proc.pid, proctree.cmdline(proc.pid), proctree.environ(proc.pid)
         # a live daemon's sockets: <prefix>p2pd-<uid>.sock on its command line (-listen=...),
         # and its client's <prefix>p2pclient-<uid>.sock
         in_use.update(_socket_key(part.rsplit("/", 1)[-1]) for part in cmd.split()
                       if part.startswith("-listen=/unix/"))
-        if f"DILO_TEST_TAG={tag}".encode() in environ.split(b"\0"):
+        if environ.get("DILO_TEST_TAG") == tag:
             found.add(f"{entry}: {cmd[:120]}")
     found |= {f"/tmp/{f}" for f in os.listdir("/tmp")
               if f.startswith(("hivemind-", "dilo-")) and f.endswith(".sock") and _socket_key(f) not in in_use}

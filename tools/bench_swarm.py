@@ -91,7 +91,7 @@ def _joiner(numel: int, address: str, repeats: int) -> list[dict]:
         group = _swarm([address])
         state = group.bind(own)
         join_s = time.perf_counter() - start
-        info = dict(group.transfer.last_download)
+        info = dict(group.describe()["download"])
         assert state is not None and all(torch.equal(state.tensors[k], want[k]) for k in want)
         group.close()
         del state, own

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.proctree import descendants, parents  # noqa: E402
+from tools import proctree  # noqa: E402
+from tools.proctree import cmdline, descendants, parents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 _PR_SET_CHILD_SUBREAPER = 36
@@ -39,13 +40,6 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def is_worker(pid: int) -> bool:
@@ -206,7 +200,7 @@ class TorchrunCluster(Cluster):
         deadline = time.time() + 10
         while self.seen_workers and time.time() < deadline:
             self.reap()
-            self.seen_workers = {p for p in self.seen_workers if Path(f"/proc/{p}").exists()}
+            self.seen_workers = {p for p in self.seen_workers if proctree.alive(p)}
             time.sleep(0.05)
 
 

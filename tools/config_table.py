@@ -9,7 +9,6 @@ The meanings are the one-line docstrings under each field in dilo/config.py.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,22 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dilo import config  # noqa: E402
+from dilo.config_help import field_docs  # noqa: E402  (the same reading `dilo train --help` uses)
 
 BEGIN, END = "<!-- config-table:begin -->", "<!-- config-table:end -->"
-
-
-def field_docs() -> dict[tuple[str, str], str]:
-    """(class name, field) -> the string literal written right under the field."""
-    tree = ast.parse(Path(config.__file__).read_text())
-    docs = {}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        body = cls.body
-        for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[(cls.name, stmt.target.id)] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def table() -> str:
