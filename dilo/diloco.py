@@ -44,6 +44,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from dilo import codec_kernels
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
@@ -156,7 +157,7 @@ class DiLoCo(OuterState):
     def _start_round(self, f: int) -> None:
         """Snapshot fragment f's pseudo-gradient and put it on the wire."""
         frag = self.fragments[f]
-        pseudo_grad = frag.start_point - frag.read_live()
+        pseudo_grad = frag.pseudo_gradient()
         sent = frag.compensate(pseudo_grad, self.codec)
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
         named = {}
@@ -231,7 +232,7 @@ class DiLoCo(OuterState):
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
             self.adopt_state(result.adopted)
-        elif not torch.isfinite(result.average).all():
+        elif not codec_kernels.all_finite(result.average):
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
             log.warning("outer step %d (fragment %d): averaged pseudo-gradient is not finite; "

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec
-from dilo.global_layout import flatten_fp32, write_flat
+from dilo.global_layout import flatten_fp32, read_pieces, write_flat
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -115,6 +115,17 @@ class Fragment:
     # -- the live model's slice ----------------------------------------------------------
     def read_live(self) -> torch.Tensor:
         return flatten_fp32(self.params)
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Δ = ϑ − live (flat fp32), formed piece by piece: no concatenated copy of the live
+        parameters (the same bytes as ``start_point - read_live()``)."""
+        start = self.start_point
+        delta = torch.empty(self.numel, dtype=torch.float32)
+        for offset, live in read_pieces(self.params):
+            end = offset + live.numel()
+            torch.sub(start[offset:end], live, out=delta[offset:end])
+        return delta
 
     def write_live(self, flat: torch.Tensor) -> None:
         write_flat(self.params, flat)
