@@ -239,6 +239,12 @@ def main() -> None:
         entry["digest"] = _digest_times(args.sizes, args.repeats)
     if args.out:
         doc = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        old = doc.get(args.label, {})
+        keep = [r for r in old.get("rows", []) if (r["numel"], r["codec"]) not in {(x["numel"], x["codec"]) for x in rows}]
+        entry["rows"] = sorted(keep + rows, key=lambda r: (r["numel"], r["codec"]))
+        entry["commands"] = old.get("commands", []) + [entry.pop("command")]
+        if "digest" not in entry and "digest" in old:
+            entry["digest"] = old["digest"]
         doc[args.label] = entry
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
         if args.png:

@@ -17,13 +17,13 @@ global state stays bit-identical with any codec, lossy or not.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import blake3
 import torch
 
 from dilo import codec_kernels
@@ -31,8 +31,10 @@ from dilo.codecs import Codec
 
 
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
-    """Hex sha256 over the tensors' bytes in order, then the outer step (8 bytes, little-endian)."""
-    h = hashlib.sha256()
+    """Hex BLAKE3 (32 bytes) over the tensors' bytes in order, then the outer step (8 bytes,
+    little-endian). BLAKE3 is a cryptographic hash (a swarm verifies downloaded states with
+    it) and, one thread, measured 3.7-4.4× faster than sha256 here (docs/results.md)."""
+    h = blake3.blake3()
     for t in tensors:
         h.update(memoryview(t.detach().contiguous().numpy()).cast("B"))  # the bytes, not a copy
     h.update(outer_step.to_bytes(8, "little"))
