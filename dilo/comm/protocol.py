@@ -254,9 +254,12 @@ def two_phase_average(
             scratch[:numel - lo].copy_(flat[lo:])
         return scratch
 
-    send = bufs.get("send", nbytes * size, torch.uint8)
-    for member in range(size):
-        codec.encode(piece(member), out=send[member * nbytes:(member + 1) * nbytes])
+    if codec.lossless and numel == chunk * size:  # fp32's encoding is the bytes themselves
+        send = flat.view(torch.uint8)
+    else:
+        send = bufs.get("send", nbytes * size, torch.uint8)
+        for member in range(size):
+            codec.encode(piece(member), out=send[member * nbytes:(member + 1) * nbytes])
     recv = all_to_all(send).view(size, nbytes)
 
     # The owner's reduction of its chunk: decode the contributions in member order, drop
