@@ -198,6 +198,23 @@ def _plot(doc: dict, png: str) -> None:
     fig.savefig(png, dpi=120)
 
 
+def table(doc: dict) -> str:
+    """Markdown rows: size, codec, before and after (step s, ÷ floor, RSS copies), speed-up."""
+    lines = ["| params | codec | before: step s (÷ floor) | after: step s (÷ floor) | speed-up | peak RSS growth before → after (fp32 copies) |",
+             "|---|---|---|---|---|---|"]
+    rows = {}
+    for label in ("before", "after"):
+        for r in doc.get(label, {}).get("rows", []):
+            rows.setdefault((r["numel"], r["codec"]), {})[label] = r
+    for (numel, codec), by in sorted(rows.items()):
+        b, a = by.get("before"), by.get("after")
+        cell = lambda r: f"{r['step_s']:.3f} ({r['ratio']:.1f}×)" if r else "—"
+        rss = lambda r: f"{r['rss_copies']:.1f}" if r else "—"
+        speed = f"{b['step_s'] / a['step_s']:.1f}×" if a and b else "—"
+        lines.append(f"| {numel:.0e} | {codec} | {cell(b)} | {cell(a)} | {speed} | {rss(b)} → {rss(a)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repo", default=str(REPO), help="checkout whose dilo is measured")
@@ -210,7 +227,11 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print rank 0's cProfile of the timed steps")
     p.add_argument("--out", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--table", metavar="JSON", help="print a markdown table of an earlier --out and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     args.repo = str(Path(args.repo).resolve())
 
     import torch.multiprocessing as mp
