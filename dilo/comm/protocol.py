@@ -33,7 +33,7 @@ from dilo.codecs import Codec
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
     """Hex BLAKE3 (32 bytes) over the tensors' bytes in order, then the outer step (8 bytes,
     little-endian). BLAKE3 is a cryptographic hash (a swarm verifies downloaded states with
-    it) and, one thread, measured 3.7-4.4× faster than sha256 here (docs/results.md)."""
+    it) and, one thread, measured 3.8× faster than sha256 here (docs/results.md)."""
     h = blake3.blake3()
     for t in tensors:
         h.update(memoryview(t.detach().contiguous().numpy()).cast("B"))  # the bytes, not a copy
