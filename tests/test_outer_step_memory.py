@@ -4,9 +4,14 @@ pieces vs a concatenated copy, and the digest over views vs over the joined vect
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import blake3
+import pytest
 import torch
 
 from dilo.codecs import get_codec
@@ -14,6 +19,8 @@ from dilo.comm.local import local_groups
 from dilo.comm.protocol import ExchangeBuffers, state_digest, two_phase_average
 from dilo.fragments import Fragment
 from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, read_pieces
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pieced_nesterov_step_matches_torch_sgd():
@@ -92,3 +99,14 @@ def test_digest_over_views_equals_digest_of_joined_vectors():
         h.update(t.numpy().tobytes())
     h.update((3).to_bytes(8, "little"))
     assert state_digest(joined, 3) == h.hexdigest()
+
+
+@pytest.mark.e2e
+def test_bench_outer_step_runs(tmp_path):
+    """tools/bench_outer_step.py end to end at a toy size: 2 gloo ranks, one codec."""
+    out = tmp_path / "outer.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "bench_outer_step.py"), "--ranks", "2", "--sizes", "1e4",
+                    "--codecs", "int8", "--repeats", "1", "--out", str(out)], check=True, timeout=240,
+                   cwd=REPO, capture_output=True)
+    (row,) = json.loads(out.read_text())["after"]["rows"]
+    assert row["codec"] == "int8" and row["step_s"] > 0 and row["floor_s"] > 0
