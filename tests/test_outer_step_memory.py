@@ -110,3 +110,33 @@ def test_bench_outer_step_runs(tmp_path):
                    cwd=REPO, capture_output=True)
     (row,) = json.loads(out.read_text())["after"]["rows"]
     assert row["codec"] == "int8" and row["step_s"] > 0 and row["floor_s"] > 0
+
+
+def _confirm_worker(rank: int, init: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    from dilo.comm.protocol import DivergenceError
+    from dilo.comm.torch_dist import TorchGroup
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    group = TorchGroup()
+    outcome = [repr(group.confirm(7, "ab" * 32))]
+    try:
+        group.confirm(8, ("cd" if rank == 0 else "ce") * 32)
+        outcome.append("no error")
+    except DivergenceError as e:
+        outcome.append(str(e))
+    Path(result_dir, f"{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_torch_group_confirm_compares_digests_without_pickling(tmp_path):
+    """Equal digests confirm; different ones raise DivergenceError on every rank, naming both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_confirm_worker, args=(f"file://{tmp_path / 'rdv'}", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        ok, bad = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert ok == "None"
+        assert "outer step 8" in bad and "cd" * 32 in bad and "ce" * 32 in bad
