@@ -40,10 +40,12 @@ dilo/global_layout.py.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn as nn
 
+from dilo import codec_kernels
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
@@ -156,7 +158,7 @@ class DiLoCo(OuterState):
     def _start_round(self, f: int) -> None:
         """Snapshot fragment f's pseudo-gradient and put it on the wire."""
         frag = self.fragments[f]
-        pseudo_grad = frag.start_point - frag.read_live()
+        pseudo_grad = frag.pseudo_gradient()
         sent = frag.compensate(pseudo_grad, self.codec)
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
         named = {}
@@ -224,6 +226,7 @@ class DiLoCo(OuterState):
         if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
             raise RuntimeError("internal error: a superseded exchange reached its apply step")
         result, mean_buffers, seconds = outcome
+        t_apply = time.perf_counter()
         with self._state_lock:  # (export_state reads the outer step and the rounds in flight together)
             self.in_flight.remove(rnd)
         adopted = result.adopted is not None
@@ -231,7 +234,7 @@ class DiLoCo(OuterState):
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
             self.adopt_state(result.adopted)
-        elif not torch.isfinite(result.average).all():
+        elif not codec_kernels.all_finite(result.average):
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
             log.warning("outer step %d (fragment %d): averaged pseudo-gradient is not finite; "
@@ -244,11 +247,13 @@ class DiLoCo(OuterState):
                 self.outer_step += 1
         if mean_buffers is not None:
             write_flat(self.buffers, mean_buffers)
+        t_digest = time.perf_counter()
         digest = self.global_hash()
         self._known_digest = (self.outer_step, digest)
         if self._check_hash(digest):
             adopted = True
             digest = self._digest()
+        t_end = time.perf_counter()
         exposed = min(rnd.handle.exposed_seconds, seconds)
         stats = SyncStats(
             outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent,
@@ -256,7 +261,8 @@ class DiLoCo(OuterState):
             dropped=result.dropped, codec_error=result.codec_error,
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
-            intra_bytes=result.intra_bytes, adopted=adopted)
+            intra_bytes=result.intra_bytes, adopted=adopted,
+            apply_seconds=t_digest - t_apply, digest_seconds=t_end - t_digest)
         return stats, result.average
 
     def flush(self) -> list[SyncStats]:

@@ -23,7 +23,10 @@ import torch
 import torch.nn as nn
 
 from dilo.codecs import Codec
-from dilo.global_layout import flatten_fp32, write_flat
+from dilo.global_layout import flatten_fp32, read_pieces, write_flat
+
+
+_SGD_PIECE = 1 << 20  # elements of the Nesterov look-ahead formed at a time (4 MiB)
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -116,6 +119,17 @@ class Fragment:
     def read_live(self) -> torch.Tensor:
         return flatten_fp32(self.params)
 
+    @torch.no_grad()
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Δ = ϑ − live (flat fp32), formed piece by piece: no concatenated copy of the live
+        parameters (the same bytes as ``start_point - read_live()``)."""
+        start = self.start_point
+        delta = torch.empty(self.numel, dtype=torch.float32)
+        for offset, live in read_pieces(self.params):
+            end = offset + live.numel()
+            torch.sub(start[offset:end], live, out=delta[offset:end])
+        return delta
+
     def write_live(self, flat: torch.Tensor) -> None:
         write_flat(self.params, flat)
 
@@ -143,10 +157,33 @@ class Fragment:
 
     # -- outer steps ---------------------------------------------------------------------
     @staticmethod
+    @torch.no_grad()
     def _sgd_step(param: nn.Parameter, opt: torch.optim.Optimizer, grad: torch.Tensor) -> None:
-        param.grad = grad
-        opt.step()
-        param.grad = None
+        """`opt.step()` with `grad` as the gradient, the same operations as torch's SGD
+        (tests compare them), but Nesterov's look-ahead `grad + m·buf` is formed in bounded
+        pieces instead of a fresh model-sized tensor. The momentum stays in `opt.state`."""
+        group = opt.param_groups[0]
+        lr, m, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        if group["weight_decay"] != 0 or group["dampening"] != 0 or group["maximize"]:
+            raise ValueError("the outer optimizer is plain SGD with (Nesterov) momentum")
+        if m == 0:
+            param.add_(grad, alpha=-lr)
+            return
+        state = opt.state[param]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = grad.detach().clone()
+        else:
+            buf.mul_(m).add_(grad)
+        if not nesterov:
+            param.add_(buf, alpha=-lr)
+            return
+        flat, g, b = param.view(-1), grad.view(-1), buf.view(-1)
+        look = torch.empty(min(flat.numel(), _SGD_PIECE), dtype=flat.dtype)
+        for lo in range(0, flat.numel(), _SGD_PIECE):
+            hi = min(lo + _SGD_PIECE, flat.numel())
+            step = torch.add(g[lo:hi], b[lo:hi], alpha=m, out=look[:hi - lo])
+            flat[lo:hi].add_(step, alpha=-lr)
 
     @torch.no_grad()
     def apply_outer_step(self, average: torch.Tensor) -> None:

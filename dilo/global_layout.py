@@ -10,7 +10,7 @@ the two; `flatten_fp32` / `write_flat` are the one way dilo reads a list of tens
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -21,13 +21,65 @@ def flatten_fp32(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
 
 
+_STAGING_NUMEL = 1 << 22  # 16 MiB of pinned fp32 per staging buffer
+
+
+@torch.no_grad()
+def read_pieces(tensors: Sequence[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, fp32 CPU vector) for consecutive pieces of `tensors` flattened in order.
+
+    A CPU fp32 tensor is yielded as a view (no copy). Others are converted: an accelerator
+    tensor is copied piece by piece with `non_blocking=True` into a pinned staging buffer
+    (one stream synchronisation per 16 MiB piece, never a synchronous copy into pageable
+    memory per parameter). A yielded staging view is valid until the next piece is asked for.
+    """
+    offset = 0
+    staging: torch.Tensor | None = None
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.device.type == "cpu":
+            yield offset, flat if flat.dtype == torch.float32 else flat.float()
+            offset += flat.numel()
+            continue
+        if staging is None:
+            staging = torch.empty(_STAGING_NUMEL, dtype=torch.float32,
+                                  pin_memory=torch.cuda.is_available() and flat.device.type == "cuda")
+        for lo in range(0, flat.numel(), _STAGING_NUMEL):
+            part = flat[lo:lo + _STAGING_NUMEL]
+            dst = staging[:part.numel()]
+            dst.copy_(part, non_blocking=True)
+            if flat.device.type == "cuda":
+                torch.cuda.current_stream(flat.device).synchronize()
+            yield offset + lo, dst
+        offset += flat.numel()
+
+
 @torch.no_grad()
 def write_flat(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy consecutive slices of `flat` into `tensors` (the inverse of `flatten_fp32`)."""
+    """Copy consecutive slices of `flat` into `tensors` (the inverse of `flatten_fp32`).
+
+    CUDA tensors are filled from a pinned staging buffer with `non_blocking=True`: one
+    stream synchronisation per 16 MiB piece (before the buffer is refilled), not a
+    synchronous copy from pageable memory per parameter.
+    """
     offset = 0
+    staging: torch.Tensor | None = None
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        src = flat[offset:offset + t.numel()]
         offset += t.numel()
+        if t.device.type != "cuda" or not t.is_contiguous():
+            t.copy_(src.view_as(t))
+            continue
+        if staging is None:
+            staging = torch.empty(_STAGING_NUMEL, dtype=torch.float32, pin_memory=True)
+        dst = t.view(-1)
+        for lo in range(0, src.numel(), _STAGING_NUMEL):
+            part = src[lo:lo + _STAGING_NUMEL]
+            torch.cuda.current_stream(t.device).synchronize()  # the previous piece has left the buffer
+            staging[:part.numel()].copy_(part)
+            dst[lo:lo + part.numel()].copy_(staging[:part.numel()], non_blocking=True)
+    if staging is not None:
+        torch.cuda.synchronize()
 
 
 class FragmentLayout:
@@ -50,12 +102,18 @@ class FragmentLayout:
 
     def model_order(self, per_fragment: Sequence[torch.Tensor]) -> torch.Tensor:
         """One flat vector per fragment joined into a model-order flat vector."""
+        return torch.cat(self.model_order_views(per_fragment))
+
+    def model_order_views(self, per_fragment: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of `model_order`'s vector, as views of the per-fragment vectors (no copy)."""
+        if self.num_fragments == 1:
+            return [per_fragment[0]]
         offsets = [0] * self.num_fragments
         parts = []
         for n, f in zip(self.sizes, self.owner):
             parts.append(per_fragment[f][offsets[f]:offsets[f] + n])
             offsets[f] += n
-        return torch.cat(parts)
+        return parts
 
     @torch.no_grad()
     def write_fragments(self, flat: torch.Tensor, per_fragment: Sequence[torch.Tensor]) -> None:
@@ -98,6 +156,16 @@ class GlobalCopy:
         if momentum is not None:
             tensors["momentum"] = momentum
         return tensors
+
+    def digest_views(self) -> list[torch.Tensor]:
+        """`tensors()`'s vectors as views in the same order, without joining them: hashing these
+        in turn hashes the same bytes (the global hash without a model-sized copy)."""
+        views = self.layout.model_order_views([f.theta.detach() for f in self.fragments])
+        momenta = [f.momentum() for f in self.fragments]
+        if any(m is not None for m in momenta):
+            views += self.layout.model_order_views([m if m is not None else torch.zeros(f.numel)
+                                                    for m, f in zip(momenta, self.fragments)])
+        return views
 
     def write_params(self, flat: torch.Tensor) -> None:
         """Every θ_p ← its part of a model-order flat vector."""

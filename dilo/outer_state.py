@@ -64,7 +64,7 @@ class OuterState:
 
     def global_hash(self) -> str:
         """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
-        return state_digest(list(self.global_copy.tensors().values()), self.outer_step)
+        return state_digest(self.global_copy.digest_views(), self.outer_step)
 
     def _digest(self) -> str:
         """`global_hash()` of the current state, computed once per state."""

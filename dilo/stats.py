@@ -33,6 +33,11 @@ class SyncStats:
     """Bytes received from the worker's own other processes (islands), not in bytes_received."""
     adopted: bool = False
     """True when this worker took the group's newer state instead of applying a round."""
+    apply_seconds: float = 0.0
+    """Wall time of the outer step on θ after the exchange (finiteness check, SGD, buffers)."""
+    digest_seconds: float = 0.0
+    """Wall time of the global hash and its confirmation with the group (queued, when the
+    exchanges run in the background)."""
 
 
 def sync_record(stats: SyncStats) -> dict:
@@ -57,6 +62,10 @@ class RunTotals:
     """The largest bytes_sent of one outer step."""
     sync_seconds_hidden: float = 0.0
     sync_seconds_exposed: float = 0.0
+    outer_apply_seconds: float = 0.0
+    """Sum of the outer steps' `apply_seconds`."""
+    digest_seconds: float = 0.0
+    """Sum of the outer steps' `digest_seconds`."""
 
     def add(self, stats: SyncStats) -> None:
         self.bytes_sent += stats.bytes_sent
@@ -68,6 +77,8 @@ class RunTotals:
         self.peak_sync_bytes = max(self.peak_sync_bytes, stats.bytes_sent)
         self.sync_seconds_hidden += stats.seconds_hidden
         self.sync_seconds_exposed += stats.seconds_exposed
+        self.outer_apply_seconds += stats.apply_seconds
+        self.digest_seconds += stats.digest_seconds
 
     def to_dict(self) -> dict:
         """The checkpoint's `totals` (the field names)."""

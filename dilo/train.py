@@ -126,7 +126,9 @@ class Trainer:
         size, r = self.world.worker_size, self.world.rank_in_worker
         return (x[r::size], y[r::size]) if size > 1 else (x, y)
 
-    def run_inner_step(self) -> float:
+    def run_inner_step(self) -> torch.Tensor:
+        """One inner step; its loss as a detached 0-d tensor on the model's device (read with
+        `float()` only when it is logged: no host synchronisation per inner step)."""
         lr = lr_at(self.cfg, self.state.inner_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -139,13 +141,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.inner_step += 1
-        return loss.item()
+        return loss.detach()
 
-    def record_sync(self, stats: SyncStats, loss: float) -> None:
+    def record_sync(self, stats: SyncStats, loss: torch.Tensor) -> None:
         if stats.adopted:
             self.follow_adoption()
         self.state.totals.add(stats)
-        self.report.sync(stats, loss)
+        self.report.sync(stats, float(loss))
 
     def add_ddp_traffic(self) -> None:
         """Data-parallel bookkeeping at the outer-step cadence: ring all-reduce traffic."""
@@ -155,7 +157,7 @@ class Trainer:
             self.state.totals.bytes_sent += per_step * self.cfg.outer.inner_steps
             self.state.totals.bytes_received += per_step * self.cfg.outer.inner_steps
 
-    def outer_boundary(self, loss: float) -> bool:
+    def outer_boundary(self, loss: torch.Tensor) -> bool:
         """The outer step, if this inner step ends a round; True if one ran."""
         try:
             if self.diloco:
@@ -188,7 +190,7 @@ class Trainer:
             self.checkpoints.save_after_failure(e)
             raise
 
-    def save_checkpoint(self, loss: float) -> None:
+    def save_checkpoint(self, loss: torch.Tensor) -> None:
         if self.diloco is not None and self.diloco.group.open_membership:
             # A swarm exchange may have handed back a newer state since the boundary: take it
             # first, so the checkpoint holds no superseded round.
@@ -214,19 +216,20 @@ class Trainer:
             window_steps += 1
             synced = self.outer_boundary(loss)
             if s.inner_step % cfg.metrics.log_every == 0 or synced:
+                value = float(loss)  # the one host read of the loss, only when it is logged
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                self.metrics.log("inner", step=s.inner_step, outer_step=s.outer_step, loss=loss,
+                self.metrics.log("inner", step=s.inner_step, outer_step=s.outer_step, loss=value,
                                  lr=lr_at(cfg, s.inner_step - 1), tokens=window_steps * tokens_per_step,
                                  tokens_per_s=tok_s)
-                self.metrics.progress(s.inner_step, loss=loss, tok_per_s=tok_s, outer=s.outer_step)
+                self.metrics.progress(s.inner_step, loss=value, tok_per_s=tok_s, outer=s.outer_step)
                 window_start, window_steps = time.perf_counter(), 0
             if synced:
                 stopped = self.after_outer_step(loss)
         self.loop_seconds = time.perf_counter() - loop_start
         return self.finish(stopped)
 
-    def after_outer_step(self, loss: float) -> bool:
+    def after_outer_step(self, loss: torch.Tensor) -> bool:
         """Evaluation, checkpoint and the stop request at an outer boundary; True to stop."""
         cfg, s = self.cfg, self.state
         if cfg.data.eval_every and s.outer_step % cfg.data.eval_every == 0 and self.world.speaks_for_worker:

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from dilo import codec_kernels
 from dilo.config import Config
 from dilo.metrics import Metrics
 from dilo.stats import SyncStats, sync_record
@@ -111,6 +112,7 @@ class RunReport:
             "num_workers": swarm.size if swarm else self.world.num_workers,
             "mode": cfg.run.mode,
             "codec": cfg.comm.codec if diloco else "fp32",
+            "codec_kernels": codec_kernels.BACKEND,  # "torch" when the numba kernels are missing
             "outer_steps": s.outer_step,
             "inner_steps": s.inner_step,
             "tokens": s.batches.tokens_consumed,

@@ -3,11 +3,11 @@ exact resume with exchanges in flight, fragment assignment and refused settings.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 import time
 
+import blake3
 import pytest
 import torch
 import torch.nn as nn
@@ -71,7 +71,7 @@ class CoreDiLoCo:
         self.outer_step += 1
         self.copy_to_model()
         self.sync_buffers()
-        h = hashlib.sha256()
+        h = blake3.blake3()  # as dilo.comm.protocol.state_digest
         h.update(self.theta.detach().numpy().tobytes())
         h.update(self.outer.state[self.theta]["momentum_buffer"].numpy().tobytes())
         h.update(self.outer_step.to_bytes(8, "little"))

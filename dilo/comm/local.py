@@ -37,7 +37,8 @@ class LocalGroup(Group):
         self.size = rendezvous.size
 
     def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
-        slices = self._rv.exchange(self.rank, buf.view(self.size, -1))
+        # A copy: peers read it after this member has returned (and may reuse `buf`).
+        slices = self._rv.exchange(self.rank, buf.view(self.size, -1).clone())
         return torch.cat([s[self.rank] for s in slices])
 
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
+from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
+                                two_phase_average)
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -43,19 +44,21 @@ class TorchGroup(Group):
         self.pg = pg
         self.rank = dist.get_rank(pg)
         self.size = dist.get_world_size(pg)
+        self._buffers = ExchangeBuffers()  # reused by every exchange: no model-sized allocation per step
 
     def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(buf)
+        out = self._buffers.get("recv", buf.numel(), buf.dtype)
         dist.all_to_all_single(out, buf, group=self.pg)
         return out
 
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(buf.numel() * self.size, dtype=buf.dtype)
+        out = self._buffers.get("gathered", buf.numel() * self.size, buf.dtype)
         all_gather_single(out, buf, group=self.pg)
         return out
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
-        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
+                                 buffers=self._buffers)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
@@ -64,6 +67,23 @@ class TorchGroup(Group):
         out: list = [None] * self.size
         dist.all_gather_object(out, obj, group=self.pg)
         return out
+
+    def confirm(self, outer_step: int, digest: str) -> GlobalState | None:
+        # The step and the digest's bytes in one fixed-size tensor collective (no pickling).
+        mine = bytearray(outer_step.to_bytes(8, "little", signed=True) + digest.encode("ascii"))
+        size = torch.tensor([len(mine)], dtype=torch.int64)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.pg)
+        if int(size) != len(mine):  # a digest of another length: certainly different
+            mine += bytes(int(size) - len(mine)) if int(size) > len(mine) else b""
+        buf = torch.frombuffer(mine, dtype=torch.uint8)
+        out = torch.empty(buf.numel() * self.size, dtype=torch.uint8)
+        all_gather_single(out, buf, group=self.pg)
+        rows = [bytes(r) for r in out.view(self.size, -1).numpy()]
+        if len(set(rows)) != 1:
+            found = [(int.from_bytes(r[:8], "little", signed=True), r[8:].rstrip(b"\0").decode("ascii", "replace"))
+                     for r in rows]
+            raise DivergenceError(f"global state diverged at outer step {outer_step}: {found}")
+        return None
 
     def any_true(self, flag: bool) -> bool:
         # One int on the wire instead of all_gather_object's two pickled collectives.

@@ -1,0 +1,276 @@
+"""One full outer step ÷ the data-movement floor, and the step's peak memory, per codec and size.
+
+    flock /work/lead/heavy.lock python tools/bench_outer_step.py --label after \\
+        --out docs/results/outer_step.json --png docs/img/outer_step.png
+    # the same on another checkout's dilo (e.g. main, for a before/after):
+    git worktree add /tmp/base main
+    flock /work/lead/heavy.lock python tools/bench_outer_step.py --repo /tmp/base --label before \\
+        --out docs/results/outer_step.json --png docs/img/outer_step.png
+
+`--ranks` gloo ranks on loopback (default 4), one thread each. For every size (elements)
+and codec, each rank builds a model of that many fp32 parameters, wraps it in
+`dilo.DiLoCo(inner_steps=1)` (every `step()` is a boundary: exchange, outer Nesterov step,
+hash and confirm included) and times `step()` after a warm-up step, `--repeats` times,
+moving the parameters by a fixed random amount before each one. The *floor* is the same
+bytes through the same transport: `all_to_all_single` of the encoded chunks and
+`all_gather_into_tensor` of one encoded chunk, on buffers encoded beforehand. Times are
+the slowest rank's per repeat; the JSON keeps the median. `rss_copies` is the peak RSS
+growth of a step on rank 0 (Linux `VmHWM` reset through `/proc/self/clear_refs` before
+the step, minus `VmRSS` before it) in fp32 model copies (4 bytes × size).
+
+`--digest` also times hashing θ and the momentum (2 × size fp32) with sha256 and blake3
+in the parent process. Results from `--label` runs are merged into `--out` under that
+label, so before and after share one file and one picture. The machine may be shared:
+ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
+    sys.path.insert(0, args.repo)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ranks)
+    from dilo import DiLoCo
+    from dilo.codecs import get_codec
+    from dilo.comm.protocol import chunk_numel
+    from dilo.comm.torch_dist import TorchGroup, all_gather_single
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    results = []
+    for numel in args.sizes:
+        for name in args.codecs:
+            torch.manual_seed(rank)
+            pieces = 4
+            model = torch.nn.Module()
+            for i in range(pieces):
+                n = numel // pieces + (numel % pieces if i == pieces - 1 else 0)
+                model.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(n) * 0.02))
+            noise = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            group = TorchGroup()
+            d = DiLoCo(model, opt, inner_steps=1, codec=name, group=group)
+
+            def move():
+                with torch.no_grad():
+                    for p, z in zip(model.parameters(), noise):
+                        p.add_(z)
+
+            move()
+            d.step()  # warm-up: the momentum is created at the first outer step
+            steps, rss = [], []
+            prof = None
+            if args.profile and rank == 0:
+                import cProfile
+                prof = cProfile.Profile()
+            for _ in range(args.repeats):
+                move()
+                dist.barrier()
+                if rank == 0:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    before = _status("VmRSS")
+                t0 = time.perf_counter()
+                if prof is not None:
+                    prof.enable()
+                d.step()
+                if prof is not None:
+                    prof.disable()
+                steps.append(slowest(time.perf_counter() - t0))
+                if rank == 0:
+                    rss.append((_status("VmHWM") - before) / (4 * numel))
+            if prof is not None:
+                import pstats
+                print(f"--- rank 0, {name}, {numel} params, {args.repeats} steps", flush=True)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+            # The floor: the same bytes, pre-encoded, through the same two collectives.
+            codec = get_codec(name)
+            chunk = chunk_numel(numel, args.ranks, codec.block_size)
+            nbytes = codec.encoded_nbytes(chunk)
+            send = torch.cat([codec.encode(torch.randn(chunk) * 1e-3) for _ in range(args.ranks)])
+            recv = torch.empty_like(send)
+            own = send[:nbytes].clone()
+            gathered = torch.empty(nbytes * args.ranks, dtype=torch.uint8)
+            floors = []
+            for _ in range(args.repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_to_all_single(recv, send)
+                all_gather_single(gathered, own)
+                floors.append(slowest(time.perf_counter() - t0))
+            floors = floors[1:]
+            if rank == 0:
+                step, floor = statistics.median(steps), statistics.median(floors)
+                row = {"numel": numel, "codec": name, "step_s": step, "floor_s": floor,
+                       "ratio": step / floor, "steps_s": steps, "floors_s": floors,
+                       "rss_copies": max(rss), "wire_bytes_per_rank": 2 * (args.ranks - 1) * nbytes}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+            d.close()
+            del d, model, opt, noise, send, recv, gathered, own
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
+    import numpy as np
+
+    try:
+        import blake3
+    except ImportError:
+        blake3 = None
+    rows = []
+    for numel in sizes:
+        data = np.random.default_rng(0).standard_normal(2 * numel, dtype=np.float32)
+        view = memoryview(data).cast("B")
+        algos = {"sha256": lambda: hashlib.sha256(view).hexdigest()}
+        if blake3 is not None:
+            algos["blake3"] = lambda: blake3.blake3(view).hexdigest()
+            algos["blake3_threads"] = lambda: blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
+        algos["memcpy"] = lambda: np.copyto(out, data)
+        out = np.empty_like(data)
+        for name, fn in algos.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            rows.append({"numel_hashed": 2 * numel, "algo": name, "seconds": statistics.median(times)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _plot(doc: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, style in (("before", "--"), ("after", "-")):
+        rows = doc.get(label, {}).get("rows", [])
+        for i, codec in enumerate(sorted({r["codec"] for r in rows})):
+            pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=f"C{i}",
+                    label=f"{codec} ({label})")
+    ax.axhline(1.5, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("outer step ÷ data-movement floor")
+    ax.set_title("DiLoCo.step() at a boundary, 4 gloo ranks on loopback (median)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def table(doc: dict) -> str:
+    """Markdown rows: size, codec, before and after (step s, ÷ floor, RSS copies), speed-up."""
+    lines = ["| params | codec | before: step s (÷ floor) | after: step s (÷ floor) | speed-up | peak RSS growth before → after (fp32 copies) |",
+             "|---|---|---|---|---|---|"]
+    rows = {}
+    for label in ("before", "after"):
+        for r in doc.get(label, {}).get("rows", []):
+            rows.setdefault((r["numel"], r["codec"]), {})[label] = r
+    for (numel, codec), by in sorted(rows.items()):
+        b, a = by.get("before"), by.get("after")
+        cell = lambda r: f"{r['step_s']:.3f} ({r['ratio']:.1f}×)" if r else "—"
+        rss = lambda r: f"{r['rss_copies']:.1f}" if r else "—"
+        speed = f"{b['step_s'] / a['step_s']:.1f}×" if a and b else "—"
+        lines.append(f"| {numel:.0e} | {codec} | {cell(b)} | {cell(a)} | {speed} | {rss(b)} → {rss(a)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repo", default=str(REPO), help="checkout whose dilo is measured")
+    p.add_argument("--label", default="after", help="key under which the rows go into --out")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=[10**6, 10**7, 10**8])
+    p.add_argument("--codecs", type=lambda s: s.split(","), default=["fp32", "bf16", "fp16", "int8", "fp4"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--digest", action="store_true", help="also time sha256 vs blake3 over θ + momentum")
+    p.add_argument("--profile", action="store_true", help="print rank 0's cProfile of the timed steps")
+    p.add_argument("--out", default=None)
+    p.add_argument("--png", default=None)
+    p.add_argument("--table", metavar="JSON", help="print a markdown table of an earlier --out and exit")
+    args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    args.repo = str(Path(args.repo).resolve())
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.ranks)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+        if any(proc.exitcode != 0 for proc in procs):
+            raise SystemExit(f"a rank failed: exit codes {[proc.exitcode for proc in procs]}")
+        rows = queue.get()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    entry = {"command": " ".join(sys.argv), "repo": args.repo, "ranks": args.ranks,
+             "repeats": args.repeats, "rows": rows,
+             "note": "2-core machine shared with other jobs; ranks run one thread each"}
+    if args.digest:
+        entry["digest"] = _digest_times(args.sizes, args.repeats)
+    if args.out:
+        doc = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        old = doc.get(args.label, {})
+        keep = [r for r in old.get("rows", []) if (r["numel"], r["codec"]) not in {(x["numel"], x["codec"]) for x in rows}]
+        entry["rows"] = sorted(keep + rows, key=lambda r: (r["numel"], r["codec"]))
+        entry["commands"] = old.get("commands", []) + [entry.pop("command")]
+        if "digest" not in entry and "digest" in old:
+            entry["digest"] = old["digest"]
+        doc[args.label] = entry
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        if args.png:
+            _plot(doc, args.png)
+
+
+if __name__ == "__main__":
+    main()
