@@ -102,6 +102,9 @@ class ExactAggregation:
     """
 
     def __init__(self, layers: list[LoRALinear], params: list[nn.Parameter], group: Group, outer_lr: float):
+        if group.open_membership:
+            raise ValueError("outer.lora_aggregate = exact needs a fixed group (comm.backend = torch): a "
+                             "swarm's members come and go, and an adopted state carries θ, not the bases")
         self.layers, self.params, self.group, self.outer_lr = layers, params, group, outer_lr
         offsets, at = {}, 0
         for p in params:
