@@ -15,7 +15,8 @@ train on the new half for the same number of steps:
   `outer.lora_aggregate` naive / frozen_a / exact (LoRA inner LR --lora-lr).
 
 Each final global model (read back from the run's last checkpoint) and the base are
-evaluated on held-out blocks of both halves: new-half gain = base loss − final loss on
+evaluated on held-out blocks of both halves (the continuations repeated for each of
+--seeds, run.seed: data order and LoRA's A; the table gives medians): new-half gain = base loss − final loss on
 the new half; old-half forgetting = final loss − base loss on the old half. Bytes per
 sync are the counted bytes each worker sent per outer step (summary bytes_sent /
 outer_steps; exact includes its all-gather of the adapters). Every run goes through
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import sysconfig
 import time
@@ -116,6 +118,16 @@ def run(name: str, args_list: list[str], run_dir: Path, nproc: int, timeout: flo
             "global_hash": s["global_hash"]}
 
 
+def median_row(name: str, runs: list[dict]) -> dict:
+    """One variant over its seeds: medians of the losses, gain and forgetting, min/max of the gain."""
+    row = {"variant": name, "seeds": [r["seed"] for r in runs], "synced_params": runs[0]["synced_params"],
+           "bytes_sent_per_sync": statistics.median(r["bytes_sent_per_sync"] for r in runs)}
+    for key in ("new_loss", "old_loss", "new_gain", "old_forgetting"):
+        row[key] = statistics.median(r[key] for r in runs)
+        row[key + "_range"] = [min(r[key] for r in runs), max(r[key] for r in runs)]
+    return row
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -145,6 +157,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", default="qkv,proj,fc,fc_out")
     p.add_argument("--lora-lr", type=float, default=5e-3)
     p.add_argument("--max-bytes", type=int, default=1_500_000, help="bytes of each half")
+    p.add_argument("--seeds", default="0", help="comma-separated run.seed of the continuations (one "
+                   "pretraining, seed 0); the table gives each variant's median over them")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (smoke test)")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench_adapters")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -152,6 +166,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--png", default=None)
     args, rest = p.parse_known_args(argv)
     args.dilo_args = rest
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     return args
 
 
@@ -183,22 +201,26 @@ def main(argv: list[str]) -> int:
         variants[f"lora {rule}"] = [*cont, "--model.lora_rank", str(args.rank), "--model.lora_targets",
                                     args.targets, "--outer.lora_aggregate", rule, "--inner.lr", str(args.lora_lr)]
     base_loss = evaluate_final(pre_args, base, old, new)
-    rows = []
-    for name, vargs in variants.items():
-        run_dir = runs_dir / name.replace(" ", "-")
-        row = {"variant": name, **run(name, vargs, run_dir, args.workers, args.timeout)}
-        loss = evaluate_final(vargs, last_checkpoint(run_dir), old, new)
-        row.update(old_loss=loss["old"], new_loss=loss["new"], new_gain=base_loss["new"] - loss["new"],
-                   old_forgetting=loss["old"] - base_loss["old"])
-        rows.append(row)
-        print(f"bench_adapters:   new {loss['new']:.4f} (gain {row['new_gain']:+.4f}), old {loss['old']:.4f} "
-              f"(forgetting {row['old_forgetting']:+.4f}), {row['bytes_sent_per_sync'] / 1e3:.1f} kB/sync, "
-              f"{row['synced_params']} synced params", file=sys.stderr, flush=True)
+    runs = []
+    for seed in args.seeds:
+        for name, vargs in variants.items():
+            vargs = [*vargs, "--run.seed", str(seed)]
+            run_dir = runs_dir / f"{name.replace(' ', '-')}-seed{seed}"
+            row = {"variant": name, "seed": seed, **run(f"{name} seed {seed}", vargs, run_dir, args.workers,
+                                                         args.timeout)}
+            loss = evaluate_final(vargs, last_checkpoint(run_dir), old, new)
+            row.update(old_loss=loss["old"], new_loss=loss["new"], new_gain=base_loss["new"] - loss["new"],
+                       old_forgetting=loss["old"] - base_loss["old"])
+            runs.append(row)
+            print(f"bench_adapters:   new {loss['new']:.4f} (gain {row['new_gain']:+.4f}), old {loss['old']:.4f} "
+                  f"(forgetting {row['old_forgetting']:+.4f}), {row['bytes_sent_per_sync'] / 1e3:.1f} kB/sync, "
+                  f"{row['synced_params']} synced params", file=sys.stderr, flush=True)
+    rows = [median_row(name, [r for r in runs if r["variant"] == name]) for name in variants]
     settings = {k: v for k, v in vars(args).items() if k not in ("runs_dir", "out", "png")}
     settings.update(halves=halves, commands={"pretrain": " ".join(train_cmd(pre_args, args.workers)),
                                              **{n: " ".join(train_cmd(v, args.workers)) for n, v in variants.items()}})
     write_json(args.out, document("bench_adapters", settings,
-                                  {"base": base_loss, "pretrain": pretrain, "variants": rows}))
+                                  {"base": base_loss, "pretrain": pretrain, "variants": rows, "runs": runs}))
     for r in rows:
         print(f"{r['variant']:14} new gain {r['new_gain']:+.4f}  old forgetting {r['old_forgetting']:+.4f}  "
               f"bytes/sync {r['bytes_sent_per_sync']:>12.0f}  synced {r['synced_params']}")
