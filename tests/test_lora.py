@@ -185,6 +185,7 @@ def test_adapted_model_starts_as_the_base():
     ({"model.lora_rank": 4, "outer.lora_aggregate": "exact", "outer.fragments": 2}, "fragments = 1"),
     ({"model.lora_rank": 4, "outer.lora_aggregate": "exact", "comm.backend": "hivemind"}, "comm.backend"),
     ({"model.hf_config": "llama.yaml"}, "config.json"),
+    ({"model.hf_config": "c/config.json", "model.lora_rank": 4, "outer.lora_aggregate": "exact"}, "dilo's GPT"),
 ])
 def test_bad_settings_are_refused(change, message):
     from dilo.config import Config
@@ -196,3 +197,11 @@ def test_bad_settings_are_refused(change, message):
         setattr(getattr(cfg, section), name, value)
     with pytest.raises(ValueError, match=message):
         validate(cfg)
+
+
+def test_exact_refuses_a_swarm():
+    model, layers = make_model("exact")
+    group = local_groups(1)[0]
+    group.open_membership = True
+    with pytest.raises(ValueError, match="fixed group"):
+        ExactAggregation(layers, trainable(model), group, 0.7)
