@@ -134,7 +134,8 @@ class DiLoCo(OuterState):
         self.after_outer_step = None
         """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
         member after each outer step while the live model still holds its own trained values
-        (fragments = 1, no delay or overlap; dilo/lora.py's exact aggregation)."""
+        (fragments = 1, no delay or overlap; dilo/lora.py's exact aggregation). A step skipped
+        for a non-finite average calls it on no member (the average is everyone's)."""
         self.joined = self.group.bind(self)  # a running swarm's state, or None
         if self.joined is not None:
             self.adopt_state(self.joined)
@@ -261,7 +262,8 @@ class DiLoCo(OuterState):
         exposed = min(rnd.handle.exposed_seconds, seconds)
         stats = SyncStats(
             outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent + hook_bytes[0],
-            bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers, global_hash=digest,
+            bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers,
+            global_hash=digest,
             dropped=result.dropped, codec_error=result.codec_error,
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
