@@ -156,8 +156,6 @@ def _validate_adapters(cfg) -> None:
                  f"got {m.hf_config!r}")
     if o.lora_aggregate != "exact":
         return
-    _require(not m.hf_config, "outer.lora_aggregate = exact is for dilo's GPT; with model.hf_config use "
-             "naive or frozen_a")
     _require(cfg.run.mode == "diloco" and cfg.comm.backend == "torch",
              "outer.lora_aggregate = exact needs run.mode = diloco and comm.backend = torch (a fixed group: "
              "every worker folds every worker's adapters into its base)")

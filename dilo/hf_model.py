@@ -63,7 +63,21 @@ class HFCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def add_peft_lora(model: HFCausalLM, rank: int, alpha: float, targets: list[str], train_a: bool) -> None:
+class PeftAdapter:
+    """One peft LoRA layer seen as dilo/lora.py's LoRALinear (lora_a, lora_b, weight, scale),
+    for outer.lora_aggregate = exact."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    lora_a = property(lambda self: self.layer.lora_A["default"].weight)
+    lora_b = property(lambda self: self.layer.lora_B["default"].weight)
+    weight = property(lambda self: self.layer.base_layer.weight)
+    scale = property(lambda self: self.layer.scaling["default"])
+
+
+def add_peft_lora(model: HFCausalLM, rank: int, alpha: float, targets: list[str],
+                  train_a: bool) -> list[PeftAdapter]:
     """Wrap `targets` with peft's LoRA; everything else frozen (peft's doing). With
     `train_a` False the A matrices stay at their initialisation (outer.lora_aggregate =
     frozen_a): drawn from torch's RNG, seeded alike on every worker."""
@@ -81,3 +95,5 @@ def add_peft_lora(model: HFCausalLM, rank: int, alpha: float, targets: list[str]
         for name, p in model.hf.named_parameters():
             if "lora_A" in name:
                 p.requires_grad_(False)
+    return [PeftAdapter(m) for m in model.hf.modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and "default" in m.lora_A]

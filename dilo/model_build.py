@@ -19,7 +19,7 @@ from dilo import checkpoint
 from dilo.config import Config
 from dilo.config_checks import lora_targets
 from dilo.global_layout import flatten_fp32, write_flat
-from dilo.lora import ExactAggregation, LoRALinear, add_lora
+from dilo.lora import ExactAggregation, add_lora
 from dilo.model import GPT
 
 log = logging.getLogger("dilo")
@@ -28,8 +28,8 @@ log = logging.getLogger("dilo")
 @dataclass
 class BuiltModel:
     model: nn.Module
-    adapters: list[LoRALinear] = field(default_factory=list)
-    """dilo's GPT with LoRA: the wrapped layers (outer.lora_aggregate = exact folds into them)."""
+    adapters: list = field(default_factory=list)
+    """The adapted layers (LoRALinear, or hf_model.PeftAdapter): exact folds into their bases."""
     base_from: str = ""
     """The checkpoint the frozen base was loaded from ("" = none: the base is fresh)."""
 
@@ -56,7 +56,8 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
     if m.hf_config:
         from dilo.hf_model import add_peft_lora
 
-        add_peft_lora(model, m.lora_rank, m.lora_alpha, targets, train_a=aggregate != "frozen_a")
+        built.adapters = add_peft_lora(model, m.lora_rank, m.lora_alpha, targets,
+                                       train_a=aggregate != "frozen_a")
     else:
         built.adapters = add_lora(model, m.lora_rank, m.lora_alpha, targets, aggregate, seed=cfg.run.seed)
     return built

@@ -47,7 +47,7 @@ def test_gpt_lora_exact_from_a_base(procs, tmp_path):
 
 
 @pytest.mark.e2e
-def test_hf_llama_with_peft_lora_two_workers(procs, tmp_path):
+def test_hf_llama_with_peft_lora_exact_two_workers(procs, tmp_path):
     pytest.importorskip("transformers", reason="model.hf_config needs the [hf] extra (transformers)")
     pytest.importorskip("peft", reason="LoRA on a Hugging Face model needs the [hf] extra (peft)")
     config = tmp_path / "config.json"
@@ -57,11 +57,34 @@ def test_hf_llama_with_peft_lora_two_workers(procs, tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--run.dir", str(run), "--run.steps", "6", "--outer.inner_steps", "3",
             "--data.path", str(tokens), "--model.hf_config", str(config), "--model.lora_rank", "4",
-            "--outer.lora_aggregate", "frozen_a"]
+            "--outer.lora_aggregate", "exact", "--checkpoint.every", "1"]
     res = procs.run(torchrun_cmd(2, args), tmp_path / "log.txt")
     assert res.returncode == 0, res.stdout[-3000:]
     found = summaries(run)
     assert len(found) == 2 and found[0]["global_hash"] == found[1]["global_hash"]
-    # frozen_a: only B of q_proj (32×4) and v_proj (16×4) in 2 layers is trained and exchanged
-    assert found[0]["synced_params"] == 2 * (32 * 4 + 16 * 4)
-    assert all(s["outer_steps"] == 2 for s in found)
+    # A and B of q_proj (32→32) and v_proj (32→16, 2 kv heads) in 2 layers, rank 4
+    adapters = 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)
+    assert found[0]["synced_params"] == adapters and all(s["outer_steps"] == 2 for s in found)
+    assert found[0]["bytes_sent"] >= 2 * 4 * adapters  # exact's all-gather, 2 outer steps
+    states = [checkpoint.read_verified(run / "checkpoints" / "step-000002" / f"worker-{w}.pt") for w in (0, 1)]
+    bases = [{k: v for k, v in s["model_rest"].items() if "q_proj.base_layer" in k} for s in states]
+    assert len(bases[0]) == 2 and all(torch.equal(bases[0][k], bases[1][k]) for k in bases[0])
+
+
+def test_peft_frozen_a_trains_b_only(tmp_path):
+    pytest.importorskip("transformers", reason="model.hf_config needs the [hf] extra (transformers)")
+    pytest.importorskip("peft", reason="LoRA on a Hugging Face model needs the [hf] extra (peft)")
+    from dilo.hf_model import HFCausalLM, add_peft_lora
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA))
+    model = HFCausalLM(str(config), vocab_size=256, seq_len=32)
+    x = torch.randint(0, 256, (2, 32))
+    before = model(x).detach()
+    adapters = add_peft_lora(model, 4, 8.0, ["q_proj", "v_proj"], train_a=False)
+    assert len(adapters) == 4
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(a.lora_b) for a in adapters}
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)  # B = 0: the adapted model is the base
+    with pytest.raises(ValueError, match="vocab_size"):
+        HFCausalLM(str(config), vocab_size=1000, seq_len=32)
