@@ -1,4 +1,5 @@
-"""LoRA adapters for dilo's GPT, and how DiLoCo aggregates them (docs/adapters.md).
+"""LoRA adapters for dilo's GPT, and how DiLoCo aggregates adapters (these, or peft's layers
+of a Hugging Face model seen through dilo/hf_model.py's PeftAdapter; docs/adapters.md).
 
 `add_lora(model, ...)` wraps the chosen linear layers: y = W x + b + s·B A x with
 s = alpha / rank, A (rank × in) and B (out × rank). The base W, b and every other

@@ -18,7 +18,7 @@ import torch.nn as nn
 from dilo import checkpoint
 from dilo.config import Config
 from dilo.config_checks import lora_targets
-from dilo.global_layout import flatten_fp32, write_flat
+from dilo.global_layout import write_flat
 from dilo.lora import ExactAggregation, add_lora
 from dilo.model import GPT
 
@@ -88,7 +88,3 @@ def attach_aggregation(built: BuiltModel, cfg: Config, diloco) -> None:
     if cfg.model.lora_rank and cfg.outer.lora_aggregate == "exact" and diloco is not None:
         diloco.after_outer_step = ExactAggregation(built.adapters, diloco.params, diloco.group, cfg.outer.lr)
 
-
-def flat_base(built: BuiltModel) -> torch.Tensor:
-    """The adapted layers' frozen weights, flat (tests compare replicas with it)."""
-    return flatten_fp32([layer.weight for layer in built.adapters])
