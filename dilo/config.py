@@ -52,6 +52,14 @@ class ModelConfig:
     """Attention heads; must divide d_model."""
     dropout: float = 0.0
     """Dropout probability inside blocks."""
+    lora_rank: int = 0
+    """LoRA rank r (0 = off): the base (from checkpoint.init_from) is frozen and only the adapters train and are exchanged (docs/adapters.md)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank)·B A."""
+    lora_targets: str = ""
+    """Comma-separated linear layers that get adapters: for dilo's GPT a subset of qkv, proj, fc, fc_out; for model.hf_config peft module names; "" = qkv,proj (GPT) or q_proj,v_proj (hf)."""
+    hf_config: str = ""
+    """Path to a Hugging Face transformers config.json: the model is AutoModelForCausalLM.from_config (nothing downloaded; needs the [hf] extra); model.vocab_size/seq_len still size the data, the other model.* shape keys are ignored."""
 
 
 @dataclass
@@ -111,6 +119,8 @@ class OuterConfig:
     hidden behind round t+1) or `eager` (delayed, and the live model restarts from a local
     outer step that uses the fresh own Δ in place of the stale own share). Delayed steps
     oscillate with momentum 0.9: use a low outer.momentum (docs/streaming.md)."""
+    lora_aggregate: str = "naive"
+    """With model.lora_rank > 0: `naive` (average A and B separately: inexact), `frozen_a` (A fixed from the seed, only B trained and exchanged: exact) or `exact` (fold the residual of the mean of the B·A products into the frozen base after every outer step; docs/adapters.md)."""
 
 
 @dataclass

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dilo.options import CODEC_NAMES, check_outer_options
 
+LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
+"""The linear layers of a dilo GPT block that `model.lora_targets` may name."""
+LORA_AGGREGATES = ("naive", "frozen_a", "exact")
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,6 +55,7 @@ def validate(cfg) -> None:
     _require(0.0 <= i.min_lr_ratio <= 1.0, f"inner.min_lr_ratio must be in [0, 1], got {i.min_lr_ratio}")
     _require(i.grad_clip >= 0, f"inner.grad_clip must be >= 0 (0 = off), got {i.grad_clip}")
     _validate_streaming(cfg)
+    _validate_adapters(cfg)
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
@@ -123,6 +127,41 @@ def _validate_streaming(cfg) -> None:
                                        ("outer.alpha", o.alpha != 0.0), ("outer.overlap", o.overlap != "none"),
                                        ("comm.error_feedback", c.error_feedback)) if on]
         _require(not changed, f"{', '.join(changed)} only apply to run.mode = diloco, not {cfg.run.mode!r}")
+
+
+def lora_targets(model) -> list[str]:
+    """`model.lora_targets` as a list (its default filled in for the model kind)."""
+    text = model.lora_targets or ("q_proj,v_proj" if model.hf_config else "qkv,proj")
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _validate_adapters(cfg) -> None:
+    """model.lora_*, model.hf_config and outer.lora_aggregate (docs/adapters.md)."""
+    m, o = cfg.model, cfg.outer
+    _require(m.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = no adapters), got {m.lora_rank}")
+    _require(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    _require(o.lora_aggregate in LORA_AGGREGATES, f"outer.lora_aggregate must be one of "
+             f"{', '.join(LORA_AGGREGATES)}, got {o.lora_aggregate!r}")
+    targets = lora_targets(m)
+    _require(bool(targets), f"model.lora_targets names no layer: {m.lora_targets!r}")
+    if not m.hf_config:
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        _require(not bad, f"model.lora_targets must be a comma-separated subset of {', '.join(LORA_TARGETS)} "
+                 f"for dilo's GPT; {', '.join(bad)} is not")
+    if m.lora_rank == 0:
+        _require(o.lora_aggregate == "naive" and not m.lora_targets,
+                 "outer.lora_aggregate and model.lora_targets only apply with model.lora_rank > 0")
+    if m.hf_config:
+        _require(m.hf_config.endswith(".json"), f"model.hf_config must be a transformers config.json file, "
+                 f"got {m.hf_config!r}")
+    if o.lora_aggregate != "exact":
+        return
+    _require(cfg.run.mode == "diloco" and cfg.comm.backend == "torch",
+             "outer.lora_aggregate = exact needs run.mode = diloco and comm.backend = torch (a fixed group: "
+             "every worker folds every worker's adapters into its base)")
+    _require(o.fragments == 1 and o.delay == 0 and o.overlap == "none" and o.alpha == 0.0,
+             "outer.lora_aggregate = exact needs outer.fragments = 1, delay = 0, overlap = none, alpha = 0")
+    _require(cfg.run.worker_size == 1, "outer.lora_aggregate = exact needs run.worker_size = 1")
 
 
 def _validate_metrics(cfg) -> None:

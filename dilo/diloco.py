@@ -133,6 +133,11 @@ class DiLoCo(OuterState):
                          RoundsInFlight(self.group, background=delay > 0 or overlapped),
                          {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
                           "error_feedback": error_feedback})
+        self.after_outer_step = None
+        """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
+        member after each outer step while the live model still holds its own trained values
+        (fragments = 1, no delay or overlap; dilo/lora.py's exact aggregation). A step skipped
+        for a non-finite average calls it on no member (the average is everyone's)."""
         self.joined = self.group.bind(self)  # a running swarm's state, or None
         if self.joined is not None:
             self.adopt_state(self.joined)
@@ -230,6 +235,7 @@ class DiLoCo(OuterState):
         with self._state_lock:  # (export_state reads the outer step and the rounds in flight together)
             self.in_flight.remove(rnd)
         adopted = result.adopted is not None
+        hook_bytes = (0, 0)
         if adopted:
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
@@ -242,9 +248,13 @@ class DiLoCo(OuterState):
             with self._state_lock:
                 self.outer_step += 1
         else:
+            frag = self.fragments[rnd.fragment]
+            before = frag.theta.detach().clone() if self.after_outer_step is not None else None
             with self._state_lock:
-                self.fragments[rnd.fragment].apply_outer_step(result.average)
+                frag.apply_outer_step(result.average)
                 self.outer_step += 1
+            if before is not None:
+                hook_bytes = self.after_outer_step(before, frag.theta.detach())
         if mean_buffers is not None:
             write_flat(self.buffers, mean_buffers)
         t_digest = time.perf_counter()
@@ -256,8 +266,9 @@ class DiLoCo(OuterState):
         t_end = time.perf_counter()
         exposed = min(rnd.handle.exposed_seconds, seconds)
         stats = SyncStats(
-            outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent,
-            bytes_received=result.bytes_received, num_peers=result.num_peers, global_hash=digest,
+            outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent + hook_bytes[0],
+            bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers,
+            global_hash=digest,
             dropped=result.dropped, codec_error=result.codec_error,
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,

@@ -21,6 +21,7 @@ otherwise (resume.py).
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import secrets
@@ -41,7 +42,8 @@ from dilo.config_help import help_text, wants_help
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, lr_at
-from dilo.model import GPT, param_groups
+from dilo.model import param_groups
+from dilo.model_build import attach_aggregation, build_model
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
 from dilo.world import join_world
@@ -69,7 +71,8 @@ class Trainer:
         batches, self.eval_set = load_data(cfg, shard, num_shards, world.worker_size)
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
         random.seed(cfg.run.seed + shard)
-        self.model = GPT(cfg.model).to(world.device)
+        self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
+        self.model = self.built.model
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
@@ -85,6 +88,7 @@ class Trainer:
                                  fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                                  alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
                                  error_feedback=cfg.comm.error_feedback)
+            attach_aggregation(self.built, cfg, self.diloco)
             if world.island:  # inner steps: data-parallel over the worker's own ranks only
                 self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    process_group=world.island.intra_pg)
@@ -102,7 +106,12 @@ class Trainer:
 
         self.metrics, port = open_metrics(cfg, world, worker)
         self.counts.attach(self.metrics.count)
-        self.checkpoints = Checkpoints(cfg, world, self.groups.world, self.state, self.metrics, self.world_id)
+        restore_cfg = cfg
+        if self.built.base_from:  # init_from was the adapters' frozen base, loaded by build_model
+            restore_cfg = copy.deepcopy(cfg)
+            restore_cfg.checkpoint.init_from = ""
+        self.checkpoints = Checkpoints(restore_cfg, world, self.groups.world, self.state, self.metrics,
+                                       self.world_id)
         synced = self.diloco.numel if self.diloco else self.model.num_params()
         self.report = RunReport(cfg, world, self.metrics, self.world_id, self.state, synced,
                                 self.groups.swarm, self.start_time)
