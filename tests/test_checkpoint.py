@@ -150,3 +150,74 @@ def test_resume_with_other_settings_names_them(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "outer.lr = 0.7 (now 0.5)" in err and "Traceback" not in err
 
+
+
+def _trainer(monkeypatch, run, *args):
+    from dilo.train import Trainer
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return Trainer(parse_args([*SMALL, "--run.dir", str(run), *args]))
+
+
+def test_init_from_compares_names_and_shapes_not_only_counts(tmp_path, monkeypatch):
+    src = _trainer(monkeypatch, tmp_path / "src")
+    try:
+        state = src.state.state_dict()
+        want = src.diloco.global_params.detach().clone()
+    finally:
+        src.close()
+    path = checkpoint.save(tmp_path / "src", 0, 1, state, keep=1)
+    assert state["param_shapes"][0] == ("tok_emb.weight", [256, 32])
+    # vocab +16, seq_len -16: the same number of parameters (tied head), other shapes
+    other = _trainer(monkeypatch, tmp_path / "b", "--model.vocab_size", "272", "--model.seq_len", "16",
+                     "--checkpoint.init_from", str(path))
+    deeper = _trainer(monkeypatch, tmp_path / "c", "--model.n_layers", "2", "--checkpoint.init_from", str(path))
+    same = _trainer(monkeypatch, tmp_path / "d", "--checkpoint.init_from", str(path))
+    try:
+        assert other.diloco.numel == src.diloco.numel
+        before = other.diloco.global_params.detach().clone()
+        with pytest.raises(ValueError, match=r"does not fit this model: shape in the checkpoint vs this model "
+                                             r"\(2\): tok_emb.weight \(256, 32\) vs \(272, 32\), "
+                                             r"pos_emb.weight \(32, 32\) vs \(16, 32\)"):
+            other.checkpoints.restore()
+        assert torch.equal(other.diloco.global_params, before)  # nothing loaded
+        with pytest.raises(ValueError, match=r"missing from the checkpoint \(\d+\): blocks.1\."):
+            deeper.checkpoints.restore()
+        same.checkpoints.restore()
+        assert torch.equal(same.diloco.global_params.detach(), want)
+        # a file written before the names were recorded: the model.* settings are compared
+        del state["param_shapes"]
+        old = checkpoint.save(tmp_path / "old", 0, 1, state, keep=1)
+        with pytest.raises(ValueError, match=r"written with model.vocab_size = 256 \(now 272\); "
+                                             r"model.seq_len = 32 \(now 16\)"):
+            other.state.init_from(str(old))
+        same.state.init_from(str(old))
+    finally:
+        for t in (other, deeper, same):
+            t.close()
+
+
+def test_init_from_a_data_parallel_run_checks_names_and_sets_theta(tmp_path, monkeypatch):
+    from dilo.global_layout import flatten_fp32
+
+    src = _trainer(monkeypatch, tmp_path / "src", "--run.mode", "ddp")
+    try:
+        with torch.no_grad():  # trained weights, unlike a fresh model of the same seed
+            for p in src.model.parameters():
+                p.add_(0.5)
+        path = checkpoint.save(tmp_path / "src", 0, 1, src.state.state_dict(), keep=1)
+        want = flatten_fp32(list(src.model.parameters()))
+    finally:
+        src.close()
+    same = _trainer(monkeypatch, tmp_path / "a", "--checkpoint.init_from", str(path))
+    other = _trainer(monkeypatch, tmp_path / "b", "--run.mode", "ddp", "--model.d_model", "64",
+                     "--checkpoint.init_from", str(path))
+    try:
+        same.checkpoints.restore()
+        assert torch.equal(same.diloco.global_params.detach(), want)  # θ, not only the live weights
+        with pytest.raises(ValueError, match=r"tok_emb.weight \(256, 32\) vs \(256, 64\)"):
+            other.checkpoints.restore()
+    finally:
+        same.close()
+        other.close()
