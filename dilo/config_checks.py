@@ -74,9 +74,9 @@ def validate(cfg) -> None:
     _validate_peers(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
     _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
-    _require(not (k.resume and k.init_from),
-             "checkpoint.resume and checkpoint.init_from exclude each other: resume continues a run, "
-             "init_from starts a new one from its weights")
+    _require(not (k.resume not in ("", "fresh") and k.init_from),
+             "checkpoint.resume and checkpoint.init_from exclude each other (except checkpoint.resume "
+             "fresh): resume continues a run, init_from starts a new one from its weights")
     _validate_metrics(cfg)
 
 

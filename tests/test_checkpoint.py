@@ -221,3 +221,43 @@ def test_init_from_a_data_parallel_run_checks_names_and_sets_theta(tmp_path, mon
     finally:
         same.close()
         other.close()
+
+
+def test_resume_auto_over_only_damaged_files_refuses_and_fresh_sets_them_aside(tmp_path, monkeypatch, capsys):
+    from dilo.train import main
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    run = tmp_path / "run"
+    args = [*SMALL, "--run.dir", str(run), *COMMON[:1], "10", *COMMON[2:]]
+    assert main(args) == 0
+    files = sorted(checkpoint.checkpoint_root(run).rglob("worker-*.pt"))
+    assert len(files) == 2
+    for i, f in enumerate(files):  # every file damaged, each its own way
+        f.write_bytes(f.read_bytes()[:-100] if i == 0 else b"NOTDILO!" + f.read_bytes()[8:])
+    before = {f: f.read_bytes() for f in files}
+    capsys.readouterr()
+    assert main([*args, "--checkpoint.resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoint files but none is valid" in err and "--checkpoint.resume fresh" in err
+    assert f"{files[0]} is truncated" in err and f"{files[1]} is not a dilo checkpoint" in err
+    assert {f: f.read_bytes() for f in files} == before  # never overwritten
+    assert main(args) == 2 and "--checkpoint.resume fresh" in capsys.readouterr().err
+    assert main([*args, "--checkpoint.resume", "fresh"]) == 0
+    aside = list(run.glob("checkpoints.old-*"))
+    assert len(aside) == 1
+    for f, data in before.items():  # moved, byte for byte
+        assert (aside[0] / f.relative_to(checkpoint.checkpoint_root(run))).read_bytes() == data
+    assert checkpoint.list_steps(run) == [1, 2]  # the new run's, valid
+    assert main([*args, "--checkpoint.resume", "auto", "--run.steps", "15"]) == 0  # a good resume: unchanged
+
+
+def test_survey_reports_why_each_file_was_rejected(tmp_path):
+    good = checkpoint.save(tmp_path, 0, 1, {"outer_step": 1, "num_workers": 1}, keep=5)
+    bad = checkpoint.save(tmp_path, 0, 2, {"outer_step": 2, "num_workers": 1}, keep=5)
+    bad.write_bytes(bad.read_bytes()[:-1])
+    rejected: list[str] = []
+    found = resume.survey([good.parent, bad.parent], 0, 1, rejected)
+    assert [f["step"] for f in found] == [1] and rejected == [f"checkpoint {bad} is truncated: "
+                                                              f"{bad.stat().st_size - 48} of "
+                                                              f"{bad.stat().st_size - 47} payload bytes"]
