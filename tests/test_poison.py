@@ -60,3 +60,14 @@ def test_todays_defence_drops_nan_under_int8_and_accepts_x1000(procs, tmp_path):
     assert all(s["dropped_contributions"] == 0 for s in scaled)  # accepted: nothing refuses it today
     # and it wrecks the model (measured: eval loss 258 against 4.8 with the NaN liar dropped)
     assert scaled[0]["final_eval_loss"] > 2 * nan[0]["final_eval_loss"]
+
+
+def test_bench_robust_covers_the_six_attacks_and_refuses_unknown_ones():
+    from tools.bench_robust import ATTACKS, main
+
+    assert set(ATTACKS) == {"x1000", "sign", "noise", "inf_fp16", "inf_bf16", "nan_ef"}
+    assert {kind for kind, _ in ATTACKS.values()} == set(KINDS)
+    assert ATTACKS["nan_ef"][1][-2:] == ["--comm.error_feedback", "true"]
+    for bad in (["--attacks", "lies"], ["--workers", "1"], ["--steps", "30", "--inner-steps", "20"]):
+        with pytest.raises(SystemExit):
+            main(bad)
