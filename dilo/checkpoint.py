@@ -126,6 +126,25 @@ def list_steps(run_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
+def set_aside(run_dir: str | Path) -> Path | None:
+    """`checkpoint.resume fresh`: rename `<run.dir>/checkpoints` to `checkpoints.old-<UTC time>`
+    (nothing is deleted); None if there is none. Several processes may call it at once on a
+    shared filesystem: the first renames, the others find it gone."""
+    root = checkpoint_root(run_dir)
+    aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    try:
+        if not any(root.iterdir()):
+            return None
+        root.rename(aside)
+    except FileNotFoundError:  # no checkpoints, or another process moved them first
+        return None
+    except OSError as e:  # e.g. another process's rename won with the same name
+        if aside.is_dir() and not root.exists():
+            return None
+        raise CheckpointError(f"checkpoint.resume = fresh: cannot set aside {root}: {e}") from None
+    return aside
+
+
 def resolve_init_from(path: str | Path) -> Path:
     """`checkpoint.init_from` may name a worker file or a step folder."""
     path = Path(path)

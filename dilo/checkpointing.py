@@ -28,14 +28,17 @@ class Checkpoints:
     def restore(self) -> None:
         """Apply checkpoint.init_from / checkpoint.resume before the first step (a collective)."""
         k, run_dir, s = self.cfg.checkpoint, self.cfg.run.dir, self.state
+        if k.resume == "fresh":
+            self.set_aside()
         if k.init_from:
             s.init_from(k.init_from)
             return
-        if not k.resume:
+        if k.resume in ("", "fresh"):
             existing = checkpoint.list_steps(run_dir)
             if existing:
                 raise ValueError(f"run.dir {run_dir} already holds checkpoints (newest: step "
-                                 f"{existing[-1]}); pass --checkpoint.resume auto to continue it, or "
+                                 f"{existing[-1]}); pass --checkpoint.resume auto to continue it, "
+                                 "--checkpoint.resume fresh to set them aside and start over, or "
                                  "choose another run.dir")
             return
         found = resume.resume(resume.ResumeContext(run_dir, k.resume, s.worker, self.world.num_workers,
@@ -51,6 +54,16 @@ class Checkpoints:
         self.metrics.log("event", event="resume", path=plan.dir, how=plan.kind, step=s.inner_step,
                          outer_step=s.outer_step, written_by=plan.written_by, workers=s.num_workers,
                          inner_from=found.inner_from, world=self.world_id, global_hash=s.global_hash())
+
+    def set_aside(self) -> None:
+        """`checkpoint.resume fresh`: the run.dir's checkpoints renamed, not deleted (a collective:
+        no process starts writing new ones before every process has moved or seen them moved)."""
+        aside = checkpoint.set_aside(self.cfg.run.dir) if self.world.speaks_for_worker else None
+        self.world_group.all_gather_object(None)
+        if aside is not None:
+            log.warning("checkpoint.resume = fresh: set the existing checkpoints aside in %s; "
+                        "starting from step 0", aside)
+            self.metrics.log("event", event="checkpoints_set_aside", path=str(aside))
 
     def save(self) -> None:
         """This worker's file for the current outer step (its rank 0 writes for all its ranks)."""

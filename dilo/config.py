@@ -173,7 +173,7 @@ class CheckpointConfig:
     keep: int = 3
     """How many checkpoints each worker keeps."""
     resume: str = ""
-    """"" = start fresh, `auto` = newest valid state in run.dir (fresh if none; exact for the same world size, elastic otherwise), or a step directory path."""
+    """"" = start fresh (refused if run.dir holds checkpoints), `auto` = newest valid state in run.dir (fresh if there are no checkpoint files; refused, listing them, if there are some but none is valid; exact for the same world size, elastic otherwise), `fresh` = set run.dir's checkpoints aside (renamed to checkpoints.old-<time>) and start from step 0, or a step directory path."""
     init_from: str = ""
     """Start a new run from the global weights of this checkpoint file or step directory."""
     async_: bool = False

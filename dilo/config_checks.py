@@ -9,6 +9,9 @@ module reads it by attribute and does not import dilo.config (which imports it).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from dilo.options import CODEC_NAMES, check_outer_options
 
 LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
@@ -17,6 +20,12 @@ LORA_AGGREGATES = ("naive", "frozen_a", "exact")
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
 DEVICES = ("auto", "cpu", "cuda")
+INNER_LR_MAX = 1.0
+"""inner.lr above this is refused: AdamW moves every weight by up to lr per step, so lr > 1
+is a typo (published language-model values are 1e-5 .. 1e-2)."""
+OUTER_LR_MAX = 10.0
+"""outer.lr above this is refused: it multiplies the averaged pseudo-gradient (DiLoCo uses
+0.7; published sweeps stay at or below ~2), so > 10 amplifies every step tenfold."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -28,6 +37,7 @@ def validate(cfg) -> None:
     """Refuse impossible settings before anything starts."""
     r, m, d, i, o, c, k, x = (cfg.run, cfg.model, cfg.data, cfg.inner, cfg.outer, cfg.comm,
                               cfg.checkpoint, cfg.metrics)
+    _validate_finite(cfg)
     _require(r.mode in MODES, f"run.mode must be one of {', '.join(MODES)}, got {r.mode!r}")
     _require(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
@@ -48,7 +58,12 @@ def validate(cfg) -> None:
     _require(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
     _require(d.eval_every >= 0, f"data.eval_every must be >= 0, got {d.eval_every}")
     _require(i.lr > 0, f"inner.lr must be > 0, got {i.lr}")
+    _require(i.lr <= INNER_LR_MAX, f"inner.lr = {i.lr} is absurd for AdamW (it moves every weight by up to "
+             f"lr per step); allowed: 0 < inner.lr <= {INNER_LR_MAX:g}, typical 1e-4 .. 1e-3")
     _require(i.weight_decay >= 0, f"inner.weight_decay must be >= 0, got {i.weight_decay}")
+    _require(i.lr * i.weight_decay < 1, f"inner.lr x inner.weight_decay = {i.lr * i.weight_decay:g} must be "
+             "< 1: AdamW's decoupled decay multiplies every weight by (1 - lr x weight_decay) per step, "
+             "so the weights would be zeroed or flipped; lower inner.weight_decay (typical 0.01 .. 0.1)")
     for key in ("beta1", "beta2"):
         _require(0.0 <= getattr(i, key) < 1.0, f"inner.{key} must be in [0, 1), got {getattr(i, key)}")
     _require(i.warmup_steps >= 0, f"inner.warmup_steps must be >= 0, got {i.warmup_steps}")
@@ -63,10 +78,23 @@ def validate(cfg) -> None:
     _validate_peers(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
     _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
-    _require(not (k.resume and k.init_from),
-             "checkpoint.resume and checkpoint.init_from exclude each other: resume continues a run, "
-             "init_from starts a new one from its weights")
+    _require(not (k.resume not in ("", "fresh") and k.init_from),
+             "checkpoint.resume and checkpoint.init_from exclude each other (except checkpoint.resume "
+             "fresh): resume continues a run, init_from starts a new one from its weights")
     _validate_metrics(cfg)
+
+
+def _validate_finite(cfg) -> None:
+    """Every number a run reads must be finite: `inf` or `nan` anywhere (e.g. `--inner.lr inf`)
+    is refused by name, before the range checks (which nan would pass or confuse)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f"{section.name}.{f.name.rstrip('_')}"
+                raise ValueError(f"{key} must be a finite number, got {value}; set a real value "
+                                 "(a very long comm.timeout or peers.linger is a large number, e.g. 1e9)")
 
 
 def validate_world_size(cfg, world_size: int) -> None:
@@ -119,6 +147,8 @@ def _validate_streaming(cfg) -> None:
     check_outer_options(inner_steps=o.inner_steps, outer_lr=o.lr, outer_momentum=o.momentum, nesterov=o.nesterov,
                         fragments=o.fragments, delay=o.delay, alpha=o.alpha, overlap=o.overlap,
                         error_feedback=c.error_feedback, codec=c.codec)
+    _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
+             f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

@@ -189,6 +189,16 @@ def load_tokens(path: str, max_bytes: int, val_fraction: float) -> tuple[np.ndar
     return np.concatenate(train), np.concatenate(val)
 
 
+def check_vocab(splits: dict[str, np.ndarray], vocab_size: int) -> None:
+    """Refuse, before training starts, a split that holds a token id >= ``vocab_size``
+    (the embedding lookup would fail mid-run, e.g. at the first evaluation)."""
+    for name, tokens in splits.items():
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"data.path: the {name} split holds token id {int(tokens.max())} but "
+                             f"model.vocab_size is {vocab_size}; raise model.vocab_size to at least "
+                             f"{int(tokens.max()) + 1}")
+
+
 class ShardedBatches:
     """Endless ``(x, y)`` batches for one worker; the whole world reads one global row sequence.
 

@@ -8,15 +8,13 @@ import torch
 import torch.nn as nn
 
 from dilo.config import Config
-from dilo.data import ShardedBatches, eval_batches, load_tokens
+from dilo.data import ShardedBatches, check_vocab, eval_batches, load_tokens
 
 
 def load_data(cfg: Config, shard: int, num_shards: int, worker_size: int) -> tuple[ShardedBatches, list]:
     """The worker's training batches (shard `shard` of `num_shards`) and the evaluation set."""
     train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
-    if int(train_tokens.max()) >= cfg.model.vocab_size:
-        raise ValueError(f"data.path holds token id {int(train_tokens.max())} but model.vocab_size "
-                         f"is {cfg.model.vocab_size}; raise model.vocab_size")
+    check_vocab({"training": train_tokens, "validation": val_tokens}, cfg.model.vocab_size)
     # The worker reads its shard with worker_size x data.batch_size rows per step; its
     # rank r trains on rows r, r + S, r + 2S, ... (Trainer.next_batch). A worker of S
     # ranks thus sees exactly the stream of a one-process worker with S times the batch,

@@ -8,6 +8,8 @@ keyword of `dilo.DiLoCo` that sets the same option, so it reads right from eithe
 
 from __future__ import annotations
 
+import math
+
 OVERLAPS = ("none", "delayed", "eager")
 """`outer.overlap` / `overlap=`: when an exchange is applied (docs/streaming.md)."""
 CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
@@ -26,8 +28,8 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
     """
     if inner_steps < 1:
         _refuse(f"outer.inner_steps (H) must be >= 1, got {inner_steps}", "inner_steps")
-    if not outer_lr > 0:
-        _refuse(f"outer.lr must be > 0, got {outer_lr}", "outer_lr")
+    if not (outer_lr > 0 and math.isfinite(outer_lr)):
+        _refuse(f"outer.lr must be > 0 and finite, got {outer_lr}", "outer_lr")
     if not 0.0 <= outer_momentum < 1.0:
         _refuse(f"outer.momentum must be in [0, 1), got {outer_momentum}", "outer_momentum")
     if nesterov and outer_momentum == 0:

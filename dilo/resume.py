@@ -57,12 +57,12 @@ WORKER_KEYS = ("worker", "exact", "totals", "rng")
 _BROADCAST_MIN_NUMEL = 4096
 
 
-def survey(step_dirs: list[Path], rank: int, world_size: int) -> list[dict]:
+def survey(step_dirs: list[Path], rank: int, world_size: int, rejected: list[str] | None = None) -> list[dict]:
     """The checkpoint files this rank answers for that pass verification.
 
     Returns one small dict per valid file: step (outer step, from its content), worker,
     num_workers (the world that wrote it), exact (False for on-failure files), dir.
-    Damaged files are skipped with a warning.
+    Damaged files are skipped with a warning, and their reasons appended to `rejected`.
     """
     found = []
     for directory in step_dirs:
@@ -79,6 +79,8 @@ def survey(step_dirs: list[Path], rank: int, world_size: int) -> list[dict]:
                 state = checkpoint.read_verified(path)
             except checkpoint.CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)
+                if rejected is not None:
+                    rejected.append(str(e))
                 continue
             found.append({"step": int(state["outer_step"]), "worker": slot,
                           "num_workers": int(state["num_workers"]),
@@ -227,15 +229,25 @@ def resume(ctx: ResumeContext) -> Resumed | None:
 
     A collective: every process of `ctx.group` calls it.
     """
-    explicit = ctx.setting != "auto"
+    explicit = ctx.setting != "auto"  # ("fresh" never comes here: Checkpoints.restore)
     dirs = [Path(ctx.setting)] if explicit else [
         checkpoint.step_dir(ctx.run_dir, s) for s in checkpoint.list_steps(ctx.run_dir)]
-    mine = survey(dirs, ctx.worker, ctx.num_workers)
-    plan = plan_resume(ctx.group.all_gather_object(mine), ctx.num_workers)
+    rejected: list[str] = []
+    mine = survey(dirs, ctx.worker, ctx.num_workers, rejected)
+    everyone = ctx.group.all_gather_object((mine, rejected))
+    plan = plan_resume([found for found, _ in everyone], ctx.num_workers)
     if plan.kind == "fresh":
+        damaged = sorted({reason for _, reasons in everyone for reason in reasons})
+        listed = "".join(f"\n  - {reason}" for reason in damaged)
         if explicit:
             raise checkpoint.CheckpointError(f"checkpoint.resume={ctx.setting}: no valid "
-                                             "checkpoint file there (see the warnings above)")
+                                             f"checkpoint file there{listed or ' (no worker-*.pt file)'}")
+        if damaged:  # never start over them: step 1's save would overwrite them
+            raise checkpoint.CheckpointError(
+                f"checkpoint.resume = auto: {checkpoint.checkpoint_root(ctx.run_dir)} holds checkpoint "
+                f"files but none is valid; nothing was started and nothing changed:{listed}\n"
+                "Restore or repair them, or pass --checkpoint.resume fresh to set them aside "
+                "(renamed to checkpoints.old-<time>) and start from step 0")
         log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", ctx.run_dir)
         return None
     if plan.kind == "exact":

@@ -19,9 +19,13 @@ from dilo import checkpoint
 from dilo.config import Config, shared_settings_diff, shared_settings_of
 from dilo.data import ShardedBatches
 from dilo.diloco import DiLoCo
+from dilo.global_layout import flatten_fp32
 from dilo.stats import RunTotals
 
 log = logging.getLogger("dilo")
+
+_SHAPE_KEYS = ("vocab_size", "seq_len", "d_model", "n_layers")
+"""The model.* keys that set parameter shapes (for files that lack `param_shapes`)."""
 
 
 def params_hash(model: nn.Module, step: int) -> str:
@@ -79,6 +83,7 @@ class WorkerState:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
         if self.diloco:
+            state["param_shapes"] = self.synced_shapes()
             state["diloco"] = self.diloco.state_dict()
             synced = {id(p) for p in self.diloco.params}
             state["model_rest"] = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
@@ -122,14 +127,57 @@ class WorkerState:
                                              "the value recorded when it was saved")
         self.record_boundary()
 
+    def synced_shapes(self) -> list[tuple[str, list[int]]]:
+        """(name, shape) of the parameters DiLoCo synchronises, in θ's order."""
+        return [(n, list(p.shape)) for n, p in self.model.named_parameters() if p.requires_grad]
+
     def init_from(self, where: str) -> None:
-        """`checkpoint.init_from`: a new run from a checkpoint's global weights only."""
+        """`checkpoint.init_from`: a new run from a checkpoint's global weights only.
+
+        The checkpoint's parameter names and shapes must be this model's (a ValueError
+        lists the missing, unexpected and reshaped ones), checked before anything is loaded.
+        """
         path = checkpoint.resolve_init_from(where)
         state = checkpoint.read_verified(path)
         if "diloco" in state:
             if not self.diloco:
                 raise ValueError("checkpoint.init_from from a DiLoCo run needs run.mode = diloco")
+            _refuse_other_params(path, self._stored_shapes(path, state), self.synced_shapes())
             self.diloco.load_global_params(state["diloco"]["global_params"])
         else:
+            here = [(n, list(t.shape)) for n, t in self.model.state_dict().items()]
+            _refuse_other_params(path, [(n, list(t.shape)) for n, t in state["model"].items()], here)
             self.model.load_state_dict(state["model"])
+            if self.diloco:  # a data-parallel run's weights become θ too
+                self.diloco.load_global_params(flatten_fp32(self.diloco.params))
         log.info("initialised weights from %s (new run: fresh optimizers, schedule, data)", path)
+
+    def _stored_shapes(self, path, state: dict) -> list[tuple[str, list[int]]]:
+        """The checkpoint's (name, shape) list; a file written before dilo recorded them gives
+        this model's list if its shape settings are this run's, else it names those that differ."""
+        if "param_shapes" in state:
+            return [(n, list(shape)) for n, shape in state["param_shapes"]]
+        stored, here = state["config"].get("model", {}), self.cfg.to_dict()["model"]
+        differ = [f"model.{k} = {stored.get(k)!r} (now {here[k]!r})" for k in _SHAPE_KEYS if stored.get(k) != here[k]]
+        if differ:
+            raise ValueError(f"checkpoint.init_from={path} does not fit this model: it was written with "
+                             f"{'; '.join(differ)}; use the same model.* settings")
+        return self.synced_shapes()
+
+
+def _refuse_other_params(path, stored: list[tuple[str, list[int]]], here: list[tuple[str, list[int]]]) -> None:
+    """ValueError naming every parameter missing from the checkpoint, unexpected in it, or of
+    another shape (`stored` is the checkpoint's (name, shape) list, `here` this model's)."""
+    old, new = dict(stored), dict(here)
+    missing = [n for n in new if n not in old]
+    unexpected = [n for n in old if n not in new]
+    reshaped = [f"{n} {tuple(old[n])} vs {tuple(new[n])}" for n in new if n in old and old[n] != new[n]]
+    if [n for n, _ in stored] != [n for n, _ in here] and not (missing or unexpected or reshaped):
+        reshaped.append("the same parameters in another order")
+    problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{', ...' if len(items) > 8 else ''}"
+                for label, items in (("missing from the checkpoint", missing),
+                                     ("unexpected in the checkpoint", unexpected),
+                                     ("shape in the checkpoint vs this model", reshaped)) if items]
+    if problems:
+        raise ValueError(f"checkpoint.init_from={path} does not fit this model: {'; '.join(problems)}; "
+                         "set the model.* keys of the run that wrote it")

@@ -9,14 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SMALL
-
-# The final eval loss of the fault-free reference (2 workers, SMALL, 60 steps, H = 5) moves
-# by up to 9.9% when only the initial weights change (run.seed 0..4: 3.795, 3.631, 3.499,
-# 3.757, 3.845; max/min = 1.099). An elastic resume perturbs the trajectory less than a
-# new init does (same θ, same data, some AdamW moments restarted), so a correct run stays
-# inside that band; a resume from a wrong or stale state (initial loss 5.5) lands far
-# outside it. Exact resumes must give the reference's result bit for bit.
-LOSS_RATIO_BOUND = 1.10
+from tools.chaos_report import USUAL_LOSS_RATIO as LOSS_RATIO_BOUND  # why 1.10: its docstring
 
 
 def chaos(procs, tmp_path: Path, *args: str, timeout: float = 900) -> dict:
@@ -87,3 +80,28 @@ def test_report_accepts_failure_states_and_flags_states_never_reached(tmp_path):
     assert ok["resumes_from_unseen_state"] == 0 and ok["resumes_from_failure_state"] == 1
     bad = write("c")
     assert bad["resumes_from_unseen_state"] == 1 and bad["resumes_from_failure_state"] == 0
+
+
+def test_liar_fault_orders_a_lie_and_the_report_counts_poisoned_rounds(tmp_path):
+    import random
+
+    from tools.chaos import inject
+    from tools.chaos_report import poisoned_rounds
+    from tools.poison import Liar
+
+    class TwoWorkers:
+        def workers(self, node):
+            return [100 + node]
+
+    record = inject("liar", TwoWorkers(), random.Random(0), tmp_path, 20.0, [0, 1], ["sign"])
+    assert record["kind"] == "liar" and record["poison"] == "sign" and record["rank"] in (0, 1)
+    order = tmp_path / "poison-order.json"
+    assert json.loads(order.read_text()) == {"kind": "sign", "rank": record["rank"]}
+    import torch
+
+    liar = Liar(record["rank"], tmp_path, trigger=order)
+    honest = Liar(1 - record["rank"], tmp_path, trigger=order)
+    delta = torch.ones(4)
+    assert torch.equal(honest(delta, 0), delta) and torch.equal(liar(delta, 0), -10 * delta)
+    liar(delta, 0)
+    assert poisoned_rounds(tmp_path) == 2

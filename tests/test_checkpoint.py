@@ -150,3 +150,114 @@ def test_resume_with_other_settings_names_them(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "outer.lr = 0.7 (now 0.5)" in err and "Traceback" not in err
 
+
+
+def _trainer(monkeypatch, run, *args):
+    from dilo.train import Trainer
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return Trainer(parse_args([*SMALL, "--run.dir", str(run), *args]))
+
+
+def test_init_from_compares_names_and_shapes_not_only_counts(tmp_path, monkeypatch):
+    src = _trainer(monkeypatch, tmp_path / "src")
+    try:
+        state = src.state.state_dict()
+        want = src.diloco.global_params.detach().clone()
+    finally:
+        src.close()
+    path = checkpoint.save(tmp_path / "src", 0, 1, state, keep=1)
+    assert state["param_shapes"][0] == ("tok_emb.weight", [256, 32])
+    # vocab +16, seq_len -16: the same number of parameters (tied head), other shapes
+    other = _trainer(monkeypatch, tmp_path / "b", "--model.vocab_size", "272", "--model.seq_len", "16",
+                     "--checkpoint.init_from", str(path))
+    deeper = _trainer(monkeypatch, tmp_path / "c", "--model.n_layers", "2", "--checkpoint.init_from", str(path))
+    same = _trainer(monkeypatch, tmp_path / "d", "--checkpoint.init_from", str(path))
+    try:
+        assert other.diloco.numel == src.diloco.numel
+        before = other.diloco.global_params.detach().clone()
+        with pytest.raises(ValueError, match=r"does not fit this model: shape in the checkpoint vs this model "
+                                             r"\(2\): tok_emb.weight \(256, 32\) vs \(272, 32\), "
+                                             r"pos_emb.weight \(32, 32\) vs \(16, 32\)"):
+            other.checkpoints.restore()
+        assert torch.equal(other.diloco.global_params, before)  # nothing loaded
+        with pytest.raises(ValueError, match=r"missing from the checkpoint \(\d+\): blocks.1\."):
+            deeper.checkpoints.restore()
+        same.checkpoints.restore()
+        assert torch.equal(same.diloco.global_params.detach(), want)
+        # a file written before the names were recorded: the model.* settings are compared
+        del state["param_shapes"]
+        old = checkpoint.save(tmp_path / "old", 0, 1, state, keep=1)
+        with pytest.raises(ValueError, match=r"written with model.vocab_size = 256 \(now 272\); "
+                                             r"model.seq_len = 32 \(now 16\)"):
+            other.state.init_from(str(old))
+        same.state.init_from(str(old))
+    finally:
+        for t in (other, deeper, same):
+            t.close()
+
+
+def test_init_from_a_data_parallel_run_checks_names_and_sets_theta(tmp_path, monkeypatch):
+    from dilo.global_layout import flatten_fp32
+
+    src = _trainer(monkeypatch, tmp_path / "src", "--run.mode", "ddp")
+    try:
+        with torch.no_grad():  # trained weights, unlike a fresh model of the same seed
+            for p in src.model.parameters():
+                p.add_(0.5)
+        path = checkpoint.save(tmp_path / "src", 0, 1, src.state.state_dict(), keep=1)
+        want = flatten_fp32(list(src.model.parameters()))
+    finally:
+        src.close()
+    same = _trainer(monkeypatch, tmp_path / "a", "--checkpoint.init_from", str(path))
+    other = _trainer(monkeypatch, tmp_path / "b", "--run.mode", "ddp", "--model.d_model", "64",
+                     "--checkpoint.init_from", str(path))
+    try:
+        same.checkpoints.restore()
+        assert torch.equal(same.diloco.global_params.detach(), want)  # θ, not only the live weights
+        with pytest.raises(ValueError, match=r"tok_emb.weight \(256, 32\) vs \(256, 64\)"):
+            other.checkpoints.restore()
+    finally:
+        same.close()
+        other.close()
+
+
+def test_resume_auto_over_only_damaged_files_refuses_and_fresh_sets_them_aside(tmp_path, monkeypatch, capsys):
+    from dilo.train import main
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    run = tmp_path / "run"
+    args = [*SMALL, "--run.dir", str(run), *COMMON[:1], "10", *COMMON[2:]]
+    assert main(args) == 0
+    files = sorted(checkpoint.checkpoint_root(run).rglob("worker-*.pt"))
+    assert len(files) == 2
+    for i, f in enumerate(files):  # every file damaged, each its own way
+        f.write_bytes(f.read_bytes()[:-100] if i == 0 else b"NOTDILO!" + f.read_bytes()[8:])
+    before = {f: f.read_bytes() for f in files}
+    capsys.readouterr()
+    assert main([*args, "--checkpoint.resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoint files but none is valid" in err and "--checkpoint.resume fresh" in err
+    assert f"{files[0]} is truncated" in err and f"{files[1]} is not a dilo checkpoint" in err
+    assert {f: f.read_bytes() for f in files} == before  # never overwritten
+    assert main(args) == 2 and "--checkpoint.resume fresh" in capsys.readouterr().err
+    assert main([*args, "--checkpoint.resume", "fresh"]) == 0
+    aside = list(run.glob("checkpoints.old-*"))
+    assert len(aside) == 1
+    for f, data in before.items():  # moved, byte for byte
+        assert (aside[0] / f.relative_to(checkpoint.checkpoint_root(run))).read_bytes() == data
+    assert checkpoint.list_steps(run) == [1, 2]  # the new run's, valid
+    assert main([*args, "--checkpoint.resume", "auto", "--run.steps", "15"]) == 0  # a good resume: unchanged
+
+
+def test_survey_reports_why_each_file_was_rejected(tmp_path):
+    good = checkpoint.save(tmp_path, 0, 1, {"outer_step": 1, "num_workers": 1}, keep=5)
+    bad = checkpoint.save(tmp_path, 0, 2, {"outer_step": 2, "num_workers": 1}, keep=5)
+    bad.write_bytes(bad.read_bytes()[:-1])
+    rejected: list[str] = []
+    found = resume.survey([good.parent, bad.parent], 0, 1, rejected)
+    assert [f["step"] for f in found] == [1] and rejected == [f"checkpoint {bad} is truncated: "
+                                                              f"{bad.stat().st_size - 48} of "
+                                                              f"{bad.stat().st_size - 47} payload bytes"]

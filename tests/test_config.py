@@ -130,3 +130,34 @@ def test_swarm_help():
     res = cli("swarm", "--help")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: dilo swarm") and "--peers.key_file STR" in res.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--inner.lr", "inf"], "inner.lr must be a finite number, got inf"),
+    (["--inner.weight_decay", "inf"], "inner.weight_decay must be a finite number"),
+    (["--inner.grad_clip", "nan"], "inner.grad_clip must be a finite number, got nan"),
+    (["--outer.momentum", "nan"], "outer.momentum must be a finite number"),
+    (["--comm.timeout", "inf"], "comm.timeout must be a finite number"),
+    (["--peers.linger", "-inf"], "peers.linger must be a finite number"),
+    (["--inner.lr", "3"], "inner.lr = 3.0 is absurd for AdamW"),
+    (["--outer.lr", "50"], "outer.lr = 50.0 is absurd"),
+    (["--inner.lr", "0.5", "--inner.weight_decay", "2"], "inner.lr x inner.weight_decay = 1 must be < 1"),
+])
+def test_non_finite_and_absurd_hyperparameters_refused_at_config_time(args, needle):
+    with pytest.raises(ValueError) as e:
+        parse_args(["--config", TINY, *args])
+    assert needle in str(e.value)
+
+
+def test_research_values_of_hyperparameters_still_allowed():
+    cfg = parse_args(["--config", TINY, "--inner.lr", "0.03", "--outer.lr", "2.0", "--outer.momentum", "0.99",
+                      "--inner.weight_decay", "0.5", "--inner.grad_clip", "0"])
+    assert (cfg.inner.lr, cfg.outer.lr) == (0.03, 2.0)
+
+
+def test_diloco_refuses_a_non_finite_outer_lr():
+    from dilo.options import check_outer_options
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="outer.lr must be > 0 and finite.*DiLoCo keyword: outer_lr"):
+            check_outer_options(inner_steps=10, outer_lr=bad)

@@ -302,3 +302,25 @@ def test_eval_batches_deterministic_spread_and_clipped():
     assert eval_batches(np.empty(0, np.uint16), 4, 32, 3) == []
     with pytest.raises(ValueError, match="seq_len"):
         eval_batches(positions(20), 4, 32, 3)
+
+
+# --- token ids against model.vocab_size, every split, before training --------------
+
+
+def test_token_id_beyond_vocab_in_the_validation_split_refused_at_start(tmp_path):
+    from dilo.config import Config
+    from dilo.inner_loop import load_data
+
+    tokens = np.full(4 * VAL_BLOCK_TOKENS, 7, dtype=np.uint16)
+    tokens[-VAL_BLOCK_TOKENS:] = 300  # with val_fraction 0.25 the 4th block is validation only
+    np.save(tmp_path / "t.npy", tokens)
+    cfg = Config()
+    cfg.data.path, cfg.data.val_fraction, cfg.model.vocab_size = str(tmp_path / "t.npy"), 0.25, 256
+    train, val = load_tokens(cfg.data.path, 0, 0.25)
+    assert int(train.max()) == 7 and int(val.max()) == 300
+    with pytest.raises(ValueError, match=r"validation split holds token id 300 .* raise "
+                                         r"model.vocab_size to at least 301"):
+        load_data(cfg, 0, 1, 1)
+    cfg.model.vocab_size = 301
+    batches, evaluation = load_data(cfg, 0, 1, 1)
+    assert evaluation and int(evaluation[0][0].max()) == 300

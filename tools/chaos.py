@@ -15,6 +15,13 @@ drawn from `--seed`. Kinds (`--kinds`, default all):
   kill_in_checkpoint  SIGKILL a worker while it writes a checkpoint (caught by watching for
                       its temporary file; `mid_write` says whether the kill landed there)
   stall               SIGSTOP a worker for comm.timeout + 5 s (its peers time out), then SIGCONT
+  liar                from then on, one worker (a random rank) sends poisoned pseudo-gradients,
+                      one of `--poison` (default all of tools/poison.py's KINDS: scaled x1000,
+                      sign -10x, noise 100x its norm, inf, nan); not in the default --kinds.
+                      Its workers start with tools/poison_site on PYTHONPATH, whose
+                      sitecustomize installs tools/poison.py's hook; the fault writes the
+                      order (kind, rank) to <run dir>/poison-order.json. A test harness: the
+                      run goes on, and the report says what the liar did to the loss
 
 Fault i fires once training has reached a randomly drawn outer step and the current world
 has completed an outer step since the previous disruption (so every fault hits a running
@@ -24,8 +31,10 @@ would, and recorded as `agent_restart` (not counted as a fault).
 
 The JSON holds faults_injected, survived, hash_mismatches (outer steps where members of
 one world logged different global hashes, plus divergence errors), nonfinite_steps,
-final_eval_loss, reference_eval_loss, loss_ratio, wall_seconds, reference_wall_seconds and
-more (see `summarize`); the PNG shows both loss curves with the faults marked.
+final_eval_loss, reference_eval_loss, loss_ratio, loss_within_usual_ratio (within
+chaos_report.USUAL_LOSS_RATIO of the reference), poisoned_rounds (rounds a liar poisoned),
+wall_seconds, reference_wall_seconds and more (see `summarize`); the PNG shows both loss
+curves with the faults marked.
 """
 
 from __future__ import annotations
@@ -47,10 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chaos_cluster import CLUSTERS, Cluster  # noqa: E402
 from chaos_report import plot, summarize  # noqa: E402
+from poison import KINDS as POISON_KINDS  # noqa: E402
 
 from dilo.config import parse_args  # noqa: E402
 
-FAULT_KINDS = ("kill_worker", "kill_node", "kill_in_checkpoint", "stall")
+FAULT_KINDS = ("kill_worker", "kill_node", "kill_in_checkpoint", "stall", "liar")
+DEFAULT_KINDS = ("kill_worker", "kill_node", "kill_in_checkpoint", "stall")
+"""The liar is asked for by name: its faults change the result on purpose."""
+POISON_SITE = Path(__file__).resolve().parent / "poison_site"
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -61,7 +74,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--workers", type=int, default=4, help="DiLoCo workers in all (default 4)")
     p.add_argument("--nodes", type=int, default=2, help="simulated nodes (torchrun agents), default 2")
     p.add_argument("--faults", type=int, default=5, help="faults to inject (default 5)")
-    p.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"comma-separated fault kinds (default {','.join(DEFAULT_KINDS)}; also: liar)")
+    p.add_argument("--poison", default=",".join(POISON_KINDS),
+                   help="comma-separated lies a liar fault draws from (tools/poison.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--plot", default="", help="PNG path (default: --out with .png)")
@@ -79,6 +95,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     bad = [k for k in kinds if k not in FAULT_KINDS]
     if bad or not kinds:
         p.error(f"--kinds: unknown {bad}; choose from {', '.join(FAULT_KINDS)}")
+    poisons = [k for k in args.poison.split(",") if k]
+    if not poisons or any(k not in POISON_KINDS for k in poisons):
+        p.error(f"--poison: {args.poison!r}; choose from {', '.join(POISON_KINDS)}")
+    args.poison = poisons
     if args.nodes < 1 or args.workers < 1 or args.workers % args.nodes:
         p.error(f"--workers ({args.workers}) must be a positive multiple of --nodes ({args.nodes})")
     if args.nodes < 2 and "kill_node" in kinds:
@@ -147,9 +167,23 @@ def catch_checkpoint_write(run_dir: Path, writers: set[int], deadline: float) ->
     return None
 
 
+def order_lie(run_dir: Path, rank: int, poison: str) -> None:
+    """Tell tools/poison.py's hook in the workers which rank lies, and how (atomically)."""
+    tmp = run_dir / ".poison-order.json.tmp"
+    tmp.write_text(json.dumps({"kind": poison, "rank": rank}))
+    os.replace(tmp, run_dir / "poison-order.json")
+
+
 def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeout: float,
-           alive: list[int]) -> dict:
+           alive: list[int], poisons: list[str] = ()) -> dict:
     """Do one fault; returns its record (kind, pids, ...)."""
+    if kind == "liar":
+        ranks = sum(len(cluster.workers(n)) for n in alive)
+        if not ranks:
+            return {"kind": kind, "skipped": "no live worker"}
+        rank, poison = rng.randrange(ranks), rng.choice(list(poisons))
+        order_lie(run_dir, rank, poison)
+        return {"kind": kind, "rank": rank, "poison": poison}
     if kind == "kill_node":
         node = rng.choice(alive)
         return {"kind": kind, "node": node, "pids": cluster.kill_node(node)}
@@ -173,7 +207,7 @@ def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeo
 
 
 def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], rng: random.Random,
-             timeout: float, max_wall: float) -> dict:
+             timeout: float, max_wall: float, poisons: list[str] = ()) -> dict:
     """Start every node, inject the schedule, wait for the end. Returns the raw timeline."""
     tail = MetricsTail(run_dir)
     start = time.time()
@@ -235,7 +269,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             kind = schedule[index][0]
             if kind == "kill_node" and len(alive) < 2:
                 kind = "kill_worker"  # never the last node: that ends the job
-            record = inject(kind, cluster, rng, run_dir, timeout, alive)
+            record = inject(kind, cluster, rng, run_dir, timeout, alive, poisons)
             record.update(time=time.time() - start, outer_step=progress, scheduled=schedule[index][0])
             faults.append(record)
             index += 1
@@ -291,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists() and any(run_dir.iterdir()):
             print(f"chaos: {run_dir} is not empty; pass another --run-dir", file=sys.stderr)
             return 2
+        liar_env = {}
+        if any(kind == "liar" for kind, _ in plan):
+            liar_env = {"PYTHONPATH": f"{POISON_SITE}{os.pathsep}{Path(__file__).resolve().parents[1]}",
+                        "DILO_POISON_FILE": str(run_dir.resolve() / "poison-order.json")}
         cluster = CLUSTERS[args.backend](run_dir, args.nodes, args.workers // args.nodes,
-                                         [*train_args, "--run.dir", str(run_dir)], run_dir / "logs")
+                                         [*train_args, "--run.dir", str(run_dir)], run_dir / "logs",
+                                         extra_env=liar_env)
         try:
             print(f"chaos: {name} run in {run_dir} ({len(plan)} faults)", flush=True)
-            runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall)
+            runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall, args.poison)
         finally:
             cluster.close()
     result = summarize(run_root, runs, cfg, args, schedule)
@@ -304,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     keys = ("faults_injected", "survived", "hash_mismatches", "nonfinite_steps", "final_eval_loss",
-            "reference_eval_loss", "loss_ratio", "wall_seconds", "reference_wall_seconds")
+            "reference_eval_loss", "loss_ratio", "loss_within_usual_ratio", "poisoned_rounds",
+            "wall_seconds", "reference_wall_seconds")
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0
 

@@ -103,8 +103,9 @@ class TorchrunCluster(Cluster):
     """`num_nodes` elastic torchrun agents of `procs_per_node` workers each, on 127.0.0.1."""
 
     def __init__(self, run_dir: Path, num_nodes: int, procs_per_node: int, train_args: list[str],
-                 log_dir: Path, shutdown_timeout: int = 10):
+                 log_dir: Path, shutdown_timeout: int = 10, extra_env: dict | None = None):
         become_subreaper()
+        self.extra_env = dict(extra_env or {})  # e.g. the liar's hook (tools/poison.py)
         self.run_dir, self.num_nodes, self.procs_per_node = run_dir, num_nodes, procs_per_node
         self.train_args, self.log_dir = train_args, log_dir
         self.shutdown_timeout = shutdown_timeout
@@ -124,6 +125,7 @@ class TorchrunCluster(Cluster):
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.update(self.extra_env)
         return env
 
     def _wait_for_store(self, timeout: float = 120) -> None:

@@ -11,7 +11,10 @@ of its sync and event lines) appends to run_dir/metrics-<rank>.jsonl. From those
   failure in the hash check after an outer step saves that step's state before its sync
   line is written: such resumes are counted in resumes_from_failure_state);
 - nonfinite_steps: inner, sync and eval lines whose loss is not a finite number;
-- the final eval loss comes from the summaries of the world that finished.
+- the final eval loss comes from the summaries of the world that finished;
+  loss_within_usual_ratio: whether it is within USUAL_LOSS_RATIO of the reference's;
+- poisoned_rounds: rounds in which a liar (tools/poison.py) sent a poisoned pseudo-gradient,
+  from run_dir/poison-<rank>.jsonl.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dilo.metrics import read_jsonl  # noqa: E402
 
 
+USUAL_LOSS_RATIO = 1.10
+"""The band a correct faulty run stays in: the final eval loss of the fault-free reference
+(2 workers, tests.helpers.SMALL, 60 steps, H = 5) moves by up to 9.9% when only the initial
+weights change (run.seed 0..4: 3.795, 3.631, 3.499, 3.757, 3.845; max/min = 1.099). An
+elastic resume perturbs the trajectory less than a new init does; a resume from a wrong
+or stale state, or a liar that got through, lands far outside it."""
+
+
 def records(run_dir: Path) -> list[dict]:
     out = []
     for path in sorted(run_dir.glob("metrics-*.jsonl")):
@@ -36,6 +47,11 @@ def records(run_dir: Path) -> list[dict]:
 
 def finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def poisoned_rounds(run_dir: Path) -> int:
+    """Rounds a liar poisoned (one line per round in run_dir/poison-<rank>.jsonl)."""
+    return sum(len(read_jsonl(p)) for p in run_dir.glob("poison-*.jsonl"))
 
 
 def final_summaries(run_dir: Path) -> list[dict]:
@@ -127,6 +143,11 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
         "final_eval_loss": loss,
         "reference_eval_loss": ref_loss,
         "loss_ratio": loss / ref_loss if finite(loss) and finite(ref_loss) else None,
+        "loss_within_usual_ratio": (finite(loss) and finite(ref_loss)
+                                    and 1 / USUAL_LOSS_RATIO <= loss / ref_loss <= USUAL_LOSS_RATIO
+                                    if ref else None),
+        "usual_loss_ratio": USUAL_LOSS_RATIO,
+        "poisoned_rounds": poisoned_rounds(run_root / "chaos"),
         # exact resumes only (no world changed size): the result must be the reference's, bit for bit
         "same_result_as_reference": bool(ref) and got["final_global_hash"] == ref["final_global_hash"],
         "wall_seconds": chaos["wall_seconds"],
