@@ -35,8 +35,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg) -> None:
     """Refuse impossible settings before anything starts."""
-    r, m, d, i, o, c, k, x = (cfg.run, cfg.model, cfg.data, cfg.inner, cfg.outer, cfg.comm,
-                              cfg.checkpoint, cfg.metrics)
+    r, m, d, i, c, k = cfg.run, cfg.model, cfg.data, cfg.inner, cfg.comm, cfg.checkpoint
     _validate_finite(cfg)
     _require(r.mode in MODES, f"run.mode must be one of {', '.join(MODES)}, got {r.mode!r}")
     _require(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
