@@ -288,13 +288,13 @@ def test_a_resume_mid_stream_ends_on_the_same_hash_and_manifest(tmp_path):
     for i, name in enumerate(("a.txt", "b.txt", "c.txt")):
         (data / name).write_text(src[i * 5000:(i + 1) * 5000])
     procs = Procs()
-    common = [*SMALL, "--outer.inner_steps", "5", "--run.steps", "40", "--data.watch", "true",
+    common = [*SMALL, "--outer.inner_steps", "5", "--run.steps", "20", "--data.watch", "true",
               "--data.path", str(data), "--data.val_fraction", "0", "--data.replay", "0.25",
               "--checkpoint.every", "1", "--checkpoint.keep", "10"]
     try:
         full = procs.run(torchrun_cmd(2, [*common, "--run.dir", str(tmp_path / "full")]), tmp_path / "a.txt")
         assert full.returncode == 0, full.stdout[-3000:]
-        mid = checkpoint.step_dir(tmp_path / "full", 3)
+        mid = checkpoint.step_dir(tmp_path / "full", 2)
         resumed = procs.run(torchrun_cmd(2, [*common, "--run.dir", str(tmp_path / "again"),
                                              "--checkpoint.resume", str(mid)]), tmp_path / "b.txt")
         assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -302,7 +302,7 @@ def test_a_resume_mid_stream_ends_on_the_same_hash_and_manifest(tmp_path):
         procs.cleanup()
     ends = summaries(tmp_path / "full") + summaries(tmp_path / "again")
     assert len(ends) == 4 and len({s["global_hash"] for s in ends}) == 1
-    manifests = [checkpoint.read_verified(checkpoint.worker_file(checkpoint.step_dir(tmp_path / run, 8), w))["data"]
+    manifests = [checkpoint.read_verified(checkpoint.worker_file(checkpoint.step_dir(tmp_path / run, 4), w))["data"]
                  for run in ("full", "again") for w in (0, 1)]
     assert all({**m, "shard": 0} == {**manifests[0], "shard": 0} for m in manifests)
     assert manifests[0]["cursor"] >= 1  # the run moved on to later shards
