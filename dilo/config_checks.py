@@ -74,6 +74,9 @@ def _validate_continual(cfg) -> None:
     _require(d.watch or d.replay == 0.0, "data.replay draws from older shards of a watched folder; "
              "set data.watch = true (and data.path to a folder), or leave data.replay at 0")
     _require(not d.watch or bool(d.path), "data.watch = true needs data.path set to a folder to watch")
+    _require(not (d.watch and cfg.comm.backend == "hivemind"),
+             "data.watch is not available with comm.backend = hivemind yet: the workers agree on new "
+             "shards through the torch world group, which a swarm does not have (docs/continual.md)")
     names = [s.split("=", 1)[0].strip() for s in cfg.eval.sets]
     for s, name in zip(cfg.eval.sets, names):
         _require("=" in s and name and s.split("=", 1)[1].strip(),

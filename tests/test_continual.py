@@ -68,6 +68,8 @@ def test_endless_lr_is_warmup_then_constant_and_finite_runs_keep_their_cosine():
     (["--data.replay", "0.1"], "data.watch"),
     (["--data.watch", "true", "--data.path", "d", "--data.replay", "1"], "data.replay"),
     (["--data.watch", "true"], "data.path"),
+    (["--data.watch", "true", "--data.path", "d", "--comm.backend", "hivemind", "--peers.open", "true"],
+     "hivemind"),
     (["--eval.sets", "code"], "name=path"),
     (["--eval.sets", "a=x,a=y"], "distinct"),
     (["--publish.keep", "0"], "publish.keep"),
