@@ -308,3 +308,18 @@ def test_a_resume_mid_stream_ends_on_the_same_hash_and_manifest(tmp_path):
                  for run in ("full", "again") for w in (0, 1)]
     assert all({**m, "shard": 0} == {**manifests[0], "shard": 0} for m in manifests)
     assert manifests[0]["cursor"] >= 1  # the run moved on to later shards
+
+
+def test_plot_draws_one_curve_per_eval_set(tmp_path):
+    from tools import plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"kind": "inner", "step": 10, "loss": 4.0, "tokens_per_s": 10.0},
+             {"kind": "eval", "step": 10, "set": "code", "set_loss": 3.5},
+             {"kind": "eval", "step": 10, "set": "docs", "set_loss": 4.5},
+             {"kind": "eval", "step": 20, "set": "code", "set_loss": 3.0}]
+    (run / "metrics-0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    c = plot.curves(plot.load(str(run)))
+    assert c["set_loss"] == {"code": [(10, 3.5), (20, 3.0)], "docs": [(10, 4.5)]} and c["eval_loss"] == []
+    assert plot.main([str(run), "--out", str(tmp_path / "p.png")]) == 0
