@@ -22,7 +22,6 @@ phase, gain = the new domain's drop.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
