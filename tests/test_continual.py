@@ -323,3 +323,10 @@ def test_plot_draws_one_curve_per_eval_set(tmp_path):
     c = plot.curves(plot.load(str(run)))
     assert c["set_loss"] == {"code": [(10, 3.5), (20, 3.0)], "docs": [(10, 4.5)]} and c["eval_loss"] == []
     assert plot.main([str(run), "--out", str(tmp_path / "p.png")]) == 0
+
+
+def test_export_usage_and_a_missing_checkpoint_are_clear_errors(tmp_path, capsys):
+    assert cli_main(["export"]) == 2
+    assert "usage: dilo export CHECKPOINT OUT" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
