@@ -22,8 +22,8 @@ fixed stream (docs/design.md): row g of a shard is window g // L of lane g mod L
 a world of W workers reads rows [G, G + W*F), worker w its F rows from G + w*F. A shard
 whose remaining rows cannot fill a step is left and the next shard starts at row 0.
 
-Replay (`data.replay` r): R = round(r * B) of a worker's B rows per step come from older
-shards (those before the current one), chosen by a generator seeded with (run seed, step,
+Replay (`data.replay` r): R_n = floor((n+1)·r·B) − floor(n·r·B) of a worker's B rows at
+step n (r·B per step on average; the same R_n on every worker) come from older shards (those before the current one), chosen by a generator seeded with (run seed, step,
 worker slot): shard in proportion to its rows, then a row. The other F = B - R are fresh.
 With no older shard yet, all B are fresh.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -120,7 +121,7 @@ class WatchedBatches:
         self.shard, self.num_shards = shard, num_shards
         self.batch_size, self.seq_len = batch_size, seq_len
         self.val_fraction, self.when_idle, self.seed = val_fraction, when_idle, seed
-        self.replay_rows = round(replay * batch_size)
+        self.replay = replay
         self.vocab_size, self.stop_requested, self.poll_s = vocab_size, stop_requested, poll_s
         self.num_lanes = num_shards * batch_size
         self.shards: list[Shard] = []
@@ -182,7 +183,12 @@ class WatchedBatches:
     # -- reading ------------------------------------------------------------------------
     @property
     def fresh_rows(self) -> int:
-        return self.batch_size - (self.replay_rows if self.cursor > 0 else 0)
+        """B − R_n at step n: R_n = ⌊(n+1)·r·B⌋ − ⌊n·r·B⌋ replayed rows (0 on the first shard),
+        so the replayed share is r·B per step on average even when r·B is not a whole number."""
+        if self.cursor == 0 or not self.replay:
+            return self.batch_size
+        rb = self.replay * self.batch_size
+        return self.batch_size - (math.floor((self.steps + 1) * rb) - math.floor(self.steps * rb))
 
     def _advance_to_room(self) -> None:
         """Move the cursor to a shard with a step's fresh rows left (waiting or repeating)."""

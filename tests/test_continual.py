@@ -330,3 +330,15 @@ def test_export_usage_and_a_missing_checkpoint_are_clear_errors(tmp_path, capsys
     assert "usage: dilo export CHECKPOINT OUT" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_a_fractional_replay_share_is_exact_on_average(tmp_path):
+    folder = tmp_path / "data"
+    shard(folder, "a.npy", 200, 1)
+    s = WatchedBatches(str(folder), SoloGroup(), 0, 1, 4, T, replay=0.1)
+    s.cursor = 1  # reading a later shard: older ones exist
+    replayed = []
+    for n in range(100):
+        s.steps = n
+        replayed.append(4 - s.fresh_rows)
+    assert sum(replayed) == 40 and set(replayed) == {0, 1}  # 0.1 x 4 rows per step on average

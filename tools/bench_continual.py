@@ -70,8 +70,8 @@ def phase_steps(shard_bytes: int, workers: int, batch: int, seq_len: int, replay
                 first: bool) -> int:
     lanes = workers * batch
     rows = lanes * ((shard_bytes // lanes - 1) // seq_len)
-    fresh = batch - (0 if first else round(replay * batch))
-    return rows // (workers * fresh) // H * H
+    fresh = batch * (1.0 if first else 1.0 - replay)  # on average (dilo/data_stream.py)
+    return (int(rows / (workers * fresh)) - 1) // H * H  # never past the shard
 
 
 def run_replay(args, replay: float, domains: dict[str, bytes], work: Path) -> dict:
