@@ -27,7 +27,7 @@ class RunConfig:
     seed: int = 0
     """Seed for model init (same on every worker) and data order."""
     steps: int = 1000
-    """Inner steps per worker for the whole run."""
+    """Inner steps per worker for the whole run; 0 = train until stopped (SIGTERM/Ctrl-C), LR warmup then constant (docs/continual.md)."""
     mode: str = "diloco"
     """`diloco` (outer steps every H inner steps) or `ddp` (gradient all-reduce every step)."""
     device: str = "auto"
@@ -76,6 +76,28 @@ class DataConfig:
     """Batches in each evaluation."""
     eval_every: int = 0
     """Evaluate every N outer steps (0 = only at the end)."""
+    watch: bool = False
+    """Treat data.path (a folder) as a stream: its files (text, or .npy/.bin token shards) join in name order as they appear, taken at outer-step boundaries once every worker sees them (docs/continual.md)."""
+    when_idle: str = "wait"
+    """With data.watch and every shard consumed: `wait` for a new file (logged) or `repeat` the shards already taken."""
+    replay: float = 0.0
+    """With data.watch: share of every batch's rows drawn (deterministically) from older shards, in [0, 1)."""
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=list)
+    """Named held-out sets `name=path` (any data.path form), each logged as its own eval loss (field `set` in JSONL, label `set` in Prometheus). On the command line: comma-separated."""
+
+
+@dataclass
+class PublishConfig:
+    every: int = 0
+    """Publish the global model (safetensors + manifest.json) every N outer steps; 0 = never."""
+    dir: str = ""
+    """Where versions go (step-XXXXXX/ folders and a `latest` pointer); "" = run.dir/published."""
+    keep: int = 3
+    """How many published versions to keep (the newest)."""
 
 
 @dataclass
@@ -205,6 +227,8 @@ class Config:
     peers: PeersConfig = field(default_factory=PeersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

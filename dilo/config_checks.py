@@ -39,7 +39,7 @@ def validate(cfg) -> None:
     _validate_finite(cfg)
     _require(r.mode in MODES, f"run.mode must be one of {', '.join(MODES)}, got {r.mode!r}")
     _require(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
-    _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
+    _require(r.steps >= 0, f"run.steps must be >= 1, or 0 to train until stopped; got {r.steps}")
     _require(r.threads >= 0, f"run.threads must be >= 0, got {r.threads}")
     _require(r.worker_size >= 1, f"run.worker_size must be >= 1, got {r.worker_size}")
     _require(r.mode == "diloco" or r.worker_size == 1,
@@ -81,6 +81,27 @@ def validate(cfg) -> None:
              "checkpoint.resume and checkpoint.init_from exclude each other (except checkpoint.resume "
              "fresh): resume continues a run, init_from starts a new one from its weights")
     _validate_metrics(cfg)
+    _validate_continual(cfg)
+
+
+def _validate_continual(cfg) -> None:
+    """Endless runs, watched data folders, replay, eval sets and publishing (docs/continual.md)."""
+    d, p = cfg.data, cfg.publish
+    _require(d.when_idle in ("wait", "repeat"), f"data.when_idle must be wait or repeat, got {d.when_idle!r}")
+    _require(0.0 <= d.replay < 1.0, f"data.replay must be in [0, 1), got {d.replay}")
+    _require(d.watch or d.replay == 0.0, "data.replay draws from older shards of a watched folder; "
+             "set data.watch = true (and data.path to a folder), or leave data.replay at 0")
+    _require(not d.watch or bool(d.path), "data.watch = true needs data.path set to a folder to watch")
+    _require(not (d.watch and cfg.comm.backend == "hivemind"),
+             "data.watch is not available with comm.backend = hivemind yet: the workers agree on new "
+             "shards through the torch world group, which a swarm does not have (docs/continual.md)")
+    names = [s.split("=", 1)[0].strip() for s in cfg.eval.sets]
+    for s, name in zip(cfg.eval.sets, names):
+        _require("=" in s and name and s.split("=", 1)[1].strip(),
+                 f"eval.sets: {s!r} must look like name=path (e.g. code=data/held_out_code)")
+    _require(len(set(names)) == len(names), f"eval.sets: names must be distinct, got {names}")
+    _require(p.every >= 0, f"publish.every must be >= 0 (0 = never), got {p.every}")
+    _require(p.keep >= 1, f"publish.keep must be >= 1, got {p.keep}")
 
 
 def _validate_finite(cfg) -> None:

@@ -20,6 +20,7 @@ class Spec:
     type: str  # gauge (latest value), counter (sum of the values), summary (count and sum)
     help: str
     by_fragment: bool = False  # labelled with the record's `fragment` (Streaming DiLoCo)
+    label: str = ""  # labelled with this field of the record (e.g. `set` of an eval.sets loss)
 
 
 # (record kind, field) -> family. `step` and `outer_step` feed the step gauges from any kind.
@@ -61,6 +62,9 @@ FIELD_METRICS: dict[tuple[str, str], Spec] = {
         "L2 norm of this worker's pseudo-gradient in the latest exchange.", True),
     ("eval", "eval_loss"): Spec("dilo_eval_loss", "gauge",
                                 "Loss (nats per token) on the held-out split, latest evaluation."),
+    ("eval", "set_loss"): Spec("dilo_eval_set_loss", "gauge",
+                               "Loss (nats per token) on a named held-out set (eval.sets; label "
+                               "`set`), latest evaluation.", label="set"),
     ("event", "workers"): Spec("dilo_workers", "gauge",
                             "DiLoCo workers in the run (at start or at the latest resume)."),
     ("event", "synced_params"): Spec("dilo_synced_parameters", "gauge",

@@ -268,7 +268,8 @@ class Metrics:
         for key, value in fields.items():
             spec = STEP_METRICS.get(key) or FIELD_METRICS.get((kind, key))
             if spec is not None and _is_number(value):
-                state.add(spec, fragment if spec.by_fragment else (), float(value))
+                labels = ((spec.label, str(fields.get(spec.label, ""))),) if spec.label else ()
+                state.add(spec, fragment if spec.by_fragment else labels, float(value))
 
     def _write(self, record: dict) -> None:
         # Flushed per line: a SIGKILL loses at most the line being written (read_jsonl skips it).

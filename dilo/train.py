@@ -41,9 +41,10 @@ from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
-from dilo.inner_loop import evaluate, load_data, lr_at
+from dilo.inner_loop import evaluate, load_data, load_eval_sets, lr_at
 from dilo.model import param_groups
 from dilo.model_build import attach_aggregation, build_model
+from dilo.publish import Publisher
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
 from dilo.world import join_world
@@ -68,7 +69,10 @@ class Trainer:
     def _build(self, cfg: Config) -> None:
         world = self.world
         worker, shard, num_shards = worker_identity(cfg, world, self.groups.swarm)
-        batches, self.eval_set = load_data(cfg, shard, num_shards, world.worker_size)
+        batches, self.eval_set = load_data(cfg, shard, num_shards, world.worker_size, self.groups.world,
+                                           lambda: getattr(self, "stopper", None) is not None
+                                           and self.stopper.requested)
+        self.eval_sets = load_eval_sets(cfg)
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
         random.seed(cfg.run.seed + shard)
         self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
@@ -117,6 +121,7 @@ class Trainer:
                                 self.groups.swarm, self.start_time)
         self.report.start(self.model.num_params(), shard, num_shards, port,
                           joined=self.diloco is not None and self.diloco.joined is not None)
+        self.publisher = Publisher(cfg, self.state, self.model) if cfg.publish.every and world.is_leader else None
 
     def follow_adoption(self) -> None:
         """The one place where the loop's inner step is rewritten from outside the loop.
@@ -171,7 +176,7 @@ class Trainer:
         try:
             if self.diloco:
                 stats = [self.diloco.step()]
-                if self.state.inner_step == self.cfg.run.steps and not (stats[0] and stats[0].adopted):
+                if self.at_end() and not (stats[0] and stats[0].adopted):
                     stats += self.diloco.flush()  # every worker ends on the global θ
                 stats = [s for s in stats if s is not None]
                 if not stats:
@@ -188,8 +193,30 @@ class Trainer:
         except RuntimeError as e:  # a peer died or timed out mid-exchange
             self.checkpoints.save_after_failure(e)
             raise
+        self.take_new_shards()
         self.state.record_boundary()
         return True
+
+    def at_end(self) -> bool:
+        """Whether run.steps is reached (never with run.steps = 0: train until stopped)."""
+        return bool(self.cfg.run.steps) and self.state.inner_step >= self.cfg.run.steps
+
+    def take_new_shards(self) -> None:
+        """data.watch: the world agrees on the shards every process sees (dilo/data_stream.py)."""
+        batches = self.state.batches
+        if getattr(batches, "sync", None) is None:
+            return
+        batches.sync()
+        if batches.take_changed():
+            self.eval_set = batches.eval_set(self.cfg.data.batch_size, self.cfg.data.eval_batches)
+
+    def evaluate_all(self) -> float:
+        """The eval loss, and each eval.sets loss logged as its own `eval` record (field `set`)."""
+        s, device = self.state, self.world.device
+        for name, batches in self.eval_sets.items():
+            self.metrics.log("eval", step=s.inner_step, outer_step=s.outer_step, set=name,
+                             set_loss=evaluate(self.model, batches, device))
+        return evaluate(self.model, self.eval_set, device)
 
     def stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT; one tiny collective per outer step."""
@@ -218,7 +245,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()
         stopped = False
-        while s.inner_step < cfg.run.steps and not stopped:
+        while not self.at_end() and not stopped:
             step_start = time.perf_counter()
             loss = self.run_inner_step()
             self.compute_seconds += time.perf_counter() - step_start
@@ -243,12 +270,13 @@ class Trainer:
         cfg, s = self.cfg, self.state
         if cfg.data.eval_every and s.outer_step % cfg.data.eval_every == 0 and self.world.speaks_for_worker:
             self.metrics.log("eval", step=s.inner_step, outer_step=s.outer_step,
-                             eval_loss=evaluate(self.model, self.eval_set, self.world.device))
-        due = cfg.checkpoint.every and (s.outer_step % cfg.checkpoint.every == 0
-                                        or s.inner_step == cfg.run.steps)
+                             eval_loss=self.evaluate_all())
+        due = cfg.checkpoint.every and (s.outer_step % cfg.checkpoint.every == 0 or self.at_end())
         if due:
             self.save_checkpoint(loss)
-        if s.inner_step >= cfg.run.steps or not self.stop_agreed():
+        if self.publisher is not None and s.outer_step % cfg.publish.every == 0:
+            self.publisher.publish()
+        if self.at_end() or not self.stop_agreed():
             return False
         if not due:
             self.save_checkpoint(loss)
@@ -267,7 +295,7 @@ class Trainer:
         per_rank = self.worker_totals()
         if not self.world.speaks_for_worker:
             return {}
-        eval_loss = evaluate(self.model, self.eval_set, self.world.device)
+        eval_loss = self.evaluate_all()
         self.metrics.log("eval", step=self.state.inner_step, outer_step=self.state.outer_step,
                          eval_loss=eval_loss)
         summary = self.report.summary(eval_loss, per_rank, stopped, self.compute_seconds, self.loop_seconds)

@@ -63,8 +63,12 @@ def curves(run: dict[int, list[dict]]) -> dict[str, list[tuple[float, float]]]:
         if r["kind"] == "sync":
             total += r["bytes_sent"]
             sent.append((r["step"], total))
+    sets: dict[str, list[tuple[float, float]]] = {}  # eval.sets: one curve per named set
+    for r in first:
+        if r["kind"] == "eval" and r.get("set_loss") is not None:
+            sets.setdefault(r["set"], []).append((r["step"], r["set_loss"]))
     return {"train_loss": train, "eval_loss": evals, "tokens_per_s": throughput,
-            "bytes_sent": sent if total else []}
+            "bytes_sent": sent if total else [], "set_loss": sets}
 
 
 def plot(sources: list[str], labels: list[str], out: Path) -> None:
@@ -78,6 +82,8 @@ def plot(sources: list[str], labels: list[str], out: Path) -> None:
             axes[0].plot(*zip(*c["train_loss"]), color=color, lw=1, alpha=0.8, label=f"{label} train")
         if c["eval_loss"]:
             axes[0].plot(*zip(*c["eval_loss"]), "o--", color=color, ms=4, label=f"{label} eval")
+        for j, (name, points) in enumerate(sorted(c["set_loss"].items())):
+            axes[0].plot(*zip(*points), ":", marker="xs^dv"[j % 5], color=color, ms=4, label=f"{label} {name}")
         if c["tokens_per_s"]:
             axes[1].plot(*zip(*c["tokens_per_s"]), color=color, label=label)
         if c["bytes_sent"]:
