@@ -36,18 +36,18 @@ from torch.nn.parallel import DistributedDataParallel
 from dilo import checkpoint
 from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
-from dilo.comm.protocol import DivergenceError
+from dilo.comm.protocol import DivergenceError, Group
 from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, load_eval_sets, lr_at
 from dilo.model import param_groups
-from dilo.model_build import attach_aggregation, build_model
+from dilo.model_build import BuiltModel, attach_aggregation, build_model
 from dilo.publish import Publisher
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
-from dilo.world import join_world
+from dilo.world import World, join_world
 from dilo.worker_state import WorkerState
 
 
@@ -81,23 +81,7 @@ class Trainer:
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
         self.world_id = self.groups.world.all_gather_object(secrets.token_hex(4))[0]  # names this world
-        self.diloco: DiLoCo | None = None
-        self.ddp: nn.Module | None = None
-        device_ids = [world.device.index] if world.device.type == "cuda" else None
-        if cfg.run.mode == "diloco":
-            self.diloco = DiLoCo(self.model, self.optimizer, inner_steps=cfg.outer.inner_steps,
-                                 outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
-                                 nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
-                                 group=self.groups.outer, block_size=cfg.comm.block_size,
-                                 fragments=cfg.outer.fragments, delay=cfg.outer.delay,
-                                 alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
-                                 error_feedback=cfg.comm.error_feedback)
-            attach_aggregation(self.built, cfg, self.diloco)
-            if world.island:  # inner steps: data-parallel over the worker's own ranks only
-                self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
-                                                   process_group=world.island.intra_pg)
-        elif world.world_size > 1:
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.diloco, self.ddp = wrap_model(cfg, world, self.built, self.optimizer, self.groups.outer)
         self.state = WorkerState(cfg, worker, world.num_workers, self.model, self.optimizer,
                                  batches, self.diloco)
         if self.diloco is not None and self.diloco.joined is not None:
@@ -292,7 +276,7 @@ class Trainer:
         self.checkpoints.writer.wait()
         # Every rank joins this gather (a collective); then only the worker's rank 0
         # evaluates and writes summary-<worker>.json.
-        per_rank = self.worker_totals()
+        per_rank = worker_totals(self.world, self.state.totals.to_dict())
         if not self.world.speaks_for_worker:
             return {}
         eval_loss = self.evaluate_all()
@@ -308,14 +292,6 @@ class Trainer:
                  summary["global_hash"][:12], path)
         return summary
 
-    def worker_totals(self) -> list[dict]:
-        """The byte totals of every rank of this worker (bytes_sent is per process)."""
-        if self.world.island is None:
-            return [self.state.totals.to_dict()]
-        out: list = [None] * self.world.worker_size
-        dist.all_gather_object(out, self.state.totals.to_dict(), group=self.world.island.intra_pg)
-        return out
-
     def close(self) -> None:
         try:
             self.checkpoints.writer.wait()
@@ -328,6 +304,39 @@ class Trainer:
         self.groups.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.optim.Optimizer,
+               outer_group: Group) -> tuple[DiLoCo | None, nn.Module | None]:
+    """DiLoCo around the model (run.mode = diloco; DDP over an island's ranks for its inner
+    steps), or plain DDP over the world (run.mode = ddp with several processes)."""
+    diloco, ddp = None, None
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    if cfg.run.mode == "diloco":
+        diloco = DiLoCo(built.model, optimizer, inner_steps=cfg.outer.inner_steps,
+                        outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
+                        nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
+                        group=outer_group, block_size=cfg.comm.block_size,
+                        fragments=cfg.outer.fragments, delay=cfg.outer.delay,
+                        alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
+                        error_feedback=cfg.comm.error_feedback)
+        attach_aggregation(built, cfg, diloco)
+        if world.island:  # inner steps: data-parallel over the worker's own ranks only
+            ddp = DistributedDataParallel(built.model, device_ids=device_ids,
+                                          process_group=world.island.intra_pg)
+    elif world.world_size > 1:
+        ddp = DistributedDataParallel(built.model, device_ids=device_ids)
+    return diloco, ddp
+
+
+def worker_totals(world: World, totals: dict) -> list[dict]:
+    """The byte totals of every rank of this worker (bytes_sent is per process); a collective
+    over the island's ranks."""
+    if world.island is None:
+        return [totals]
+    out: list = [None] * world.worker_size
+    dist.all_gather_object(out, totals, group=world.island.intra_pg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
