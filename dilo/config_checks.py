@@ -9,7 +9,7 @@ module reads it by attribute and does not import dilo.config (which imports it).
 
 from __future__ import annotations
 
-from dilo.options import CODEC_NAMES, check_outer_options
+from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options
 
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
@@ -115,6 +115,7 @@ def _validate_streaming(cfg) -> None:
     check_outer_options(inner_steps=o.inner_steps, outer_lr=o.lr, outer_momentum=o.momentum, nesterov=o.nesterov,
                         fragments=o.fragments, delay=o.delay, alpha=o.alpha, overlap=o.overlap,
                         error_feedback=c.error_feedback, codec=c.codec)
+    check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

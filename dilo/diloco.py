@@ -44,12 +44,13 @@ import logging
 import torch
 import torch.nn as nn
 
+from dilo.aggregate import NO_CONTRIBUTION, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
-from dilo.options import check_outer_options
+from dilo.options import check_aggregate, check_outer_options, default_aggregate
 from dilo.outer_state import OuterState
 from dilo.stats import SyncStats
 
@@ -97,6 +98,9 @@ class DiLoCo(OuterState):
         alpha: float = 0.0,
         overlap: str = "none",
         error_feedback: bool = False,
+        aggregate: str = "auto",
+        trim: int = 1,
+        clip_ratio: float = 2.0,
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -107,6 +111,12 @@ class DiLoCo(OuterState):
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
         self.group = group if group is not None else default_group()
+        open_group = self.group.open_membership
+        check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
+        self.aggregate = Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,
+                                   trim, float(clip_ratio))
+        self.group.aggregate = self.aggregate  # the owners' rule (dilo/aggregate.py)
+        self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
         self.check_hashes = check_hashes
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -158,13 +168,26 @@ class DiLoCo(OuterState):
         frag = self.fragments[f]
         pseudo_grad = frag.start_point - frag.read_live()
         sent = frag.compensate(pseudo_grad, self.codec)
+        wire = sent
+        why = why_unsendable(sent, self.codec) if self.group.size > 1 or self.group.open_membership else None
+        if why is not None:  # never encode it: send the no-contribution marker (dilo/aggregate.py)
+            log.warning("outer step %d (fragment %d): this worker's pseudo-gradient%s is %s; sending no "
+                        "contribution", self.outer_step + len(self.in_flight) + 1, f,
+                        " (with its error-feedback residual)" if frag.residual is not None else "", why)
+            wire, sent = torch.full_like(sent, NO_CONTRIBUTION), torch.zeros_like(sent)
+            self._withheld += 1
+            if frag.residual is not None:  # what it kept would poison the next Δ + e again
+                log.warning("fragment %d: error-feedback residual reset to zero (%s)", f,
+                            "non-finite" if not torch.isfinite(frag.residual).all() else "its Δ + e was withheld")
+                frag.residual.zero_()
+                self._resets += 1
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
         named = {}
         if self.group.open_membership:  # exchange number = outer step + exchanges in flight
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
-            result = self.group.average(sent, self.codec, **named)
+            result = self.group.average(wire, self.codec, **named)
             mean_buffers = self.group.average(buffers, _FP32).average if buffers is not None else None
             return result, mean_buffers
 
@@ -227,6 +250,7 @@ class DiLoCo(OuterState):
         with self._state_lock:  # (export_state reads the outer step and the rounds in flight together)
             self.in_flight.remove(rnd)
         adopted = result.adopted is not None
+        skipped = 0
         if adopted:
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
@@ -234,8 +258,11 @@ class DiLoCo(OuterState):
         elif not torch.isfinite(result.average).all():
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
-            log.warning("outer step %d (fragment %d): averaged pseudo-gradient is not finite; "
-                        "step skipped", self.outer_step + 1, rnd.fragment)
+            # outer_step still advances (round numbers, schedules and checkpoints stay aligned).
+            log.warning("outer step %d (fragment %d): no valid contribution arrived for part of the "
+                        "pseudo-gradient; step skipped (θ and momentum unchanged)", self.outer_step + 1,
+                        rnd.fragment)
+            skipped = 1
             with self._state_lock:
                 self.outer_step += 1
         else:
@@ -256,7 +283,10 @@ class DiLoCo(OuterState):
             dropped=result.dropped, codec_error=result.codec_error,
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
-            intra_bytes=result.intra_bytes, adopted=adopted)
+            intra_bytes=result.intra_bytes, adopted=adopted, skipped=skipped, clipped=len(result.clipped),
+            reset_residuals=self._resets, withheld=self._withheld, rejected=result.rejected,
+            clipped_members=result.clipped)
+        self._withheld = self._resets = 0
         return stats, result.average
 
     def flush(self) -> list[SyncStats]:

@@ -84,7 +84,8 @@ class Trainer:
                                  group=self.groups.outer, block_size=cfg.comm.block_size,
                                  fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                                  alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
-                                 error_feedback=cfg.comm.error_feedback)
+                                 error_feedback=cfg.comm.error_feedback, aggregate=cfg.outer.aggregate,
+                                 trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio)
             if world.island:  # inner steps: data-parallel over the worker's own ranks only
                 self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    process_group=world.island.intra_pg)

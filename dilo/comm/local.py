@@ -44,7 +44,8 @@ class LocalGroup(Group):
         return torch.cat(self._rv.exchange(self.rank, buf.clone()))
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
-        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
+                                 self.aggregate)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])

@@ -7,8 +7,10 @@ two-phase exchange below (as in PCCL):
 
 1. reduce-scatter: the vector is cut into one chunk per member; every member encodes
    each chunk with the codec and sends chunk j to member j (its *owner*);
-2. the owner decodes the contributions, drops non-finite ones, sums them in fp32 in
-   member order and divides by their number, then encodes the result **once**;
+2. the owner decodes the contributions, drops invalid ones (non-finite: the "no
+   contribution" marker; saturated at the codec's limit), reduces the rest with the
+   group's rule (`outer.aggregate`, dilo/aggregate.py; `mean`: summed in fp32 in member
+   order, divided by their number), then encodes the result **once**;
 3. all-gather: every member (the owner too) decodes the owner's bytes.
 
 Because every member decodes identical bytes with the same deterministic decoder, the
@@ -21,11 +23,12 @@ import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
+from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms
 from dilo.codecs import Codec
 
 
@@ -95,7 +98,12 @@ class ExchangeResult:
     seconds: float
     """Wall time of the exchange."""
     dropped: int = 0
-    """Contributions (chunk, member) this member rejected as owner (non-finite)."""
+    """Contributions (chunk, member) this member rejected as owner (see `rejected`)."""
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(member, reason) of each contribution this member dropped as owner (dilo/aggregate.py)."""
+    clipped: list[tuple[int, float]] = field(default_factory=list)
+    """outer.aggregate = clip: (member, factor < 1) of each scaled-down contribution (the same
+    list on every member of the exchange)."""
     codec_error: float = 0.0
     """Relative L2 error of the owner's encode of its averaged chunk."""
     intra_bytes: int = 0
@@ -118,6 +126,8 @@ class Group(ABC):
     open_membership: bool = False
     """True when members come and go during the run (a swarm): there are no fixed ranks,
     the starting state comes from `bind`, and `size` is the size of the last round."""
+    aggregate: Aggregate = MEAN
+    """The owner's rule (`outer.aggregate`); DiLoCo sets it before the first exchange."""
     processes: int = 1
     """Processes that hold this member's copy of the global state (islands: the worker's
     ranks); they must change it at the same inner step."""
@@ -202,6 +212,7 @@ def two_phase_average(
     size: int,
     all_to_all: Callable[[torch.Tensor], torch.Tensor],
     all_gather: Callable[[torch.Tensor], torch.Tensor],
+    aggregate: Aggregate = MEAN,
 ) -> ExchangeResult:
     """The exchange described in the module docstring over two byte collectives.
 
@@ -217,17 +228,13 @@ def two_phase_average(
     nbytes = codec.encoded_nbytes(chunk)
 
     send = torch.cat([codec.encode(part) for part in padded.view(size, chunk)])
+    # -- the owner's rule (issue 13, dilo/aggregate.py): clip first gathers every member's norm
+    norms = exchange_norms(send, codec, chunk, size, all_gather) if aggregate.needs_norms else None
     recv = all_to_all(send).view(size, nbytes)
-
-    total = torch.zeros(chunk, dtype=torch.float32)
-    accepted = 0
-    for member in range(size):  # fixed member order: the sum is the same everywhere
-        part = codec.decode(recv[member], chunk)
-        if not torch.isfinite(part).all():
-            continue
-        total += part
-        accepted += 1
-    mean = total / accepted if accepted else total
+    parts = [codec.decode(recv[member], chunk) for member in range(size)]
+    mean, screened = aggregate.reduce(parts, codec_limit(codec), norms)
+    accepted = len(screened.accepted)
+    # -- end of the owner's rule
     encoded = codec.encode(mean)
     decoded_own = codec.decode(encoded, chunk)
     norm = mean.norm().item()
@@ -239,5 +246,8 @@ def two_phase_average(
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = (send.numel() - nbytes) + encoded.numel() * (size - 1)
     received = (recv.numel() - nbytes) + (gathered.numel() - encoded.numel())
+    if norms is not None:  # clip's one fp32 per member
+        sent, received = sent + 4 * (size - 1), received + 4 * (size - 1)
     return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
-                          dropped=size - accepted, codec_error=codec_error)
+                          dropped=size - accepted, codec_error=codec_error, rejected=screened.rejected,
+                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0])

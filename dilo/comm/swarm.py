@@ -280,7 +280,9 @@ class SwarmGroup(Group):
 
         self._active = group
         try:
-            return average_in_group(self.node, group, flat, codec, self.timeout, dropped)
+            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, self.aggregate)
+            result.rejected = [(group.peers[m], why) for m, why in result.rejected]  # name the peers
+            return result
         finally:
             self._active = None
 

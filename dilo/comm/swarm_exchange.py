@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
 from dilo.comm.protocol import ExchangeResult, chunk_numel, two_phase_average
 from dilo.comm.swarm_auth import AuthError
@@ -285,7 +286,7 @@ class Mailboxes:
 
 
 def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec: Codec, timeout: float,
-                     on_bad_slice: Callable[[str], None]) -> ExchangeResult:
+                     on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN) -> ExchangeResult:
     """The two-phase average among `group` (training thread; the collectives run on the loop).
     Raises ExchangeFailed when the round cannot complete here: nothing is applied then."""
     chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
@@ -305,7 +306,7 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
     def all_gather(buf: torch.Tensor) -> torch.Tensor:
         return collective(2, [to_bytes_view(buf)] * group.size)
 
-    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather)
+    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate)
 
 
 def to_bytes_view(buf) -> memoryview:

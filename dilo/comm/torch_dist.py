@@ -55,7 +55,8 @@ class TorchGroup(Group):
         return out
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
-        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
+                                 self.aggregate)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
