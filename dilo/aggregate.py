@@ -101,7 +101,7 @@ class Aggregate:
         valid = [parts[m] for m in screened.accepted]
         chunk = parts[0].numel()
         if not valid:
-            return torch.zeros(chunk, dtype=torch.float32), screened
+            return torch.full((chunk,), NO_CONTRIBUTION), screened
         if self.name == "clip":
             valid = [parts[m] * screened.factors[m] if screened.factors[m] < 1.0 else parts[m]
                      for m in screened.accepted]
@@ -129,6 +129,8 @@ class Aggregate:
             reason = None
             if not torch.isfinite(part).all():
                 reason = "non-finite"
+            elif limit is not None and part.numel() and part.abs().max().item() >= limit:
+                reason = f"saturated (a value at the codec's limit {limit:g})"
             elif self.needs_norms:
                 reported = norms[m]
                 if not reported == reported or part.norm().item() > reported * (1 + 1e-4) + 1e-30:
