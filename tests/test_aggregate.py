@@ -279,3 +279,28 @@ def test_clip_is_refused_in_a_swarm():
 def test_summary_fields():
     assert {"dropped_contributions", "clipped_contributions", "skipped_outer_steps", "reset_residuals",
             "withheld_contributions"} <= RunTotals().summary().keys()
+
+
+def test_report_warns_and_counts_per_contributor(tmp_path, caplog):
+    """Every dropped or clipped contribution: a WARNING naming the worker and a labelled counter."""
+    from types import SimpleNamespace
+
+    from dilo.metrics import Metrics
+    from dilo.stats import SyncStats
+    from dilo.train_report import RunReport
+
+    stats = SyncStats(outer_step=3, seconds=0.1, bytes_sent=1, bytes_received=1, num_peers=4, global_hash="ab" * 8,
+                      dropped=1, codec_error=0.0, pseudo_grad_norm=1.0, clipped=1, skipped=1, reset_residuals=1,
+                      withheld=1, rejected=[(2, "non-finite")], clipped_members=[(3, 0.25)])
+    with Metrics(tmp_path, 0) as metrics:
+        report = SimpleNamespace(metrics=metrics, state=SimpleNamespace(inner_step=30), world_id="w",
+                                 cfg=SimpleNamespace(outer=SimpleNamespace(fragments=1)))
+        with caplog.at_level(logging.WARNING, logger="dilo"):
+            RunReport.sync(report, stats, 1.0)
+        text = metrics.render_prometheus()
+    assert "dropped the contribution of worker 2: non-finite" in caplog.text
+    assert "clipped the contribution of worker 3 by 0.25" in caplog.text
+    assert 'dilo_dropped_contributions_total{contributor="2",worker="0"} 1.0' in text
+    assert 'dilo_clipped_contributions_total{contributor="3",worker="0"} 1.0' in text
+    for name in ("skipped_outer_steps", "reset_residuals", "withheld_contributions"):
+        assert f'dilo_{name}_total{{worker="0"}} 1.0' in text
