@@ -44,7 +44,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from dilo.aggregate import NO_CONTRIBUTION, Aggregate, why_unsendable
+from dilo.aggregate import MEAN, NO_CONTRIBUTION, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
@@ -145,7 +145,7 @@ class DiLoCo(OuterState):
         if self.joined is not None:
             self.adopt_state(self.joined)
         if self.buffers and self.group.size > 1:  # every worker starts from the same buffers
-            write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32).average)
+            write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32, aggregate=MEAN).average)
 
     # -- the public loop ---------------------------------------------------------------
     def step(self) -> SyncStats | None:
@@ -188,7 +188,7 @@ class DiLoCo(OuterState):
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
-            mean_buffers = self.group.average(buffers, _FP32).average if buffers is not None else None
+            mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
             return result, mean_buffers
 
         self.in_flight.start(f, self.inner_step, exchange, sent, pseudo_grad.norm().item())

@@ -304,3 +304,23 @@ def test_report_warns_and_counts_per_contributor(tmp_path, caplog):
     assert 'dilo_clipped_contributions_total{contributor="3",worker="0"} 1.0' in text
     for name in ("skipped_outer_steps", "reset_residuals", "withheld_contributions"):
         assert f'dilo_{name}_total{{worker="0"}} 1.0' in text
+
+
+def test_buffers_are_averaged_exactly_whatever_the_rule():
+    """Floating-point buffers (BatchNorm statistics) take the exact fp32 mean, not the robust rule."""
+    size = 4
+    groups = local_groups(size)
+    values = [torch.randn(6, generator=torch.Generator().manual_seed(50 + r)) * (100 if r == 3 else 1)
+              for r in range(size)]
+
+    def worker(rank: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+        dl = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.0), 1, group=groups[rank], aggregate="median")
+        model[1].running_mean.copy_(values[rank])
+        dl.step()
+        dl.close()
+        return model[1].running_mean.clone()
+
+    expected = torch.from_numpy(_seq_sum([v.numpy() for v in values]) / np.float32(size))
+    assert all(torch.equal(b, expected) for b in run_workers(worker, size))

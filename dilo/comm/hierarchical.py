@@ -188,12 +188,13 @@ class HierarchicalGroup(Group):
         if self.inter is not None:
             self.inter.aggregate = rule
 
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         start = time.perf_counter()
         numel = flat.numel()
         if self.sliced:
             part, length = self._slice(flat)
-            res = self.inter.average(part, codec, round)
+            res = self.inter.average(part, codec, round, aggregate)
             average = self._intra_gather(res.average)[:numel]
             intra_bytes = (self.local_size - 1) * length * average.element_size()
             return ExchangeResult(average, res.bytes_sent, res.bytes_received, res.num_peers,
@@ -201,7 +202,7 @@ class HierarchicalGroup(Group):
                                   codec_error=res.codec_error, intra_bytes=intra_bytes,
                                   rejected=res.rejected, clipped=res.clipped)
         # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
-        return self._share_result(self.inter.average(flat, codec, round) if self.local_rank == 0 else None,
+        return self._share_result(self.inter.average(flat, codec, round, aggregate) if self.local_rank == 0 else None,
                                   start)
 
     def round_result(self, number: int) -> ExchangeResult:

@@ -133,8 +133,12 @@ class Group(ABC):
     ranks); they must change it at the same inner step."""
 
     @abstractmethod
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         """Mean of `flat` over the members, bit-identical everywhere.
+
+        `aggregate`: the owners' rule for this call (default `self.aggregate`; DiLoCo passes
+        `MEAN` for floating-point buffers, which are averaged exactly whatever the rule).
 
         Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
         """
@@ -189,7 +193,8 @@ class SoloGroup(Group):
 
     rank, size = 0, 1
 
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:

@@ -52,6 +52,7 @@ if importlib.util.find_spec("hivemind") is None:  # checked without importing it
                       name="hivemind")
 
 from dilo import atomic_write  # noqa: E402
+from dilo.aggregate import Aggregate  # noqa: E402
 from dilo.codecs import Codec  # noqa: E402
 from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, SharedState  # noqa: E402
 from dilo.comm.swarm_admission import Admission  # noqa: E402
@@ -182,7 +183,8 @@ class SwarmGroup(Group):
         return joined
 
     # -- rounds --------------------------------------------------------------------------
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         if round is None:
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
@@ -214,7 +216,7 @@ class SwarmGroup(Group):
                 return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
             group = outcome.group
             try:
-                result = self._exchange(group, flat, codec)
+                result = self._exchange(group, flat, codec, aggregate or self.aggregate)
             except ExchangeFailed as e:
                 self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 self.count("partial_rounds")
@@ -273,14 +275,14 @@ class SwarmGroup(Group):
                     "outer step %d", number, state.outer_step)
         return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
-    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec, aggregate: Aggregate) -> ExchangeResult:
         def dropped(problem: str) -> None:
             log.warning("round %d: dropped a contribution: %s", group.t, problem)
             self.count("rejected_contributions", reason="wrong_size")
 
         self._active = group
         try:
-            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, self.aggregate)
+            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate)
             result.rejected = [(group.peers[m], why) for m, why in result.rejected]  # name the peers
             return result
         finally:
