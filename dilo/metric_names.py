@@ -91,7 +91,8 @@ COUNTER_HELP = {
     "withheld_contributions": "This worker's pseudo-gradients sent as no contribution (non-finite or "
                               "out of the codec's range).",
     "checkpoint_waits": "Background checkpoints that had to wait for the previous write.",
-    "refused_peers": "Swarm peers refused, by reason (no run key, other run settings).",
+    "refused_peers": "Swarm peers refused, by reason (no run key, other run settings, dropped_contributions: "
+                     "refused from rounds for a while after repeated drops).",
     "state_downloads": "Global states this peer downloaded from others, by reason.",
     "solo_rounds": "Swarm rounds this peer ran alone (applied its own pseudo-gradient).",
     "partial_rounds": "Swarm rounds abandoned because a member failed mid-exchange (retried).",

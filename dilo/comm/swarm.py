@@ -57,7 +57,7 @@ from dilo.codecs import Codec  # noqa: E402
 from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, SharedState  # noqa: E402
 from dilo.comm.swarm_admission import Admission  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_fingerprint  # noqa: E402
-from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, average_in_group  # noqa: E402
+from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, Refusals, average_in_group  # noqa: E402
 from dilo.comm.swarm_members import Membership  # noqa: E402
 from dilo.comm.swarm_node import SwarmNode  # noqa: E402
 from dilo.comm.swarm_results import RoundResults  # noqa: E402
@@ -135,6 +135,7 @@ class SwarmGroup(Group):
         self.admission = Admission(self.node, self.members, self.settings, self._refused)
         self.transfer = StateTransfer(self.node, self.members, self.settings, self.timeout)
         self.rounds = Rounds(self.node, self.members, self.timeout)
+        self.refusals = Refusals()
         self.results = RoundResults(self.node, self.members, self.rounds.position)
         await self.admission.start()
         await self.transfer.start()
@@ -188,7 +189,8 @@ class SwarmGroup(Group):
         if round is None:
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
-        suspects: set[str] = set()
+        suspects = self.refusals.refused(t)  # (issue 13: peers whose contributions were dropped repeatedly)
+        self.rounds.refused = set(suspects)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             outcome = self.node.run(self.rounds.form_group(t, key, suspects), timeout=self.timeout + 120)
             # With overlap the round's result is all this peer needs, unless the others are more
@@ -230,6 +232,10 @@ class SwarmGroup(Group):
             self.node.run(self.rounds.close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
+            for peer in self.refusals.record(t, group.peers, {p for p, _ in result.rejected}, self.name):
+                log.warning("refusing peer %s from rounds %d..%d: its contributions were dropped in %d rounds "
+                            "in a row", peer, t + 1, t + self.refusals.rounds, self.refusals.after)
+                self.count("refused_peers", reason="dropped_contributions")
             self._finished(t, key, result.average, group.size)
             return result
         log.warning("round %d: %d exchanges failed; applying this peer's own Δ (the digest majority "

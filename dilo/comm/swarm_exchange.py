@@ -309,5 +309,33 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
     return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate)
 
 
+class Refusals:
+    """Peers whose contributions this peer dropped as a chunk's owner (non-finite, saturated:
+    dilo/aggregate.py) in `after` rounds in a row are refused from the next `rounds` rounds:
+    not waited for, never followed, and answered "refused" when they join a round this peer
+    leads (dilo/comm/swarm_round.py). A refused peer ends up alone and resyncs from the majority."""
+
+    def __init__(self, after: int = 3, rounds: int = 10):
+        self.after, self.rounds = after, rounds
+        self.streak: dict[str, int] = {}
+        self.until: dict[str, int] = {}
+        """peer -> first round it may take part in again."""
+
+    def record(self, t: int, peers: list[str], dropped: set[str], me: str) -> list[str]:
+        """Round t ran with `peers`, this peer dropped the contributions of `dropped`: the newly refused."""
+        refused = []
+        for peer in peers:
+            if peer == me:
+                continue
+            self.streak[peer] = self.streak.get(peer, 0) + 1 if peer in dropped else 0
+            if self.streak[peer] >= self.after:
+                self.until[peer], self.streak[peer] = t + 1 + self.rounds, 0
+                refused.append(peer)
+        return refused
+
+    def refused(self, t: int) -> set[str]:
+        return {peer for peer, until in self.until.items() if t < until}
+
+
 def to_bytes_view(buf) -> memoryview:
     return memoryview(np.ascontiguousarray(buf.numpy())).cast("B")
