@@ -34,6 +34,7 @@ result: the average is not finite and DiLoCo skips the whole outer step on every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -59,6 +60,15 @@ def why_unsendable(x: torch.Tensor, codec) -> str | None:
     if limit is not None and x.numel() and x.abs().max().item() >= limit:
         return f"out of the {codec.name} codec's finite range (|x| >= {limit:g})"
     return None
+
+
+@dataclass
+class Screened:
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(member, reason) of each contribution the owner dropped."""
+    factors: list[float] = field(default_factory=list)
+    """clip: c_i per member (every member computes the same list)."""
 
 
 @dataclass(frozen=True)
@@ -94,24 +104,34 @@ class Aggregate:
         return [float("nan") if not (n == n and n != float("inf")) else
                 float(torch.tensor(1.0 if n <= cap else cap / n, dtype=torch.float64).float()) for n in norms]
 
-    def reduce(self, parts: list[torch.Tensor], limit: float | None, norms: list[float] | None = None,
-               ) -> tuple[torch.Tensor, "Screened"]:
-        """The owner's result for one chunk from each member's decoded contribution (member order)."""
-        screened = self.screen(parts, limit, norms)
-        valid = [parts[m] for m in screened.accepted]
-        chunk = parts[0].numel()
-        if not valid:
-            return torch.full((chunk,), NO_CONTRIBUTION), screened
-        if self.name == "clip":
-            valid = [parts[m] * screened.factors[m] if screened.factors[m] < 1.0 else parts[m]
-                     for m in screened.accepted]
-        if self.name in ("mean", "clip"):
-            total = torch.zeros(chunk, dtype=torch.float32)
-            for part in valid:  # member order: the same sum on every owner, as before issue 13
+    def reduce(self, decode: Callable[[int], torch.Tensor], size: int, chunk: int, limit: float | None,
+               norms: list[float] | None = None) -> tuple[torch.Tensor, Screened]:
+        """The owner's result for one chunk; `decode(m)` is member m's decoded contribution.
+
+        mean and clip decode one member at a time (bounded memory, as before issue 13); the
+        sorting rules hold the valid contributions of the chunk together."""
+        screened = Screened(factors=self.clip_factors(norms) if self.needs_norms else [])
+        total = torch.zeros(chunk, dtype=torch.float32) if self.name in ("mean", "clip") else None
+        valid = []
+        for m in range(size):  # member order: the same sum on every owner
+            part = decode(m)
+            reason = self._invalid(part, limit, norms[m] if norms is not None else None)
+            if reason is not None:
+                screened.rejected.append((m, reason))
+                continue
+            screened.accepted.append(m)
+            if total is None:
+                valid.append(part)
+            elif self.name == "clip" and screened.factors[m] < 1.0:
+                total += part * screened.factors[m]
+            else:
                 total += part
-            return total / len(valid), screened
+        n = len(screened.accepted)
+        if n == 0:
+            return torch.full((chunk,), NO_CONTRIBUTION), screened
+        if total is not None:
+            return total / n, screened
         values = torch.stack(valid).sort(dim=0).values
-        n = len(valid)
         if self.name == "median":
             mid = n // 2
             return (values[mid].clone() if n % 2 else (values[mid - 1] + values[mid]) / 2), screened
@@ -121,34 +141,19 @@ class Aggregate:
             total += row
         return total / (n - 2 * k), screened
 
-    def screen(self, parts: list[torch.Tensor], limit: float | None, norms: list[float] | None) -> "Screened":
-        out = Screened()
+    def _invalid(self, part: torch.Tensor, limit: float | None, reported: float | None) -> str | None:
+        """Why the owner drops this contribution (None: it is valid)."""
+        from dilo.codec_kernels import all_finite
+
+        if not all_finite(part):
+            return "non-finite"
+        if limit is not None and part.numel() and part.abs().max().item() >= limit:
+            return f"saturated (a value at the codec's limit {limit:g})"
         if self.needs_norms:
-            out.factors = self.clip_factors(norms)
-        for m, part in enumerate(parts):
-            reason = None
-            if not torch.isfinite(part).all():
-                reason = "non-finite"
-            elif limit is not None and part.numel() and part.abs().max().item() >= limit:
-                reason = f"saturated (a value at the codec's limit {limit:g})"
-            elif self.needs_norms:
-                reported = norms[m]
-                if not reported == reported or part.norm().item() > reported * (1 + 1e-4) + 1e-30:
-                    reason = f"chunk norm {part.norm().item():.4g} above the reported norm {reported:.4g}"
-            if reason is None:
-                out.accepted.append(m)
-            else:
-                out.rejected.append((m, reason))
-        return out
-
-
-@dataclass
-class Screened:
-    accepted: list[int] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    """(member, reason) of each contribution the owner dropped."""
-    factors: list[float] = field(default_factory=list)
-    """clip: c_i per member (every member computes the same list)."""
+            norm = part.norm().item()
+            if not reported == reported or norm > reported * (1 + 1e-4) + 1e-30:
+                return f"chunk norm {norm:.4g} above the reported norm {reported:.4g}"
+        return None
 
 
 MEAN = Aggregate()

@@ -236,8 +236,8 @@ def two_phase_average(
     # -- the owner's rule (issue 13, dilo/aggregate.py): clip first gathers every member's norm
     norms = exchange_norms(send, codec, chunk, size, all_gather) if aggregate.needs_norms else None
     recv = all_to_all(send).view(size, nbytes)
-    parts = [codec.decode(recv[member], chunk) for member in range(size)]
-    mean, screened = aggregate.reduce(parts, codec_limit(codec), norms)
+    mean, screened = aggregate.reduce(lambda member: codec.decode(recv[member], chunk), size, chunk,
+                                      codec_limit(codec), norms)
     accepted = len(screened.accepted)
     # -- end of the owner's rule
     encoded = codec.encode(mean)
