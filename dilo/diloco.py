@@ -26,6 +26,10 @@ runs exactly (same bytes):
   model restarts from a worker-local copy stepped with the fresh own Δ in place of
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
 * `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)).
+* `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
+  (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
+  rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
+  contribution" (and resets e), and a step with nothing valid for part of Δ is skipped.
 
 Whatever the variant, θ_p and its momentum change only by averages that are the same
 bytes on every worker, in the same order: they stay bit-identical (hash-checked).
