@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from dilo.codec_kernels import all_finite
 from dilo.options import AGGREGATES
 
 NO_CONTRIBUTION = float("nan")
@@ -52,8 +53,6 @@ def codec_limit(codec) -> float | None:
 
 def why_unsendable(x: torch.Tensor, codec) -> str | None:
     """Why `x` must not be encoded with `codec` (None: it may)."""
-    from dilo.codec_kernels import all_finite
-
     if not all_finite(x):
         return "not finite"
     limit = codec_limit(codec)
@@ -143,8 +142,6 @@ class Aggregate:
 
     def _invalid(self, part: torch.Tensor, limit: float | None, reported: float | None) -> str | None:
         """Why the owner drops this contribution (None: it is valid)."""
-        from dilo.codec_kernels import all_finite
-
         if not all_finite(part):
             return "non-finite"
         if limit is not None and part.numel() and part.abs().max().item() >= limit:
