@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -126,9 +127,13 @@ def test_liar_past_the_sender_check_is_dropped_as_saturated():
 
 
 # -- DiLoCo's outer step -------------------------------------------------------------------
+_INIT = threading.Lock()
+
+
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(40, 12)
+    with _INIT:  # (threads share torch's global RNG: the same θ0 in every run)
+        torch.manual_seed(0)
+        return nn.Linear(40, 12)
 
 
 def _offset(rank: int, numel: int, scale: float) -> torch.Tensor:
@@ -314,8 +319,9 @@ def test_buffers_are_averaged_exactly_whatever_the_rule():
               for r in range(size)]
 
     def worker(rank: int) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+        with _INIT:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
         dl = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.0), 1, group=groups[rank], aggregate="median")
         model[1].running_mean.copy_(values[rank])
         dl.step()
