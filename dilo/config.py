@@ -143,6 +143,16 @@ class OuterConfig:
     oscillate with momentum 0.9: use a low outer.momentum (docs/streaming.md)."""
     lora_aggregate: str = "naive"
     """With model.lora_rank > 0: `naive` (average A and B separately: inexact), `frozen_a` (A fixed from the seed, only B trained and exchanged: exact) or `exact` (fold the residual of the mean of the B·A products into the frozen base after every outer step; docs/adapters.md)."""
+    aggregate: str = "auto"
+    """How each chunk's owner combines the workers' Δ: mean, trimmed_mean, median or clip
+    (docs/robust.md). auto = mean with comm.backend = torch (a trusted cluster: Inf/NaN are
+    dropped anyway, and mean loses nothing) and trimmed_mean with hivemind (an open swarm:
+    one peer's ×1000 Δ must not move θ)."""
+    trim: int = 1
+    """k of trimmed_mean: per coordinate the k largest and k smallest values are dropped; a
+    torch run refuses 2k >= workers, a swarm clamps k to (round size − 1) // 2."""
+    clip_ratio: float = 2.0
+    """r of clip: each worker's Δ is scaled down to at most r × the median of the workers' norms."""
 
 
 @dataclass
@@ -245,6 +255,8 @@ class Config:
 def shared_settings_of(config: dict) -> dict:
     """`Config.shared_settings()` of a config dict (`Config.to_dict()`, as checkpoints store it)."""
     shared = {k: config[k] for k in ("model", "outer")}
+    # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
+    shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, **shared["outer"]}
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
     shared["mode"] = config["run"]["mode"]
     return shared

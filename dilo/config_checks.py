@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dilo.options import CODEC_NAMES, check_outer_options
+from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options
 
 LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
 """The linear layers of a dilo GPT block that `model.lora_targets` may name."""
@@ -169,6 +169,7 @@ def _validate_streaming(cfg) -> None:
                         error_feedback=c.error_feedback, codec=c.codec)
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
+    check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

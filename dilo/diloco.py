@@ -26,6 +26,10 @@ runs exactly (same bytes):
   model restarts from a worker-local copy stepped with the fresh own Δ in place of
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
 * `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)).
+* `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
+  (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
+  rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
+  contribution" (and resets e), and a step with nothing valid for part of Δ is skipped.
 
 Whatever the variant, θ_p and its momentum change only by averages that are the same
 bytes on every worker, in the same order: they stay bit-identical (hash-checked).
@@ -46,12 +50,13 @@ import torch
 import torch.nn as nn
 
 from dilo import codec_kernels
+from dilo.aggregate import MEAN, NO_CONTRIBUTION, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
-from dilo.options import check_outer_options
+from dilo.options import check_aggregate, check_outer_options, default_aggregate
 from dilo.outer_state import OuterState
 from dilo.stats import SyncStats
 
@@ -99,6 +104,9 @@ class DiLoCo(OuterState):
         alpha: float = 0.0,
         overlap: str = "none",
         error_feedback: bool = False,
+        aggregate: str = "auto",
+        trim: int = 1,
+        clip_ratio: float = 2.0,
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -109,6 +117,12 @@ class DiLoCo(OuterState):
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
         self.group = group if group is not None else default_group()
+        open_group = self.group.open_membership
+        check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
+        self.aggregate = Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,
+                                   trim, float(clip_ratio))
+        self.group.aggregate = self.aggregate  # the owners' rule (dilo/aggregate.py)
+        self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
         self.check_hashes = check_hashes
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -142,7 +156,7 @@ class DiLoCo(OuterState):
         if self.joined is not None:
             self.adopt_state(self.joined)
         if self.buffers and self.group.size > 1:  # every worker starts from the same buffers
-            write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32).average)
+            write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32, aggregate=MEAN).average)
 
     # -- the public loop ---------------------------------------------------------------
     def step(self) -> SyncStats | None:
@@ -165,14 +179,27 @@ class DiLoCo(OuterState):
         frag = self.fragments[f]
         pseudo_grad = frag.pseudo_gradient()
         sent = frag.compensate(pseudo_grad, self.codec)
+        wire = sent
+        why = why_unsendable(sent, self.codec) if self.group.size > 1 or self.group.open_membership else None
+        if why is not None:  # never encode it: send the no-contribution marker (dilo/aggregate.py)
+            log.warning("outer step %d (fragment %d): this worker's pseudo-gradient%s is %s; sending no "
+                        "contribution", self.outer_step + len(self.in_flight) + 1, f,
+                        " (with its error-feedback residual)" if frag.residual is not None else "", why)
+            wire, sent = torch.full_like(sent, NO_CONTRIBUTION), torch.zeros_like(sent)
+            self._withheld += 1
+            if frag.residual is not None:  # what it kept would poison the next Δ + e again
+                log.warning("fragment %d: error-feedback residual reset to zero (%s)", f,
+                            "non-finite" if not torch.isfinite(frag.residual).all() else "its Δ + e was withheld")
+                frag.residual.zero_()
+                self._resets += 1
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
         named = {}
         if self.group.open_membership:  # exchange number = outer step + exchanges in flight
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
-            result = self.group.average(sent, self.codec, **named)
-            mean_buffers = self.group.average(buffers, _FP32).average if buffers is not None else None
+            result = self.group.average(wire, self.codec, **named)
+            mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
             return result, mean_buffers
 
         self.in_flight.start(f, self.inner_step, exchange, sent, pseudo_grad.norm().item())
@@ -236,6 +263,7 @@ class DiLoCo(OuterState):
             self.in_flight.remove(rnd)
         adopted = result.adopted is not None
         hook_bytes = (0, 0)
+        skipped = 0
         if adopted:
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
@@ -243,8 +271,11 @@ class DiLoCo(OuterState):
         elif not codec_kernels.all_finite(result.average):
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
-            log.warning("outer step %d (fragment %d): averaged pseudo-gradient is not finite; "
-                        "step skipped", self.outer_step + 1, rnd.fragment)
+            # outer_step still advances (round numbers, schedules and checkpoints stay aligned).
+            log.warning("outer step %d (fragment %d): no valid contribution arrived for part of the "
+                        "pseudo-gradient; step skipped (θ and momentum unchanged)", self.outer_step + 1,
+                        rnd.fragment)
+            skipped = 1
             with self._state_lock:
                 self.outer_step += 1
         else:
@@ -273,7 +304,10 @@ class DiLoCo(OuterState):
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
             intra_bytes=result.intra_bytes, adopted=adopted,
-            apply_seconds=t_digest - t_apply, digest_seconds=t_end - t_digest)
+            apply_seconds=t_digest - t_apply, digest_seconds=t_end - t_digest,
+            skipped=skipped, clipped=len(result.clipped), reset_residuals=self._resets,
+            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped)
+        self._withheld = self._resets = 0
         return stats, result.average
 
     def flush(self) -> list[SyncStats]:

@@ -84,10 +84,19 @@ EVENTS = Spec("dilo_events", "counter",
                 "Events in metrics-<worker>.jsonl, by name (start, resume, checkpoint, stop, ...).")
 # Help of the counters that `Metrics.count(name)` increments (family dilo_<name>_total).
 COUNTER_HELP = {
-    "dropped_contributions": "Pseudo-gradient contributions dropped from an average (non-finite "
-                            "or of the wrong size).",
+    "dropped_contributions": "Pseudo-gradient contributions this worker dropped as a chunk's owner "
+                            "(non-finite or no-contribution marker, saturated at the codec's limit, "
+                            "norm above its report, wrong size), by contributor (member index or "
+                            "swarm peer).",
+    "clipped_contributions": "Contributions scaled down by outer.aggregate = clip, by contributor.",
+    "skipped_outer_steps": "Outer steps skipped because no valid contribution arrived for part of "
+                           "the pseudo-gradient (θ and momentum unchanged).",
+    "reset_residuals": "Error-feedback residuals reset to zero (non-finite, or their Δ + e withheld).",
+    "withheld_contributions": "This worker's pseudo-gradients sent as no contribution (non-finite or "
+                              "out of the codec's range).",
     "checkpoint_waits": "Background checkpoints that had to wait for the previous write.",
-    "refused_peers": "Swarm peers refused, by reason (no run key, other run settings).",
+    "refused_peers": "Swarm peers refused, by reason (no run key, other run settings, dropped_contributions: "
+                     "refused from rounds for a while after repeated drops).",
     "state_downloads": "Global states this peer downloaded from others, by reason.",
     "solo_rounds": "Swarm rounds this peer ran alone (applied its own pseudo-gradient).",
     "partial_rounds": "Swarm rounds abandoned because a member failed mid-exchange (retried).",

@@ -15,6 +15,34 @@ OVERLAPS = ("none", "delayed", "eager")
 CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
 """`comm.codec` / `codec=`: the wire formats of dilo/codecs.py."""
 LOSSLESS_CODECS = ("fp32",)
+AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
+"""`outer.aggregate` / `aggregate=`: the chunk owner's rule (dilo/aggregate.py, docs/robust.md);
+"auto" picks `default_aggregate(open_membership)`."""
+
+
+def default_aggregate(open_membership: bool) -> str:
+    """`auto`: mean in a fixed group (torch: a trusted cluster, where a broken worker's Inf/NaN is
+    already dropped and mean loses nothing); trimmed_mean in an open swarm (hivemind: anyone with
+    the run key can send, and one peer's ×1000 Δ must not move θ)."""
+    return "trimmed_mean" if open_membership else "mean"
+
+
+def check_aggregate(aggregate: str, trim: int, clip_ratio: float, size: int | None = None,
+                    open_membership: bool = False) -> None:
+    """Raise ValueError for an aggregation rule that cannot run; `size`: a fixed group's members."""
+    if aggregate != "auto" and aggregate not in AGGREGATES:
+        _refuse(f"outer.aggregate must be auto or one of {', '.join(AGGREGATES)}, got {aggregate!r}", "aggregate")
+    if not (isinstance(trim, int) and trim >= 1):
+        _refuse(f"outer.trim (k of trimmed_mean) must be an integer >= 1, got {trim!r}", "trim")
+    if not (isinstance(clip_ratio, (int, float)) and math.isfinite(clip_ratio) and clip_ratio >= 1.0):
+        _refuse(f"outer.clip_ratio (r of clip) must be a finite number >= 1, got {clip_ratio!r}", "clip_ratio")
+    if aggregate == "clip" and open_membership:
+        _refuse("outer.aggregate = clip needs a fixed group (its norms are gathered before phase 1); "
+                "with comm.backend = hivemind use trimmed_mean or median", "aggregate")
+    if aggregate == "trimmed_mean" and size is not None and size > 1 and 2 * trim >= size:
+        _refuse(f"outer.trim = {trim} drops 2 × {trim} of the {size} workers' values per coordinate, "
+                f"leaving none; use outer.trim <= {(size - 1) // 2} or more workers "
+                "(a swarm, whose rounds vary in size, clamps k instead)", "trim")
 
 
 def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,

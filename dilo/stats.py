@@ -38,11 +38,24 @@ class SyncStats:
     digest_seconds: float = 0.0
     """Wall time of the global hash and its confirmation with the group (queued, when the
     exchanges run in the background)."""
+    skipped: int = 0
+    """1 when no valid contribution arrived for part of Δ: θ and momentum were left unchanged."""
+    clipped: int = 0
+    """Contributions scaled down by outer.aggregate = clip (counted on every member)."""
+    reset_residuals: int = 0
+    """Error-feedback residuals reset to zero (non-finite, or their Δ + e was withheld)."""
+    withheld: int = 0
+    """This worker's own pseudo-gradients sent as "no contribution" (non-finite or out of range)."""
+    rejected: list = field(default_factory=list, metadata={"key": None})
+    """(member, reason) of the contributions this worker dropped as owner (not in the JSONL)."""
+    clipped_members: list = field(default_factory=list, metadata={"key": None})
+    """(member, factor) of the clipped contributions (not in the JSONL)."""
 
 
 def sync_record(stats: SyncStats) -> dict:
     """The fields of the JSONL `sync` line (num_peers is spelled `peers` there)."""
-    return {f.metadata.get("key", f.name): getattr(stats, f.name) for f in fields(stats)}
+    return {f.metadata.get("key", f.name): getattr(stats, f.name) for f in fields(stats)
+            if f.metadata.get("key", f.name) is not None}
 
 
 @dataclass
@@ -66,6 +79,10 @@ class RunTotals:
     """Sum of the outer steps' `apply_seconds`."""
     digest_seconds: float = 0.0
     """Sum of the outer steps' `digest_seconds`."""
+    clipped: int = field(default=0, metadata={"summary": "clipped_contributions"})
+    skipped: int = field(default=0, metadata={"summary": "skipped_outer_steps"})
+    reset_residuals: int = 0
+    withheld: int = field(default=0, metadata={"summary": "withheld_contributions"})
 
     def add(self, stats: SyncStats) -> None:
         self.bytes_sent += stats.bytes_sent
@@ -79,6 +96,10 @@ class RunTotals:
         self.sync_seconds_exposed += stats.seconds_exposed
         self.outer_apply_seconds += stats.apply_seconds
         self.digest_seconds += stats.digest_seconds
+        self.clipped += stats.clipped
+        self.skipped += stats.skipped
+        self.reset_residuals += stats.reset_residuals
+        self.withheld += stats.withheld
 
     def to_dict(self) -> dict:
         """The checkpoint's `totals` (the field names)."""

@@ -93,8 +93,19 @@ class RunReport:
         """The JSONL `sync` line and the INFO line of one outer step."""
         inner_step = self.state.inner_step
         self.metrics.log("sync", step=inner_step, loss=loss, **sync_record(stats), world=self.world_id)
-        if stats.dropped:
-            self.metrics.count("dropped_contributions", stats.dropped)
+        for member, reason in stats.rejected:  # issue 13: each one visible (docs/robust.md)
+            log.warning("outer %d: dropped the contribution of worker %s: %s", stats.outer_step, member, reason)
+            self.metrics.count("dropped_contributions", 1, contributor=member)
+        if stats.dropped > len(stats.rejected):  # (an island's other ranks: the leader names them)
+            self.metrics.count("dropped_contributions", stats.dropped - len(stats.rejected))
+        for member, factor in stats.clipped_members:
+            log.warning("outer %d: clipped the contribution of worker %s by %.3g (outer.aggregate = clip)",
+                        stats.outer_step, member, factor)
+            self.metrics.count("clipped_contributions", 1, contributor=member)
+        for name in ("skipped", "reset_residuals", "withheld"):
+            if getattr(stats, name):
+                self.metrics.count({"skipped": "skipped_outer_steps", "withheld": "withheld_contributions"}
+                                   .get(name, name), getattr(stats, name))
         intra = f" (+{mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
         frag = f" | fragment {stats.fragment}" if self.cfg.outer.fragments > 1 else ""
         hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""

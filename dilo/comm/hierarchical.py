@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
 from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, RoundId, SharedState
 from dilo.comm.torch_dist import all_gather_single
@@ -176,19 +177,32 @@ class HierarchicalGroup(Group):
         return padded[self.local_rank * length:(self.local_rank + 1) * length].clone(), length
 
     # -- the Group interface ------------------------------------------------------------
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    @property
+    def aggregate(self) -> Aggregate:
+        return self.inter.aggregate if self.inter is not None else MEAN
+
+    @aggregate.setter
+    def aggregate(self, rule: Aggregate) -> None:
+        """The owners are the exchanging ranks (`inter`): with sliced islands, clip's norms
+        are those of each rank's slice."""
+        if self.inter is not None:
+            self.inter.aggregate = rule
+
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         start = time.perf_counter()
         numel = flat.numel()
         if self.sliced:
             part, length = self._slice(flat)
-            res = self.inter.average(part, codec, round)
+            res = self.inter.average(part, codec, round, aggregate)
             average = self._intra_gather(res.average)[:numel]
             intra_bytes = (self.local_size - 1) * length * average.element_size()
             return ExchangeResult(average, res.bytes_sent, res.bytes_received, res.num_peers,
                                   time.perf_counter() - start, dropped=res.dropped,
-                                  codec_error=res.codec_error, intra_bytes=intra_bytes)
+                                  codec_error=res.codec_error, intra_bytes=intra_bytes,
+                                  rejected=res.rejected, clipped=res.clipped)
         # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
-        return self._share_result(self.inter.average(flat, codec, round) if self.local_rank == 0 else None,
+        return self._share_result(self.inter.average(flat, codec, round, aggregate) if self.local_rank == 0 else None,
                                   start)
 
     def round_result(self, number: int) -> ExchangeResult:
@@ -214,7 +228,9 @@ class HierarchicalGroup(Group):
         self._intra_broadcast(average)
         intra_bytes = 0 if self.local_rank == 0 else average.numel() * average.element_size()
         return ExchangeResult(average, sent, received, int(meta[0]), time.perf_counter() - start,
-                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes)
+                              dropped=dropped, codec_error=float(meta[1]), intra_bytes=intra_bytes,
+                              rejected=res.rejected if res is not None else [],
+                              clipped=res.clipped if res is not None else [])
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         """Overwrite `flat` with worker `src`'s copy, on every rank of every worker."""

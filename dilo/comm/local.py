@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
 
@@ -44,8 +45,10 @@ class LocalGroup(Group):
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         return torch.cat(self._rv.exchange(self.rank, buf.clone()))
 
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
-        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather)
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
+        return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
+                                 aggregate or self.aggregate)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])

@@ -7,8 +7,10 @@ two-phase exchange below (as in PCCL):
 
 1. reduce-scatter: the vector is cut into one chunk per member; every member encodes
    each chunk with the codec and sends chunk j to member j (its *owner*);
-2. the owner decodes the contributions, drops non-finite ones, sums them in fp32 in
-   member order and divides by their number, then encodes the result **once**;
+2. the owner decodes the contributions, drops invalid ones (non-finite: the "no
+   contribution" marker; saturated at the codec's limit), reduces the rest with the
+   group's rule (`outer.aggregate`, dilo/aggregate.py; `mean`: summed in fp32 in member
+   order, divided by their number), then encodes the result **once**;
 3. all-gather: every member (the owner too) decodes the owner's bytes.
 
 Because every member decodes identical bytes with the same deterministic decoder, the
@@ -20,13 +22,14 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import blake3
 import torch
 
 from dilo import codec_kernels
+from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms
 from dilo.codecs import Codec
 
 
@@ -98,7 +101,12 @@ class ExchangeResult:
     seconds: float
     """Wall time of the exchange."""
     dropped: int = 0
-    """Contributions (chunk, member) this member rejected as owner (non-finite)."""
+    """Contributions (chunk, member) this member rejected as owner (see `rejected`)."""
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(member, reason) of each contribution this member dropped as owner (dilo/aggregate.py)."""
+    clipped: list[tuple[int, float]] = field(default_factory=list)
+    """outer.aggregate = clip: (member, factor < 1) of each scaled-down contribution (the same
+    list on every member of the exchange)."""
     codec_error: float = 0.0
     """Relative L2 error of the owner's encode of its averaged chunk."""
     intra_bytes: int = 0
@@ -121,13 +129,19 @@ class Group(ABC):
     open_membership: bool = False
     """True when members come and go during the run (a swarm): there are no fixed ranks,
     the starting state comes from `bind`, and `size` is the size of the last round."""
+    aggregate: Aggregate = MEAN
+    """The owner's rule (`outer.aggregate`); DiLoCo sets it before the first exchange."""
     processes: int = 1
     """Processes that hold this member's copy of the global state (islands: the worker's
     ranks); they must change it at the same inner step."""
 
     @abstractmethod
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         """Mean of `flat` over the members, bit-identical everywhere.
+
+        `aggregate`: the owners' rule for this call (default `self.aggregate`; DiLoCo passes
+        `MEAN` for floating-point buffers, which are averaged exactly whatever the rule).
 
         Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
         """
@@ -182,7 +196,8 @@ class SoloGroup(Group):
 
     rank, size = 0, 1
 
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
@@ -223,6 +238,7 @@ def two_phase_average(
     all_to_all: Callable[[torch.Tensor], torch.Tensor],
     all_gather: Callable[[torch.Tensor], torch.Tensor],
     buffers: ExchangeBuffers | None = None,
+    aggregate: Aggregate = MEAN,
 ) -> ExchangeResult:
     """The exchange described in the module docstring over two byte collectives.
 
@@ -260,19 +276,20 @@ def two_phase_average(
         send = bufs.get("send", nbytes * size, torch.uint8)
         for member in range(size):
             codec.encode(piece(member), out=send[member * nbytes:(member + 1) * nbytes])
+    # -- the owner's rule (dilo/aggregate.py; issue 13): clip first gathers every member's norm
+    norms = exchange_norms(send, codec, chunk, size, all_gather) if aggregate.needs_norms else None
     recv = all_to_all(send).view(size, nbytes)
-
-    # The owner's reduction of its chunk: decode the contributions in member order, drop
-    # non-finite ones, sum in fp32 and divide (a robust rule would replace this block).
-    total = bufs.get("total", chunk, torch.float32).zero_()
-    accepted = 0
-    for member in range(size):  # fixed member order: the sum is the same everywhere
-        part = codec.decode(recv[member], chunk, out=scratch)
-        if not codec_kernels.all_finite(part):
-            continue
-        total += part
-        accepted += 1
-    mean = total.div_(accepted) if accepted else total
+    # Decode the contributions in member order; mean and clip add each one as it comes, so
+    # they reuse one chunk; the sorting rules keep the chunk's valid contributions together.
+    if aggregate.name in ("mean", "clip"):
+        def decode(member: int) -> torch.Tensor:
+            return codec.decode(recv[member], chunk, out=scratch)
+    else:
+        def decode(member: int) -> torch.Tensor:
+            return codec.decode(recv[member], chunk)
+    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms)
+    accepted = len(screened.accepted)
+    # -- end of the owner's rule
     encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
 
     gathered = all_gather(encoded).view(size, nbytes)
@@ -291,5 +308,8 @@ def two_phase_average(
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = (send.numel() - nbytes) + encoded.numel() * (size - 1)
     received = (recv.numel() - nbytes) + (gathered.numel() - encoded.numel())
+    if norms is not None:  # clip's one fp32 per member
+        sent, received = sent + 4 * (size - 1), received + 4 * (size - 1)
     return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
-                          dropped=size - accepted, codec_error=codec_error)
+                          dropped=size - accepted, codec_error=codec_error, rejected=screened.rejected,
+                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0])

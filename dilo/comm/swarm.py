@@ -52,11 +52,12 @@ if importlib.util.find_spec("hivemind") is None:  # checked without importing it
                       name="hivemind")
 
 from dilo import atomic_write  # noqa: E402
+from dilo.aggregate import Aggregate  # noqa: E402
 from dilo.codecs import Codec  # noqa: E402
 from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, SharedState  # noqa: E402
 from dilo.comm.swarm_admission import Admission  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_fingerprint  # noqa: E402
-from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, average_in_group  # noqa: E402
+from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, Refusals, average_in_group  # noqa: E402
 from dilo.comm.swarm_members import Membership  # noqa: E402
 from dilo.comm.swarm_node import SwarmNode  # noqa: E402
 from dilo.comm.swarm_results import RoundResults  # noqa: E402
@@ -134,6 +135,7 @@ class SwarmGroup(Group):
         self.admission = Admission(self.node, self.members, self.settings, self._refused)
         self.transfer = StateTransfer(self.node, self.members, self.settings, self.timeout)
         self.rounds = Rounds(self.node, self.members, self.timeout)
+        self.refusals = Refusals()
         self.results = RoundResults(self.node, self.members, self.rounds.position)
         await self.admission.start()
         await self.transfer.start()
@@ -182,11 +184,13 @@ class SwarmGroup(Group):
         return joined
 
     # -- rounds --------------------------------------------------------------------------
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         if round is None:
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
-        suspects: set[str] = set()
+        suspects = self.refusals.refused(t)  # (issue 13: peers whose contributions were dropped repeatedly)
+        self.rounds.refused = set(suspects)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             outcome = self.node.run(self.rounds.form_group(t, key, suspects), timeout=self.timeout + 120)
             # With overlap the round's result is all this peer needs, unless the others are more
@@ -214,7 +218,7 @@ class SwarmGroup(Group):
                 return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
             group = outcome.group
             try:
-                result = self._exchange(group, flat, codec)
+                result = self._exchange(group, flat, codec, aggregate or self.aggregate)
             except ExchangeFailed as e:
                 self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 self.count("partial_rounds")
@@ -228,6 +232,10 @@ class SwarmGroup(Group):
             self.node.run(self.rounds.close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
+            for peer in self.refusals.record(t, group.peers, {p for p, _ in result.rejected}, self.name):
+                log.warning("refusing peer %s from rounds %d..%d: its contributions were dropped in %d rounds "
+                            "in a row", peer, t + 1, t + self.refusals.rounds, self.refusals.after)
+                self.count("refused_peers", reason="dropped_contributions")
             self._finished(t, key, result.average, group.size)
             return result
         log.warning("round %d: %d exchanges failed; applying this peer's own Δ (the digest majority "
@@ -273,14 +281,16 @@ class SwarmGroup(Group):
                     "outer step %d", number, state.outer_step)
         return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
-    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec) -> ExchangeResult:
+    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec, aggregate: Aggregate) -> ExchangeResult:
         def dropped(problem: str) -> None:
             log.warning("round %d: dropped a contribution: %s", group.t, problem)
             self.count("rejected_contributions", reason="wrong_size")
 
         self._active = group
         try:
-            return average_in_group(self.node, group, flat, codec, self.timeout, dropped)
+            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate)
+            result.rejected = [(group.peers[m], why) for m, why in result.rejected]  # name the peers
+            return result
         finally:
             self._active = None
 

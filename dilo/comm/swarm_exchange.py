@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
 from dilo.comm.protocol import ExchangeResult, chunk_numel, two_phase_average
 from dilo.comm.swarm_auth import AuthError
@@ -285,7 +286,7 @@ class Mailboxes:
 
 
 def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec: Codec, timeout: float,
-                     on_bad_slice: Callable[[str], None]) -> ExchangeResult:
+                     on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN) -> ExchangeResult:
     """The two-phase average among `group` (training thread; the collectives run on the loop).
     Raises ExchangeFailed when the round cannot complete here: nothing is applied then."""
     chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
@@ -305,7 +306,35 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
     def all_gather(buf: torch.Tensor) -> torch.Tensor:
         return collective(2, [to_bytes_view(buf)] * group.size)
 
-    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather)
+    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate)
+
+
+class Refusals:
+    """Peers whose contributions this peer dropped as a chunk's owner (non-finite, saturated:
+    dilo/aggregate.py) in `after` rounds in a row are refused from the next `rounds` rounds:
+    not waited for, never followed, and answered "refused" when they join a round this peer
+    leads (dilo/comm/swarm_round.py). A refused peer ends up alone and resyncs from the majority."""
+
+    def __init__(self, after: int = 3, rounds: int = 10):
+        self.after, self.rounds = after, rounds
+        self.streak: dict[str, int] = {}
+        self.until: dict[str, int] = {}
+        """peer -> first round it may take part in again."""
+
+    def record(self, t: int, peers: list[str], dropped: set[str], me: str) -> list[str]:
+        """Round t ran with `peers`, this peer dropped the contributions of `dropped`: the newly refused."""
+        refused = []
+        for peer in peers:
+            if peer == me:
+                continue
+            self.streak[peer] = self.streak.get(peer, 0) + 1 if peer in dropped else 0
+            if self.streak[peer] >= self.after:
+                self.until[peer], self.streak[peer] = t + 1 + self.rounds, 0
+                refused.append(peer)
+        return refused
+
+    def refused(self, t: int) -> set[str]:
+        return {peer for peer, until in self.until.items() if t < until}
 
 
 def to_bytes_view(buf) -> memoryview:

@@ -77,6 +77,9 @@ class Rounds:
         self.lead: _Lead | None = None
         self.last_group: set[str] = set()
         """The other peers of this peer's last completed round."""
+        self.refused: set[str] = set()
+        """Peers refused from the current round (their contributions were dropped repeatedly:
+        swarm_exchange.Refusals); their joins are answered "refused"."""
 
     async def start(self) -> None:
         await self.node.serve("join", self._on_join)
@@ -164,7 +167,7 @@ class Rounds:
                     return Outcome("behind", ahead=int(reply.get("step", t + 1)))
                 if kind == "redirect":
                     hint = str(reply["leader"])
-                elif kind in ("behind", "mismatch"):
+                elif kind in ("behind", "mismatch", "refused"):
                     suspects.add(leader)
                 else:  # late, or the leader is busy: the view will tell what happened
                     await asyncio.sleep(0.3)
@@ -224,6 +227,8 @@ class Rounds:
         loop = asyncio.get_running_loop()
         peer, t = remote.to_base58(), int(header["t"])
         until = loop.time() + min(float(header.get("wait", 0.0)), self.timeout)
+        if peer in self.refused:
+            return {"r": "refused"}, None
         while True:
             if self.step > t:
                 return {"r": "ahead", "step": self.step}, None

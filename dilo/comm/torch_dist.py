@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
                                 two_phase_average)
@@ -56,9 +57,10 @@ class TorchGroup(Group):
         all_gather_single(out, buf, group=self.pg)
         return out
 
-    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
+                aggregate: Aggregate | None = None) -> ExchangeResult:
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 buffers=self._buffers)
+                                 buffers=self._buffers, aggregate=aggregate or self.aggregate)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)

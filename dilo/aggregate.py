@@ -1,0 +1,168 @@
+"""How the owner of a chunk combines the members' contributions (`outer.aggregate`).
+
+The owner of a chunk holds every member's decoded values for it (dilo/comm/protocol.py,
+phase 1), so a per-coordinate rule costs no extra bytes; the owner encodes its result
+once and every member decodes those bytes, so θ stays bit-identical whatever the rule.
+Threat model and costs: docs/robust.md.
+
+First the owner screens each contribution (chunk, member) and drops it, with a reason:
+
+* ``non-finite``: a NaN or ±inf value. A sender whose Δ is not finite or out of the
+  codec's range sends an all-NaN vector on purpose: the **no-contribution marker**
+  (`NO_CONTRIBUTION`), which every codec carries as non-finite (no format change);
+* ``saturated``: a value at the codec's finite limit (fp16 ±65504, bf16's max): what a
+  cast codec's clamp makes of an overflow, never averaged in;
+* ``norm above its report`` (clip only): the chunk is longer than the whole vector's
+  norm the member reported, which an honest member cannot send.
+
+Then the valid contributions v_1..v_n (member order) are reduced, per coordinate, in fp32:
+
+* ``mean``: (v_1 + ... + v_n) / n, summed in member order (the rule before issue 13, same bytes);
+* ``trimmed_mean``: sort each coordinate's n values, drop the k smallest and the k
+  largest, sum the n − 2k middle ones in ascending order and divide by n − 2k;
+* ``median``: the middle value; for even n, (a + b) / 2 of the two middle values;
+* ``clip``: members first exchange their Δ's norms (the norm of what they send after the
+  codec's round trip; one all-gather of M fp32 values); with m the median of the finite
+  norms (even count: mean of the two middle ones, in fp64), member i's contribution is
+  scaled by c_i = min(1, r · m / ‖Δ_i‖) (fp64, then fp32) and the scaled ones are averaged
+  as ``mean``. Every member computes the same c_i from the same gathered norms.
+
+When no contribution of a chunk is valid, the owner sends the marker as that chunk's
+result: the average is not finite and DiLoCo skips the whole outer step on every member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dilo.codec_kernels import all_finite
+from dilo.options import AGGREGATES
+
+NO_CONTRIBUTION = float("nan")
+"""The value of every element a worker sends when it has no valid pseudo-gradient."""
+
+
+def codec_limit(codec) -> float | None:
+    """The largest magnitude a cast codec can carry (None: scaled codecs and fp32 never clamp)."""
+    limit = getattr(codec, "max_finite", None)
+    return None if limit is None or codec.lossless else float(limit)
+
+
+def why_unsendable(x: torch.Tensor, codec) -> str | None:
+    """Why `x` must not be encoded with `codec` (None: it may)."""
+    if not all_finite(x):
+        return "not finite"
+    limit = codec_limit(codec)
+    if limit is not None and x.numel() and x.abs().max().item() >= limit:
+        return f"out of the {codec.name} codec's finite range (|x| >= {limit:g})"
+    return None
+
+
+@dataclass
+class Screened:
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(member, reason) of each contribution the owner dropped."""
+    factors: list[float] = field(default_factory=list)
+    """clip: c_i per member (every member computes the same list)."""
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One owner-side rule (see the module docstring); immutable, shared by every member."""
+
+    name: str = "mean"
+    trim: int = 1
+    """trimmed_mean: values dropped at each end, per coordinate (k)."""
+    clip_ratio: float = 2.0
+    """clip: a contribution's norm is capped at clip_ratio × the median norm (r)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in AGGREGATES:
+            raise ValueError(f"outer.aggregate must be one of {', '.join(AGGREGATES)}, got {self.name!r}")
+
+    @property
+    def needs_norms(self) -> bool:
+        return self.name == "clip"
+
+    def trim_for(self, valid: int) -> int:
+        """k for `valid` contributions: never more than leaves one value (open groups vary in size)."""
+        return max(0, min(self.trim, (valid - 1) // 2))
+
+    def clip_factors(self, norms: list[float]) -> list[float]:
+        """c_i per member (NaN for a member that reported a non-finite norm: no contribution)."""
+        finite = sorted(n for n in norms if n == n and n != float("inf"))
+        if not finite:
+            return [float("nan")] * len(norms)
+        mid = len(finite) // 2
+        median = finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+        cap = self.clip_ratio * median
+        return [float("nan") if not (n == n and n != float("inf")) else
+                float(torch.tensor(1.0 if n <= cap else cap / n, dtype=torch.float64).float()) for n in norms]
+
+    def reduce(self, decode: Callable[[int], torch.Tensor], size: int, chunk: int, limit: float | None,
+               norms: list[float] | None = None) -> tuple[torch.Tensor, Screened]:
+        """The owner's result for one chunk; `decode(m)` is member m's decoded contribution.
+
+        mean and clip decode one member at a time (bounded memory, as before issue 13); the
+        sorting rules hold the valid contributions of the chunk together."""
+        screened = Screened(factors=self.clip_factors(norms) if self.needs_norms else [])
+        total = torch.zeros(chunk, dtype=torch.float32) if self.name in ("mean", "clip") else None
+        valid = []
+        for m in range(size):  # member order: the same sum on every owner
+            part = decode(m)
+            reason = self._invalid(part, limit, norms[m] if norms is not None else None)
+            if reason is not None:
+                screened.rejected.append((m, reason))
+                continue
+            screened.accepted.append(m)
+            if total is None:
+                valid.append(part)
+            elif self.name == "clip" and screened.factors[m] < 1.0:
+                total += part * screened.factors[m]
+            else:
+                total += part
+        n = len(screened.accepted)
+        if n == 0:
+            return torch.full((chunk,), NO_CONTRIBUTION), screened
+        if total is not None:
+            return total / n, screened
+        values = torch.stack(valid).sort(dim=0).values
+        if self.name == "median":
+            mid = n // 2
+            return (values[mid].clone() if n % 2 else (values[mid - 1] + values[mid]) / 2), screened
+        k = self.trim_for(n)
+        total = torch.zeros(chunk, dtype=torch.float32)
+        for row in values[k:n - k]:  # ascending order, one fp32 add at a time
+            total += row
+        return total / (n - 2 * k), screened
+
+    def _invalid(self, part: torch.Tensor, limit: float | None, reported: float | None) -> str | None:
+        """Why the owner drops this contribution (None: it is valid)."""
+        if not all_finite(part):
+            return "non-finite"
+        if limit is not None and part.numel() and part.abs().max().item() >= limit:
+            return f"saturated (a value at the codec's limit {limit:g})"
+        if self.needs_norms:
+            norm = part.norm().item()
+            if not reported == reported or norm > reported * (1 + 1e-4) + 1e-30:
+                return f"chunk norm {norm:.4g} above the reported norm {reported:.4g}"
+        return None
+
+
+MEAN = Aggregate()
+
+
+def exchange_norms(send: torch.Tensor, codec, chunk: int, size: int, all_gather) -> list[float]:
+    """clip: every member's norm of what it sends (after the codec's round trip), member order.
+
+    One all-gather of one fp32 per member over the exchange's byte collective, before phase 1.
+    """
+    nbytes = codec.encoded_nbytes(chunk)
+    square = sum(codec.decode(send[j * nbytes:(j + 1) * nbytes], chunk).double().square().sum().item()
+                 for j in range(size))
+    mine = torch.tensor([square ** 0.5], dtype=torch.float32)
+    return [float(v) for v in all_gather(mine.view(torch.uint8)).view(torch.float32)]
