@@ -48,7 +48,7 @@ class LocalGroup(Group):
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None) -> ExchangeResult:
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 aggregate or self.aggregate)
+                                 aggregate=aggregate or self.aggregate)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])

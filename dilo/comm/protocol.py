@@ -28,7 +28,6 @@ from typing import Callable, Protocol
 import blake3
 import torch
 
-from dilo import codec_kernels
 from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms
 from dilo.codecs import Codec
 

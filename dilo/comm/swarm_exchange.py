@@ -306,7 +306,7 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
     def all_gather(buf: torch.Tensor) -> torch.Tensor:
         return collective(2, [to_bytes_view(buf)] * group.size)
 
-    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate)
+    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate=aggregate)
 
 
 class Refusals:
