@@ -207,8 +207,12 @@ def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeo
 
 
 def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], rng: random.Random,
-             timeout: float, max_wall: float, poisons: list[str] = ()) -> dict:
-    """Start every node, inject the schedule, wait for the end. Returns the raw timeline."""
+             timeout: float, max_wall: float, poisons: list[str] = (), last_outer: int = 0) -> dict:
+    """Start every node, inject the schedule, wait for the end. Returns the raw timeline.
+
+    No fault fires once the run is in its last round (`last_outer` − 1 outer steps done): one
+    landing after a node's workers finished would end that node for good (its agent exits
+    after the job succeeded) and leave the others in torchrun's exit barrier."""
     tail = MetricsTail(run_dir)
     start = time.time()
     for node in range(cluster.num_nodes):
@@ -258,7 +262,8 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
         alive = [n for n, code in codes.items() if code is None and n not in rejoin_at]
         running = running and last_sync > last_disruption  # a rejoin just now disrupts too
         due = (index < len(schedule) and not stalled and not finished and alive
-               and progress >= schedule[index][1] and running)
+               and progress >= schedule[index][1] and running
+               and (not last_outer or progress < last_outer - 1))
         if not due:
             fire_at = None
         elif fire_at is None:  # not right after the sync: anywhere in the round
@@ -334,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                                          extra_env=liar_env)
         try:
             print(f"chaos: {name} run in {run_dir} ({len(plan)} faults)", flush=True)
-            runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall, args.poison)
+            runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall, args.poison,
+                                  last_outer=total_outer)
         finally:
             cluster.close()
     result = summarize(run_root, runs, cfg, args, schedule)
