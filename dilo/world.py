@@ -59,9 +59,17 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device = cuda but no CUDA device is visible; use run.device = cpu or auto")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # More ranks than GPUs on a node (small models, tests): ranks share the GPUs round-robin.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def ranks_share_a_gpu() -> bool:
+    """More local ranks than visible GPUs: NCCL refuses two ranks on one device, so gloo it is."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return torch.cuda.is_available() and local_world > torch.cuda.device_count()
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -85,7 +93,7 @@ def join_world(cfg: Config) -> World:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
-        init_default_group(cfg.comm.timeout, device.type == "cuda")
+        init_default_group(cfg.comm.timeout, device.type == "cuda" and not ranks_share_a_gpu())
     rank = dist.get_rank() if world_size > 1 else 0
     worker, rank_in_worker = divmod(rank, cfg.run.worker_size)
     island = join_islands(cfg.run.worker_size) if cfg.run.worker_size > 1 else None
