@@ -19,7 +19,17 @@ import torch
 from dilo.codecs import CODEC_NAMES, get_codec
 from dilo.comm.local import local_groups
 from tests.helpers import REPO, SMALL, child_env
-from tools import bench_comm, bench_overhead, bench_quality, bench_utilization, netsim, plot, proctree, report
+from tools import (
+    bench_comm,
+    bench_overhead,
+    bench_quality,
+    bench_tuned,
+    bench_utilization,
+    netsim,
+    plot,
+    proctree,
+    report,
+)
 
 TINY_MODEL = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
               "--model.seq_len", "32", "--data.max_bytes", "400000", "--data.batch_size", "4",
@@ -273,6 +283,49 @@ def test_bench_quality_aggregate_pairs_seeds():
     assert dil["loss_ratio_to_ddp"]["median"] == pytest.approx(1.05)  # (1.1 + 1.0) / 2
     assert dil["ddp_bytes_over_bytes"]["min"] == 50 and dil["ddp_bytes_over_bytes"]["max"] == 100
     assert dil["final_eval_loss"]["mean"] == pytest.approx(3.1)
+
+
+# -- bench_tuned ----------------------------------------------------------------------------
+def test_bench_tuned_sweeps_then_confirms_the_best_setting_of_each_family():
+    args = bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--steps", "60", "--H", "10,20",
+                              "--outer-lrs", "0.5,0.9", "--ddp-lrs", "1e-3,3e-3", "--seeds", "0",
+                              "--confirm-seeds", "1,2", "--variant", "eager=--outer.overlap eager --outer.inner_steps 30"])
+    runs = bench_tuned.sweep(args, args.seeds)
+    assert len(runs) == 2 + 2 * 2
+    assert {value(r, "--inner.lr") for r in runs if r["kind"] == "ddp"} == {"0.001", "0.003"}
+    assert all(value(r, "--run.mode") == "ddp" and r["nproc"] == 4 for r in runs if r["kind"] == "ddp")
+    var = bench_tuned.variants(args)
+    assert [r["seed"] for r in var] == [0, 1, 2] and all(r["H"] == 30 for r in var)  # the variant's own H
+    assert all(value(r, "--outer.inner_steps") == "30" for r in var)
+
+    def res(spec, loss):
+        return {**spec, "final_eval_loss": loss, "bytes_sent_per_worker": 10.0 if spec["kind"] == "diloco"
+                else 1000.0, "tokens": 1, "outer_steps": 1}
+    # losses: ddp 3e-3 best; diloco H=10 best at 0.9, H=20 best at 0.5
+    losses = {"ddp lr=0.001": 3.0, "ddp lr=0.003": 2.0, "diloco H=10 int8 olr=0.5": 2.5,
+              "diloco H=10 int8 olr=0.9": 2.2, "diloco H=20 int8 olr=0.5": 2.3, "diloco H=20 int8 olr=0.9": 2.4}
+    done = [res(r, losses[r["config"]]) for r in runs]
+    best = bench_tuned.best_settings(done)
+    assert best[("ddp",)]["lr"] == 3e-3 and best[("diloco", 10, "int8")]["outer_lr"] == 0.9
+    assert best[("diloco", 20, "int8")]["outer_lr"] == 0.5
+    again = bench_tuned.confirm(args, best)
+    assert sorted((r["config"], r["seed"]) for r in again) == sorted(
+        (c, s) for c in ("ddp lr=0.003", "diloco H=10 int8 olr=0.9", "diloco H=20 int8 olr=0.5") for s in (1, 2))
+    # the confirmation seed of ddp 3e-3 is worse: rows pair each run with best ddp of its own seed
+    done += [res(r, {"ddp lr=0.003": 4.0}.get(r["config"], 4.4)) for r in again if r["seed"] == 1]
+    rows = {row["config"]: row for row in bench_tuned.aggregate(done)["configs"]}
+    h10 = rows["diloco H=10 int8 olr=0.9"]
+    assert h10["best_of_family"] and not rows["diloco H=10 int8 olr=0.5"]["best_of_family"]
+    assert h10["loss_ratio_to_best_ddp"]["mean"] == pytest.approx((2.2 / 2.0 + 4.4 / 4.0) / 2)
+    assert h10["ddp_bytes_over_bytes"]["median"] == 100
+    assert rows["ddp lr=0.001"]["loss_ratio_to_best_ddp"]["n"] == 1  # only seed 0 ran it
+
+
+def test_bench_tuned_refuses_a_bad_variant():
+    with pytest.raises(report.ToolError, match="NAME=ARGS"):
+        bench_tuned.parse([*TINY_MODEL, "--variant", "--outer.overlap eager"])
+    with pytest.raises(report.ToolError, match="overlap"):
+        bench_tuned.parse([*TINY_MODEL, "--variant", "x=--outer.overlap sideways"])
 
 
 @pytest.mark.e2e
