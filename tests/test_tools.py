@@ -321,9 +321,23 @@ def test_bench_tuned_sweeps_then_confirms_the_best_setting_of_each_family():
     assert rows["ddp lr=0.001"]["loss_ratio_to_best_ddp"]["n"] == 1  # only seed 0 ran it
 
 
+def test_bench_tuned_variants_of_other_kinds_keep_tokens_equal():
+    args = bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--steps", "60", "--H", "10", "--seeds", "3",
+                              "--variant", "ddp:ddp iid=--data.val_fraction 0.1",
+                              "--variant", "solo:M1=--outer.inner_steps 20"])
+    ddp, solo = bench_tuned.variants(args)
+    assert ddp["kind"] == "ddp" and ddp["nproc"] == 4 and value(ddp, "--run.mode") == "ddp"
+    assert ddp["config"] == "ddp iid" and value(ddp, "--data.val_fraction") == "0.1"
+    assert solo["kind"] == "solo" and solo["nproc"] == 1 and value(solo, "--run.mode") == "diloco"
+    assert int(value(solo, "--data.batch_size")) == 4 * 4 and value(solo, "--run.steps") == "60"
+    assert solo["H"] == 20 and solo["seed"] == 3
+
+
 def test_bench_tuned_refuses_a_bad_variant():
     with pytest.raises(report.ToolError, match="NAME=ARGS"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "--outer.overlap eager"])
+    with pytest.raises(report.ToolError, match="KIND diloco, ddp or solo"):
+        bench_tuned.parse([*TINY_MODEL, "--variant", "dp:x=--outer.lr 1"])
     with pytest.raises(report.ToolError, match="overlap"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "x=--outer.overlap sideways"])
 

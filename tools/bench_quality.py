@@ -75,8 +75,12 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
+def run_dir_name(run: dict) -> str:
+    return run["name"].replace(" ", "_").replace("=", "")
+
+
 def execute(run: dict, runs_dir: Path, tokens_per_step: int, timeout_s: float, reuse: bool) -> dict:
-    run_dir = runs_dir / run["name"].replace(" ", "_").replace("=", "")
+    run_dir = runs_dir / run_dir_name(run)
     if not (reuse and finished(run_dir, run["nproc"])):
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ToolError(f"{run_dir} already holds a run; pass --reuse to use finished runs, "

@@ -57,10 +57,14 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     steps, m = args.steps, args.workers
     every = max(1, steps // args.eval_points)
     common = [*args.dilo_args, "--run.seed", str(seed), "--metrics.progress", "off", "--checkpoint.every", "0"]
+    if kind == "solo":  # one process, M x the batch: DiLoCo with M = 1 at the same tokens
+        batch = check_config(args.dilo_args).data.batch_size * m
+        spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch)], **fields)
+        return {**spec, "kind": "solo", "nproc": 1}
     if kind == "ddp":
         lr = fields["lr"]
         ddp_h = max(d for d in range(1, every + 1) if steps % d == 0)  # DDP bytes are booked every H
-        name = "ddp" + (f" lr={lr:g}" if lr is not None else "")
+        name = fields.get("variant") or ("ddp" + (f" lr={lr:g}" if lr is not None else ""))
         dilo = [*common, "--run.mode", "ddp", "--run.steps", str(steps), "--outer.inner_steps", str(ddp_h),
                 "--data.eval_every", str(max(1, round(every / ddp_h)))]
         dilo += ["--inner.lr", repr(lr)] if lr is not None else []
@@ -97,7 +101,7 @@ def best_settings(results: list[dict]) -> dict[tuple, dict]:
     best: dict[tuple, tuple[float, dict]] = {}
     for group in by_config.values():
         r = group[0]
-        family = ("ddp",) if r["kind"] == "ddp" else ("diloco", r["H"], r["codec"])
+        family = ("ddp",) if r["kind"] == "ddp" else (r["kind"], r["H"], r["codec"])
         loss = statistics.fmean(g["final_eval_loss"] for g in group)
         if family not in best or loss < best[family][0]:
             best[family] = (loss, r)
@@ -118,17 +122,27 @@ def confirm(args, best: dict[tuple, dict]) -> list[dict]:
 
 def variants(args) -> list[dict]:
     h, codec = args.H[0], args.codecs[0]
-    return [run_spec(args, "diloco", s, extra, H=h, codec=codec, outer_lr=args.variant_outer_lr, variant=name,
-                     phase="variant")
-            for name, extra in args.variants for s in [*args.seeds, *args.confirm_seeds]]
+    runs = []
+    for kind, name, extra in args.variants:
+        for s in [*args.seeds, *args.confirm_seeds]:
+            if kind == "ddp":
+                runs.append(run_spec(args, "ddp", s, extra, lr=args.variant_lr, variant=name, phase="variant"))
+            else:
+                runs.append(run_spec(args, kind, s, extra, H=h, codec=codec, outer_lr=args.variant_outer_lr,
+                                     variant=name, phase="variant"))
+    return runs
 
 
 def execute_all(args, runs: list[dict]) -> list[dict]:
     """Run them (args.parallel at once); a run that fails is reported and left out."""
     def one(run: dict) -> dict | None:
         start = time.time()
+        if args.report_only and not finished(args.runs_dir / bench_quality.run_dir_name(run), run["nproc"]):
+            print(f"bench_tuned: {run['name']}: not run (--report-only)", file=sys.stderr, flush=True)
+            return None
         try:
-            r = bench_quality.execute(run, args.runs_dir, args.tokens_per_step, args.timeout, True)
+            per_step = args.tokens_per_step * (args.workers if run["kind"] == "solo" else 1)  # its batch is M x
+            r = bench_quality.execute(run, args.runs_dir, per_step, args.timeout, True)
         except ToolError as e:
             print(f"bench_tuned: {run['name']} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
             return None
@@ -152,7 +166,7 @@ def aggregate(results: list[dict]) -> dict:
     for config, group in by_config.items():
         r0 = group[0]
         paired = [(r, ddp_by_seed[r["seed"]]) for r in group if r["seed"] in ddp_by_seed]
-        family = ("ddp",) if r0["kind"] == "ddp" else ("diloco", r0["H"], r0["codec"])
+        family = ("ddp",) if r0["kind"] == "ddp" else (r0["kind"], r0["H"], r0["codec"])
         rows.append({
             "config": config, "kind": r0["kind"], "H": r0["H"], "codec": r0["codec"], "lr": r0["lr"],
             "outer_lr": r0["outer_lr"], "variant": r0["variant"], "seeds": sorted(r["seed"] for r in group),
@@ -207,9 +221,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ddp-lrs", help="comma list of inner.lr for data-parallel (default: the config's)")
     p.add_argument("--seeds", default="0", help="sweep seeds (default 0)")
     p.add_argument("--confirm-seeds", default="", help="seeds for the best settings only")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="a DiLoCo run with extra dilo args, at the first H and codec, every seed")
+    p.add_argument("--variant", action="append", default=[], metavar="[KIND:]NAME=ARGS",
+                   help="a run with extra dilo args on every seed; KIND diloco (default: at the first H "
+                        "and codec), ddp, or solo (one process, M x the batch: DiLoCo with M = 1)")
     p.add_argument("--variant-outer-lr", type=float, help="outer.lr for variants (default: the config's)")
+    p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the finished runs found in --runs-dir (the others are listed)")
     p.add_argument("--eval-points", type=int, default=8)
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--runs-dir", help="where runs are kept (default runs/bench_tuned-<time>)")
@@ -231,9 +249,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.variants = []
     for v in args.variant:
         name, sep, extra = v.partition("=")
-        if not sep or not name:
-            raise ToolError(f"--variant {v!r}: write NAME=ARGS, e.g. 'eager=--outer.overlap eager'")
-        args.variants.append((name, extra.split()))
+        kind, colon, bare = name.partition(":")
+        kind, name = (kind, bare) if colon else ("diloco", name)
+        if not sep or not name or kind not in ("diloco", "ddp", "solo"):
+            raise ToolError(f"--variant {v!r}: write [KIND:]NAME=ARGS with KIND diloco, ddp or solo, "
+                            "e.g. 'eager=--outer.overlap eager'")
+        args.variants.append((kind, name, extra.split()))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
         raise ToolError("--workers must be >= 2, --parallel and --eval-points >= 1")
