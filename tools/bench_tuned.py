@@ -35,17 +35,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import bench_quality
-from tools.report import (
-    ToolError,
-    describe,
-    document,
-    png_path,
-    require_matplotlib,
-    run_tool,
-    write_json,
-)
-from tools.runs import check_config, train_cmd
+from tools import bench_quality  # noqa: E402
+from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
+                          run_tool, write_json)
+from tools.runs import check_config, finished, train_cmd  # noqa: E402
 
 
 def floats(text: str | None) -> list[float | None]:
