@@ -324,11 +324,12 @@ def test_bench_tuned_sweeps_then_confirms_the_best_setting_of_each_family():
 def test_bench_tuned_variants_of_other_kinds_keep_tokens_equal():
     args = bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--steps", "60", "--H", "10", "--seeds", "3",
                               "--variant", "ddp:ddp iid=--data.val_fraction 0.1",
-                              "--variant", "solo:M1=--outer.inner_steps 20"])
-    ddp, solo = bench_tuned.variants(args)
+                              "--variant", "m1:M1=--outer.inner_steps 20", "--variant", "m2:M2="])
+    ddp, solo, m2 = bench_tuned.variants(args)
     assert ddp["kind"] == "ddp" and ddp["nproc"] == 4 and value(ddp, "--run.mode") == "ddp"
     assert ddp["config"] == "ddp iid" and value(ddp, "--data.val_fraction") == "0.1"
-    assert solo["kind"] == "solo" and solo["nproc"] == 1 and value(solo, "--run.mode") == "diloco"
+    assert solo["kind"] == "m1" and solo["nproc"] == 1 and value(solo, "--run.mode") == "diloco"
+    assert m2["nproc"] == 2 and int(value(m2, "--data.batch_size")) == 2 * 4 and m2["H"] == 10
     assert int(value(solo, "--data.batch_size")) == 4 * 4 and value(solo, "--run.steps") == "60"
     assert solo["H"] == 20 and solo["seed"] == 3
 
@@ -336,8 +337,10 @@ def test_bench_tuned_variants_of_other_kinds_keep_tokens_equal():
 def test_bench_tuned_refuses_a_bad_variant():
     with pytest.raises(report.ToolError, match="NAME=ARGS"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "--outer.overlap eager"])
-    with pytest.raises(report.ToolError, match="KIND diloco, ddp or solo"):
+    with pytest.raises(report.ToolError, match="KIND diloco, ddp or mN"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "dp:x=--outer.lr 1"])
+    with pytest.raises(report.ToolError, match="N dividing"):
+        bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--variant", "m3:x="])
     with pytest.raises(report.ToolError, match="overlap"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "x=--outer.overlap sideways"])
 

@@ -13,8 +13,9 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
    `--outer-lrs` outer lr.
 2. **Confirm** on `--confirm-seeds`: for data-parallel and for each DiLoCo (H, codec), the
    setting with the lowest mean sweep loss, again.
-3. **Variants** on all seeds: `--variant NAME=ARGS`, each a DiLoCo run with extra dilo
-   arguments (e.g. another data layout, an overlap mode, another codec) and no sweep.
+3. **Variants** on all seeds: `--variant [KIND:]NAME=ARGS`, a run with extra dilo arguments
+   (another data layout, an overlap mode, another codec) and no sweep: DiLoCo (default), `ddp`,
+   or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens).
 
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
@@ -50,10 +51,11 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     steps, m = args.steps, args.workers
     every = max(1, steps // args.eval_points)
     common = [*args.dilo_args, "--run.seed", str(seed), "--metrics.progress", "off", "--checkpoint.every", "0"]
-    if kind == "solo":  # one process, M x the batch: DiLoCo with M = 1 at the same tokens
-        batch = check_config(args.dilo_args).data.batch_size * m
+    if kind.startswith("m"):  # DiLoCo with N workers, M/N x the batch each: the same tokens per step
+        n = int(kind[1:])
+        batch = check_config(args.dilo_args).data.batch_size * m // n
         spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch)], **fields)
-        return {**spec, "kind": "solo", "nproc": 1}
+        return {**spec, "kind": kind, "nproc": n}
     if kind == "ddp":
         lr = fields["lr"]
         ddp_h = max(d for d in range(1, every + 1) if steps % d == 0)  # DDP bytes are booked every H
@@ -134,7 +136,7 @@ def execute_all(args, runs: list[dict]) -> list[dict]:
             print(f"bench_tuned: {run['name']}: not run (--report-only)", file=sys.stderr, flush=True)
             return None
         try:
-            per_step = args.tokens_per_step * (args.workers if run["kind"] == "solo" else 1)  # its batch is M x
+            per_step = args.tokens_per_step * args.workers // run["nproc"]  # mN runs: M/N x the batch
             r = bench_quality.execute(run, args.runs_dir, per_step, args.timeout, True)
         except ToolError as e:
             print(f"bench_tuned: {run['name']} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
@@ -216,7 +218,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--confirm-seeds", default="", help="seeds for the best settings only")
     p.add_argument("--variant", action="append", default=[], metavar="[KIND:]NAME=ARGS",
                    help="a run with extra dilo args on every seed; KIND diloco (default: at the first H "
-                        "and codec), ddp, or solo (one process, M x the batch: DiLoCo with M = 1)")
+                        "and codec), ddp, or mN (DiLoCo with N workers, M/N x the batch each, e.g. m1)")
     p.add_argument("--variant-outer-lr", type=float, help="outer.lr for variants (default: the config's)")
     p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
     p.add_argument("--report-only", action="store_true",
@@ -244,9 +246,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         name, sep, extra = v.partition("=")
         kind, colon, bare = name.partition(":")
         kind, name = (kind, bare) if colon else ("diloco", name)
-        if not sep or not name or kind not in ("diloco", "ddp", "solo"):
-            raise ToolError(f"--variant {v!r}: write [KIND:]NAME=ARGS with KIND diloco, ddp or solo, "
-                            "e.g. 'eager=--outer.overlap eager'")
+        workers_ok = kind[:1] == "m" and kind[1:].isdigit() and 0 < int(kind[1:]) and args.workers % int(kind[1:]) == 0
+        if not sep or not name or not (kind in ("diloco", "ddp") or workers_ok):
+            raise ToolError(f"--variant {v!r}: write [KIND:]NAME=ARGS with KIND diloco, ddp or mN (N dividing "
+                            "--workers), e.g. 'eager=--outer.overlap eager' or 'm1:one worker='")
         args.variants.append((kind, name, extra.split()))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
