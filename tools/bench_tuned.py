@@ -119,7 +119,7 @@ def variants(args) -> list[dict]:
     h, codec = args.H[0], args.codecs[0]
     runs = []
     for kind, name, extra in args.variants:
-        for s in [*args.seeds, *args.confirm_seeds]:
+        for s in args.variant_seeds:
             if kind == "ddp":
                 runs.append(run_spec(args, "ddp", s, extra, lr=args.variant_lr, variant=name, phase="variant"))
             else:
@@ -128,11 +128,15 @@ def variants(args) -> list[dict]:
     return runs
 
 
-def execute_all(args, runs: list[dict]) -> list[dict]:
-    """Run them (args.parallel at once); a run that fails is reported and left out."""
+def execute_all(args, runs: list[dict], only_finished: bool = False) -> list[dict]:
+    """Run them (args.parallel at once); a run that fails is reported and left out.
+    With only_finished (or --report-only) nothing runs: the finished ones are read back."""
     def one(run: dict) -> dict | None:
         start = time.time()
-        if args.report_only and not finished(args.runs_dir / bench_quality.run_dir_name(run), run["nproc"]):
+        if (only_finished or args.report_only) and not finished(args.runs_dir / bench_quality.run_dir_name(run),
+                                                                  run["nproc"]):
+            if only_finished:
+                return None
             print(f"bench_tuned: {run['name']}: not run (--report-only)", file=sys.stderr, flush=True)
             return None
         try:
@@ -223,6 +227,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: report the finished runs found in --runs-dir (the others are listed)")
+    p.add_argument("--variant-seeds", help="seeds for variants (default: --seeds and --confirm-seeds)")
     p.add_argument("--eval-points", type=int, default=8)
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--runs-dir", help="where runs are kept (default runs/bench_tuned-<time>)")
@@ -241,6 +246,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.outer_lrs, args.ddp_lrs = floats(args.outer_lrs), floats(args.ddp_lrs)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.confirm_seeds = [int(s) for s in args.confirm_seeds.split(",") if s]
+    args.variant_seeds = ([int(s) for s in args.variant_seeds.split(",")] if args.variant_seeds
+                          else [*args.seeds, *args.confirm_seeds])
     args.variants = []
     for v in args.variant:
         name, sep, extra = v.partition("=")
@@ -268,7 +275,7 @@ def main(argv: list[str]) -> int:
         require_matplotlib()
     settings = {k: getattr(args, k) for k in ("config", "workers", "steps", "H", "codecs", "outer_lrs",
                                                "ddp_lrs", "seeds", "confirm_seeds", "variants",
-                                               "variant_outer_lr", "dilo_args", "parallel")}
+                                               "variant_outer_lr", "variant_seeds", "dilo_args", "parallel")}
     settings["runs_dir"] = str(args.runs_dir)
     settings["launch"] = " ".join(train_cmd(["ARGS"], args.workers))
     results: list[dict] = []
@@ -277,9 +284,13 @@ def main(argv: list[str]) -> int:
         write_json(args.out, document("bench_tuned", settings, {**aggregate(results), "runs": results}))
 
     # Variants need no sweep: they run alongside it, so a time limit cuts the confirmations last.
-    results += execute_all(args, [*sweep(args, args.seeds), *variants(args)])
+    # Sweep runs finished earlier (a cut-short sweep, continued) already name the best settings:
+    # their confirmations start with the sweep, not after it.
+    known = best_settings(execute_all(args, sweep(args, args.seeds), only_finished=True))
+    results += execute_all(args, [*sweep(args, args.seeds), *variants(args), *confirm(args, known)])
     save()
-    results += execute_all(args, confirm(args, best_settings(results)))
+    done = {r["name"] for r in results}
+    results += execute_all(args, [r for r in confirm(args, best_settings(results)) if r["name"] not in done])
     save()
     summary = aggregate(results)
     for row in summary["configs"]:
