@@ -86,7 +86,7 @@ def execute(run: dict, runs_dir: Path, tokens_per_step: int, timeout_s: float, r
             raise ToolError(f"{run_dir} already holds a run; pass --reuse to use finished runs, "
                             "or choose another --runs-dir")
         cmd = train_cmd([*run["args"], "--run.dir", str(run_dir)], nproc=run["nproc"])
-        run_logged(cmd, run_dir.with_suffix(".log"), timeout_s, run["name"])
+        run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", timeout_s, run["name"])
     found = summaries(run_dir)
     if len(found) != run["nproc"] or len({s["global_hash"] for s in found}) != 1:
         raise ToolError(f"{run['name']}: expected {run['nproc']} summaries with one global hash "
