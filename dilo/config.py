@@ -70,6 +70,8 @@ class DataConfig:
     """Byte budget for text sources; 0 = no limit."""
     val_fraction: float = 0.05
     """Share of the stream held out for evaluation (every k-th 4096-token block)."""
+    layout: str = "iid"
+    """`iid`: training windows shuffled with run.seed (anew every epoch), so every worker's batch draws from the whole corpus; `contiguous`: worker w reads a contiguous share of the stream (files sorted by path). Held-out data is the same for both (docs/design.md)."""
     batch_size: int = 16
     """Sequences per inner step per process (a worker of run.worker_size processes reads worker_size times this)."""
     eval_batches: int = 8

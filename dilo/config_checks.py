@@ -20,6 +20,8 @@ LORA_AGGREGATES = ("naive", "frozen_a", "exact")
 MODES = ("diloco", "ddp")
 BACKENDS = ("torch", "hivemind")
 DEVICES = ("auto", "cpu", "cuda")
+LAYOUTS = ("iid", "contiguous")
+"""`data.layout`: how the train stream's windows are ordered (dilo/data.py, ShardedBatches)."""
 INNER_LR_MAX = 1.0
 """inner.lr above this is refused: AdamW moves every weight by up to lr per step, so lr > 1
 is a typo (published language-model values are 1e-5 .. 1e-2)."""
@@ -53,6 +55,7 @@ def validate(cfg) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(d.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {d.max_bytes}")
     _require(0.0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}")
+    _require(d.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {d.layout!r}")
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _require(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
     _require(d.eval_every >= 0, f"data.eval_every must be >= 0, got {d.eval_every}")

@@ -22,6 +22,13 @@ validation is spread over the whole stream rather than taken from its tail.
 Sharding: the train stream is cut into lanes that the world reads as one global row
 sequence; a worker's share is its slice of each step's rows, so any number of workers can
 continue a run where another number left it; see :class:`ShardedBatches`.
+
+Layout (``data.layout``): ``iid`` (the default) shuffles that row sequence with the run seed,
+a new permutation every epoch, so every worker's batch is a uniform draw from the whole
+corpus (as data-parallel's global batch is); ``contiguous`` reads it in order, so worker w
+of the world that started the run trains on a contiguous share of the stream (files sorted
+by path: shards that differ in kind). Validation is split off before either, so the
+held-out blocks are the same for both layouts and never reach training.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ import sysconfig
 import numpy as np
 import torch
 
+from dilo.config_checks import LAYOUTS
+
 logger = logging.getLogger(__name__)
 
 VAL_BLOCK_TOKENS = 4096
 TOKEN_SUFFIXES = (".npy", ".bin")
+LAYOUT_TAG = 0x1A7E  # keeps the layout's random stream apart from other uses of run.seed
 # Directories of the standard library left out of the embedded corpus: installed
 # packages, test suites (incl. lib2to3's test data), the IDLE GUI, bytecode caches, and
 # `encodings` (machine-generated codec tables, 1.4 MB of hex literals).
@@ -225,12 +235,23 @@ class ShardedBatches:
     (they were lost together with the work they fed: the in-flight round), and no row is
     read twice or skipped otherwise until the lanes wrap. With W*B != L a worker's rows are
     no longer one contiguous shard: they move over the lanes round-robin, B at a time.
+
+    Layout. The above is ``layout="contiguous"``. With ``layout="iid"`` the rows of each
+    epoch are the same E = L * P windows in another order: row g (epoch e = g // E) is
+    contiguous row ``e * E + perm_e[g mod E]``, where ``perm_e`` is
+    ``numpy.random.default_rng([LAYOUT_TAG, seed mod 2**64, e]).permutation(E)``. Every
+    step thus reads W*B windows drawn without replacement from the whole train stream, and
+    every epoch reads each window once. The row sequence is still a function of g alone,
+    so resume and re-balance are exactly as above.
     """
 
     def __init__(self, tokens: np.ndarray, shard: int, num_shards: int, batch_size: int,
-                 seq_len: int, num_lanes: int = 0):
+                 seq_len: int, num_lanes: int = 0, layout: str = "contiguous", seed: int = 0):
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        self.layout, self.seed = layout, seed
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
         self._tokens = tokens
@@ -254,6 +275,23 @@ class ShardedBatches:
         self._lanes = self._tokens[:num_lanes * lane_len].reshape(num_lanes, lane_len)
         self.num_lanes = num_lanes
         self.batches_per_epoch = (lane_len - 1) // self.seq_len
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> perm_e (iid), the last two
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            rng = np.random.default_rng([LAYOUT_TAG, self.seed % 2**64, epoch])
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = rng.permutation(self.num_lanes * self.batches_per_epoch)
+        return self._orders[epoch]
+
+    def _shuffled(self, g: np.ndarray) -> np.ndarray:
+        """iid: global rows -> the contiguous rows they read (see the class docstring)."""
+        size = self.num_lanes * self.batches_per_epoch
+        epoch, out = g // size, np.empty_like(g)
+        for e in np.unique(epoch):
+            here = epoch == e
+            out[here] = e * size + self._epoch_order(int(e))[g[here] % size]
+        return out
 
     @property
     def epoch(self) -> int:
@@ -274,6 +312,8 @@ class ShardedBatches:
         """Global rows ``first .. first + count - 1`` as a ``[count, T + 1]`` token array."""
         L, P, T = self.num_lanes, self.batches_per_epoch, self.seq_len
         g = first + np.arange(count)
+        if self.layout == "iid":
+            g = self._shuffled(g)
         start = ((g // L) % P) * T
         return self._lanes[(g % L)[:, None], start[:, None] + np.arange(T + 1)]
 
@@ -286,12 +326,13 @@ class ShardedBatches:
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
-        """Plain ints. ``position`` and ``num_lanes`` are global (the same on every worker);
-        ``batch_index`` counts this slot's batches; the rest is for the log."""
+        """Plain ints and the layout. ``position``, ``num_lanes``, ``layout`` and ``seed`` are
+        global (the same on every worker); ``batch_index`` counts this slot's batches; the
+        rest is for the log."""
         return {"position": self.position, "num_lanes": self.num_lanes,
                 "batch_index": self.batch_index, "shard": self.shard,
                 "num_shards": self.num_shards, "batch_size": self.batch_size,
-                "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "layout": self.layout, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the global row sequence at ``state["position"]``, whatever world wrote it.
@@ -305,6 +346,7 @@ class ShardedBatches:
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"data position was saved with seq_len {state['seq_len']}, this "
                              f"run has {self.seq_len}; the token windows would not line up")
+        check_layout(state, self.layout, self.seed)
         if state["num_lanes"] != self.num_lanes:
             self._cut_lanes(int(state["num_lanes"]))
         if (state["num_shards"], state["batch_size"]) != (self.num_shards, self.batch_size):
@@ -314,6 +356,19 @@ class ShardedBatches:
                         state["position"], self.num_lanes)
         self.position = int(state["position"])
         self.batch_index = int(state["batch_index"])
+
+
+def check_layout(state: dict, layout: str, seed: int) -> None:
+    """Refuse to continue a data position saved under another data.layout (or, for iid,
+    another run.seed): the rows after it would be other rows. States from before
+    data.layout existed were contiguous."""
+    saved = state.get("layout", "contiguous")
+    if saved != layout:
+        raise ValueError(f"data position was saved with data.layout = {saved}, this run has {layout}; "
+                         f"resume with --data.layout {saved}")
+    if layout == "iid" and int(state.get("seed", seed)) != seed:
+        raise ValueError(f"data position was saved with run.seed = {state['seed']} (data.layout = iid "
+                         f"orders rows by it), this run has {seed}; resume with --run.seed {state['seed']}")
 
 
 def eval_batches(val_tokens: np.ndarray, batch_size: int, seq_len: int,

@@ -21,6 +21,8 @@ and its train tokens are cut into the run's L lanes, exactly as `ShardedBatches`
 fixed stream (docs/design.md): row g of a shard is window g // L of lane g mod L, one step of
 a world of W workers reads rows [G, G + W*F), worker w its F rows from G + w*F. A shard
 whose remaining rows cannot fill a step is left and the next shard starts at row 0.
+With `data.layout = iid` a shard's rows are read in an order shuffled by (run seed, the
+shard's sha256): iid within each shard; shards still join in name order.
 
 Replay (`data.replay` r): R_n = floor((n+1)·r·B) − floor(n·r·B) of a worker's B rows at
 step n (r·B per step on average; the same R_n on every worker) come from older shards (those before the current one), chosen by a generator seeded with (run seed, step,
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 
 from dilo.comm.protocol import Group
-from dilo.data import eval_batches, load_tokens
+from dilo.data import LAYOUT_TAG, check_layout, eval_batches, load_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ def agreed_new(seen_by_all: list[list[tuple[str, int]]], last: str) -> list[tupl
 class Shard:
     """One taken file: its train tokens cut into lanes, its validation tokens."""
 
-    def __init__(self, folder: Path, name: str, val_fraction: float, num_lanes: int, seq_len: int):
+    def __init__(self, folder: Path, name: str, val_fraction: float, num_lanes: int, seq_len: int,
+                 layout: str = "contiguous", seed: int = 0):
         path = folder / name
         raw = path.read_bytes()
         self.name, self.bytes, self.sha256 = name, len(raw), hashlib.sha256(raw).hexdigest()
@@ -100,12 +103,15 @@ class Shard:
         self.windows = max(0, (lane_len - 1) // seq_len) if lane_len else 0
         self.lanes = train[:num_lanes * lane_len].reshape(num_lanes, lane_len)
         self.rows = num_lanes * self.windows
+        self.order = None if layout == "contiguous" else np.random.default_rng(
+            [LAYOUT_TAG, seed % 2**64, int(self.sha256[:15], 16)]).permutation(self.rows)
 
     def record(self) -> dict:
         return {"name": self.name, "bytes": self.bytes, "sha256": self.sha256, "rows": self.rows}
 
     def take_rows(self, g: np.ndarray, seq_len: int) -> np.ndarray:
         L = self.lanes.shape[0]
+        g = g if self.order is None else self.order[g]
         start = (g // L) * seq_len
         return self.lanes[(g % L)[:, None], start[:, None] + np.arange(seq_len + 1)]
 
@@ -116,12 +122,13 @@ class WatchedBatches:
     def __init__(self, folder: str, group: Group, shard: int, num_shards: int, batch_size: int,
                  seq_len: int, val_fraction: float = 0.0, replay: float = 0.0,
                  when_idle: str = "wait", seed: int = 0, vocab_size: int = 65536,
-                 stop_requested: Callable[[], bool] = lambda: False, poll_s: float = 1.0):
+                 stop_requested: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
+                 layout: str = "contiguous"):
         self.folder, self.group = Path(folder), group
         self.shard, self.num_shards = shard, num_shards
         self.batch_size, self.seq_len = batch_size, seq_len
         self.val_fraction, self.when_idle, self.seed = val_fraction, when_idle, seed
-        self.replay = replay
+        self.replay, self.layout = replay, layout
         self.vocab_size, self.stop_requested, self.poll_s = vocab_size, stop_requested, poll_s
         self.num_lanes = num_shards * batch_size
         self.shards: list[Shard] = []
@@ -150,7 +157,8 @@ class WatchedBatches:
                                "files so that they sort last", name, last)
         new = agreed_new(seen, last)
         for name, _ in new:
-            self._take(Shard(self.folder, name, self.val_fraction, self.num_lanes, self.seq_len))
+            self._take(Shard(self.folder, name, self.val_fraction, self.num_lanes, self.seq_len,
+                             self.layout, self.seed))
         if new and self.repeating:  # leave the repeat pass for the new data at once
             self.cursor, self.position, self.repeating = len(self.shards) - len(new), 0, False
         return bool(new)
@@ -265,7 +273,7 @@ class WatchedBatches:
                 "seq_len": self.seq_len, "shard": self.shard, "num_shards": self.num_shards,
                 "batch_size": self.batch_size, "shards": [s.record() for s in self.shards],
                 "cursor": self.cursor, "position": self.position, "passes": self.passes,
-                "repeating": self.repeating,
+                "repeating": self.repeating, "layout": self.layout, "seed": self.seed,
                 "steps": self.steps, "batch_index": self.batch_index, "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict) -> None:
@@ -276,6 +284,7 @@ class WatchedBatches:
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"data position was saved with seq_len {state['seq_len']}, this "
                              f"run has {self.seq_len}; the token windows would not line up")
+        check_layout(state, self.layout, self.seed)
         self.num_lanes = int(state["num_lanes"])
         shards = []
         for rec in state["shards"]:
@@ -283,7 +292,8 @@ class WatchedBatches:
             if not path.is_file():
                 raise ValueError(f"data.watch: the checkpoint's shard {rec['name']} is gone from "
                                  f"{self.folder}; restore it to resume")
-            s = Shard(self.folder, rec["name"], self.val_fraction, self.num_lanes, self.seq_len)
+            s = Shard(self.folder, rec["name"], self.val_fraction, self.num_lanes, self.seq_len,
+                      self.layout, self.seed)
             if s.sha256 != rec["sha256"]:
                 raise ValueError(f"data.watch: shard {rec['name']} changed since the checkpoint "
                                  "(sha256 differs); shards must not be edited once taken")

@@ -24,7 +24,7 @@ def load_data(cfg: Config, shard: int, num_shards: int, worker_size: int, group:
         d = cfg.data
         batches = WatchedBatches(d.path, group, shard, num_shards, d.batch_size * worker_size,
                                  cfg.model.seq_len, d.val_fraction, d.replay, d.when_idle,
-                                 cfg.run.seed, cfg.model.vocab_size, stop_requested)
+                                 cfg.run.seed, cfg.model.vocab_size, stop_requested, layout=d.layout)
         return batches, batches.eval_set(d.batch_size, d.eval_batches)
     train_tokens, val_tokens = load_tokens(cfg.data.path, cfg.data.max_bytes, cfg.data.val_fraction)
     check_vocab({"training": train_tokens, "validation": val_tokens}, cfg.model.vocab_size)
@@ -33,7 +33,7 @@ def load_data(cfg: Config, shard: int, num_shards: int, worker_size: int, group:
     # ranks thus sees exactly the stream of a one-process worker with S times the batch,
     # and the position (batch_index) is the same on all its ranks.
     batches = ShardedBatches(train_tokens, shard, num_shards, cfg.data.batch_size * worker_size,
-                             cfg.model.seq_len)
+                             cfg.model.seq_len, layout=cfg.data.layout, seed=cfg.run.seed)
     evaluation = eval_batches(val_tokens if len(val_tokens) else train_tokens,
                               cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches)
     return batches, evaluation
