@@ -61,7 +61,8 @@ def bare_loop(cfg, tokens, eval_set) -> tuple[float, float, float]:
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(param_groups(model, cfg.inner.weight_decay), lr=cfg.inner.lr,
                             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
-    batches = ShardedBatches(tokens, 0, 1, cfg.data.batch_size, cfg.model.seq_len)
+    batches = ShardedBatches(tokens, 0, 1, cfg.data.batch_size, cfg.model.seq_len,
+                             layout=cfg.data.layout, seed=cfg.run.seed)
     i = cfg.inner
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(cfg.run.steps):
