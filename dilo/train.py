@@ -44,7 +44,8 @@ from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, load_eval_sets, lr_at
 from dilo.model import param_groups
-from dilo.model_build import BuiltModel, attach_aggregation, build_model
+from dilo.lora import base_digest
+from dilo.model_build import BuiltModel, attach_aggregation, build_model, frozen_tensors
 from dilo.publish import Publisher
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
@@ -80,6 +81,9 @@ class Trainer:
         random.seed(cfg.run.seed + shard)
         self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
         self.model = self.built.model
+        if self.groups.swarm is not None and cfg.model.lora_rank:  # a joiner's base must be the donors'
+            self.groups.swarm.settings["lora_base"] = base_digest(frozen_tensors(
+                self.model, [p for p in self.model.parameters() if p.requires_grad]))
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
