@@ -177,8 +177,8 @@ class WatchedBatches:
                              f"model.vocab_size is {self.vocab_size}; raise model.vocab_size")
         self.shards.append(s)
         self.changed = True
-        logger.info("data: shard %d taken: %s (%d bytes, %d rows)", len(self.shards) - 1,
-                    s.name, s.bytes, s.rows)
+        logger.info("data: shard %d taken: %s (%d bytes, %d rows) after %d steps", len(self.shards) - 1,
+                    s.name, s.bytes, s.rows, self.steps)
 
     def _wait_once(self, what: str) -> bool:
         """Poll until a shard is agreed; False if a stop was requested (on any process)."""
