@@ -135,6 +135,28 @@ def test_the_manifest_resumes_exactly_and_refuses_a_changed_shard(tmp_path):
         stream(folder, SoloGroup()).load_state_dict(state)
 
 
+def test_a_bigger_world_continues_the_manifest_at_the_same_global_row(tmp_path):
+    """Join mid-stream on torch = an elastic resume: 3 workers load the manifest 2 wrote and
+    read rows [G, G + 3B) of the same lanes (L = 2B, fixed for the run), worker w from G + wB."""
+    folder = tmp_path / "data"
+    a = shard(folder, "a.npy", 3000, 1)
+    groups = local_groups(2)
+    old = run_workers(lambda r: stream(folder, groups[r], r, 2), 2)
+    for _ in range(5):
+        run_workers(lambda r: old[r].next_batch(), 2)
+    state = json.loads(json.dumps(old[0].state_dict()))
+    groups = local_groups(3)
+    new = run_workers(lambda r: stream(folder, groups[r], r, 3), 3)
+    for st in new:
+        st.load_state_dict(state)
+    G = state["position"]
+    assert G == 5 * 2 * B and all(st.num_lanes == 2 * B for st in new)
+    for step in range(2):
+        got = run_workers(lambda r: rows_of(new[r].next_batch()), 3)
+        np.testing.assert_array_equal(np.concatenate(got), reference_rows(a, 2 * B, G + step * 3 * B, 3 * B))
+    assert {st.state_dict()["position"] for st in new} == {G + 2 * 3 * B}
+
+
 def test_replay_draws_its_share_from_older_shards_deterministically(tmp_path):
     folder = tmp_path / "data"
     a = shard(folder, "a.npy", 400, 1)
