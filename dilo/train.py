@@ -82,7 +82,7 @@ class Trainer:
         self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
         self.model = self.built.model
         if self.groups.swarm is not None and cfg.model.lora_rank:  # a joiner's base must be the donors'
-            self.groups.swarm.settings["lora_base"] = base_digest(frozen_tensors(
+            self.groups.swarm.transfer.base = base_digest(frozen_tensors(
                 self.model, [p for p in self.model.parameters() if p.requires_grad]))
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,

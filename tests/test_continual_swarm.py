@@ -38,3 +38,48 @@ def test_an_endless_swarm_peer_joining_mid_stream_agrees_on_hash_and_manifest(tm
     step = int(res["compared_version"].split("-")[1])
     assert step > c["joined_at"] and res["manifest"]["steps"] == 5 * step
     assert [s["name"] for s in res["manifest"]["shards"]] == ["shard-0.txt", "shard-1.txt", "shard-2.txt"]
+
+
+class _Holder:
+    outer_step, round_lag = 3, 0
+
+    def export_state(self):
+        import torch
+
+        from dilo.comm.protocol import GlobalState
+
+        return GlobalState(3, {"params": torch.arange(6, dtype=torch.float32)})
+
+
+def test_a_donor_serves_its_manifest_and_refuses_a_joiner_with_another_lora_base():
+    """In-process peers: the state download carries the manifest of the step it sends (and a
+    downloader of a watched run refuses a donor without one); a LoRA base digest that differs
+    from the donor's is refused (docs/adapters.md)."""
+    from dilo.comm.swarm import SwarmGroup
+    from dilo.comm.swarm_auth import AuthError, RunAuth
+    from dilo.comm.swarm_node import RemoteError
+
+    def peer(initial):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=20.0)
+
+    donor = peer([])
+    joiner = None
+    try:
+        joiner = peer(donor.addresses[:1])
+        donor.transfer.holder = _Holder()
+        joiner.transfer.data_at = lambda step: None  # a watched run: a manifest is required
+        with pytest.raises(RemoteError, match="no data manifest"):
+            joiner.node.run(joiner.transfer._download(donor.name), timeout=30)
+        donor.transfer.data_at = lambda step: {"outer_step": step, "cursor": 1}
+        state = joiner.node.run(joiner.transfer._download(donor.name), timeout=30)
+        assert state.outer_step == 3 and joiner.transfer.last_download["data"] == {"outer_step": 3, "cursor": 1}
+        donor.transfer.base, joiner.transfer.base = "a" * 64, "b" * 64
+        with pytest.raises(AuthError, match="LoRA base"):
+            joiner.node.run(joiner.transfer._download(donor.name), timeout=30)
+        joiner.transfer.base = "a" * 64
+        assert joiner.node.run(joiner.transfer._download(donor.name), timeout=30).outer_step == 3
+    finally:
+        for p in (donor, joiner):
+            if p is not None:
+                p.close()

@@ -49,6 +49,9 @@ class StateTransfer:
         self.data_at: Callable[[int], dict | None] | None = None
         """data.watch (dilo/data_stream.py): the consumed-data manifest at an outer step, served
         with that step's state and required from a donor."""
+        self.base: str | None = None
+        """LoRA (docs/adapters.md): the digest of this peer's frozen base; a donor refuses a
+        downloader whose base differs (θ holds the adapters only)."""
 
     async def start(self) -> None:
         await self.node.serve("state", self._on_state)
@@ -59,6 +62,10 @@ class StateTransfer:
             self.node.on_refused(remote.to_base58(), "settings")
             raise AuthError("refused: run settings differ from the swarm's: " +
                             settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
+        if self.base and header.get("base") and header["base"] != self.base:
+            self.node.on_refused(remote.to_base58(), "lora_base")
+            raise AuthError(f"refused: this peer's LoRA base (digest {str(header['base'])[:12]}) is not the "
+                            f"swarm's ({self.base[:12]}); start from the swarm's checkpoint.init_from")
         if self.holder is None:
             return {"none": True}, []
         loop = asyncio.get_running_loop()
@@ -78,7 +85,8 @@ class StateTransfer:
 
     async def _download(self, donor: str) -> GlobalState:
         start = time.perf_counter()
-        meta, frames = await self.node.call(donor, "state", {"settings": self.settings}, timeout=self.timeout)
+        meta, frames = await self.node.call(donor, "state", {"settings": self.settings, "base": self.base},
+                                            timeout=self.timeout)
         if meta.get("none"):
             raise RemoteError("donor has no state yet")
         if self.data_at is not None and not meta.get("data"):
