@@ -130,3 +130,13 @@ def test_a_worker_joining_a_lora_exact_run_elastically_ends_on_the_same_hash(pro
     assert torch.equal(bases[0], bases[1]) and torch.equal(bases[0], bases[2])
     resumed = checkpoint.read_verified(checkpoint.worker_file(checkpoint.step_dir(run, 2), 0))
     assert not torch.equal(bases[0], resumed["model_rest"]["blocks.0.qkv.weight"])  # it kept folding
+
+
+@pytest.mark.usefixtures("no_launch_env")
+def test_a_published_lora_version_reports_the_hash_of_its_checkpoint(tmp_path):
+    from dilo import publish
+
+    summary, _ = train(lora_args(tmp_path / "run", "exact", "--run.steps", "6", "--publish.every", "2"))
+    manifest, _ = publish.read_latest(tmp_path / "run" / "published")
+    saved = checkpoint.read_verified(checkpoint.worker_file(checkpoint.step_dir(tmp_path / "run", 2), 0))
+    assert manifest["outer_step"] == 2 and manifest["global_hash"] == saved["global_hash"] == summary["global_hash"]
