@@ -99,11 +99,11 @@ class SwarmGroup(Group):
         self._pending = True
         self._active: Exchange | None = None
         self._running_at = 0
+        """Outer step a peer in peers.initial was training at when we said hello (0: none was):
+        this peer then joins that run, and never starts a new one from step 0."""
         self.data_offer: Callable[[], dict] | None = None
         """data.watch (dilo/data_stream.py attach_swarm): the files this peer offers with each join."""
         self._agreed: list | None = None
-        """Outer step a peer in peers.initial was training at when we said hello (0: none was):
-        this peer then joins that run, and never starts a new one from step 0."""
         self.node = SwarmNode.start(auth, initial=initial, listen=listen, announce=announce,
                                     identity_file=identity_file, timeout=max(60.0, timeout / 4))
         try:
