@@ -95,9 +95,14 @@ def _validate_continual(cfg) -> None:
     _require(d.watch or d.replay == 0.0, "data.replay draws from older shards of a watched folder; "
              "set data.watch = true (and data.path to a folder), or leave data.replay at 0")
     _require(not d.watch or bool(d.path), "data.watch = true needs data.path set to a folder to watch")
-    _require(not (d.watch and cfg.comm.backend == "hivemind"),
-             "data.watch is not available with comm.backend = hivemind yet: the workers agree on new "
-             "shards through the torch world group, which a swarm does not have (docs/continual.md)")
+    if d.watch and cfg.comm.backend == "hivemind":  # shards are agreed through the rounds
+        o = cfg.outer
+        _require(d.when_idle == "repeat", "data.watch with comm.backend = hivemind needs data.when_idle = "
+                 "repeat: a swarm peer agrees on new shards only in a round, so it cannot wait for "
+                 "data between rounds (docs/continual.md)")
+        _require(o.delay == 0 and o.overlap == "none" and cfg.run.worker_size == 1,
+                 "data.watch with comm.backend = hivemind needs outer.delay = 0, outer.overlap = none and "
+                 "run.worker_size = 1 (new shards are taken at the round that agreed on them)")
     names = [s.split("=", 1)[0].strip() for s in cfg.eval.sets]
     for s, name in zip(cfg.eval.sets, names):
         _require("=" in s and name and s.split("=", 1)[1].strip(),

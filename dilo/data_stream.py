@@ -13,7 +13,11 @@ a shard on its own: at every outer-step boundary, and whenever the stream runs d
 process of the world sends the (name, size) of the files it sees (`Group.all_gather_object`
 on the world group) and the shards taken are those past the last taken name that every
 process sees with the same size, in name order. Every worker thus takes the same shards
-at the same step, and the content's sha256 goes into the manifest.
+at the same step, and the content's sha256 goes into the manifest. On a swarm
+(comm.backend = hivemind, `attach_swarm`) the same rule runs through each round's group:
+every member sends its list with its join, the leader answers the intersection, and the
+members take those shards at that outer boundary; between rounds nothing is taken (a
+stream that runs dry mid-round repeats, hence data.when_idle = repeat there).
 
 Reading. Each shard's tokens are split like a fixed dataset (every k-th 4096-token block to
 validation, k = round(1 / data.val_fraction); a shard too short for one block is all train)
@@ -37,7 +41,8 @@ stops at the next outer step as usual.
 
 Manifest (`state_dict`): every shard taken (name, bytes, sha256, rows) and the cursor
 (shard, row within it, pass, steps), so a resumed run continues exactly where the
-checkpoint was, and a resume refuses a shard whose content changed.
+checkpoint was, and a resume refuses a shard whose content changed. A swarm donor serves
+the manifest of the outer step whose θ it sends, so a joiner continues where the swarm is.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from dilo.data import LAYOUT_TAG, check_layout, eval_batches, load_tokens
 logger = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".tmp", ".part")
+BOUNDARIES_KEPT = 8
+"""Manifests of recent outer steps a swarm peer keeps to serve with its state."""
 
 
 def visible_files(folder: Path) -> list[tuple[str, int]]:
@@ -141,21 +148,30 @@ class WatchedBatches:
         self.tokens_seen = 0  # x tokens the whole world read
         self.changed = False  # shards were taken since the last `take_changed()`
         self._warned: set[str] = set()
+        self.feed: Callable[[], list | None] | None = None
+        """On a swarm (`attach_swarm`): the new files the last round agreed on, once, else None."""
+        self._boundaries: dict[int, dict] = {}  # outer step -> manifest there (served to joiners)
         while not self.shards:
             if not self.sync() and not self._wait_once("the first shard"):
                 raise ValueError(f"data.watch: stopped before any shard appeared in {folder}")
 
     # -- agreement ----------------------------------------------------------------------
     def sync(self) -> bool:
-        """Take the shards every process sees (a collective on the world group); True if any."""
-        seen = self.group.all_gather_object(visible_files(self.folder))
+        """Take the shards every process sees (a collective on the world group; on a swarm the
+        list its last round agreed on, see `attach_swarm`); True if any."""
         last = self.shards[-1].name if self.shards else ""
+        if self.feed is not None:
+            agreed = self.feed()  # None between rounds: a swarm agrees only at a round
+            new = sorted((str(n), int(size)) for n, size in agreed or [] if n > last)
+            seen = [visible_files(self.folder)]
+        else:
+            seen = self.group.all_gather_object(visible_files(self.folder))
+            new = agreed_new(seen, last)
         for name, _ in seen[0]:
             if name <= last and name not in self._warned and name not in {s.name for s in self.shards}:
                 self._warned.add(name)
                 logger.warning("data: %s sorts before the last shard taken (%s); ignored: name new "
                                "files so that they sort last", name, last)
-        new = agreed_new(seen, last)
         for name, _ in new:
             self._take(Shard(self.folder, name, self.val_fraction, self.num_lanes, self.seq_len,
                              self.layout, self.seed))
@@ -169,8 +185,8 @@ class WatchedBatches:
                              f"model.vocab_size is {self.vocab_size}; raise model.vocab_size")
         self.shards.append(s)
         self.changed = True
-        logger.info("data: shard %d taken: %s (%d bytes, %d rows)", len(self.shards) - 1,
-                    s.name, s.bytes, s.rows)
+        logger.info("data: shard %d taken: %s (%d bytes, %d rows) after %d steps", len(self.shards) - 1,
+                    s.name, s.bytes, s.rows, self.steps)
 
     def _wait_once(self, what: str) -> bool:
         """Poll until a shard is agreed; False if a stop was requested (on any process)."""
@@ -276,6 +292,40 @@ class WatchedBatches:
                 "repeating": self.repeating, "layout": self.layout, "seed": self.seed,
                 "steps": self.steps, "batch_index": self.batch_index, "tokens_seen": self.tokens_seen}
 
+    # -- the swarm: agreement through the rounds, the manifest through the joiner's download --
+    def offer(self) -> dict:
+        """This peer's proposal for its next round: the files it sees past the last shard taken."""
+        last = self.shards[-1].name if self.shards else ""
+        return {"last": last, "files": [[n, size] for n, size in visible_files(self.folder) if n > last]}
+
+    def mark_boundary(self, outer_step: int) -> None:
+        """Remember the manifest at this outer step (after its shards were taken)."""
+        self._boundaries[outer_step] = {**self.state_dict(), "outer_step": outer_step}
+        for old in sorted(self._boundaries)[:-BOUNDARIES_KEPT]:
+            self._boundaries.pop(old, None)
+
+    def boundary_state(self, outer_step: int, wait_s: float = 30.0) -> dict | None:
+        """The manifest at `outer_step` (any thread): what a donor serves with that step's θ.
+        Waits for the training thread to reach that boundary (θ is applied just before)."""
+        deadline = time.monotonic() + wait_s
+        while (state := self._boundaries.get(outer_step)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return state
+
+    def adopt(self, state: dict | None, outer_step: int) -> None:
+        """This swarm peer adopted the global state of `outer_step` (it joined, fell behind, or was
+        repaired): continue at that state's manifest, exactly where the swarm is."""
+        if state is None or int(state.get("outer_step", -1)) != outer_step:
+            raise RuntimeError(f"data.watch: the adopted state of outer step {outer_step} came with the "
+                               f"manifest of {None if state is None else state.get('outer_step')}")
+        own = self.batch_index
+        self.load_state_dict(state)
+        self.batch_index = own  # batches this slot drew (the donor's count is the donor's)
+        if self.feed is not None:
+            self.feed()  # a round this peer ran before adopting agreed for a state it left
+        self._boundaries.clear()
+        self.mark_boundary(outer_step)
+
     def load_state_dict(self, state: dict) -> None:
         """Continue at the manifest's cursor with exactly its shards (content checked)."""
         if state.get("kind") != "watched":
@@ -303,3 +353,14 @@ class WatchedBatches:
             setattr(self, key, int(state[key]))
         self.repeating = bool(state["repeating"])
         self.changed = True
+
+
+def attach_swarm(batches: WatchedBatches, swarm) -> None:
+    """data.watch on comm.backend = hivemind: a peer offers the files it sees with its join of
+    every round, the round's leader answers the intersection of the members' offers (the
+    torch agreement, through the round's group: dilo/comm/swarm_round.py), and each member
+    takes those shards at that outer boundary; a donor serves its manifest with its state."""
+    batches.feed = swarm.take_agreed
+    swarm.data_offer = batches.offer
+    swarm.transfer.data_at = batches.boundary_state
+    batches.mark_boundary(0)

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 
+import blake3
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dilo.comm.protocol import Group
+from dilo.comm.protocol import DivergenceError, Group
 from dilo.config_checks import LORA_AGGREGATES, LORA_TARGETS
 
 class LoRALinear(nn.Module):
@@ -87,6 +88,30 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], aggr
     return layers
 
 
+def base_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE3 over the names and bytes of the frozen tensors (the base an adapter run trains on)."""
+    h = blake3.blake3()
+    for name, t in tensors.items():
+        h.update(name.encode())
+        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def with_base(digest: str, tensors: dict[str, torch.Tensor]) -> str:
+    """A LoRA run's global hash: DiLoCo's digest (θ = the adapters, momentum, step) and the
+    base's, so replicas whose bases differ never report the same hash."""
+    return blake3.blake3(f"{digest}:{base_digest(tensors)}".encode()).hexdigest()
+
+
+def check_same_base(tensors: dict[str, torch.Tensor], group: Group) -> None:
+    """Every member of a fixed group holds the same base (a collective); ValueError otherwise."""
+    found = group.all_gather_object(base_digest(tensors))
+    if len(set(found)) > 1:
+        raise ValueError("the workers' LoRA bases differ (base digests by member: " +
+                         ", ".join(d[:12] for d in found) + "); give every worker the same "
+                         "checkpoint.init_from")
+
+
 def adapter_numel(layers: list[LoRALinear]) -> int:
     """Trainable adapter elements (what one exchange carries)."""
     return sum(p.numel() for layer in layers for p in (layer.lora_a, layer.lora_b) if p.requires_grad)
@@ -127,7 +152,12 @@ class ExactAggregation:
     def __call__(self, before: torch.Tensor, after: torch.Tensor) -> tuple[int, int]:
         """Fold the residuals into the bases; returns (bytes sent, bytes received)."""
         own = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
-        gathered = self.group.all_gather_object(own)
+        bases = base_digest({str(i): layer.weight for i, layer in enumerate(self.layers)})
+        everyone = self.group.all_gather_object((own, bases))  # the folded bases so far are compared too
+        if len({b for _, b in everyone}) > 1:
+            raise DivergenceError("outer.lora_aggregate = exact: the workers' folded bases differ "
+                                  f"({', '.join(b[:12] for _, b in everyone)})")
+        gathered = [g for g, _ in everyone]
         members = len(gathered)
         for layer, (at_a, at_b) in zip(self.layers, self.slices):
             a0, b0 = self._view(before, at_a), self._view(before, at_b)

@@ -19,7 +19,7 @@ from dilo import checkpoint
 from dilo.config import Config
 from dilo.config_checks import lora_targets
 from dilo.global_layout import write_flat
-from dilo.lora import ExactAggregation, add_lora
+from dilo.lora import ExactAggregation, add_lora, check_same_base
 from dilo.model import GPT
 
 log = logging.getLogger("dilo")
@@ -83,8 +83,17 @@ def load_base(model: nn.Module, where: str) -> None:
     log.info("LoRA base weights from %s (frozen)", path)
 
 
+def frozen_tensors(model: nn.Module, synced: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The model's tensors that are not DiLoCo's θ: an adapter run's frozen base (and buffers)."""
+    ids = {id(p) for p in synced}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in ids}
+
+
 def attach_aggregation(built: BuiltModel, cfg: Config, diloco) -> None:
-    """outer.lora_aggregate = exact: DiLoCo's post-outer-step hook folds the residual."""
+    """Adapters: a fixed group's workers must start from one base (compared here);
+    outer.lora_aggregate = exact: DiLoCo's post-outer-step hook folds the residual."""
+    if cfg.model.lora_rank and diloco is not None and not diloco.group.open_membership:
+        check_same_base(frozen_tensors(built.model, diloco.params), diloco.group)
     if cfg.model.lora_rank and cfg.outer.lora_aggregate == "exact" and diloco is not None:
         diloco.after_outer_step = ExactAggregation(built.adapters, diloco.params, diloco.group, cfg.outer.lr)
 

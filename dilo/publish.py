@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from dilo import atomic_write
+from dilo.lora import with_base
 
 log = logging.getLogger("dilo")
 
@@ -165,6 +166,8 @@ class Publisher:
         if s.diloco is not None:
             g = s.diloco.export_state()
             flat, digest, step = g.tensors["params"], g.digest(), g.outer_step
+            if self.cfg.model.lora_rank:  # the hash checkpoints and summaries report (base included)
+                digest = with_base(digest, s.model_rest())
         else:
             flat, digest, step = None, s.global_hash(), s.outer_step
         manifest = version_manifest(self.cfg.to_dict(), digest, s.batches.global_tokens_consumed,

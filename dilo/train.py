@@ -39,11 +39,13 @@ from dilo.checkpointing import Checkpoints
 from dilo.comm.protocol import DivergenceError, Group
 from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
+from dilo.data_stream import attach_swarm
 from dilo.diloco import DiLoCo
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, load_eval_sets, lr_at
 from dilo.model import param_groups
-from dilo.model_build import BuiltModel, attach_aggregation, build_model
+from dilo.lora import base_digest
+from dilo.model_build import BuiltModel, attach_aggregation, build_model, frozen_tensors
 from dilo.publish import Publisher
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
@@ -72,11 +74,16 @@ class Trainer:
         batches, self.eval_set = load_data(cfg, shard, num_shards, world.worker_size, self.groups.world,
                                            lambda: getattr(self, "stopper", None) is not None
                                            and self.stopper.requested)
+        if cfg.data.watch and self.groups.swarm is not None:
+            attach_swarm(batches, self.groups.swarm)  # shards agreed through the rounds
         self.eval_sets = load_eval_sets(cfg)
         torch.manual_seed(cfg.run.seed)  # the same initial model on every worker
         random.seed(cfg.run.seed + shard)
         self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
         self.model = self.built.model
+        if self.groups.swarm is not None and cfg.model.lora_rank:  # a joiner's base must be the donors'
+            self.groups.swarm.transfer.base = base_digest(frozen_tensors(
+                self.model, [p for p in self.model.parameters() if p.requires_grad]))
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
@@ -116,6 +123,8 @@ class Trainer:
         inner step, so the LR schedule, the checkpoints and the stop point follow it.
         """
         self.state.inner_step = self.diloco.inner_step
+        if getattr(self.state.batches, "feed", None) is not None:  # a watched folder on a swarm
+            self.state.batches.adopt(self.groups.swarm.transfer.last_download.get("data"), self.diloco.outer_step)
 
     # -- steps --------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +200,7 @@ class Trainer:
         if getattr(batches, "sync", None) is None:
             return
         batches.sync()
+        batches.mark_boundary(self.state.outer_step)
         if batches.take_changed():
             self.eval_set = batches.eval_set(self.cfg.data.batch_size, self.cfg.data.eval_batches)
 

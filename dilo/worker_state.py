@@ -20,6 +20,8 @@ from dilo.config import Config, shared_settings_diff, shared_settings_of
 from dilo.data import ShardedBatches
 from dilo.diloco import DiLoCo
 from dilo.global_layout import flatten_fp32
+from dilo.lora import with_base
+from dilo.model_build import frozen_tensors
 from dilo.stats import RunTotals
 
 log = logging.getLogger("dilo")
@@ -51,7 +53,15 @@ class WorkerState:
         return self.diloco.outer_step if self.diloco else self.inner_step // self.cfg.outer.inner_steps
 
     def global_hash(self) -> str:
-        return self.diloco.global_hash() if self.diloco else params_hash(self.model, self.inner_step)
+        if not self.diloco:
+            return params_hash(self.model, self.inner_step)
+        if self.cfg.model.lora_rank:  # the frozen base is global state too (docs/adapters.md)
+            return with_base(self.diloco.global_hash(), self.model_rest())
+        return self.diloco.global_hash()
+
+    def model_rest(self) -> dict:
+        """The model's tensors outside θ (buffers; an adapter run's frozen base)."""
+        return frozen_tensors(self.model, self.diloco.params)
 
     def record_boundary(self) -> None:
         """Remember the counters of the last completed outer step (for a failure's save)."""
@@ -85,9 +95,7 @@ class WorkerState:
         if self.diloco:
             state["param_shapes"] = self.synced_shapes()
             state["diloco"] = self.diloco.state_dict()
-            synced = {id(p) for p in self.diloco.params}
-            state["model_rest"] = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
-                                   if id(v) not in synced}
+            state["model_rest"] = self.model_rest()
         else:
             state["model"] = self.model.state_dict()
             state["optimizer"] = self.optimizer.state_dict()

@@ -69,7 +69,9 @@ def test_endless_lr_is_warmup_then_constant_and_finite_runs_keep_their_cosine():
     (["--data.watch", "true", "--data.path", "d", "--data.replay", "1"], "data.replay"),
     (["--data.watch", "true"], "data.path"),
     (["--data.watch", "true", "--data.path", "d", "--comm.backend", "hivemind", "--peers.open", "true"],
-     "hivemind"),
+     "when_idle = repeat"),
+    (["--data.watch", "true", "--data.path", "d", "--comm.backend", "hivemind", "--peers.open", "true",
+      "--data.when_idle", "repeat", "--outer.delay", "1"], "outer.delay = 0"),
     (["--eval.sets", "code"], "name=path"),
     (["--eval.sets", "a=x,a=y"], "distinct"),
     (["--publish.keep", "0"], "publish.keep"),
@@ -131,6 +133,28 @@ def test_the_manifest_resumes_exactly_and_refuses_a_changed_shard(tmp_path):
     shard(folder, "b.npy", 900, 99)
     with pytest.raises(ValueError, match="changed since the checkpoint"):
         stream(folder, SoloGroup()).load_state_dict(state)
+
+
+def test_a_bigger_world_continues_the_manifest_at_the_same_global_row(tmp_path):
+    """Join mid-stream on torch = an elastic resume: 3 workers load the manifest 2 wrote and
+    read rows [G, G + 3B) of the same lanes (L = 2B, fixed for the run), worker w from G + wB."""
+    folder = tmp_path / "data"
+    a = shard(folder, "a.npy", 3000, 1)
+    groups = local_groups(2)
+    old = run_workers(lambda r: stream(folder, groups[r], r, 2), 2)
+    for _ in range(5):
+        run_workers(lambda r: old[r].next_batch(), 2)
+    state = json.loads(json.dumps(old[0].state_dict()))
+    groups = local_groups(3)
+    new = run_workers(lambda r: stream(folder, groups[r], r, 3), 3)
+    for st in new:
+        st.load_state_dict(state)
+    G = state["position"]
+    assert G == 5 * 2 * B and all(st.num_lanes == 2 * B for st in new)
+    for step in range(2):
+        got = run_workers(lambda r: rows_of(new[r].next_batch()), 3)
+        np.testing.assert_array_equal(np.concatenate(got), reference_rows(a, 2 * B, G + step * 3 * B, 3 * B))
+    assert {st.state_dict()["position"] for st in new} == {G + 2 * 3 * B}
 
 
 def test_replay_draws_its_share_from_older_shards_deterministically(tmp_path):

@@ -101,6 +101,9 @@ class SwarmGroup(Group):
         self._running_at = 0
         """Outer step a peer in peers.initial was training at when we said hello (0: none was):
         this peer then joins that run, and never starts a new one from step 0."""
+        self.data_offer: Callable[[], dict] | None = None
+        """data.watch (dilo/data_stream.py attach_swarm): the files this peer offers with each join."""
+        self._agreed: list | None = None
         self.node = SwarmNode.start(auth, initial=initial, listen=listen, announce=announce,
                                     identity_file=identity_file, timeout=max(60.0, timeout / 4))
         try:
@@ -190,9 +193,11 @@ class SwarmGroup(Group):
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
         suspects = self.refusals.refused(t)  # (issue 13: peers whose contributions were dropped repeatedly)
+        offer = self.data_offer() if self.data_offer is not None else None
+        self._agreed = None
         self.rounds.refused = set(suspects)
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            outcome = self.node.run(self.rounds.form_group(t, key, suspects), timeout=self.timeout + 120)
+            outcome = self.node.run(self.rounds.form_group(t, key, suspects, offer), timeout=self.timeout + 120)
             # With overlap the round's result is all this peer needs, unless the others are more
             # than P rounds ahead: then it takes their newest state, or it would stay behind.
             if outcome.kind == "behind" and self.lag and outcome.ahead - t <= self.lag:
@@ -214,6 +219,7 @@ class SwarmGroup(Group):
                 self.rank, self.size = 0, 1
                 self.count("solo_rounds")
                 log.info("round %d: no other peer is in the round; applying this peer's own Δ", t)
+                self._agreed = offer and offer["files"]
                 self._finished(t, key, flat.clone(), 1)
                 return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
             group = outcome.group
@@ -237,13 +243,21 @@ class SwarmGroup(Group):
                             "in a row", peer, t + 1, t + self.refusals.rounds, self.refusals.after)
                 self.count("refused_peers", reason="dropped_contributions")
             self._finished(t, key, result.average, group.size)
+            self._agreed = group.note
             return result
         log.warning("round %d: %d exchanges failed; applying this peer's own Δ (the digest majority "
                     "repairs it later if the others went on together)", t, MAX_ATTEMPTS)
         self.rank, self.size = 0, 1
         self.count("solo_rounds")
         self._finished(t, key, flat.clone(), 1)
+        self._agreed = offer and offer["files"]
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+
+    def take_agreed(self) -> list | None:
+        """data.watch: the [name, size] files the last round's group agreed on (once; None after
+        an adoption, whose state carries its own manifest)."""
+        agreed, self._agreed = self._agreed, None
+        return agreed
 
     def _finished(self, t: int, key: str, average: torch.Tensor, num_peers: int) -> None:
         if self.lag:  # (without overlap confirm() moves the peer on, and nobody fetches results)

@@ -90,6 +90,8 @@ class Exchange:
         self.aborted_by: set[int] = set()
         self.status = "active"
         self.bad_slices: list[str] = []
+        self.note: list | None = None
+        """data.watch: the files the round's leader found in every member's offer (swarm_round.py)."""
 
     async def _send(self, j: int, header: dict, payload, deadline: float) -> tuple[dict, list]:
         """One slice to member j. A stream that breaks without an answer is retried (the put is

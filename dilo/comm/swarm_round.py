@@ -41,6 +41,16 @@ from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
 log = logging.getLogger("dilo")
 
 
+def agree_offers(offers: list[dict | None]) -> list | None:
+    """data.watch: the [name, size] files every member offered, past the newest `last` of
+    the offers, in name order (dilo/data_stream.py's agreement rule); None if no offer."""
+    if any(o is None for o in offers):
+        return None
+    last = max(str(o["last"]) for o in offers)
+    common = set.intersection(*({(str(n), int(size)) for n, size in o["files"]} for o in offers))
+    return [[n, size] for n, size in sorted(common) if n > last]
+
+
 @dataclass
 class Outcome:
     kind: str
@@ -121,7 +131,9 @@ class Rounds:
             m.training and not m.pending and m.round < t and m.peer not in suspects
             for m in view.members.values() if m.peer != self.node.name)
 
-    async def form_group(self, t: int, key: str, suspects: set[str]) -> Outcome:
+    async def form_group(self, t: int, key: str, suspects: set[str], offer: dict | None = None) -> Outcome:
+        """`offer` (data.watch): the files this peer sees, sent with its join; the leader answers
+        the ones every member offered (`agree_offers`) as the group's `note`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         self.set_step(t)
@@ -144,7 +156,7 @@ class Rounds:
                     await self.position.changed.wait(0.3)
                     continue
                 if leader == self.node.name:
-                    outcome = await self._lead(t, key, suspects, deadline, view)
+                    outcome = await self._lead(t, key, suspects, deadline, view, offer)
                     if outcome is not None:
                         return outcome
                     continue
@@ -152,7 +164,7 @@ class Rounds:
                 self.position.changed.fire()
                 try:
                     reply, _ = await self.node.call(
-                        leader, "join", {"t": t, "key": key, "wait": max(0.0, deadline - loop.time())},
+                        leader, "join", {"t": t, "key": key, "wait": max(0.0, deadline - loop.time()), "offer": offer},
                         timeout=max(1.0, deadline - loop.time()) + 5)
                 except (PeerUnreachable, RemoteError) as e:
                     log.debug("round %d: leader %s failed: %s", t, leader[-8:], e)
@@ -162,7 +174,9 @@ class Rounds:
                     self.position.following = None
                 kind = reply.get("r")
                 if kind == "begin":
-                    return Outcome("group", self.mailboxes.register(bytes(reply["g"]), t, list(reply["peers"]), leader))
+                    group = self.mailboxes.register(bytes(reply["g"]), t, list(reply["peers"]), leader)
+                    group.note = reply.get("note")
+                    return Outcome("group", group)
                 if kind == "ahead":
                     return Outcome("behind", ahead=int(reply.get("step", t + 1)))
                 if kind == "redirect":
@@ -174,7 +188,8 @@ class Rounds:
         finally:
             self.position.changed.fire()
 
-    async def _lead(self, t: int, key: str, suspects: set[str], deadline: float, view: View) -> Outcome | None:
+    async def _lead(self, t: int, key: str, suspects: set[str], deadline: float, view: View,
+                    offer: dict | None = None) -> Outcome | None:
         loop = asyncio.get_running_loop()
         lead = self.lead = _Lead(t, key)
         self.position.changed.fire()
@@ -209,6 +224,7 @@ class Rounds:
                 lead.finish("alone")
                 return Outcome("alone")
             group = self.mailboxes.register(os.urandom(16), t, peers, self.node.name)
+            group.note = agree_offers([offer, *(lead.joined[p].get("offer") for p in peers if p != self.node.name)])
             lead.finish("begin", group)
             return Outcome("group", group)
         finally:
@@ -246,7 +262,8 @@ class Rounds:
                     lead.joined.pop(peer, None)
                     return {"r": "late"}, None
                 if outcome[0] == "begin" and peer in outcome[1].peers:
-                    return {"r": "begin", "g": outcome[1].group_id, "peers": outcome[1].peers}, None
+                    return {"r": "begin", "g": outcome[1].group_id, "peers": outcome[1].peers,
+                            "note": outcome[1].note}, None
                 if outcome[0] == "redirect":
                     return {"r": "redirect", "leader": outcome[1]}, None
                 if outcome[0] == "ahead":

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Callable
 
 import torch
 
@@ -44,7 +45,13 @@ class StateTransfer:
         confirmed round): saves hashing a large state for each download. The receiver checks
         the bytes against the digest anyway, so a stale entry costs a retry, never a bad state."""
         self.last_download: dict | None = None
-        """{"bytes", "seconds", "donor", "step"} of the last successful download."""
+        """{"bytes", "seconds", "donor", "step", "digest", "data"} of the last successful download."""
+        self.data_at: Callable[[int], dict | None] | None = None
+        """data.watch (dilo/data_stream.py): the consumed-data manifest at an outer step, served
+        with that step's state and required from a donor."""
+        self.base: str | None = None
+        """LoRA (docs/adapters.md): the digest of this peer's frozen base; a donor refuses a
+        downloader whose base differs (θ holds the adapters only)."""
 
     async def start(self) -> None:
         await self.node.serve("state", self._on_state)
@@ -55,6 +62,10 @@ class StateTransfer:
             self.node.on_refused(remote.to_base58(), "settings")
             raise AuthError("refused: run settings differ from the swarm's: " +
                             settings_mismatch(theirs, self.settings, "this peer", "the swarm"))
+        if self.base and header.get("base") and header["base"] != self.base:
+            self.node.on_refused(remote.to_base58(), "lora_base")
+            raise AuthError(f"refused: this peer's LoRA base (digest {str(header['base'])[:12]}) is not the "
+                            f"swarm's ({self.base[:12]}); start from the swarm's checkpoint.init_from")
         if self.holder is None:
             return {"none": True}, []
         loop = asyncio.get_running_loop()
@@ -68,13 +79,18 @@ class StateTransfer:
             digest = await loop.run_in_executor(None, state.digest)
         meta = {"step": state.outer_step, "digest": digest, "names": names, "numel": [t.numel() for t in tensors],
                 "in_flight": state.in_flight}
+        if self.data_at is not None:
+            meta["data"] = await loop.run_in_executor(None, self.data_at, state.outer_step)
         return meta, [t.numpy() for t in tensors]
 
     async def _download(self, donor: str) -> GlobalState:
         start = time.perf_counter()
-        meta, frames = await self.node.call(donor, "state", {"settings": self.settings}, timeout=self.timeout)
+        meta, frames = await self.node.call(donor, "state", {"settings": self.settings, "base": self.base},
+                                            timeout=self.timeout)
         if meta.get("none"):
             raise RemoteError("donor has no state yet")
+        if self.data_at is not None and not meta.get("data"):
+            raise RemoteError(f"donor sent no data manifest for outer step {meta.get('step')}")
         numel = [int(n) for n in meta["numel"]]
         if len(frames) != len(numel) or any(len(f) != 4 * n for f, n in zip(frames, numel)):
             raise RemoteError(f"state frames of {[len(f) for f in frames]} bytes, header says "
@@ -87,7 +103,7 @@ class StateTransfer:
             raise RemoteError(f"state does not match its checksum (got {digest[:12]}, header {meta['digest'][:12]})")
         seconds = time.perf_counter() - start
         self.last_download = {"bytes": sum(len(f) for f in frames), "seconds": seconds, "donor": donor,
-                              "step": state.outer_step, "digest": digest}
+                              "step": state.outer_step, "digest": digest, "data": meta.get("data")}
         return state
 
     async def fetch(self, min_step: int) -> GlobalState | None:
