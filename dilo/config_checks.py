@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options
+from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options, check_sparse_options
 
 LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
 """The linear layers of a dilo GPT block that `model.lora_targets` may name."""
@@ -73,6 +73,11 @@ def validate(cfg) -> None:
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
+    check_sparse_options(c.density, c.value_bits, c.sparse_block)
+    _require(not (c.codec == "sparse" and c.backend == "hivemind"),
+             "comm.codec = sparse needs comm.backend = torch: its exchange is an all-gather of every "
+             "worker's sparse bytes (dilo/comm/gather.py), which the swarm's rounds (per-chunk owners "
+             "and their missing-peer handling) do not run yet; use int2 or fp4 with error feedback")
     _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
     _validate_peers(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")

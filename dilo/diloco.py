@@ -25,7 +25,8 @@ runs exactly (same bytes):
   round k + 1: it has a whole round to complete), `eager` (as delayed for θ; the live
   model restarts from a worker-local copy stepped with the fresh own Δ in place of
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
-* `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)).
+* `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)); always
+  on with a codec that needs it (sparse, dilo/codec_lowbit.py).
 * `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
   (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
   rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
@@ -136,8 +137,13 @@ class DiLoCo(OuterState):
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
         write_flat(params, flat)
         owner = assign_fragments(model, params, fragments)
+        if self.codec.exchange == "gather" and open_group:
+            raise ValueError(f"comm.codec = {self.codec.name} is exchanged by all-gather (dilo/comm/gather.py), "
+                             "which a group of open membership (the hivemind swarm) does not run yet; use a "
+                             "fixed group (comm.backend = torch) or a dense codec (codec)")
         # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
-        ef = error_feedback and self.group.size > 1
+        # A codec that drops most of Δ (sparse) always runs with it (docs/codecs.md).
+        ef = (error_feedback or self.codec.needs_error_feedback) and self.group.size > 1
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
                           nesterov, eager=overlap == "eager", error_feedback=ef)
                  for f in range(fragments)]

@@ -12,9 +12,12 @@ import math
 
 OVERLAPS = ("none", "delayed", "eager")
 """`outer.overlap` / `overlap=`: when an exchange is applied (docs/streaming.md)."""
-CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
+CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4", "int2", "sparse")
 """`comm.codec` / `codec=`: the wire formats of dilo/codecs.py."""
 LOSSLESS_CODECS = ("fp32",)
+VALUE_BITS = (2, 4, 8)
+"""`comm.value_bits`: bits per kept value of the sparse codec (a sign bit and a magnitude code)."""
+MAX_SPARSE_BLOCK = 1 << 16
 AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 """`outer.aggregate` / `aggregate=`: the chunk owner's rule (dilo/aggregate.py, docs/robust.md);
 "auto" picks `default_aggregate(open_membership)`."""
@@ -82,6 +85,19 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
         lossy = ", ".join(n for n in CODEC_NAMES if n not in LOSSLESS_CODECS)
         _refuse(f"comm.error_feedback = true needs a lossy comm.codec ({lossy}); {codec} loses nothing",
                 "error_feedback", "codec")
+
+
+def check_sparse_options(density: float, value_bits: int, sparse_block: int) -> None:
+    """Raise ValueError for sparse-codec settings it cannot run (dilo/codec_lowbit.py)."""
+    if not (isinstance(sparse_block, int) and 2 <= sparse_block <= MAX_SPARSE_BLOCK):
+        raise ValueError(f"comm.sparse_block must be an integer in [2, {MAX_SPARSE_BLOCK}] (elements per "
+                         f"top-k block; offsets are packed in its bit length), got {sparse_block!r}")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"comm.density must be in (0, 1] (the fraction of each block the sparse codec "
+                         f"keeps, e.g. 0.02), got {density!r}")
+    if value_bits not in VALUE_BITS:
+        raise ValueError(f"comm.value_bits must be one of {', '.join(map(str, VALUE_BITS))} (bits per kept "
+                         f"value: a sign and a magnitude code), got {value_bits!r}")
 
 
 def _refuse(message: str, *keywords: str) -> None:

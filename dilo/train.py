@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dilo import checkpoint
 from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
+from dilo.codecs import get_codec
 from dilo.comm.protocol import DivergenceError, Group
 from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
@@ -315,7 +316,9 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
     if cfg.run.mode == "diloco":
         diloco = DiLoCo(built.model, optimizer, inner_steps=cfg.outer.inner_steps,
                         outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
-                        nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
+                        nesterov=cfg.outer.nesterov,
+                        codec=get_codec(cfg.comm.codec, cfg.comm.block_size, density=cfg.comm.density,
+                                        value_bits=cfg.comm.value_bits, sparse_block=cfg.comm.sparse_block),
                         group=outer_group, block_size=cfg.comm.block_size,
                         fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                         alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
