@@ -1,0 +1,327 @@
+"""int2 and sparse against plain-Python references written from their specification
+(dilo/codec_lowbit.py's docstring), and the sparse codec's properties the exchange relies on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from dilo import DiLoCo
+from dilo.aggregate import Aggregate
+from dilo.codecs import get_codec
+from dilo.comm.local import local_groups
+from tests.helpers import run_workers
+
+F32 = np.float32
+
+
+# -- references ------------------------------------------------------------------------------
+def ref_int2(x: np.ndarray, b: int) -> bytes:
+    codes, scales = [], []
+    for start in range(0, len(x), b):
+        blk = x[start:start + b]
+        s = F32(math.sqrt(math.fsum(float(v) ** 2 for v in blk) / b))
+        divisor = s if s > 0 else F32(1)
+        for v in blk:
+            w = F32(v) / divisor
+            w = F32(0) if w != w else w
+            codes.append(int(min(max(math.floor(w), -2), 1)) + 2)
+        scales.append(s)
+    codes += [0] * (-len(codes) % 4)
+    packed = bytes(sum(codes[4 * j + i] << (2 * i) for i in range(4)) for j in range(len(codes) // 4))
+    return packed + np.array(scales, dtype=F32).tobytes()
+
+
+def ref_int2_decode(buf: bytes, n: int, b: int) -> np.ndarray:
+    payload = -(-n // 4)
+    scales = np.frombuffer(buf[payload:], dtype=F32)
+    out = np.empty(n, dtype=F32)
+    for i in range(n):
+        c = (buf[i // 4] >> (2 * (i % 4))) & 3
+        out[i] = F32(c - 1.5) * scales[i // b]
+    return out
+
+
+def sparse_params(b: int, density: float, vb: int) -> tuple[int, int, int]:
+    k = max(1, min(b, math.floor(density * b + 0.5)))
+    ib = max(1, (b - 1).bit_length())
+    return k, ib, ib + vb
+
+
+def ref_sparse(x: np.ndarray, b: int, density: float, vb: int) -> bytes:
+    """Finite input only: top-k by |x| (ties to the lower index), entries in index order."""
+    k, ib, eb = sparse_params(b, density, vb)
+    levels = 2 ** (vb - 1)
+    payload, scales = b"", []
+    for start in range(0, len(x), b):
+        blk = x[start:start + b]
+        kept = sorted(sorted(range(len(blk)), key=lambda i: (-abs(float(blk[i])), i))[:min(k, len(blk))])
+        mags = [F32(abs(blk[i])) for i in kept]
+        s = max(mags)
+        m = min(mags) if len(blk) >= k else F32(0)
+        step = F32(s - m) / F32(levels - 1)
+        acc = 0
+        for j, i in enumerate(kept):
+            q = 0
+            if step > 0:
+                q = min(max(math.floor(F32(F32(F32(mags[j] - m) / step) + F32(0.5))), 0), levels - 1)
+            entry = i | (int(blk[i] < 0) << ib) | (q << (ib + 1))
+            acc |= entry << (j * eb)
+        payload += acc.to_bytes(-(-len(kept) * eb // 8), "little")
+        scales += [m, s]
+    return payload + np.array(scales, dtype=F32).tobytes()
+
+
+def ref_sparse_decode(buf: bytes, n: int, b: int, density: float, vb: int) -> np.ndarray:
+    k, ib, eb = sparse_params(b, density, vb)
+    blocks = -(-n // b)
+    sizes = [-(-min(k, min(b, n - r * b)) * eb // 8) for r in range(blocks)]
+    scales = np.frombuffer(buf[sum(sizes):], dtype=F32).reshape(blocks, 2)
+    out = np.zeros(n, dtype=F32)
+    offset = 0
+    for r in range(blocks):
+        acc = int.from_bytes(buf[offset:offset + sizes[r]], "little")
+        offset += sizes[r]
+        m, s = scales[r]
+        step = F32(s - m) / F32(2 ** (vb - 1) - 1)
+        for j in range(min(k, n - r * b)):
+            e = (acc >> (j * eb)) & ((1 << eb) - 1)
+            mag = F32(F32(e >> (ib + 1)) * step) + m
+            out[r * b + (e & ((1 << ib) - 1))] = -mag if (e >> ib) & 1 else mag
+    return out
+
+
+def sample(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)[torch.randperm(n, generator=g)]
+    x[::53] = 0.0  # zeros, and ties among them
+    x[7::91] = 0.5  # exact ties at a kept magnitude
+    x[8::91] = -0.5
+    return x
+
+
+# -- the formats ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n,b", [(1, 8), (7, 8), (8, 8), (1000, 64), (1000, 7), (4096 + 50, 256)])
+def test_int2_matches_the_reference(n, b):
+    x = sample(n, seed=n)
+    codec = get_codec("int2", b)
+    buf = codec.encode(x)
+    assert bytes(buf.numpy()) == ref_int2(x.numpy(), b)
+    assert np.array_equal(codec.decode(buf, n).numpy(), ref_int2_decode(bytes(buf.numpy()), n, b))
+
+
+def test_int2_levels_and_layout():
+    codec = get_codec("int2", 4)
+    x = torch.tensor([1.0, -1.0, 1.0, -1.0])  # RMS 1: codes 3 (1.5), 1 (-0.5) as floor(±1) = 1, -1
+    buf = codec.encode(x)
+    assert buf[0].item() == 3 | (1 << 2) | (3 << 4) | (1 << 6)
+    assert codec.decode(buf, 4).tolist() == [1.5, -0.5, 1.5, -0.5]
+    assert buf[1:].clone().view(torch.float32).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("n,b,density,vb", [
+    (1, 16, 0.25, 2), (5, 16, 0.5, 2), (16, 16, 0.25, 4), (100, 16, 0.25, 8), (1000, 64, 0.05, 2),
+    (1000, 64, 0.05, 4), (4096 * 2 + 30, 4096, 0.02, 2), (4096 + 100, 4096, 0.02, 2),  # short block >= k, < k
+    (300, 100, 1.0, 2), (777, 1000, 0.001, 8),
+])
+def test_sparse_matches_the_reference(n, b, density, vb):
+    x = sample(n, seed=n + b)
+    codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
+    buf = codec.encode(x)
+    assert buf.numel() == codec.encoded_nbytes(n)
+    assert bytes(buf.numpy()) == ref_sparse(x.numpy(), b, density, vb)
+    assert np.array_equal(codec.decode(buf, n).numpy(), ref_sparse_decode(bytes(buf.numpy()), n, b, density, vb))
+
+
+def test_sparse_keeps_k_per_block_and_its_extremes_exactly():
+    codec = get_codec("sparse", density=0.25, value_bits=2, sparse_block=8)
+    x = torch.tensor([0.1, -4.0, 0.2, 3.0, 0.0, 0.3, 0.0, 0.0] + [0.0] * 8)
+    y = codec.decode(codec.encode(x), x.numel())
+    assert y.tolist() == [0.0, -4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 8  # k = 2; m = 3, s = 4: exact
+    assert codec.keep == 2 and codec.index_bits == 3 and codec.entry_bits == 5
+
+
+def test_sparse_is_the_same_with_zero_padding():
+    """The exchange may pad a vector to whole blocks: a short block then decodes the same."""
+    for n in (4096 + 50, 4096 + 3000, 10):
+        x = sample(n, seed=1)
+        codec = get_codec("sparse")
+        padded = torch.cat([x, torch.zeros(-n % 4096)])
+        direct = codec.decode(codec.encode(x), n)
+        via_pad = codec.decode(codec.encode(padded), padded.numel())[:n]
+        assert torch.equal(direct, via_pad)
+
+
+def test_sparse_decode_range_is_a_slice_of_decode():
+    codec = get_codec("sparse", density=0.05, value_bits=4, sparse_block=64)
+    n = 64 * 40 + 17
+    buf = codec.encode(sample(n, seed=3))
+    whole = codec.decode(buf, n)
+    for lo, hi in [(0, n), (64, 640), (128, n), (64 * 40, n), (0, 1), (640, 640)]:
+        assert torch.equal(codec.decode_range(buf, n, lo, hi), whole[lo:hi])
+    with pytest.raises(ValueError, match="block-aligned"):
+        codec.decode_range(buf, n, 3, 70)
+
+
+def test_sparse_marks_non_finite_blocks():
+    codec = get_codec("sparse", density=0.25, sparse_block=8)
+    x = torch.ones(24)
+    x[2], x[9] = float("nan"), float("inf")
+    y = codec.decode(codec.encode(x), 24)
+    assert not torch.isfinite(y[:8]).all() and not torch.isfinite(y[8:16]).all() and torch.isfinite(y[16:]).all()
+    marker = codec.decode(codec.encode(torch.full((100,), float("nan"))), 100)
+    assert not torch.isfinite(marker).all()  # the no-contribution marker stays a marker
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"density": 0.0}, "comm.density must be in \\(0, 1\\]"), ({"density": 1.5}, "comm.density"),
+    ({"value_bits": 3}, "comm.value_bits must be one of 2, 4, 8"),
+    ({"sparse_block": 1}, "comm.sparse_block must be an integer in \\[2, 65536\\]"),
+    ({"sparse_block": 1 << 17}, "comm.sparse_block"),
+])
+def test_sparse_refuses_bad_settings(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        get_codec("sparse", **kwargs)
+
+
+def test_sizes_against_fp4():
+    """2% of blocks of 4096 with 2-bit values: 82 entries of 14 bits + 8 bytes per block."""
+    n = 4096 * 100
+    sparse, fp4, int2 = (get_codec(c).encoded_nbytes(n) for c in ("sparse", "fp4", "int2"))
+    assert sparse == 100 * (math.ceil(82 * 14 / 8) + 8)
+    assert fp4 / sparse > 13 and int2 == n // 4 + 4 * (n // 256)
+
+
+# -- the gather exchange (dilo/comm/gather.py) --------------------------------------------------
+def decoded(x: torch.Tensor, b: int, density: float, vb: int) -> torch.Tensor:
+    """Reference round trip of one contribution (finite input)."""
+    n = x.numel()
+    return torch.from_numpy(ref_sparse_decode(ref_sparse(x.numpy(), b, density, vb), n, b, density, vb))
+
+
+def exchange(xs: list[torch.Tensor], codec, aggregate=None):
+    groups = local_groups(len(xs))
+    return run_workers(lambda r: groups[r].average(xs[r], codec, aggregate=aggregate), len(xs))
+
+
+@pytest.mark.parametrize("members,numel", [(2, 1000), (3, 64 * 7 + 5), (4, 64 * 16), (4, 30)])
+def test_gather_mean_is_the_plain_mean_of_the_decoded_contributions(members, numel):
+    b, density, vb = 64, 0.1, 4
+    codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
+    xs = [sample(numel, seed=10 + m) for m in range(members)]
+    results = exchange(xs, codec)
+    total = torch.zeros(numel)
+    for x in xs:  # member order, one fp32 add at a time, then the division
+        total += decoded(x, b, density, vb)
+    expected = total / members
+    for r in results:
+        assert torch.equal(r.average, expected)  # bit-identical on every member, and the reference
+        assert r.bytes_sent == r.bytes_received == (members - 1) * codec.encoded_nbytes(numel)
+        assert r.codec_error == 0.0 and r.dropped == 0 and r.num_peers == members
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "clip"])
+def test_gather_runs_the_owners_rules_the_same_everywhere(rule):
+    b, density, vb, numel, members = 64, 0.2, 8, 64 * 10, 5
+    codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
+    xs = [sample(numel, seed=20 + m) for m in range(members)]
+    xs[3] = xs[3] * 100  # an outlier worker
+    results = exchange(xs, codec, Aggregate(rule, trim=1, clip_ratio=2.0))
+    parts = torch.stack([decoded(x, b, density, vb) for x in xs])
+    values = parts.sort(dim=0).values
+    if rule == "median":
+        expected = values[2]
+    elif rule == "trimmed_mean":
+        expected = (values[1] + values[2] + values[3]) / 3
+    else:
+        norms = [float(torch.tensor([p.double().norm().item()], dtype=torch.float32)) for p in parts]
+        cap = 2.0 * sorted(norms)[2]
+        scale = [min(1.0, cap / n) for n in norms]
+        expected = sum(p * s for p, s in zip(parts, scale)) / members
+    for r in results:
+        assert torch.equal(r.average, results[0].average)
+        assert torch.allclose(r.average, expected, rtol=1e-5, atol=1e-6)
+    if rule == "clip":
+        assert [m for m, _ in results[0].clipped] == [3]
+
+
+def test_gather_drops_a_no_contribution_marker():
+    b, density, vb, numel = 64, 0.1, 2, 64 * 6
+    codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
+    xs = [sample(numel, seed=30 + m) for m in range(3)]
+    xs[1] = torch.full((numel,), float("nan"))
+    results = exchange(xs, codec)
+    total = torch.zeros(numel)
+    total += decoded(xs[0], b, density, vb)
+    total += decoded(xs[2], b, density, vb)
+    for r in results:
+        assert torch.equal(r.average, total / 2)
+        assert r.dropped == 1 and r.rejected == [(1, "non-finite")]
+
+
+# -- DiLoCo with the sparse codec: error feedback always on, against a reference --------------
+def test_diloco_sparse_matches_a_reference_with_error_feedback():
+    """Workers keep e ← (Δ + e) − decode(encode(Δ + e)) even with error_feedback=False; θ follows
+    SGD(nesterov) on the plain mean of the decoded contributions, bit for bit on every worker."""
+    H, rounds, workers, b, density, vb = 3, 4, 3, 64, 0.1, 2
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def step(model, opt, w, s):
+        g = torch.Generator().manual_seed(1000 * w + s)
+        nn.functional.mse_loss(model(torch.randn(8, 8, generator=g)), torch.randn(8, 4, generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def flat(model):
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    # reference: no dilo
+    theta = make()
+    outer = torch.optim.SGD(theta.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    models = [make() for _ in range(workers)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    residual = [torch.zeros(flat(theta).numel()) for _ in range(workers)]
+    history = []
+    for r in range(rounds):
+        total = torch.zeros_like(residual[0])
+        for w in range(workers):
+            models[w].load_state_dict(theta.state_dict())
+            for s in range(H):
+                step(models[w], opts[w], w, r * H + s)
+            sent = (flat(theta) - flat(models[w])) + residual[w]
+            got = decoded(sent, b, density, vb)
+            residual[w] = sent - got
+            total += got
+        mean, offset = total / workers, 0
+        for p in theta.parameters():
+            p.grad = mean[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        outer.step()
+        history.append(flat(theta).clone())
+
+    groups = local_groups(workers)
+    codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
+
+    def worker(w):
+        model = make()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], error_feedback=False)
+        assert d.fragments[0].residual is not None  # sparse turns it on
+        seen = []
+        for s in range(H * rounds):
+            step(model, opt, w, s)
+            if d.step() is not None:
+                seen.append(d.global_params.clone())
+        return seen
+
+    for seen in run_workers(worker, workers):
+        assert len(seen) == rounds
+        for got, want in zip(seen, history):
+            assert torch.equal(got, want)
