@@ -144,6 +144,9 @@ class DiLoCo(OuterState):
         # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
         # A codec that drops most of Δ (sparse) always runs with it (docs/codecs.md).
         ef = (error_feedback or self.codec.needs_error_feedback) and self.group.size > 1
+        if ef and not error_feedback:
+            log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)",
+                     self.codec.name)
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
                           nesterov, eager=overlap == "eager", error_feedback=ef)
                  for f in range(fragments)]

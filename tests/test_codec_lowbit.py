@@ -14,7 +14,7 @@ from dilo import DiLoCo
 from dilo.aggregate import Aggregate
 from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
-from tests.helpers import run_workers
+from tests.helpers import SMALL, run_workers, summaries, torchrun_cmd
 
 F32 = np.float32
 
@@ -325,3 +325,18 @@ def test_diloco_sparse_matches_a_reference_with_error_feedback():
         assert len(seen) == rounds
         for got, want in zip(seen, history):
             assert torch.equal(got, want)
+
+
+@pytest.mark.e2e
+def test_torchrun_with_the_sparse_codec(procs, tmp_path):
+    run = tmp_path / "run"
+    args = [*SMALL, "--run.dir", str(run), "--run.steps", "10", "--outer.inner_steps", "5",
+            "--comm.codec", "sparse", "--comm.density", "0.05", "--comm.value_bits", "2",
+            "--checkpoint.every", "0"]
+    res = procs.run(torchrun_cmd(2, args), tmp_path / "log.txt")
+    assert res.returncode == 0, res.stdout[-3000:]
+    found = summaries(run)
+    assert len(found) == 2 and len({s["global_hash"] for s in found}) == 1
+    assert all(math.isfinite(s["final_eval_loss"]) for s in found)
+    nbytes = get_codec("sparse", density=0.05, value_bits=2).encoded_nbytes(found[0]["synced_params"])
+    assert all(s["bytes_sent"] == 2 * nbytes == s["bytes_received"] for s in found)  # 2 syncs, 1 peer
