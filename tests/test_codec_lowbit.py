@@ -13,6 +13,7 @@ import torch.nn as nn
 from dilo import DiLoCo
 from dilo.aggregate import Aggregate
 from dilo.codecs import get_codec
+from dilo.config import parse_args
 from dilo.comm.local import local_groups
 from tests.helpers import SMALL, run_workers, summaries, torchrun_cmd
 
@@ -340,3 +341,23 @@ def test_torchrun_with_the_sparse_codec(procs, tmp_path):
     assert all(math.isfinite(s["final_eval_loss"]) for s in found)
     nbytes = get_codec("sparse", density=0.05, value_bits=2).encoded_nbytes(found[0]["synced_params"])
     assert all(s["bytes_sent"] == 2 * nbytes == s["bytes_received"] for s in found)  # 2 syncs, 1 peer
+
+
+# -- configuration --------------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--comm.density", "0"], "comm.density must be in"),
+    (["--comm.value_bits", "3"], "comm.value_bits must be one of 2, 4, 8"),
+    (["--comm.sparse_block", "1"], "comm.sparse_block must be an integer"),
+    (["--comm.codec", "sparse", "--comm.backend", "hivemind", "--peers.open", "true"],
+     "comm.codec = sparse needs comm.backend = torch"),
+])
+def test_config_refuses_bad_sparse_settings(args, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_args([*SMALL, *args])
+
+
+def test_sparse_settings_are_shared_only_with_the_sparse_codec():
+    int8 = parse_args([*SMALL, "--comm.density", "0.5"]).shared_settings()["comm"]
+    assert "density" not in int8  # other codecs' fingerprints are what they were
+    sparse = parse_args([*SMALL, "--comm.codec", "sparse", "--comm.density", "0.05"]).shared_settings()["comm"]
+    assert sparse["density"] == 0.05 and sparse["value_bits"] == 2 and sparse["sparse_block"] == 4096
