@@ -19,21 +19,25 @@ Byte layouts, for ``n`` elements, scales fp32 in native (little-endian) byte ord
   clamp to ``±1.5s``. No level is zero: error feedback carries what is lost.
 - ``sparse`` (SparseLoCo-style top-k): blocks of ``b`` elements (``comm.sparse_block``);
   each keeps ``k = max(1, floor(density * b + 0.5))`` entries (a last, short block of
-  ``r`` elements keeps ``min(k, r)``): the ``k`` largest ``|x|``, ties to the lower
-  index (NaN counts as +inf). Per block the payload is the kept entries in increasing
-  index order, each ``ib + vb`` bits, little-endian bit order, packed from bit 0 of the
-  block's first byte and zero-padded to a whole byte: ``ib = max(1, bit_length(b - 1))``
-  bits of offset within the block, one sign bit (set when ``x < 0``), then ``vb - 1``
-  bits of magnitude code ``q`` (``vb`` = ``comm.value_bits``, 2, 4 or 8). After every
-  block's payload, two fp32 per block: ``m`` (the smallest kept ``|x|``; 0 when the
-  block has fewer than ``k`` elements) and ``s`` (the largest). With ``L = 2**(vb-1)``
-  levels and ``step = (s - m) / (L - 1)`` (fp32), ``q = clamp(floor((|x| - m) / step
-  + 0.5), 0, L - 1)`` (0 when ``step`` is not ``> 0`` or the result is NaN), decoded as
-  ``±(m + q * step)`` (fp32, the product rounded first); every other element is 0. So
-  the levels run linearly from the block's smallest kept magnitude to its largest, both
-  exact. A block holding NaN or inf decodes its kept entries to non-finite values (the
-  no-contribution marker stays a marker). The size is fixed by ``n``, which the
-  exchange needs.
+  ``r`` elements keeps ``k' = min(k, r)``): the ``k`` largest ``|x|``, ties to the lower
+  index (NaN counts as +inf). A block's payload is a little-endian bit string (bit ``i``
+  is bit ``i % 8`` of byte ``i // 8``), zero-padded to whole bytes. Its kept offsets
+  ``o_0 < ... < o_{k'-1}`` (within the block) are Elias–Fano coded with
+  ``l = bit_length(b // k) - 1`` low bits: first a bitmap of ``k' + ((r - 1) >> l) + 1``
+  bits with bit ``(o_j >> l) + j`` set for every ``j`` (the high parts, in unary), then
+  the ``l`` low bits of each ``o_j``, then each entry's ``vb``-bit value field
+  (``vb`` = ``comm.value_bits``, 2, 4 or 8): bit 0 the sign (set when ``x < 0``), the
+  other ``vb - 1`` bits the magnitude code ``q``. That is about ``2 + l + vb`` bits per
+  kept entry (b = 4096, k = 82: 784 bits, where plain 12-bit offsets take 1148). After
+  every block's payload, two fp32 per block: ``m`` (the smallest kept ``|x|``; 0 when
+  the block has fewer than ``k`` elements) and ``s`` (the largest). With
+  ``L = 2**(vb-1)`` levels and ``step = (s - m) / (L - 1)`` (fp32),
+  ``q = clamp(floor((|x| - m) / step + 0.5), 0, L - 1)`` (0 when ``step`` is not ``> 0``
+  or the result is NaN), decoded as ``±(m + q * step)`` (fp32, the product rounded
+  first); every other element is 0. So the levels run linearly from the block's
+  smallest kept magnitude to its largest, both exact. A block holding NaN or inf decodes
+  its kept entries to non-finite values (the no-contribution marker stays a marker).
+  The size is fixed by ``n``, which the exchange needs.
 
 The sparse codec is exchanged by all-gather (``exchange = "gather"``, dilo/comm/gather.py):
 an owner's mean of M sparse vectors is up to M times denser and could not be re-encoded
@@ -132,16 +136,19 @@ class Sparse(Codec):
         return max(1, min(self.block_size, math.floor(self.density * self.block_size + 0.5)))
 
     @property
-    def index_bits(self) -> int:
-        return max(1, (self.block_size - 1).bit_length())
+    def low_bits(self) -> int:
+        """l: low bits of each offset sent as they are, l = floor(log2(b / k)) (Elias–Fano)."""
+        return (self.block_size // self.keep).bit_length() - 1
 
-    @property
-    def entry_bits(self) -> int:
-        return self.index_bits + self.value_bits
+    def _bits(self, elements: int) -> tuple[int, int, int]:
+        """(kept entries, bits of the upper-half bitmap, payload bits) of a block of `elements`."""
+        kept = min(self.keep, elements)
+        upper = kept + ((elements - 1) >> self.low_bits) + 1
+        return kept, upper, upper + kept * (self.low_bits + self.value_bits)
 
     def _block_nbytes(self, elements: int) -> int:
         """Payload bytes of a block of `elements` elements."""
-        return -(-min(self.keep, elements) * self.entry_bits // 8)
+        return -(-self._bits(elements)[2] // 8)
 
     def _layout(self, numel: int) -> tuple[int, int]:
         """(blocks, payload bytes) for `numel` elements."""
@@ -153,17 +160,17 @@ class Sparse(Codec):
         blocks, payload = self._layout(numel)
         return payload + 8 * blocks
 
-    def _rows(self, numel: int):
-        """Yield (first block, end block) covering `numel` in chunks of about 1M elements."""
-        blocks, _ = self._layout(numel)
+    def _rows(self, first: int, end: int):
+        """Yield (first block, end block) over [first, end) in chunks of about 1M elements."""
         step = max(1, _CHUNK_NUMEL // self.block_size)
-        for r0 in range(0, blocks, step):
-            yield r0, min(r0 + step, blocks)
+        for r0 in range(first, end, step):
+            yield r0, min(r0 + step, end)
 
     # -- encode --------------------------------------------------------------------------
-    def _select(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(entries (R, k) int64, m (R, 1), s (R, 1)) of the rows `xb` (zero-padded blocks)."""
-        k, ib, levels = self.keep, self.index_bits, 1 << (self.value_bits - 1)
+    def _select(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offsets (R, k), value fields sign | q << 1 (R, k), m (R, 1), s (R, 1)) of the rows `xb`
+        (zero-padded blocks), offsets increasing along each row."""
+        k, levels = self.keep, 1 << (self.value_bits - 1)
         key = xb.abs().nan_to_num_(nan=math.inf)
         kth = key.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
         above = key > kth
@@ -178,42 +185,60 @@ class Sparse(Codec):
         ok = step > 0
         q = ((mag - m) / torch.where(ok, step, 1.0) + 0.5).floor_().nan_to_num_(nan=0.0).clamp_(0, levels - 1)
         q = torch.where(ok, q, 0.0).long()
-        entries = idx | ((vals < 0).long() << ib) | (q << (ib + 1))
-        return entries, m, s
+        return idx, (vals < 0).long() | (q << 1), m, s
 
-    def _pack(self, entries: torch.Tensor, kept_last: int) -> torch.Tensor:
-        """(R, k) entries → (R, block bytes) uint8; the last row keeps only `kept_last` entries."""
-        rows, k = entries.shape
-        eb = self.entry_bits
-        nbytes = self._block_nbytes(self.block_size)
-        bits = ((entries.unsqueeze(-1) >> torch.arange(eb)) & 1).to(torch.uint8).view(rows, k * eb)
-        bits = torch.nn.functional.pad(bits, (0, nbytes * 8 - k * eb))
-        bits[-1, kept_last * eb:] = 0
+    def _pack(self, idx: torch.Tensor, field: torch.Tensor, elements: int) -> torch.Tensor:
+        """Rows of blocks of `elements` elements → (R, block bytes) uint8 (their first kept entries)."""
+        kept, upper, total = self._bits(elements)
+        idx, field = idx[:, :kept], field[:, :kept]
+        rows, low, vb = idx.shape[0], self.low_bits, self.value_bits
+        nbytes = -(-total // 8)
+        bits = torch.zeros(rows, nbytes * 8, dtype=torch.uint8)
+        bits.scatter_(1, (idx >> low) + torch.arange(kept), 1)  # entry j's high part, in unary
+        if low:
+            bits[:, upper:upper + kept * low] = ((idx.unsqueeze(-1) >> torch.arange(low)) & 1).view(rows, kept * low)
+        bits[:, upper + kept * low:total] = ((field.unsqueeze(-1) >> torch.arange(vb)) & 1).view(rows, kept * vb)
         weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
         return (bits.view(rows, nbytes, 8).to(torch.int32) * weights).sum(dim=-1).to(torch.uint8)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = _check_input(x)
-        n, b = x.numel(), self.block_size
+        n, b, k = x.numel(), self.block_size, self.keep
         out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
         blocks, payload = self._layout(n)
         scales = torch.empty(blocks, 2, dtype=torch.float32)
         full = self._block_nbytes(b)
-        for r0, r1 in self._rows(n):
-            lo, hi = r0 * b, min(r1 * b, n)
-            entries, m, s = self._select(_blocks(x[lo:hi], b))
-            short = hi - (r1 - 1) * b  # elements of the chunk's last block
-            if short < self.keep:  # fewer elements than k: the missing ones count as zeros
+        for r0, r1 in self._rows(0, blocks):
+            idx, field, m, s = self._select(_blocks(x[r0 * b:min(r1 * b, n)], b))
+            last = min(b, n - (r1 - 1) * b)  # elements of the chunk's last block
+            if last < k:  # fewer elements than k: the missing ones count as zeros
                 m[-1] = 0.0
-            packed = self._pack(entries, min(self.keep, short)).view(-1)
-            start = r0 * full
-            count = (r1 - r0 - 1) * full + self._block_nbytes(short)
-            out[start:start + count] = packed[:count]
+            whole = r1 - r0 - (last < b)
+            out[r0 * full:(r0 + whole) * full] = self._pack(idx[:whole], field[:whole], b).view(-1)
+            if last < b:
+                start = (r1 - 1) * full
+                out[start:start + self._block_nbytes(last)] = self._pack(idx[-1:], field[-1:], last).view(-1)
             scales[r0:r1, 0:1], scales[r0:r1, 1:2] = m, s
         out[payload:] = scales.view(-1).view(torch.uint8)
         return out
 
     # -- decode --------------------------------------------------------------------------
+    def _unpack(self, raw: torch.Tensor, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, block bytes) of blocks of `elements` → (offsets, value fields), (R, kept) each."""
+        kept, upper, total = self._bits(elements)
+        rows, low, vb = raw.shape[0], self.low_bits, self.value_bits
+        bits = ((raw.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(rows, raw.shape[1] * 8)
+        ones = bits[:, :upper].nonzero()[:, 1]
+        if ones.numel() != rows * kept:
+            raise ValueError(f"sparse payload is malformed: {ones.numel()} offsets where {rows * kept} belong")
+        idx = (ones.view(rows, kept) - torch.arange(kept)) << low
+        if low:
+            idx |= (bits[:, upper:upper + kept * low].view(rows, kept, low).long() << torch.arange(low)).sum(dim=-1)
+        if rows and int(idx.max()) >= elements:
+            raise ValueError(f"sparse payload is malformed: an offset beyond its block of {elements}")
+        field = (bits[:, upper + kept * low:total].view(rows, kept, vb).long() << torch.arange(vb)).sum(dim=-1)
+        return idx, field
+
     def decode(self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode_range(buf, numel, 0, numel, out)
 
@@ -224,35 +249,27 @@ class Sparse(Codec):
             raise ValueError(f"decode_range needs a block-aligned lo and lo <= hi <= {numel}, got [{lo}, {hi})")
         buf = self._check_buf(buf, numel)
         out = _check_out(out, torch.float32, hi - lo)
-        if hi == lo:
-            return out
-        b, k, eb, ib = self.block_size, self.keep, self.entry_bits, self.index_bits
-        levels = 1 << (self.value_bits - 1)
+        b, levels = self.block_size, 1 << (self.value_bits - 1)
         blocks, payload = self._layout(numel)
         scales = _as(buf[payload:], torch.float32).view(blocks, 2)
         full = self._block_nbytes(b)
-        weights = torch.tensor([1 << i for i in range(eb)], dtype=torch.int64)
-        step_rows = max(1, _CHUNK_NUMEL // b)
-        for r0 in range(lo // b, -(-hi // b), step_rows):
-            r1 = min(r0 + step_rows, -(-hi // b))
-            rows = r1 - r0
-            raw = buf[r0 * full:min(r1 * full, payload)]
-            if raw.numel() < rows * full:  # the numel's short last block
-                raw = torch.nn.functional.pad(raw, (0, rows * full - raw.numel()))
-            bits = (raw.view(rows, full, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-            entries = (bits.view(rows, full * 8)[:, :k * eb].view(rows, k, eb).long() * weights).sum(dim=-1)
-            idx = entries & ((1 << ib) - 1)
-            q = (entries >> (ib + 1)).float()
+        for r0, r1 in self._rows(lo // b, -(-hi // b)):
+            last = min(b, numel - (r1 - 1) * b)
+            whole = r1 - r0 - (last < b)
+            dense = torch.zeros(r1 - r0, b, dtype=torch.float32)
             m, s = scales[r0:r1, 0:1], scales[r0:r1, 1:2]
-            mag = (q * ((s - m) / (levels - 1))).add_(m)
-            vals = torch.where(((entries >> ib) & 1).bool(), -mag, mag)
-            dense = torch.zeros(rows, b, dtype=torch.float32)
-            last = min(b, numel - (r1 - 1) * b)  # elements in the chunk's last block
-            kept = min(k, last)
-            dense[:-1].scatter_(1, idx[:-1], vals[:-1])
-            dense[-1].scatter_(0, idx[-1, :kept], vals[-1, :kept])
-            a, z = max(lo, r0 * b), min(hi, r1 * b)
-            out[a - lo:z - lo] = dense.view(-1)[a - r0 * b:z - r0 * b]
+            step = (s - m) / (levels - 1)
+            parts = [(0, whole, self._unpack(buf[r0 * full:(r0 + whole) * full].view(whole, full), b))]
+            if last < b:
+                start = (r1 - 1) * full
+                parts.append((whole, whole + 1, self._unpack(buf[start:start + self._block_nbytes(last)].view(1, -1),
+                                                             last)))
+            for a, z, (idx, field) in parts:
+                mag = ((field >> 1).float() * step[a:z]).add_(m[a:z])
+                dense[a:z].scatter_(1, idx, torch.where((field & 1).bool(), -mag, mag))
+            first = r0 * b
+            a, z = max(lo, first), min(hi, r1 * b)
+            out[a - lo:z - lo] = dense.view(-1)[a - first:z - first]
         return out
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:

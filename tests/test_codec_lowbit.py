@@ -47,20 +47,27 @@ def ref_int2_decode(buf: bytes, n: int, b: int) -> np.ndarray:
     return out
 
 
-def sparse_params(b: int, density: float, vb: int) -> tuple[int, int, int]:
+def sparse_params(b: int, density: float, vb: int) -> tuple[int, int]:
+    """(k, l): entries kept per block, low bits per offset."""
     k = max(1, min(b, math.floor(density * b + 0.5)))
-    ib = max(1, (b - 1).bit_length())
-    return k, ib, ib + vb
+    return k, int(math.floor(math.log2(b // k)))
+
+
+def block_bits(r: int, k: int, low: int, vb: int) -> tuple[int, int, int]:
+    kept = min(k, r)
+    upper = kept + ((r - 1) >> low) + 1
+    return kept, upper, upper + kept * (low + vb)
 
 
 def ref_sparse(x: np.ndarray, b: int, density: float, vb: int) -> bytes:
-    """Finite input only: top-k by |x| (ties to the lower index), entries in index order."""
-    k, ib, eb = sparse_params(b, density, vb)
+    """Finite input only: top-k by |x| (ties to the lower index), Elias–Fano offsets."""
+    k, low = sparse_params(b, density, vb)
     levels = 2 ** (vb - 1)
     payload, scales = b"", []
     for start in range(0, len(x), b):
         blk = x[start:start + b]
-        kept = sorted(sorted(range(len(blk)), key=lambda i: (-abs(float(blk[i])), i))[:min(k, len(blk))])
+        kept_n, upper, total = block_bits(len(blk), k, low, vb)
+        kept = sorted(sorted(range(len(blk)), key=lambda i: (-abs(float(blk[i])), i))[:kept_n])
         mags = [F32(abs(blk[i])) for i in kept]
         s = max(mags)
         m = min(mags) if len(blk) >= k else F32(0)
@@ -70,29 +77,34 @@ def ref_sparse(x: np.ndarray, b: int, density: float, vb: int) -> bytes:
             q = 0
             if step > 0:
                 q = min(max(math.floor(F32(F32(F32(mags[j] - m) / step) + F32(0.5))), 0), levels - 1)
-            entry = i | (int(blk[i] < 0) << ib) | (q << (ib + 1))
-            acc |= entry << (j * eb)
-        payload += acc.to_bytes(-(-len(kept) * eb // 8), "little")
+            acc |= 1 << ((i >> low) + j)
+            acc |= (i % (1 << low)) << (upper + j * low)
+            acc |= (int(blk[i] < 0) | (q << 1)) << (upper + kept_n * low + j * vb)
+        payload += acc.to_bytes(-(-total // 8), "little")
         scales += [m, s]
     return payload + np.array(scales, dtype=F32).tobytes()
 
 
 def ref_sparse_decode(buf: bytes, n: int, b: int, density: float, vb: int) -> np.ndarray:
-    k, ib, eb = sparse_params(b, density, vb)
+    k, low = sparse_params(b, density, vb)
     blocks = -(-n // b)
-    sizes = [-(-min(k, min(b, n - r * b)) * eb // 8) for r in range(blocks)]
+    shapes = [block_bits(min(b, n - r * b), k, low, vb) for r in range(blocks)]
+    sizes = [-(-total // 8) for _, _, total in shapes]
     scales = np.frombuffer(buf[sum(sizes):], dtype=F32).reshape(blocks, 2)
     out = np.zeros(n, dtype=F32)
     offset = 0
-    for r in range(blocks):
+    for r, (kept, upper, _) in enumerate(shapes):
         acc = int.from_bytes(buf[offset:offset + sizes[r]], "little")
         offset += sizes[r]
         m, s = scales[r]
         step = F32(s - m) / F32(2 ** (vb - 1) - 1)
-        for j in range(min(k, n - r * b)):
-            e = (acc >> (j * eb)) & ((1 << eb) - 1)
-            mag = F32(F32(e >> (ib + 1)) * step) + m
-            out[r * b + (e & ((1 << ib) - 1))] = -mag if (e >> ib) & 1 else mag
+        highs = [p - j for j, p in enumerate(p for p in range(upper) if acc >> p & 1)]
+        assert len(highs) == kept
+        for j, high in enumerate(highs):
+            i = (high << low) | ((acc >> (upper + j * low)) & ((1 << low) - 1))
+            field = (acc >> (upper + kept * low + j * vb)) & ((1 << vb) - 1)
+            mag = F32(F32(field >> 1) * step) + m
+            out[r * b + i] = -mag if field & 1 else mag
     return out
 
 
@@ -143,7 +155,7 @@ def test_sparse_keeps_k_per_block_and_its_extremes_exactly():
     x = torch.tensor([0.1, -4.0, 0.2, 3.0, 0.0, 0.3, 0.0, 0.0] + [0.0] * 8)
     y = codec.decode(codec.encode(x), x.numel())
     assert y.tolist() == [0.0, -4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 8  # k = 2; m = 3, s = 4: exact
-    assert codec.keep == 2 and codec.index_bits == 3 and codec.entry_bits == 5
+    assert codec.keep == 2 and codec.low_bits == 2
 
 
 def test_sparse_is_the_same_with_zero_padding():
@@ -168,6 +180,15 @@ def test_sparse_decode_range_is_a_slice_of_decode():
         codec.decode_range(buf, n, 3, 70)
 
 
+def test_sparse_refuses_a_malformed_payload():
+    codec = get_codec("sparse", density=0.25, sparse_block=8)
+    buf = codec.encode(torch.arange(16.0))
+    bad = buf.clone()
+    bad[0] ^= 0xFF  # the first block's bitmap: the wrong number of offsets
+    with pytest.raises(ValueError, match="malformed"):
+        codec.decode(bad, 16)
+
+
 def test_sparse_marks_non_finite_blocks():
     codec = get_codec("sparse", density=0.25, sparse_block=8)
     x = torch.ones(24)
@@ -190,11 +211,11 @@ def test_sparse_refuses_bad_settings(kwargs, needle):
 
 
 def test_sizes_against_fp4():
-    """2% of blocks of 4096 with 2-bit values: 82 entries of 14 bits + 8 bytes per block."""
+    """2% of blocks of 4096 with 2-bit values: 82 entries, 5 low bits, a 210-bit bitmap, 8 bytes of scales."""
     n = 4096 * 100
     sparse, fp4, int2 = (get_codec(c).encoded_nbytes(n) for c in ("sparse", "fp4", "int2"))
-    assert sparse == 100 * (math.ceil(82 * 14 / 8) + 8)
-    assert fp4 / sparse > 13 and int2 == n // 4 + 4 * (n // 256)
+    assert sparse == 100 * (math.ceil((82 + 128 + 82 * (5 + 2)) / 8) + 8)
+    assert fp4 / sparse > 19 and int2 == n // 4 + 4 * (n // 256)
 
 
 # -- the gather exchange (dilo/comm/gather.py) --------------------------------------------------

@@ -24,9 +24,12 @@ def sample(n: int, seed: int = 0) -> torch.Tensor:
 
 def expected_nbytes(name: str, n: int, b: int) -> int:
     blocks = math.ceil(n / b)
-    if name == "sparse":  # k = 82 of 4096 kept, 12 offset bits + 2 value bits each, two fp32 scales
-        full, rest = divmod(n, 4096)
-        return full * math.ceil(82 * 14 / 8) + (math.ceil(min(82, rest) * 14 / 8) if rest else 0) + 8 * blocks
+    if name == "sparse":  # k = 82 of 4096 kept: a bitmap of k + 128 bits, 5 low + 2 value bits each; 2 fp32
+        blocks, bits = math.ceil(n / 4096), 0
+        for r in [4096] * (n // 4096) + ([n % 4096] if n % 4096 else []):
+            kept = min(82, r)
+            bits += math.ceil((kept + (r - 1) // 32 + 1 + kept * 7) / 8) * 8
+        return bits // 8 + 8 * blocks
     return {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n, "int8": n + 4 * blocks,
             "fp4": math.ceil(n / 2) + 4 * blocks, "int2": math.ceil(n / 4) + 4 * blocks}[name]
 

@@ -60,13 +60,15 @@ PORT = 29511  # inside private namespaces: no collision with anything else on th
 
 # -- theory --------------------------------------------------------------------------------
 def sparse_bytes(numel: int, density: float = 0.02, value_bits: int = 2, block: int = 4096) -> int:
-    """The sparse codec's size: per block ceil(k' * (offset bits + value_bits) / 8) payload
-    bytes (k' = k, or a short last block's length if smaller) and two fp32 (docs/codecs.md)."""
+    """The sparse codec's size: per block of r elements, k' = min(k, r) entries, a bitmap of
+    k' + ((r - 1) >> l) + 1 bits, k' x (l + value_bits) bits, whole bytes; two fp32 (docs/codecs.md)."""
     k = max(1, min(block, math.floor(density * block + 0.5)))
-    entry = max(1, (block - 1).bit_length()) + value_bits
-    full, rest = divmod(numel, block)
-    payload = full * -(-k * entry // 8) + (-(-min(k, rest) * entry // 8) if rest else 0)
-    return payload + 8 * (full + (rest > 0))
+    low = (block // k).bit_length() - 1
+    total = 0
+    for r in [block] * (numel // block) + ([numel % block] if numel % block else []):
+        kept = min(k, r)
+        total += -(-(kept + ((r - 1) >> low) + 1 + kept * (low + value_bits)) // 8) + 8
+    return total
 
 
 def encoded_bytes(codec: str, numel: int, block_size: int) -> int:
