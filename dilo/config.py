@@ -167,6 +167,9 @@ class CommConfig:
     error_feedback: bool = False
     """Keep what the lossy codec dropped from this worker's Δ and add it to the next one
     (e ← (Δ + e) − decode(encode(Δ + e))). Needs a lossy comm.codec; always on with sparse."""
+    ef_decay: float = 1.0
+    """β of error feedback: send Δ + β·e (SparseLoCo's decayed accumulator, e.g. 0.95 with
+    outer.momentum 0); 1 = keep e whole. Applies when error feedback runs."""
     density: float = 0.02
     """comm.codec = sparse: the fraction of each block kept (top-k by magnitude), in (0, 1]."""
     value_bits: int = 2
@@ -265,6 +268,8 @@ def shared_settings_of(config: dict) -> dict:
     # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
     shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, **shared["outer"]}
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
+    if config["comm"].get("ef_decay", 1.0) != 1.0:
+        shared["comm"]["ef_decay"] = config["comm"]["ef_decay"]
     if shared["comm"]["codec"] == "sparse":  # its keys matter only to it (older runs' fingerprints stay)
         shared["comm"].update({k: config["comm"].get(k) for k in ("density", "value_bits", "sparse_block")})
     shared["mode"] = config["run"]["mode"]

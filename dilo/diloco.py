@@ -26,7 +26,8 @@ runs exactly (same bytes):
   model restarts from a worker-local copy stepped with the fresh own Δ in place of
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
 * `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)); always
-  on with a codec that needs it (sparse, dilo/codec_lowbit.py).
+  on with a codec that needs it (sparse, dilo/codec_lowbit.py). `ef_decay` β < 1 sends
+  Δ_m + β·e instead (SparseLoCo's decayed accumulator, docs/codecs.md).
 * `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
   (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
   rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
@@ -105,6 +106,7 @@ class DiLoCo(OuterState):
         alpha: float = 0.0,
         overlap: str = "none",
         error_feedback: bool = False,
+        ef_decay: float = 1.0,
         aggregate: str = "auto",
         trim: int = 1,
         clip_ratio: float = 2.0,
@@ -113,7 +115,7 @@ class DiLoCo(OuterState):
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
-                            codec_lossless=self.codec.lossless)
+                            codec_lossless=self.codec.lossless, ef_decay=ef_decay)
         self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
@@ -148,14 +150,14 @@ class DiLoCo(OuterState):
             log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)",
                      self.codec.name)
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
-                          nesterov, eager=overlap == "eager", error_feedback=ef)
+                          nesterov, eager=overlap == "eager", error_feedback=ef, ef_decay=ef_decay)
                  for f in range(fragments)]
         overlapped = overlap != "none"
         super().__init__(params, frags, owner, inner_optimizer,
                          Schedule(inner_steps, fragments, delay, overlapped),
                          RoundsInFlight(self.group, background=delay > 0 or overlapped),
                          {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
-                          "error_feedback": error_feedback})
+                          "error_feedback": error_feedback, **({"ef_decay": ef_decay} if ef_decay != 1.0 else {})})
         self.after_outer_step = None
         """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
         member after each outer step while the live model still holds its own trained values

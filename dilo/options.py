@@ -51,7 +51,7 @@ def check_aggregate(aggregate: str, trim: int, clip_ratio: float, size: int | No
 def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                         nesterov: bool = True, fragments: int = 1, delay: int = 0, alpha: float = 0.0,
                         overlap: str = "none", error_feedback: bool = False, codec: str = "int8",
-                        codec_lossless: bool | None = None) -> None:
+                        codec_lossless: bool | None = None, ef_decay: float = 1.0) -> None:
     """Raise ValueError for outer/comm options DiLoCo cannot run (the keywords are DiLoCo's).
 
     `codec` is a codec's name; `codec_lossless` says whether it is exact (default: looked
@@ -85,6 +85,8 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
         lossy = ", ".join(n for n in CODEC_NAMES if n not in LOSSLESS_CODECS)
         _refuse(f"comm.error_feedback = true needs a lossy comm.codec ({lossy}); {codec} loses nothing",
                 "error_feedback", "codec")
+    if not (isinstance(ef_decay, (int, float)) and 0.0 < ef_decay <= 1.0):
+        _refuse(f"comm.ef_decay (β) must be in (0, 1], got {ef_decay!r}", "ef_decay")
 
 
 def check_sparse_options(density: float, value_bits: int, sparse_block: int) -> None:

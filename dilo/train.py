@@ -322,7 +322,8 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
                         group=outer_group, block_size=cfg.comm.block_size,
                         fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                         alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
-                        error_feedback=cfg.comm.error_feedback, aggregate=cfg.outer.aggregate,
+                        error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
+                        aggregate=cfg.outer.aggregate,
                         trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio)
         attach_aggregation(built, cfg, diloco)
         if world.island:  # inner steps: data-parallel over the worker's own ranks only

@@ -286,9 +286,11 @@ def test_gather_drops_a_no_contribution_marker():
 
 
 # -- DiLoCo with the sparse codec: error feedback always on, against a reference --------------
-def test_diloco_sparse_matches_a_reference_with_error_feedback():
-    """Workers keep e ← (Δ + e) − decode(encode(Δ + e)) even with error_feedback=False; θ follows
-    SGD(nesterov) on the plain mean of the decoded contributions, bit for bit on every worker."""
+@pytest.mark.parametrize("beta,momentum", [(1.0, 0.9), (0.9, 0.0)])
+def test_diloco_sparse_matches_a_reference_with_error_feedback(beta, momentum):
+    """Workers keep e ← (Δ + βe) − decode(encode(Δ + βe)) even with error_feedback=False; θ follows
+    SGD (Nesterov, or none: SparseLoCo) on the plain mean of the decoded contributions, bit for
+    bit on every worker."""
     H, rounds, workers, b, density, vb = 3, 4, 3, 64, 0.1, 2
 
     def make():
@@ -306,7 +308,7 @@ def test_diloco_sparse_matches_a_reference_with_error_feedback():
 
     # reference: no dilo
     theta = make()
-    outer = torch.optim.SGD(theta.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    outer = torch.optim.SGD(theta.parameters(), lr=0.7, momentum=momentum, nesterov=momentum > 0)
     models = [make() for _ in range(workers)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     residual = [torch.zeros(flat(theta).numel()) for _ in range(workers)]
@@ -317,7 +319,7 @@ def test_diloco_sparse_matches_a_reference_with_error_feedback():
             models[w].load_state_dict(theta.state_dict())
             for s in range(H):
                 step(models[w], opts[w], w, r * H + s)
-            sent = (flat(theta) - flat(models[w])) + residual[w]
+            sent = (flat(theta) - flat(models[w])) + (residual[w] if beta == 1.0 else beta * residual[w])
             got = decoded(sent, b, density, vb)
             residual[w] = sent - got
             total += got
@@ -334,7 +336,8 @@ def test_diloco_sparse_matches_a_reference_with_error_feedback():
     def worker(w):
         model = make()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], error_feedback=False)
+        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], error_feedback=False,
+                   ef_decay=beta, outer_momentum=momentum, nesterov=momentum > 0)
         assert d.fragments[0].residual is not None  # sparse turns it on
         seen = []
         for s in range(H * rounds):
@@ -369,6 +372,8 @@ def test_torchrun_with_the_sparse_codec(procs, tmp_path):
     (["--comm.density", "0"], "comm.density must be in"),
     (["--comm.value_bits", "3"], "comm.value_bits must be one of 2, 4, 8"),
     (["--comm.sparse_block", "1"], "comm.sparse_block must be an integer"),
+    (["--comm.ef_decay", "0.9"], "comm.ef_decay = 0.9 applies only with error feedback"),
+    (["--comm.codec", "sparse", "--comm.ef_decay", "0"], "comm.ef_decay \\(β\\) must be in \\(0, 1\\]"),
     (["--comm.codec", "sparse", "--comm.backend", "hivemind", "--peers.open", "true"],
      "comm.codec = sparse needs comm.backend = torch"),
 ])
