@@ -169,7 +169,7 @@ class CommConfig:
     (e ← (Δ + e) − decode(encode(Δ + e))). Needs a lossy comm.codec; always on with sparse."""
     ef_decay: float = 1.0
     """β of error feedback: send Δ + β·e (SparseLoCo's decayed accumulator, e.g. 0.95 with
-    outer.momentum 0); 1 = keep e whole. Applies when error feedback runs."""
+    outer.momentum 0); 1 = keep e whole. Applies when error feedback runs (else a warning)."""
     density: float = 0.02
     """comm.codec = sparse: the fraction of each block kept (top-k by magnitude), in (0, 1]."""
     value_bits: int = 2

@@ -175,9 +175,6 @@ def _validate_streaming(cfg) -> None:
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
     check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind")
-    _require(c.ef_decay == 1.0 or c.error_feedback or c.codec == "sparse",
-             f"comm.ef_decay = {c.ef_decay} applies only with error feedback: set comm.error_feedback = true "
-             "(comm.codec = sparse always runs it)")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

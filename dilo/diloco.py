@@ -149,6 +149,9 @@ class DiLoCo(OuterState):
         if ef and not error_feedback:
             log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)",
                      self.codec.name)
+        if ef_decay != 1.0 and not ef:  # allowed, so that one set of flags serves several codecs
+            log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
+                        "false with %s, or a lone worker)", ef_decay, self.codec.name)
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
                           nesterov, eager=overlap == "eager", error_feedback=ef, ef_decay=ef_decay)
                  for f in range(fragments)]

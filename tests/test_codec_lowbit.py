@@ -372,7 +372,6 @@ def test_torchrun_with_the_sparse_codec(procs, tmp_path):
     (["--comm.density", "0"], "comm.density must be in"),
     (["--comm.value_bits", "3"], "comm.value_bits must be one of 2, 4, 8"),
     (["--comm.sparse_block", "1"], "comm.sparse_block must be an integer"),
-    (["--comm.ef_decay", "0.9"], "comm.ef_decay = 0.9 applies only with error feedback"),
     (["--comm.codec", "sparse", "--comm.ef_decay", "0"], "comm.ef_decay \\(β\\) must be in \\(0, 1\\]"),
     (["--comm.codec", "sparse", "--comm.backend", "hivemind", "--peers.open", "true"],
      "comm.codec = sparse needs comm.backend = torch"),
@@ -387,3 +386,18 @@ def test_sparse_settings_are_shared_only_with_the_sparse_codec():
     assert "density" not in int8  # other codecs' fingerprints are what they were
     sparse = parse_args([*SMALL, "--comm.codec", "sparse", "--comm.density", "0.05"]).shared_settings()["comm"]
     assert sparse["density"] == 0.05 and sparse["value_bits"] == 2 and sparse["sparse_block"] == 4096
+
+
+def test_ef_decay_without_error_feedback_warns(caplog):
+    parse_args([*SMALL, "--comm.ef_decay", "0.9"])  # accepted: one set of flags may serve several codecs
+    groups = local_groups(2)
+
+    def worker(w):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 4)
+        return DiLoCo(model, torch.optim.AdamW(model.parameters()), inner_steps=2, codec="int8",
+                      group=groups[w], ef_decay=0.9).fragments[0].residual
+
+    with caplog.at_level("WARNING", logger="dilo"):
+        assert run_workers(worker, 2) == [None, None]
+    assert "comm.ef_decay = 0.9 has no effect" in caplog.text
