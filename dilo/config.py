@@ -170,6 +170,10 @@ class CommConfig:
     ef_decay: float = 1.0
     """β of error feedback: send Δ + β·e (SparseLoCo's decayed accumulator, e.g. 0.95 with
     outer.momentum 0); 1 = keep e whole. Applies when error feedback runs (else a warning)."""
+    owner_feedback: bool = False
+    """Two-phase codecs with error feedback (int2, fp4, int8): each chunk's owner adds M × what its
+    re-encode of the mean lost to its own residual, so the exchange's second rounding is sent
+    again too (docs/codecs.md). Not with sparse (nothing is re-encoded) nor with islands."""
     density: float = 0.02
     """comm.codec = sparse: the fraction of each block kept (top-k by magnitude), in (0, 1]."""
     value_bits: int = 2
@@ -268,6 +272,8 @@ def shared_settings_of(config: dict) -> dict:
     # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
     shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, **shared["outer"]}
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
+    if config["comm"].get("owner_feedback"):
+        shared["comm"]["owner_feedback"] = True
     if config["comm"].get("ef_decay", 1.0) != 1.0:
         shared["comm"]["ef_decay"] = config["comm"]["ef_decay"]
     if shared["comm"]["codec"] == "sparse":  # its keys matter only to it (older runs' fingerprints stay)

@@ -27,7 +27,8 @@ runs exactly (same bytes):
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
 * `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)); always
   on with a codec that needs it (sparse, dilo/codec_lowbit.py). `ef_decay` β < 1 sends
-  Δ_m + β·e instead (SparseLoCo's decayed accumulator, docs/codecs.md).
+  Δ_m + β·e instead (SparseLoCo's decayed accumulator, docs/codecs.md). `owner_feedback`:
+  the owner of each chunk also adds M × what its re-encode of the mean lost to its residual.
 * `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
   (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
   rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
@@ -107,6 +108,7 @@ class DiLoCo(OuterState):
         overlap: str = "none",
         error_feedback: bool = False,
         ef_decay: float = 1.0,
+        owner_feedback: bool = False,
         aggregate: str = "auto",
         trim: int = 1,
         clip_ratio: float = 2.0,
@@ -116,9 +118,14 @@ class DiLoCo(OuterState):
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
                             codec_lossless=self.codec.lossless, ef_decay=ef_decay)
+        if owner_feedback and not (error_feedback and self.codec.exchange == "two_phase"):
+            raise ValueError("comm.owner_feedback needs comm.error_feedback = true and a codec of the two-phase "
+                             f"exchange (int8, fp4, int2, ...), not {self.codec.name} (DiLoCo keywords: "
+                             "owner_feedback, error_feedback, codec)")
         self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
+        self.owner_feedback = owner_feedback
         self.group = group if group is not None else default_group()
         open_group = self.group.open_membership
         check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
@@ -160,7 +167,8 @@ class DiLoCo(OuterState):
                          Schedule(inner_steps, fragments, delay, overlapped),
                          RoundsInFlight(self.group, background=delay > 0 or overlapped),
                          {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
-                          "error_feedback": error_feedback, **({"ef_decay": ef_decay} if ef_decay != 1.0 else {})})
+                          "error_feedback": error_feedback, **({"ef_decay": ef_decay} if ef_decay != 1.0 else {}),
+                          **({"owner_feedback": True} if owner_feedback else {})})
         self.after_outer_step = None
         """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
         member after each outer step while the live model still holds its own trained values
@@ -298,6 +306,8 @@ class DiLoCo(OuterState):
             with self._state_lock:
                 frag.apply_outer_step(result.average)
                 self.outer_step += 1
+            if self.owner_feedback and frag.residual is not None and result.owner_error is not None:
+                frag.feed_back_owner_error(*result.owner_error, result.num_peers)
             if before is not None:
                 hook_bytes = self.after_outer_step(before, frag.theta.detach())
         if mean_buffers is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dilo import codec_kernels
 from dilo.codecs import Codec
 from dilo.global_layout import flatten_fp32, read_pieces, write_flat
 
@@ -156,6 +157,13 @@ class Fragment:
         sent = pseudo_grad + (self.residual if self.ef_decay == 1.0 else self.residual * self.ef_decay)
         self.residual = sent - codec_roundtrip(codec, sent)
         return sent
+
+    @torch.no_grad()
+    def feed_back_owner_error(self, offset: int, error: torch.Tensor, members: int) -> None:
+        """Owner feedback: e[chunk] += M · (mean − decode(encode(mean))), so that the next round's
+        mean, which holds this worker's share / M, carries again what the owner's re-encode lost."""
+        if codec_kernels.all_finite(error):
+            self.residual[offset:offset + error.numel()] += error * members
 
     # -- outer steps ---------------------------------------------------------------------
     @staticmethod

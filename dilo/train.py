@@ -323,6 +323,7 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
                         fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                         alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
                         error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
+                        owner_feedback=cfg.comm.owner_feedback,
                         aggregate=cfg.outer.aggregate,
                         trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio)
         attach_aggregation(built, cfg, diloco)

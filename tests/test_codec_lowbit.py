@@ -286,26 +286,29 @@ def test_gather_drops_a_no_contribution_marker():
 
 
 # -- DiLoCo with the sparse codec: error feedback always on, against a reference --------------
+def _make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _step(model, opt, w, s):
+    g = torch.Generator().manual_seed(1000 * w + s)
+    nn.functional.mse_loss(model(torch.randn(8, 8, generator=g)), torch.randn(8, 4, generator=g)).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 @pytest.mark.parametrize("beta,momentum", [(1.0, 0.9), (0.9, 0.0)])
 def test_diloco_sparse_matches_a_reference_with_error_feedback(beta, momentum):
     """Workers keep e ← (Δ + βe) − decode(encode(Δ + βe)) even with error_feedback=False; θ follows
     SGD (Nesterov, or none: SparseLoCo) on the plain mean of the decoded contributions, bit for
     bit on every worker."""
     H, rounds, workers, b, density, vb = 3, 4, 3, 64, 0.1, 2
-
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-
-    def step(model, opt, w, s):
-        g = torch.Generator().manual_seed(1000 * w + s)
-        nn.functional.mse_loss(model(torch.randn(8, 8, generator=g)), torch.randn(8, 4, generator=g)).backward()
-        opt.step()
-        opt.zero_grad()
-
-    def flat(model):
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
+    make, step, flat = _make, _step, _flat
     # reference: no dilo
     theta = make()
     outer = torch.optim.SGD(theta.parameters(), lr=0.7, momentum=momentum, nesterov=momentum > 0)
@@ -333,8 +336,10 @@ def test_diloco_sparse_matches_a_reference_with_error_feedback(beta, momentum):
     groups = local_groups(workers)
     codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
 
+    built = [make() for _ in range(workers)]  # here: torch.manual_seed is global, threads would race
+
     def worker(w):
-        model = make()
+        model = built[w]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], error_feedback=False,
                    ef_decay=beta, outer_momentum=momentum, nesterov=momentum > 0)
@@ -401,3 +406,76 @@ def test_ef_decay_without_error_feedback_warns(caplog):
     with caplog.at_level("WARNING", logger="dilo"):
         assert run_workers(worker, 2) == [None, None]
     assert "comm.ef_decay = 0.9 has no effect" in caplog.text
+
+
+def test_owner_feedback_sends_the_owners_rounding_again():
+    """int2, two-phase, error feedback and owner feedback against a reference of the exchange:
+    owner j averages chunk j of the decoded contributions, re-encodes it once, and adds
+    M · (mean_j − decode(encode(mean_j))) to its own residual."""
+    H, rounds, workers, b = 3, 4, 3, 16
+    codec = get_codec("int2", b)
+    theta = _make()
+    numel = _flat(theta).numel()
+    chunk = math.ceil(math.ceil(numel / workers) / b) * b
+    outer = torch.optim.SGD(theta.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    models = [_make() for _ in range(workers)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    residual = [torch.zeros(numel) for _ in range(workers)]
+    history = []
+    for r in range(rounds):
+        sent = []
+        for w in range(workers):
+            models[w].load_state_dict(theta.state_dict())
+            for s in range(H):
+                _step(models[w], opts[w], w, r * H + s)
+            x = (_flat(theta) - _flat(models[w])) + residual[w]
+            residual[w] = x - codec.decode(codec.encode(x), numel)
+            sent.append(torch.cat([x, torch.zeros(chunk * workers - numel)]))
+        average = torch.zeros(chunk * workers)
+        for j in range(workers):
+            total = torch.zeros(chunk)
+            for w in range(workers):
+                total += codec.decode(codec.encode(sent[w][j * chunk:(j + 1) * chunk]), chunk)
+            mean = total / workers
+            got = codec.decode(codec.encode(mean), chunk)
+            average[j * chunk:(j + 1) * chunk] = got
+            lo, hi = j * chunk, min((j + 1) * chunk, numel)
+            if lo < numel:
+                residual[j][lo:hi] += (mean - got)[:hi - lo] * workers
+        offset = 0
+        for p in theta.parameters():
+            p.grad = average[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        outer.step()
+        history.append(_flat(theta).clone())
+
+    groups = local_groups(workers)
+
+    built = [_make() for _ in range(workers)]  # here: torch.manual_seed is global, threads would race
+
+    def worker(w):
+        model = built[w]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], error_feedback=True,
+                   owner_feedback=True)
+        seen = []
+        for s in range(H * rounds):
+            _step(model, opt, w, s)
+            if d.step() is not None:
+                seen.append(d.global_params.clone())
+        return seen, d.fragments[0].residual
+
+    for w, (seen, res) in enumerate(run_workers(worker, workers)):
+        for got, want in zip(seen, history):
+            assert torch.equal(got, want)
+        assert torch.equal(res, residual[w])
+
+
+def test_owner_feedback_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="comm.owner_feedback needs comm.error_feedback"):
+        parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "int2"])
+    with pytest.raises(ValueError, match="comm.owner_feedback needs"):
+        parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "sparse"])
+    with pytest.raises(ValueError, match="islands"):
+        parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "int2",
+                    "--comm.error_feedback", "true", "--run.worker_size", "2"])
