@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -479,3 +480,17 @@ def test_owner_feedback_is_refused_where_it_cannot_work():
     with pytest.raises(ValueError, match="islands"):
         parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "int2",
                     "--comm.error_feedback", "true", "--run.worker_size", "2"])
+
+
+def test_bench_sparse_bytes_counts_what_dilo_sends(tmp_path):
+    from tools import bench_sparse_bytes
+
+    out = tmp_path / "bytes.json"
+    assert bench_sparse_bytes.main(["--quick", "--out", str(out), "--png", ""]) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    sparse = get_codec("sparse")
+    for row in rows:
+        m, n = row["members"], row["numel"]
+        assert row["sparse gather"] == (m - 1) * sparse.encoded_nbytes(n)
+        assert row["fp4 over"]["sparse gather"] == row["fp4"] / row["sparse gather"]
+    assert rows[1]["members"] == 4 and rows[1]["fp4 over"]["sparse gather"] > 8  # the goal at M = 4

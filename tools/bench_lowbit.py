@@ -1,7 +1,7 @@
 """The low-bit codecs (int2, sparse) against int8 and fp4 at equal steps, one bench_quality run each.
 
     python tools/bench_lowbit.py --out docs/results/lowbit_quality.json --png docs/img/lowbit_quality.png
-    python tools/bench_lowbit.py --variants int8,sparse --steps 60 --out runs/bench/lowbit.json
+    python tools/bench_lowbit.py --quick --out runs/bench/lowbit.json
 
 Every variant is one `tools/bench_quality.py` invocation (its --quick model: 64 wide, 2
 layers, sequence 64, batch 8; M workers, seed(s), H) with the variant's dilo arguments, so
@@ -28,19 +28,24 @@ from tools.report import ToolError, document, png_path, require_matplotlib, run_
 
 REPO = Path(__file__).resolve().parents[1]
 M0 = ["--outer.momentum", "0", "--outer.nesterov", "false"]
+SPARSE = ["--codecs", "sparse", "--comm.value_bits", "2"]
 VARIANTS = {
     "int8": ["--codecs", "int8"],
     "int8 mom0 lr1": ["--codecs", "int8", *M0, "--outer.lr", "1.0"],
     "fp4 ef": ["--codecs", "fp4", "--comm.error_feedback", "true"],
-    "int2": ["--codecs", "int2"],
+    "int2 mom0 lr1": ["--codecs", "int2", *M0, "--outer.lr", "1.0"],
     "int2 ef": ["--codecs", "int2", "--comm.error_feedback", "true"],
     "int2 ef mom0 lr1": ["--codecs", "int2", "--comm.error_feedback", "true", *M0, "--outer.lr", "1.0"],
-    "sparse 0.02": ["--codecs", "sparse", "--comm.density", "0.02", "--comm.value_bits", "2"],
-    "sparse 0.02 mom0 lr1": ["--codecs", "sparse", "--comm.density", "0.02", *M0, "--outer.lr", "1.0"],
-    "sparse 0.02 mom0 lr1 b0.95": ["--codecs", "sparse", "--comm.density", "0.02", *M0, "--outer.lr", "1.0",
+    "int2 ef owner mom0 lr1": ["--codecs", "int2", "--comm.error_feedback", "true", "--comm.owner_feedback", "true",
+                               *M0, "--outer.lr", "1.0"],
+    "sparse 0.02": [*SPARSE, "--comm.density", "0.02"],
+    "sparse 0.02 mom0 lr2": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "2.0"],
+    "sparse 0.02 mom0 lr2 b0.95": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "2.0",
                                    "--comm.ef_decay", "0.95"],
-    "sparse 0.05": ["--codecs", "sparse", "--comm.density", "0.05", "--comm.value_bits", "2"],
-    "sparse 0.05 mom0 lr1": ["--codecs", "sparse", "--comm.density", "0.05", *M0, "--outer.lr", "1.0"],
+    "sparse 0.05 mom0 lr2 b0.95": [*SPARSE, "--comm.density", "0.05", *M0, "--outer.lr", "2.0",
+                                   "--comm.ef_decay", "0.95"],
+    "sparse 0.01 mom0 lr2 b0.95": [*SPARSE, "--comm.density", "0.01", *M0, "--outer.lr", "2.0",
+                                   "--comm.ef_decay", "0.95"],
 }
 
 
@@ -86,12 +91,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--H", type=int, default=20, help="outer.inner_steps")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seeds", default="0", help="comma list of run.seed values")
+    p.add_argument("--quick", action="store_true", help="int8, int2 ef, sparse 0.02 mom0 lr2 b0.95; 60 steps, H 10")
     p.add_argument("--runs-dir", help="where the runs are kept (default runs/bench_lowbit-<time>)")
     p.add_argument("--reuse", action="store_true", help="use finished variants found in --runs-dir")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per variant")
     p.add_argument("--out", default="runs/bench/lowbit.json")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.variants, args.steps, args.H = "int8,int2 ef,sparse 0.02 mom0 lr2 b0.95", 60, 10
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:

@@ -131,9 +131,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sparse-block", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=256, help="int8/fp4/int2 block size")
     p.add_argument("--shared", type=float, default=0.5, help="weight of the component all members share")
+    p.add_argument("--quick", action="store_true", help="2^16 values, M = 2, 4")
     p.add_argument("--out", default="runs/bench/sparse_bytes.json")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.numel, args.members = 1 << 16, "2,4"
     args.members = [int(m) for m in args.members.split(",")]
     if any(m < 2 for m in args.members) or args.numel < 1 or not 0 <= args.shared <= 1:
         raise ToolError("--members must be >= 2, --numel >= 1, --shared in [0, 1]")
