@@ -122,13 +122,13 @@ class Sparse(Codec):
 
     name: ClassVar[str] = "sparse"
     needs_error_feedback: ClassVar[bool] = True
-    exchange: ClassVar[str] = "gather"
     block_size: int = 4096
     density: float = 0.02
     value_bits: int = 2
+    exchange: str = "gather"  # type: ignore[misc]  (a setting here: comm.sparse_exchange)
 
     def __post_init__(self) -> None:
-        check_sparse_options(self.density, self.value_bits, self.block_size)
+        check_sparse_options(self.density, self.value_bits, self.block_size, self.exchange)
 
     # -- sizes ---------------------------------------------------------------------------
     @property

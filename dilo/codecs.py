@@ -270,12 +270,12 @@ assert tuple(_CODECS) == CODEC_NAMES
 
 
 def get_codec(name: str, block_size: int = 256, *, density: float = 0.02, value_bits: int = 2,
-              sparse_block: int = 4096) -> Codec:
+              sparse_block: int = 4096, sparse_exchange: str = "gather") -> Codec:
     """The codec called ``name``; ``block_size`` applies to int8, fp4 and int2, the keywords
-    to sparse (``comm.density``, ``comm.value_bits``, ``comm.sparse_block``)."""
+    to sparse (``comm.density``, ``comm.value_bits``, ``comm.sparse_block``, ``comm.sparse_exchange``)."""
     if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
     cls = _CODECS[name]
     if cls is Sparse:
-        return Sparse(block_size=sparse_block, density=density, value_bits=value_bits)
+        return Sparse(block_size=sparse_block, density=density, value_bits=value_bits, exchange=sparse_exchange)
     return cls(block_size=block_size) if issubclass(cls, _BlockCodec) else cls()

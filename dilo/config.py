@@ -180,6 +180,10 @@ class CommConfig:
     """comm.codec = sparse: bits per kept value (sign + magnitude code): 2, 4 or 8."""
     sparse_block: int = 4096
     """comm.codec = sparse: elements per top-k block (2 .. 65536; offsets take its bit length)."""
+    sparse_exchange: str = "gather"
+    """comm.codec = sparse: `gather` (every worker decodes every worker's bytes: exact, bytes grow
+    with the workers) or `two_phase` (owners re-sparsify their chunk's mean: bytes flat in the
+    workers; pair it with comm.owner_feedback). docs/codecs.md."""
     timeout: float = 600.0
     """Seconds a collective may take before the worker gives up."""
 
@@ -278,6 +282,8 @@ def shared_settings_of(config: dict) -> dict:
         shared["comm"]["ef_decay"] = config["comm"]["ef_decay"]
     if shared["comm"]["codec"] == "sparse":  # its keys matter only to it (older runs' fingerprints stay)
         shared["comm"].update({k: config["comm"].get(k) for k in ("density", "value_bits", "sparse_block")})
+        if config["comm"].get("sparse_exchange", "gather") != "gather":
+            shared["comm"]["sparse_exchange"] = config["comm"]["sparse_exchange"]
     shared["mode"] = config["run"]["mode"]
     return shared
 

@@ -118,7 +118,8 @@ class DiLoCo(OuterState):
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
                             codec_lossless=self.codec.lossless, ef_decay=ef_decay)
-        if owner_feedback and not (error_feedback and self.codec.exchange == "two_phase"):
+        if owner_feedback and not ((error_feedback or self.codec.needs_error_feedback)
+                                   and self.codec.exchange == "two_phase"):
             raise ValueError("comm.owner_feedback needs comm.error_feedback = true and a codec of the two-phase "
                              f"exchange (int8, fp4, int2, ...), not {self.codec.name} (DiLoCo keywords: "
                              "owner_feedback, error_feedback, codec)")

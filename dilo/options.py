@@ -18,6 +18,9 @@ LOSSLESS_CODECS = ("fp32",)
 VALUE_BITS = (2, 4, 8)
 """`comm.value_bits`: bits per kept value of the sparse codec (a sign bit and a magnitude code)."""
 MAX_SPARSE_BLOCK = 1 << 16
+SPARSE_EXCHANGES = ("gather", "two_phase")
+"""`comm.sparse_exchange`: all-gather of the sparse contributions, or the two-phase exchange whose
+owners re-sparsify their chunk's mean (docs/codecs.md)."""
 AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 """`outer.aggregate` / `aggregate=`: the chunk owner's rule (dilo/aggregate.py, docs/robust.md);
 "auto" picks `default_aggregate(open_membership)`."""
@@ -89,7 +92,7 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
         _refuse(f"comm.ef_decay (β) must be in (0, 1], got {ef_decay!r}", "ef_decay")
 
 
-def check_sparse_options(density: float, value_bits: int, sparse_block: int) -> None:
+def check_sparse_options(density: float, value_bits: int, sparse_block: int, exchange: str = "gather") -> None:
     """Raise ValueError for sparse-codec settings it cannot run (dilo/codec_lowbit.py)."""
     if not (isinstance(sparse_block, int) and 2 <= sparse_block <= MAX_SPARSE_BLOCK):
         raise ValueError(f"comm.sparse_block must be an integer in [2, {MAX_SPARSE_BLOCK}] (elements per "
@@ -100,6 +103,8 @@ def check_sparse_options(density: float, value_bits: int, sparse_block: int) -> 
     if value_bits not in VALUE_BITS:
         raise ValueError(f"comm.value_bits must be one of {', '.join(map(str, VALUE_BITS))} (bits per kept "
                          f"value: a sign and a magnitude code), got {value_bits!r}")
+    if exchange not in SPARSE_EXCHANGES:
+        raise ValueError(f"comm.sparse_exchange must be one of {', '.join(SPARSE_EXCHANGES)}, got {exchange!r}")
 
 
 def _refuse(message: str, *keywords: str) -> None:

@@ -473,7 +473,7 @@ def test_owner_feedback_sends_the_owners_rounding_again():
 
 
 def test_owner_feedback_is_refused_where_it_cannot_work():
-    with pytest.raises(ValueError, match="comm.owner_feedback needs comm.error_feedback"):
+    with pytest.raises(ValueError, match="comm.owner_feedback needs error feedback"):
         parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "int2"])
     with pytest.raises(ValueError, match="comm.owner_feedback needs"):
         parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "sparse"])
@@ -494,3 +494,49 @@ def test_bench_sparse_bytes_counts_what_dilo_sends(tmp_path):
         assert row["sparse gather"] == (m - 1) * sparse.encoded_nbytes(n)
         assert row["fp4 over"]["sparse gather"] == row["fp4"] / row["sparse gather"]
     assert rows[1]["members"] == 4 and rows[1]["fp4 over"]["sparse gather"] > 8  # the issue's goal at M = 4
+
+
+def test_sparse_two_phase_reencodes_each_owners_mean_once():
+    """comm.sparse_exchange = two_phase: chunk j's owner averages the decoded chunk-j pieces and
+    re-sparsifies the mean; every member decodes the same bytes."""
+    b, members, numel = 64, 3, 64 * 10 + 7
+    codec = get_codec("sparse", density=0.1, value_bits=4, sparse_block=b, sparse_exchange="two_phase")
+    xs = [sample(numel, seed=40 + m) for m in range(members)]
+    results = exchange(xs, codec)
+    chunk = math.ceil(math.ceil(numel / members) / b) * b
+    expected = torch.zeros(chunk * members)
+    for j in range(members):
+        total = torch.zeros(chunk)
+        for x in xs:
+            piece = torch.cat([x, torch.zeros(chunk * members - numel)])[j * chunk:(j + 1) * chunk]
+            total += decoded(piece, b, 0.1, 4)
+        expected[j * chunk:(j + 1) * chunk] = decoded(total / members, b, 0.1, 4)
+    for r in results:
+        assert torch.equal(r.average, expected[:numel])
+        assert r.bytes_sent == 2 * (members - 1) * codec.encoded_nbytes(chunk)
+        assert r.owner_error is not None and r.owner_error[1].abs().max() > 0  # the re-sparsify's loss
+    with pytest.raises(ValueError, match="comm.sparse_exchange must be one of gather, two_phase"):
+        get_codec("sparse", sparse_exchange="ring")
+    parse_args([*SMALL, "--comm.codec", "sparse", "--comm.sparse_exchange", "two_phase", "--comm.owner_feedback",
+                "true"])  # sparse runs error feedback anyway
+
+
+def test_diloco_sparse_two_phase_with_owner_feedback_stays_identical():
+    workers, H = 3, 3
+    codec = get_codec("sparse", density=0.1, value_bits=2, sparse_block=64, sparse_exchange="two_phase")
+    groups = local_groups(workers)
+    built = [_make() for _ in range(workers)]
+
+    def worker(w):
+        model = built[w]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], owner_feedback=True)
+        hashes = []
+        for s in range(H * 4):
+            _step(model, opt, w, s)
+            if d.step() is not None:
+                hashes.append(d.global_hash())
+        return hashes
+
+    found = run_workers(worker, workers)
+    assert len(found[0]) == 4 and found[0] == found[1] == found[2]
