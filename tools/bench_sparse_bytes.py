@@ -9,11 +9,11 @@ are what one member sends per sync (received is the same), for:
 
 - `fp4`, `int8`, `int2` (two-phase) and `sparse` (all-gather, dilo/comm/gather.py):
   **measured**, dilo's own exchange over in-process groups (ExchangeResult.bytes_sent);
-- `sparse two-phase, re-sparsified` (design a, not in dilo): phase 1 sends M − 1 chunks'
-  sparse encodings, phase 2 the owner's mean re-sparsified at the same density to M − 1
-  members: 2 (M − 1) S(chunk), from the codec's sizes. Its owner's second top-k loses
-  what the members' error feedback counted as sent (it would need owner-side feedback);
-- `sparse two-phase, exact union` (design a'): phase 2 carries every offset any member
+- `sparse two-phase, re-sparsified` (design a, `comm.sparse_exchange two_phase`): phase 1
+  sends M − 1 chunks' sparse encodings, phase 2 the owner's mean re-sparsified at the same
+  density to M − 1 members: 2 (M − 1) S(chunk), **measured** as well. Its owner's second
+  top-k loses what the members' error feedback counted as sent (`comm.owner_feedback`);
+- `sparse two-phase, exact union` (design a', not in dilo): phase 2 carries every offset any member
   kept in the owner's chunk, with 8-bit values, in the sparse format at the union's
   count (counted from the members' actual selections).
 
@@ -94,7 +94,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for name in DENSE:
             row[name] = measured(get_codec(name, args.block_size), xs)
         row["sparse gather"] = measured(sparse, xs)
-        row["sparse two-phase, re-sparsified"] = 2 * (m - 1) * sparse.encoded_nbytes(chunk)
+        two_phase = get_codec("sparse", density=args.density, value_bits=args.value_bits,
+                              sparse_block=args.sparse_block, sparse_exchange="two_phase")
+        row["sparse two-phase, re-sparsified"] = measured(two_phase, xs)
+        if row["sparse two-phase, re-sparsified"] != 2 * (m - 1) * sparse.encoded_nbytes(chunk):
+            raise ToolError("the two-phase sparse exchange sent other than 2 (M - 1) S(chunk)")
         row["sparse two-phase, exact union"] = union_bytes(sparse, xs, chunk, m)
         row["fp4 over"] = {k: row["fp4"] / v for k, v in row.items()
                            if k not in ("members", "numel", "fp4") and isinstance(v, int) and v}
