@@ -79,6 +79,28 @@ def default_group() -> Group:
     return SoloGroup()
 
 
+def error_feedback_runs(codec: Codec, group: Group, error_feedback: bool, ef_decay: float,
+                        owner_feedback: bool) -> bool:
+    """Whether the workers keep error-feedback residuals; refuses codec/exchange combinations that
+    cannot run. Error feedback corrects what the codec loses on the wire (a lone worker sends
+    nothing); a codec that drops most of Δ (sparse) always runs with it (docs/codecs.md)."""
+    if codec.exchange == "gather" and group.open_membership:
+        raise ValueError(f"comm.codec = {codec.name} is exchanged by all-gather (dilo/comm/gather.py), which a "
+                         "group of open membership (the hivemind swarm) does not run yet; use a fixed group "
+                         "(comm.backend = torch), comm.sparse_exchange = two_phase or a dense codec (codec)")
+    if owner_feedback and not ((error_feedback or codec.needs_error_feedback) and codec.exchange == "two_phase"):
+        raise ValueError("comm.owner_feedback needs error feedback and a codec of the two-phase exchange (int8, "
+                         f"fp4, int2, sparse with two_phase), not {codec.name} with its {codec.exchange} exchange "
+                         "(DiLoCo keywords: owner_feedback, error_feedback, codec)")
+    ef = (error_feedback or codec.needs_error_feedback) and group.size > 1
+    if ef and not error_feedback:
+        log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)", codec.name)
+    if ef_decay != 1.0 and not ef:  # allowed, so that one set of flags serves several codecs
+        log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
+                    "false with %s, or a lone worker)", ef_decay, codec.name)
+    return ef
+
+
 class DiLoCo(OuterState):
     """Wraps a model and its inner optimizer; call `step()` after every inner step.
 
@@ -118,11 +140,6 @@ class DiLoCo(OuterState):
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
                             codec_lossless=self.codec.lossless, ef_decay=ef_decay)
-        if owner_feedback and not ((error_feedback or self.codec.needs_error_feedback)
-                                   and self.codec.exchange == "two_phase"):
-            raise ValueError("comm.owner_feedback needs comm.error_feedback = true and a codec of the two-phase "
-                             f"exchange (int8, fp4, int2, ...), not {self.codec.name} (DiLoCo keywords: "
-                             "owner_feedback, error_feedback, codec)")
         self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
@@ -147,19 +164,7 @@ class DiLoCo(OuterState):
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
         write_flat(params, flat)
         owner = assign_fragments(model, params, fragments)
-        if self.codec.exchange == "gather" and open_group:
-            raise ValueError(f"comm.codec = {self.codec.name} is exchanged by all-gather (dilo/comm/gather.py), "
-                             "which a group of open membership (the hivemind swarm) does not run yet; use a "
-                             "fixed group (comm.backend = torch) or a dense codec (codec)")
-        # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
-        # A codec that drops most of Δ (sparse) always runs with it (docs/codecs.md).
-        ef = (error_feedback or self.codec.needs_error_feedback) and self.group.size > 1
-        if ef and not error_feedback:
-            log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)",
-                     self.codec.name)
-        if ef_decay != 1.0 and not ef:  # allowed, so that one set of flags serves several codecs
-            log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
-                        "false with %s, or a lone worker)", ef_decay, self.codec.name)
+        ef = error_feedback_runs(self.codec, self.group, error_feedback, ef_decay, owner_feedback)
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
                           nesterov, eager=overlap == "eager", error_feedback=ef, ef_decay=ef_decay)
                  for f in range(fragments)]
