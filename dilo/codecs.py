@@ -15,6 +15,7 @@ little-endian on every platform torch supports):
   holds elements ``[i*b, (i+1)*b)``; the last block may be short (padding is never
   sent). ``s = absmax / 127``, ``q = clamp(round_half_even(x / s), -127, 127)``,
   decoded as ``q * s``. An all-zero block has ``s = 0`` and decodes to zeros.
+- ``int2`` and ``sparse``: dilo/codec_lowbit.py.
 - ``fp4`` (E3M0): ``ceil(n/2)`` bytes of nibbles, then ``ceil(n/b)`` fp32 scales
   ``s = absmax`` of each block. Element ``2j`` is the low nibble of byte ``j``,
   element ``2j+1`` the high nibble (zero if ``n`` is odd). Nibble = ``sign << 3 | c``;
@@ -44,6 +45,8 @@ from typing import ClassVar
 import torch
 
 from dilo import codec_kernels
+from dilo.codec_base import Codec, _as, _BlockCodec, _blocks, _check_input, _check_out
+from dilo.codec_lowbit import Int2, Sparse
 from dilo.options import CODEC_NAMES
 
 __all__ = ["CODEC_NAMES", "Codec", "get_codec"]
@@ -59,88 +62,7 @@ _FP4_VALUES = torch.tensor(
 _FP4_MIDPOINTS = torch.tensor(
     [2.0**-7] + [1.5 * 2.0 ** (c - 8) for c in range(2, 8)], dtype=torch.float64
 )
-_CHUNK_NUMEL = 1 << 20
 _CAST_CHUNK_NUMEL = 1 << 18  # 1 MiB of fp32 scratch: stays in cache, few python calls
-
-
-def _check_input(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
-        raise ValueError(
-            f"codecs take a 1-D fp32 CPU tensor, got dtype={x.dtype} "
-            f"shape={tuple(x.shape)} device={x.device}"
-        )
-    return x.contiguous()
-
-
-def _as(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Reinterpret a uint8 slice as ``dtype`` (copying if it is not aligned for a view)."""
-    try:
-        return buf.view(dtype)
-    except RuntimeError:
-        return buf.clone().view(dtype)
-
-
-def _check_out(out: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """``out`` if it is a 1-D contiguous CPU tensor of ``numel`` x ``dtype``, else a new one."""
-    if out is None:
-        return torch.empty(numel, dtype=dtype)
-    shape_ok = out.dim() == 1 and out.numel() == numel and out.is_contiguous()
-    if out.dtype != dtype or not shape_ok or out.device.type != "cpu":
-        raise ValueError(
-            f"out= must be a contiguous 1-D {dtype} CPU tensor of {numel} elements, got "
-            f"dtype={out.dtype} shape={tuple(out.shape)} device={out.device}"
-        )
-    return out
-
-
-def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``x`` as ``(num_blocks, block_size)``, zero-padded at the end (padding is local only)."""
-    pad = -x.numel() % block_size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.view(-1, block_size)
-
-
-@dataclass(frozen=True)
-class Codec:
-    """One wire format. Subclasses are immutable and stateless."""
-
-    name: ClassVar[str]
-    lossless: ClassVar[bool] = False
-    block_size: int = 1  # elements per scale block
-
-    def encoded_nbytes(self, numel: int) -> int:
-        """Exact size of ``encode`` output for ``numel`` elements."""
-        raise NotImplementedError
-
-    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """1-D fp32 CPU tensor -> 1-D uint8 tensor of ``encoded_nbytes(x.numel())``.
-
-        Written into ``out`` (contiguous uint8 of that size) when given, else a new tensor.
-        """
-        raise NotImplementedError
-
-    def decode(
-        self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``encode`` output -> 1-D fp32 tensor of ``numel`` (ValueError on a wrong size).
-
-        Written into ``out`` (contiguous fp32 of ``numel``) when given, else a new tensor.
-        """
-        raise NotImplementedError
-
-    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Per element, an upper bound on ``|decode(encode(x)) - x|`` (finite ``x``)."""
-        raise NotImplementedError
-
-    def _check_buf(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
-        expected = self.encoded_nbytes(numel)
-        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != expected:
-            raise ValueError(
-                f"{self.name} buffer for {numel} elements must be 1-D uint8 of {expected} "
-                f"bytes, got dtype={buf.dtype} shape={tuple(buf.shape)}"
-            )
-        return buf.contiguous()
 
 
 @dataclass(frozen=True)
@@ -200,50 +122,6 @@ class _Bf16(_CastCodec):
 class _Fp16(_CastCodec):
     name, dtype, max_finite = "fp16", torch.float16, torch.finfo(torch.float16).max  # 65504
     half_ulp, half_subnormal = 2.0**-11, 2.0**-25
-
-
-@dataclass(frozen=True)
-class _BlockCodec(Codec):
-    """Shared layout of the blockwise codecs: payload bytes, then fp32 scales.
-
-    Work is done in chunks of whole blocks (about 1M elements) with scratch buffers
-    reused across chunks; only the last, possibly short, block is padded (locally).
-    """
-
-    block_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"{self.name} block_size must be >= 1, got {self.block_size}")
-
-    def _num_blocks(self, numel: int) -> int:
-        return -(-numel // self.block_size)
-
-    def _payload_nbytes(self, numel: int) -> int:
-        raise NotImplementedError
-
-    def encoded_nbytes(self, numel: int) -> int:
-        return self._payload_nbytes(numel) + 4 * self._num_blocks(numel)
-
-    def _chunks(self, numel: int):
-        """Yield (element slice, block slice) covering ``numel`` in whole blocks."""
-        step = self._chunk_rows() * self.block_size
-        for start in range(0, numel, step):
-            stop = min(start + step, numel)
-            b0 = start // self.block_size
-            yield slice(start, stop), slice(b0, b0 + self._num_blocks(stop - start))
-
-    def _chunk_rows(self) -> int:
-        return max(1, _CHUNK_NUMEL // self.block_size)
-
-    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
-        """A (chunk rows, block_size) buffer, reused across chunks (no page faults)."""
-        return torch.empty(self._chunk_rows(), self.block_size, dtype=dtype)
-
-    def _split(self, buf: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = self._check_buf(buf, numel)
-        k = self._payload_nbytes(numel)
-        return buf[:k], _as(buf[k:], torch.float32)
 
 
 class _Int8(_BlockCodec):
@@ -387,13 +265,17 @@ class _Fp4(_BlockCodec):
         return out
 
 
-_CODECS: dict[str, type[Codec]] = {c.name: c for c in (_Fp32, _Bf16, _Fp16, _Int8, _Fp4)}
+_CODECS: dict[str, type[Codec]] = {c.name: c for c in (_Fp32, _Bf16, _Fp16, _Int8, _Fp4, Int2, Sparse)}
 assert tuple(_CODECS) == CODEC_NAMES
 
 
-def get_codec(name: str, block_size: int = 256) -> Codec:
-    """The codec called ``name``; ``block_size`` applies to int8 and fp4 only."""
+def get_codec(name: str, block_size: int = 256, *, density: float = 0.02, value_bits: int = 2,
+              sparse_block: int = 4096, sparse_exchange: str = "gather") -> Codec:
+    """The codec called ``name``; ``block_size`` applies to int8, fp4 and int2, the keywords
+    to sparse (``comm.density``, ``comm.value_bits``, ``comm.sparse_block``, ``comm.sparse_exchange``)."""
     if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
     cls = _CODECS[name]
+    if cls is Sparse:
+        return Sparse(block_size=sparse_block, density=density, value_bits=value_bits, exchange=sparse_exchange)
     return cls(block_size=block_size) if issubclass(cls, _BlockCodec) else cls()

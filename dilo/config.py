@@ -162,12 +162,30 @@ class CommConfig:
     backend: str = "torch"
     """`torch` (torch.distributed under torchrun) or `hivemind` (swarm)."""
     codec: str = "int8"
-    """Pseudo-gradient wire format: fp32, bf16, fp16, int8, fp4."""
+    """Pseudo-gradient wire format: fp32, bf16, fp16, int8, fp4, int2 (2-bit dense) or sparse
+    (top-k per block with low-bit values, always with error feedback; docs/codecs.md)."""
     block_size: int = 256
-    """Elements per scale block for int8/fp4."""
+    """Elements per scale block for int8/fp4/int2."""
     error_feedback: bool = False
     """Keep what the lossy codec dropped from this worker's Δ and add it to the next one
-    (e ← (Δ + e) − decode(encode(Δ + e))). Needs a lossy comm.codec."""
+    (e ← (Δ + e) − decode(encode(Δ + e))). Needs a lossy comm.codec; always on with sparse."""
+    ef_decay: float = 1.0
+    """β of error feedback: send Δ + β·e (SparseLoCo's decayed accumulator, e.g. 0.95 with
+    outer.momentum 0); 1 = keep e whole. Applies when error feedback runs (else a warning)."""
+    owner_feedback: bool = False
+    """Two-phase codecs with error feedback (int2, fp4, int8): each chunk's owner adds M × what its
+    re-encode of the mean lost to its own residual, so the exchange's second rounding is sent
+    again too (docs/codecs.md). Not with sparse (nothing is re-encoded) nor with islands."""
+    density: float = 0.02
+    """comm.codec = sparse: the fraction of each block kept (top-k by magnitude), in (0, 1]."""
+    value_bits: int = 2
+    """comm.codec = sparse: bits per kept value (sign + magnitude code): 2, 4 or 8."""
+    sparse_block: int = 4096
+    """comm.codec = sparse: elements per top-k block (2 .. 65536; offsets take its bit length)."""
+    sparse_exchange: str = "gather"
+    """comm.codec = sparse: `gather` (every worker decodes every worker's bytes: exact, bytes grow
+    with the workers) or `two_phase` (owners re-sparsify their chunk's mean: bytes flat in the
+    workers; pair it with comm.owner_feedback). docs/codecs.md."""
     timeout: float = 600.0
     """Seconds a collective may take before the worker gives up."""
 
@@ -260,6 +278,14 @@ def shared_settings_of(config: dict) -> dict:
     # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
     shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, **shared["outer"]}
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
+    if config["comm"].get("owner_feedback"):
+        shared["comm"]["owner_feedback"] = True
+    if config["comm"].get("ef_decay", 1.0) != 1.0:
+        shared["comm"]["ef_decay"] = config["comm"]["ef_decay"]
+    if shared["comm"]["codec"] == "sparse":  # its keys matter only to it (older runs' fingerprints stay)
+        shared["comm"].update({k: config["comm"].get(k) for k in ("density", "value_bits", "sparse_block")})
+        if config["comm"].get("sparse_exchange", "gather") != "gather":
+            shared["comm"]["sparse_exchange"] = config["comm"]["sparse_exchange"]
     shared["mode"] = config["run"]["mode"]
     return shared
 

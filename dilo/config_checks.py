@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options
+from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options, check_sparse_options
 
 LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
 """The linear layers of a dilo GPT block that `model.lora_targets` may name."""
@@ -76,6 +76,12 @@ def validate(cfg) -> None:
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
+    check_sparse_options(c.density, c.value_bits, c.sparse_block, c.sparse_exchange)
+    _require(not (c.codec == "sparse" and c.sparse_exchange == "gather" and c.backend == "hivemind"),
+             "comm.codec = sparse needs comm.backend = torch: its exchange is an all-gather of every "
+             "worker's sparse bytes (dilo/comm/gather.py), which the swarm's rounds (per-chunk owners "
+             "and their missing-peer handling) do not run yet; use comm.sparse_exchange = two_phase, or int2 "
+             "or fp4 with error feedback")
     _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
     _validate_peers(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
@@ -174,10 +180,17 @@ def _validate_streaming(cfg) -> None:
     o, c = cfg.outer, cfg.comm
     check_outer_options(inner_steps=o.inner_steps, outer_lr=o.lr, outer_momentum=o.momentum, nesterov=o.nesterov,
                         fragments=o.fragments, delay=o.delay, alpha=o.alpha, overlap=o.overlap,
-                        error_feedback=c.error_feedback, codec=c.codec)
+                        error_feedback=c.error_feedback, codec=c.codec, ef_decay=c.ef_decay)
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
     check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind")
+    _require(not c.owner_feedback or ((c.error_feedback or c.codec == "sparse") and c.codec != "fp32"
+                                      and not (c.codec == "sparse" and c.sparse_exchange == "gather")),
+             "comm.owner_feedback needs error feedback and a lossy two-phase codec (int8, fp4, int2, bf16, "
+             "fp16, or sparse with comm.sparse_exchange = two_phase); the sparse gather re-encodes nothing")
+    _require(not (c.owner_feedback and cfg.run.worker_size > 1),
+             "comm.owner_feedback does not reach islands yet (run.worker_size > 1): their exchanging ranks "
+             "do not hand the owner's error to the worker's processes")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")

@@ -25,7 +25,10 @@ runs exactly (same bytes):
   round k + 1: it has a whole round to complete), `eager` (as delayed for θ; the live
   model restarts from a worker-local copy stepped with the fresh own Δ in place of
   the stale own share: Δ̃ = Δ^(k−1) + (Δ_m^(k) − Δ_m^(k−1)) / M).
-* `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)).
+* `error_feedback`: send Δ_m + e and keep e ← (Δ_m + e) − decode(encode(Δ_m + e)); always
+  on with a codec that needs it (sparse, dilo/codec_lowbit.py). `ef_decay` β < 1 sends
+  Δ_m + β·e instead (SparseLoCo's decayed accumulator, docs/codecs.md). `owner_feedback`:
+  the owner of each chunk also adds M × what its re-encode of the mean lost to its residual.
 * `aggregate` (`trim`, `clip_ratio`): how each chunk's owner combines the workers' Δ_m
   (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
   rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
@@ -76,6 +79,28 @@ def default_group() -> Group:
     return SoloGroup()
 
 
+def error_feedback_runs(codec: Codec, group: Group, error_feedback: bool, ef_decay: float,
+                        owner_feedback: bool) -> bool:
+    """Whether the workers keep error-feedback residuals; refuses codec/exchange combinations that
+    cannot run. Error feedback corrects what the codec loses on the wire (a lone worker sends
+    nothing); a codec that drops most of Δ (sparse) always runs with it (docs/codecs.md)."""
+    if codec.exchange == "gather" and group.open_membership:
+        raise ValueError(f"comm.codec = {codec.name} is exchanged by all-gather (dilo/comm/gather.py), which a "
+                         "group of open membership (the hivemind swarm) does not run yet; use a fixed group "
+                         "(comm.backend = torch), comm.sparse_exchange = two_phase or a dense codec (codec)")
+    if owner_feedback and not ((error_feedback or codec.needs_error_feedback) and codec.exchange == "two_phase"):
+        raise ValueError("comm.owner_feedback needs error feedback and a codec of the two-phase exchange (int8, "
+                         f"fp4, int2, sparse with two_phase), not {codec.name} with its {codec.exchange} exchange "
+                         "(DiLoCo keywords: owner_feedback, error_feedback, codec)")
+    ef = (error_feedback or codec.needs_error_feedback) and group.size > 1
+    if ef and not error_feedback:
+        log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)", codec.name)
+    if ef_decay != 1.0 and not ef:  # allowed, so that one set of flags serves several codecs
+        log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
+                    "false with %s, or a lone worker)", ef_decay, codec.name)
+    return ef
+
+
 class DiLoCo(OuterState):
     """Wraps a model and its inner optimizer; call `step()` after every inner step.
 
@@ -104,6 +129,8 @@ class DiLoCo(OuterState):
         alpha: float = 0.0,
         overlap: str = "none",
         error_feedback: bool = False,
+        ef_decay: float = 1.0,
+        owner_feedback: bool = False,
         aggregate: str = "auto",
         trim: int = 1,
         clip_ratio: float = 2.0,
@@ -112,10 +139,11 @@ class DiLoCo(OuterState):
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
-                            codec_lossless=self.codec.lossless)
+                            codec_lossless=self.codec.lossless, ef_decay=ef_decay)
         self.model, self.inner_steps = model, inner_steps
         self.num_fragments, self.delay, self.alpha, self.overlap = fragments, delay, alpha, overlap
         self.error_feedback = error_feedback
+        self.owner_feedback = owner_feedback
         self.group = group if group is not None else default_group()
         open_group = self.group.open_membership
         check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
@@ -136,17 +164,17 @@ class DiLoCo(OuterState):
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
         write_flat(params, flat)
         owner = assign_fragments(model, params, fragments)
-        # Error feedback corrects what the codec loses on the wire; a lone worker sends nothing.
-        ef = error_feedback and self.group.size > 1
+        ef = error_feedback_runs(self.codec, self.group, error_feedback, ef_decay, owner_feedback)
         frags = [Fragment(f, [p for p, o in zip(params, owner) if o == f], outer_lr, outer_momentum,
-                          nesterov, eager=overlap == "eager", error_feedback=ef)
+                          nesterov, eager=overlap == "eager", error_feedback=ef, ef_decay=ef_decay)
                  for f in range(fragments)]
         overlapped = overlap != "none"
         super().__init__(params, frags, owner, inner_optimizer,
                          Schedule(inner_steps, fragments, delay, overlapped),
                          RoundsInFlight(self.group, background=delay > 0 or overlapped),
                          {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
-                          "error_feedback": error_feedback})
+                          "error_feedback": error_feedback, **({"ef_decay": ef_decay} if ef_decay != 1.0 else {}),
+                          **({"owner_feedback": True} if owner_feedback else {})})
         self.after_outer_step = None
         """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
         member after each outer step while the live model still holds its own trained values
@@ -284,6 +312,8 @@ class DiLoCo(OuterState):
             with self._state_lock:
                 frag.apply_outer_step(result.average)
                 self.outer_step += 1
+            if self.owner_feedback and frag.residual is not None and result.owner_error is not None:
+                frag.feed_back_owner_error(*result.owner_error, result.num_peers)
             if before is not None:
                 hook_bytes = self.after_outer_step(before, frag.theta.detach())
         if mean_buffers is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dilo import codec_kernels
 from dilo.codecs import Codec
 from dilo.global_layout import flatten_fp32, read_pieces, write_flat
 
@@ -96,7 +97,7 @@ class Fragment:
     """One fragment's parameters, outer state and worker-local extras."""
 
     def __init__(self, index: int, params: list[nn.Parameter], outer_lr: float, outer_momentum: float,
-                 nesterov: bool, eager: bool, error_feedback: bool):
+                 nesterov: bool, eager: bool, error_feedback: bool, ef_decay: float = 1.0):
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
@@ -110,6 +111,8 @@ class Fragment:
             self.eager_theta = nn.Parameter(self.theta.detach().clone(), requires_grad=False)
             self.eager_outer = torch.optim.SGD([self.eager_theta], **self._sgd)
         self.residual = torch.zeros(self.numel) if error_feedback else None
+        self.ef_decay = ef_decay
+        """β: what is kept is decayed before it is sent again (1: kept whole)."""
         self.last_merge_step = 0
         """Inner step at which the live parameters were last set from the outer state."""
         self.last_snapshot_step = 0
@@ -148,12 +151,19 @@ class Fragment:
 
     # -- error feedback ------------------------------------------------------------------
     def compensate(self, pseudo_grad: torch.Tensor, codec: Codec) -> torch.Tensor:
-        """What to send: Δ + e, and e ← (Δ + e) − decode(encode(Δ + e))."""
+        """What to send: Δ + β·e, and e ← (Δ + β·e) − decode(encode(Δ + β·e)) (β = 1: Δ + e)."""
         if self.residual is None:
             return pseudo_grad
-        sent = pseudo_grad + self.residual
+        sent = pseudo_grad + (self.residual if self.ef_decay == 1.0 else self.residual * self.ef_decay)
         self.residual = sent - codec_roundtrip(codec, sent)
         return sent
+
+    @torch.no_grad()
+    def feed_back_owner_error(self, offset: int, error: torch.Tensor, members: int) -> None:
+        """Owner feedback: e[chunk] += M · (mean − decode(encode(mean))), so that the next round's
+        mean, which holds this worker's share / M, carries again what the owner's re-encode lost."""
+        if codec_kernels.all_finite(error):
+            self.residual[offset:offset + error.numel()] += error * members
 
     # -- outer steps ---------------------------------------------------------------------
     @staticmethod

@@ -12,9 +12,15 @@ import math
 
 OVERLAPS = ("none", "delayed", "eager")
 """`outer.overlap` / `overlap=`: when an exchange is applied (docs/streaming.md)."""
-CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4")
+CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4", "int2", "sparse")
 """`comm.codec` / `codec=`: the wire formats of dilo/codecs.py."""
 LOSSLESS_CODECS = ("fp32",)
+VALUE_BITS = (2, 4, 8)
+"""`comm.value_bits`: bits per kept value of the sparse codec (a sign bit and a magnitude code)."""
+MAX_SPARSE_BLOCK = 1 << 16
+SPARSE_EXCHANGES = ("gather", "two_phase")
+"""`comm.sparse_exchange`: all-gather of the sparse contributions, or the two-phase exchange whose
+owners re-sparsify their chunk's mean (docs/codecs.md)."""
 AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 """`outer.aggregate` / `aggregate=`: the chunk owner's rule (dilo/aggregate.py, docs/robust.md);
 "auto" picks `default_aggregate(open_membership)`."""
@@ -48,7 +54,7 @@ def check_aggregate(aggregate: str, trim: int, clip_ratio: float, size: int | No
 def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                         nesterov: bool = True, fragments: int = 1, delay: int = 0, alpha: float = 0.0,
                         overlap: str = "none", error_feedback: bool = False, codec: str = "int8",
-                        codec_lossless: bool | None = None) -> None:
+                        codec_lossless: bool | None = None, ef_decay: float = 1.0) -> None:
     """Raise ValueError for outer/comm options DiLoCo cannot run (the keywords are DiLoCo's).
 
     `codec` is a codec's name; `codec_lossless` says whether it is exact (default: looked
@@ -82,6 +88,23 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
         lossy = ", ".join(n for n in CODEC_NAMES if n not in LOSSLESS_CODECS)
         _refuse(f"comm.error_feedback = true needs a lossy comm.codec ({lossy}); {codec} loses nothing",
                 "error_feedback", "codec")
+    if not (isinstance(ef_decay, (int, float)) and 0.0 < ef_decay <= 1.0):
+        _refuse(f"comm.ef_decay (β) must be in (0, 1], got {ef_decay!r}", "ef_decay")
+
+
+def check_sparse_options(density: float, value_bits: int, sparse_block: int, exchange: str = "gather") -> None:
+    """Raise ValueError for sparse-codec settings it cannot run (dilo/codec_lowbit.py)."""
+    if not (isinstance(sparse_block, int) and 2 <= sparse_block <= MAX_SPARSE_BLOCK):
+        raise ValueError(f"comm.sparse_block must be an integer in [2, {MAX_SPARSE_BLOCK}] (elements per "
+                         f"top-k block; offsets are packed in its bit length), got {sparse_block!r}")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"comm.density must be in (0, 1] (the fraction of each block the sparse codec "
+                         f"keeps, e.g. 0.02), got {density!r}")
+    if value_bits not in VALUE_BITS:
+        raise ValueError(f"comm.value_bits must be one of {', '.join(map(str, VALUE_BITS))} (bits per kept "
+                         f"value: a sign and a magnitude code), got {value_bits!r}")
+    if exchange not in SPARSE_EXCHANGES:
+        raise ValueError(f"comm.sparse_exchange must be one of {', '.join(SPARSE_EXCHANGES)}, got {exchange!r}")
 
 
 def _refuse(message: str, *keywords: str) -> None:

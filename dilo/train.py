@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dilo import checkpoint
 from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
+from dilo.codecs import get_codec
 from dilo.comm.protocol import DivergenceError, Group
 from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
@@ -325,11 +326,16 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
     if cfg.run.mode == "diloco":
         diloco = DiLoCo(built.model, optimizer, inner_steps=cfg.outer.inner_steps,
                         outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
-                        nesterov=cfg.outer.nesterov, codec=cfg.comm.codec,
+                        nesterov=cfg.outer.nesterov,
+                        codec=get_codec(cfg.comm.codec, cfg.comm.block_size, density=cfg.comm.density,
+                                        value_bits=cfg.comm.value_bits, sparse_block=cfg.comm.sparse_block,
+                                        sparse_exchange=cfg.comm.sparse_exchange),
                         group=outer_group, block_size=cfg.comm.block_size,
                         fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                         alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
-                        error_feedback=cfg.comm.error_feedback, aggregate=cfg.outer.aggregate,
+                        error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
+                        owner_feedback=cfg.comm.owner_feedback,
+                        aggregate=cfg.outer.aggregate,
                         trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio)
         attach_aggregation(built, cfg, diloco)
         if world.island:  # inner steps: data-parallel over the worker's own ranks only

@@ -138,7 +138,7 @@ class RunReport:
             "loop_seconds": loop_seconds,
             "fragments": cfg.outer.fragments,
             "overlap": cfg.outer.overlap,
-            "error_feedback": cfg.comm.error_feedback,
+            "error_feedback": cfg.comm.error_feedback or (diloco and cfg.comm.codec == "sparse"),  # sparse: always
             "synced_params": self.synced_params,
             "global_hash": s.global_hash(),
             "fingerprint": cfg.fingerprint(),

@@ -24,8 +24,14 @@ def sample(n: int, seed: int = 0) -> torch.Tensor:
 
 def expected_nbytes(name: str, n: int, b: int) -> int:
     blocks = math.ceil(n / b)
-    return {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n,
-            "int8": n + 4 * blocks, "fp4": math.ceil(n / 2) + 4 * blocks}[name]
+    if name == "sparse":  # k = 82 of 4096 kept: a bitmap of k + 128 bits, 5 low + 2 value bits each; 2 fp32
+        blocks, bits = math.ceil(n / 4096), 0
+        for r in [4096] * (n // 4096) + ([n % 4096] if n % 4096 else []):
+            kept = min(82, r)
+            bits += math.ceil((kept + (r - 1) // 32 + 1 + kept * 7) / 8) * 8
+        return bits // 8 + 8 * blocks
+    return {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n, "int8": n + 4 * blocks,
+            "fp4": math.ceil(n / 2) + 4 * blocks, "int2": math.ceil(n / 4) + 4 * blocks}[name]
 
 
 @pytest.mark.parametrize("block_size", [256, 7])
@@ -49,7 +55,7 @@ def test_size_dtype_and_error_bound(name, n, block_size):
 
 def test_only_fp32_is_lossless_and_block_sizes():
     assert [n for n in CODEC_NAMES if get_codec(n).lossless] == ["fp32"]
-    assert [get_codec(n, 64).block_size for n in CODEC_NAMES] == [1, 1, 1, 64, 64]
+    assert [get_codec(n, 64).block_size for n in CODEC_NAMES] == [1, 1, 1, 64, 64, 64, 4096]
 
 
 @pytest.mark.parametrize("name", LOSSY)
@@ -165,7 +171,7 @@ def test_int8_beats_fp4():
     assert 0 < errs["int8"] < errs["fp4"]
 
 
-@pytest.mark.parametrize("name", ["int8", "fp4"])
+@pytest.mark.parametrize("name", ["int8", "fp4", "int2"])
 def test_nonfinite_input_does_not_crash(name):
     codec = get_codec(name, block_size=4)
     x = torch.tensor([1.0, float("inf"), 2.0, 3.0, float("nan"), 1.0, 0.0, 0.0, 1.0, 2.0])
@@ -205,7 +211,7 @@ def test_large_input_spans_chunks():
     # More than one internal chunk, with a short final block.
     n = (1 << 20) + 3 * 256 + 11
     x = sample(n, seed=7)
-    for name in ("int8", "fp4"):
+    for name in ("int8", "fp4", "int2", "sparse"):
         codec = get_codec(name)
         err = (codec.decode(codec.encode(x), n) - x).abs()
         assert torch.all(err <= codec.error_bound(x))

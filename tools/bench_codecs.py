@@ -13,8 +13,9 @@ spread of both the seconds and the ratios over `--repeats` rounds.
 Operations: `encode` (`codec.encode(x, out=buf)`), `decode` (`codec.decode(buf, n,
 out=y)`) for every codec, and `finite` (`codec_kernels.all_finite(x)`). `path` says
 which implementation ran: `numba` (dilo/codec_kernels.py) or `torch` (the code dilo
-runs without numba; int8 and fp4 are measured on both, the cast codecs have only the
-torch one). Both paths' bytes are compared at every size (`same_bytes`).
+runs without numba; int8 and fp4 are measured on both, the cast codecs, int2 and sparse
+(density 0.02, 2-bit values, blocks of 4096: its defaults) have only the torch one). Both
+paths' bytes are compared at every size (`same_bytes`).
 
 `--startup` (on by default when numba is installed) times, in fresh processes, what
 the kernels add to a process start: compiling them with an empty cache (`cold`) and
@@ -139,7 +140,8 @@ def measure_size(n: int, args: argparse.Namespace) -> list[dict]:
     rows = []
     for (codec, op, path), s in samples.items():
         rows.append({"numel": n, "codec": codec, "op": op, "path": path,
-                     "block_size": args.block_size if codec in KERNEL_CODECS else None,
+                     "block_size": None if codec in ("-", "fp32", "bf16", "fp16")
+                     else get_codec(codec, args.block_size).block_size,
                      "seconds": describe(s["s"]), "copy_seconds": describe(s["copy_s"]),
                      "over_copy": describe(s["ratio"]), "same_bytes": agree})
     return rows
@@ -244,7 +246,7 @@ def main(argv: list[str]) -> int:
     doc = document("bench_codecs", settings, {"rows": rows, "startup": startup})
     write_json(args.out, doc)
     for r in rows:
-        print(f"{r['numel']:>9} {r['codec']:5} {r['op']:6} {r['path']:5} "
+        print(f"{r['numel']:>9} {r['codec']:6} {r['op']:6} {r['path']:5} "
               f"{r['seconds']['median'] * 1e3:9.3f} ms  x copy {r['over_copy']['median']:6.2f} "
               f"(min {r['over_copy']['min']:.2f} max {r['over_copy']['max']:.2f})")
     if startup:

@@ -59,22 +59,42 @@ PORT = 29511  # inside private namespaces: no collision with anything else on th
 
 
 # -- theory --------------------------------------------------------------------------------
+def sparse_bytes(numel: int, density: float = 0.02, value_bits: int = 2, block: int = 4096) -> int:
+    """The sparse codec's size: per block of r elements, k' = min(k, r) entries, a bitmap of
+    k' + ((r - 1) >> l) + 1 bits, k' x (l + value_bits) bits, whole bytes; two fp32 (docs/codecs.md)."""
+    k = max(1, min(block, math.floor(density * block + 0.5)))
+    low = (block // k).bit_length() - 1
+    total = 0
+    for r in [block] * (numel // block) + ([numel % block] if numel % block else []):
+        kept = min(k, r)
+        total += -(-(kept + ((r - 1) >> low) + 1 + kept * (low + value_bits)) // 8) + 8
+    return total
+
+
 def encoded_bytes(codec: str, numel: int, block_size: int) -> int:
-    """Bytes of `numel` elements in a codec's wire format (from the format, not the code)."""
+    """Bytes of `numel` elements in a codec's wire format (from the format, not the code);
+    sparse with its defaults (density 0.02, 2-bit values, blocks of 4096)."""
+    if codec == "sparse":
+        return sparse_bytes(numel)
     blocks = -(-numel // block_size)
-    return {"fp32": 4 * numel, "bf16": 2 * numel, "fp16": 2 * numel,
-            "int8": numel + 4 * blocks, "fp4": -(-numel // 2) + 4 * blocks}[codec]
+    return {"fp32": 4 * numel, "bf16": 2 * numel, "fp16": 2 * numel, "int8": numel + 4 * blocks,
+            "fp4": -(-numel // 2) + 4 * blocks, "int2": -(-numel // 4) + 4 * blocks}[codec]
 
 
 def exchange_min_bytes(codec: str, numel: int, members: int, block_size: int) -> int:
     """Two-phase minimum per member: N-1 encoded chunks out in the reduce-scatter, its own
-    averaged chunk to N-1 members in the all-gather; chunks of ⌈P/N⌉ elements."""
+    averaged chunk to N-1 members in the all-gather; chunks of ⌈P/N⌉ elements. sparse is
+    all-gathered whole: its encoding of all P elements to N-1 members."""
+    if codec == "sparse":
+        return (members - 1) * encoded_bytes(codec, numel, block_size)
     return 2 * (members - 1) * encoded_bytes(codec, -(-numel // members), block_size)
 
 
 def exchange_payload_bytes(codec: str, numel: int, members: int, block_size: int) -> int:
     """What dilo sends per member: as the minimum, but chunks are whole codec blocks."""
-    block = block_size if codec in ("int8", "fp4") else 1
+    if codec == "sparse":
+        return exchange_min_bytes(codec, numel, members, block_size)
+    block = block_size if codec in ("int8", "fp4", "int2") else 1
     chunk = max(block, -(-(-(-numel // members)) // block) * block)
     return 2 * (members - 1) * encoded_bytes(codec, chunk, block_size)
 
@@ -240,7 +260,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = require_matplotlib()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     limited = [r for r in rows if r["ideal_seconds"]]
-    markers = {"fp32": "o", "bf16": "s", "fp16": "D", "int8": "^", "fp4": "v"}
+    markers = {"fp32": "o", "bf16": "s", "fp16": "D", "int8": "^", "fp4": "v", "int2": "<", "sparse": "x"}
     rates = sorted({r["rate"] for r in limited}, key=lambda x: netsim.parse_rate(x))
     for color, rate in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], rates):
         for r in (r for r in limited if r["rate"] == rate):
@@ -312,7 +332,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backends", default="torch", help=f"comma list of {', '.join(BACKENDS)}")
     p.add_argument("--rates", help="comma list: loopback and/or rates like 1gbit,100mbit,20mbit")
     p.add_argument("--repeats", type=int, help="timed exchanges per codec (default 5)")
-    p.add_argument("--block-size", type=int, default=256, help="int8/fp4 block size")
+    p.add_argument("--block-size", type=int, default=256, help="int8/fp4/int2 block size")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per link setting")
     p.add_argument("--out", default="runs/bench/comm.json", help="JSON output")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")

@@ -169,9 +169,11 @@ class HierarchicalGroup(Group):
         # (every group of this worker has the same ranks, so the same leader)
         dist.broadcast(flat, src=self._leader, group=group if group is not None else self.intra_pg)
 
-    def _slice(self, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """This rank's slice of `flat` (zero-padded to equal slices) and the slice length."""
-        length = math.ceil(flat.numel() / self.local_size)
+    def _slice(self, flat: torch.Tensor, align: int = 1) -> tuple[torch.Tensor, int]:
+        """This rank's slice of `flat` (zero-padded to equal slices) and the slice length, a
+        multiple of `align` (the sparse codec's blocks: its top-k then sees the blocks the
+        worker's error feedback saw in the whole vector)."""
+        length = math.ceil(math.ceil(flat.numel() / self.local_size) / align) * align
         padded = torch.zeros(length * self.local_size, dtype=flat.dtype)
         padded[:flat.numel()] = flat
         return padded[self.local_rank * length:(self.local_rank + 1) * length].clone(), length
@@ -193,7 +195,7 @@ class HierarchicalGroup(Group):
         start = time.perf_counter()
         numel = flat.numel()
         if self.sliced:
-            part, length = self._slice(flat)
+            part, length = self._slice(flat, codec.block_size if codec.exchange == "gather" else 1)
             res = self.inter.average(part, codec, round, aggregate)
             average = self._intra_gather(res.average)[:numel]
             intra_bytes = (self.local_size - 1) * length * average.element_size()

@@ -12,6 +12,7 @@ import torch
 
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
+from dilo.comm.gather import gather_average
 from dilo.comm.protocol import ExchangeResult, Group, RoundId, two_phase_average
 
 
@@ -47,6 +48,9 @@ class LocalGroup(Group):
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None) -> ExchangeResult:
+        if codec.exchange == "gather":
+            return gather_average(flat, codec, self.rank, self.size, self._all_gather,
+                                  aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  aggregate=aggregate or self.aggregate)
 

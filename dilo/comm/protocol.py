@@ -111,6 +111,9 @@ class ExchangeResult:
     intra_bytes: int = 0
     """Bytes this member received from the other processes of its own worker (fast
     intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
+    owner_error: tuple[int, torch.Tensor] | None = None
+    """Two-phase exchange of a lossy codec: (offset, mean − decode(encode(mean))) of the chunk this
+    member owned, the part of the average its re-encode lost (`outer.owner_feedback`); None else."""
     adopted: GlobalState | None = None
     """Open-membership backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
@@ -293,7 +296,7 @@ def two_phase_average(
 
     gathered = all_gather(encoded).view(size, nbytes)
     average = torch.empty(numel, dtype=torch.float32)
-    codec_error = 0.0
+    codec_error, owner_error = 0.0, None
     for member in range(size):
         lo = member * chunk
         whole = lo + chunk <= numel
@@ -303,6 +306,8 @@ def two_phase_average(
         if member == rank:  # the owner's own bytes decoded: its codec error, no extra decode
             norm = mean.norm().item()
             codec_error = (dst - mean).norm().item() / norm if norm > 0 else 0.0
+            if not codec.lossless and lo < numel:
+                owner_error = (lo, (mean - dst)[:min(chunk, numel - lo)])
     # Counted from the buffers themselves: what leaves for other members in each phase
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = (send.numel() - nbytes) + encoded.numel() * (size - 1)
@@ -310,5 +315,6 @@ def two_phase_average(
     if norms is not None:  # clip's one fp32 per member
         sent, received = sent + 4 * (size - 1), received + 4 * (size - 1)
     return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
-                          dropped=size - accepted, codec_error=codec_error, rejected=screened.rejected,
+                          dropped=size - accepted, codec_error=codec_error, owner_error=owner_error,
+                          rejected=screened.rejected,
                           clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0])

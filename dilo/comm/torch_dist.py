@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
+from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
                                 two_phase_average)
 
@@ -59,6 +60,9 @@ class TorchGroup(Group):
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None) -> ExchangeResult:
+        if codec.exchange == "gather":
+            return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
+                                  aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  buffers=self._buffers, aggregate=aggregate or self.aggregate)
 
