@@ -59,7 +59,7 @@ from dilo.comm.protocol import Group, RoundId, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
-from dilo.options import check_aggregate, check_outer_options, default_aggregate
+from dilo.options import check_aggregate, check_outer_options, default_aggregate, overlap_warning
 from dilo.outer_state import OuterState
 from dilo.stats import SyncStats
 
@@ -145,6 +145,8 @@ class DiLoCo(OuterState):
         self.error_feedback = error_feedback
         self.owner_feedback = owner_feedback
         self.group = group if group is not None else default_group()
+        if (unstable := overlap_warning(overlap, self.group.size, outer_lr, outer_momentum, nesterov)) is not None:
+            log.warning(unstable)
         open_group = self.group.open_membership
         check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
         self.aggregate = Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,

@@ -193,3 +193,71 @@ def test_lossy_codec_with_error_feedback_stays_bit_identical(overlap):
         for a, b in zip(history, results[0][0]):
             assert torch.equal(a, b)
         assert torch.equal(final_global, results[0][2]) and torch.equal(final_live, results[0][3])
+
+
+def paper_eager(steps: int):
+    """Eager updates as Kale et al. (2025) state them, per worker, with no global copy: worker w
+    keeps its own outer parameters θ_w and its own SGD(Nesterov); after round t it steps θ_w with
+    Δ̂_w = Δ_w^(t)/M + (1/M)·Σ_{w'≠w} Δ_{w'}^(t−1) (Δ^(0) = 0) and restarts the round from θ_w.
+    Returns every worker's live parameters after each round."""
+    models = [Net() for _ in range(WORKERS)]
+    opts = [adamw(m) for m in models]
+    outer = [Net() for _ in range(WORKERS)]
+    outer_opts = [sgd(list(m.parameters())) for m in outer]
+    previous = [[torch.zeros_like(p) for p in outer[0].parameters()] for _ in range(WORKERS)]
+    rounds = []
+    for step in range(1, steps + 1):
+        for w in range(WORKERS):
+            inner_step(models[w], opts[w], w, step - 1)
+        if step % H:
+            continue
+        deltas = [[(o - x).detach().clone() for o, x in zip(outer[w].parameters(), models[w].parameters())]
+                  for w in range(WORKERS)]
+        for w in range(WORKERS):
+            for i, p in enumerate(outer[w].parameters()):
+                others = sum(previous[v][i] for v in range(WORKERS) if v != w)
+                p.grad = (deltas[w][i] + others) / WORKERS
+            outer_opts[w].step()
+            outer_opts[w].zero_grad()
+            with torch.no_grad():
+                for x, o in zip(models[w].parameters(), outer[w].parameters()):
+                    x.copy_(o)
+        previous = deltas
+        rounds.append([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
+    return rounds
+
+
+def test_eager_live_model_follows_the_paper_form():
+    """dilo's eager (global θ on the delayed trajectory + a per-worker eager copy stepped with
+    Δ^(t−1) + (Δ_m^(t) − Δ_m^(t−1))/M) puts each worker's live model where the paper's per-worker
+    algorithm puts it, round after round, with Nesterov momentum 0.9; replicas agree on θ."""
+    steps = 5 * H
+    want = paper_eager(steps)
+    groups = local_groups(WORKERS)
+    models = [Net() for _ in range(WORKERS)]
+
+    def worker(rank: int):
+        model = models[rank]
+        opt = adamw(model)
+        diloco = DiLoCo(model, opt, inner_steps=H, outer_lr=OUTER_LR, outer_momentum=MOMENTUM,
+                        codec="fp32", group=groups[rank], overlap="eager")
+        live, hashes = [], []
+        try:
+            for step in range(1, steps + 1):
+                inner_step(model, opt, rank, step - 1)
+                stats = diloco.step()
+                if stats is not None:
+                    hashes.append(stats.global_hash)
+                if step % H == 0:
+                    live.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        finally:
+            diloco.close()
+        return live, hashes
+
+    results = run_workers(worker, WORKERS)
+    for rank, (live, hashes) in enumerate(results):
+        assert len(live) == len(want) == 5 and len(hashes) == 4
+        for got, rnd in zip(live, want):
+            torch.testing.assert_close(got, rnd[rank], atol=2e-6, rtol=0)
+        assert hashes == results[0][1]
+    assert not torch.equal(results[0][0][-1], results[1][0][-1])  # the live models do differ per worker
