@@ -167,21 +167,18 @@ class DiLoCo(OuterState):
 
     # -- the public loop ---------------------------------------------------------------
     def step(self, end_round: bool | None = None, report: RoundReport | None = None) -> SyncStats | None:
-        """Count one inner step; start and apply exchanges when the schedule says so (with
-        inner_steps = 0: when `end_round`). `report`: this worker's round, sent if one starts."""
+        """Count one inner step; start and apply exchanges when the schedule says so (inner_steps
+        = 0: when `end_round`); `report`: this worker's round, sent with a round that starts."""
         self.inner_step += 1
         self.in_flight.collect_hash_checks(block=False)
         if self.group.open_membership and self.group.processes == 1:
             adopted = self._adopt_early()
             if adopted is not None:
                 return adopted
-        if self.inner_steps == 0:
-            starting = ending = 0 if end_round else None
-        else:
-            starting = self.schedule.fragment_applied_at(self.inner_step + self.delay)
-            ending = self.schedule.fragment_applied_at(self.inner_step)
+        starting = self.schedule.fragment_applied_at(self.inner_step + self.delay, end_round)
         if starting is not None:
             self._start_round(starting, report)
+        ending = self.schedule.fragment_applied_at(self.inner_step, end_round)
         return self._end_round(ending) if ending is not None else None
 
     @torch.no_grad()

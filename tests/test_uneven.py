@@ -142,6 +142,46 @@ def test_diloco_weights_by_steps_without_a_report():
     assert [s.round_tokens for s in stats] == [3.0, 3.0] and stats[0].weight == 0.5
 
 
+def test_a_swarm_exchange_carries_the_reports_and_weights_alike():
+    """The hivemind backend's exchange (in-process peers, no training): the same weighted bytes
+    as the in-process backend, and every peer learns every report."""
+    pytest.importorskip("hivemind")
+    import os
+
+    from dilo.comm.swarm import SwarmGroup
+    from dilo.comm.swarm_auth import RunAuth
+    from dilo.comm.swarm_exchange import average_in_group
+
+    def peer(initial):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
+
+    torch.manual_seed(2)
+    codec, rule = get_codec("int8", 64), Aggregate(weighting="tokens")
+    vectors = [torch.randn(1000) for _ in range(3)]
+    reports = [RoundReport(w, w / 10, 0.0) for w in TOKENS]
+    peers = [peer([])]
+    try:
+        peers += [peer(peers[0].addresses[:1]) for _ in range(2)]
+        names = sorted(p.name for p in peers)
+        peers.sort(key=lambda p: p.name)
+        group_id = os.urandom(16)
+
+        async def register(p):
+            return p.rounds.mailboxes.register(group_id, 0, names)
+
+        groups = [p.node.run(register(p)) for p in peers]
+        results = run_workers(lambda i: average_in_group(peers[i].node, groups[i], vectors[i], codec, 30.0,
+                                                         pytest.fail, rule, reports[i]), 3, timeout=90)
+    finally:
+        for p in peers:
+            p.close()
+    local = exchange(vectors, codec, rule, reports)
+    for r in results:
+        assert torch.equal(r.average, local[0].average)
+        assert r.reports == [(w, w / 10, 0.0) for w in TOKENS]
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--outer.sync_every_seconds", "5"], "exactly one of outer.inner_steps"),
     (["--outer.inner_steps", "0"], "outer.inner_steps (H) must be >= 1"),
