@@ -145,7 +145,3 @@ class RoundClock:
     def finished(self) -> bool:
         """Rounds by time or tokens: the group's progress reached run.steps (0 = never)."""
         return bool(self.run_steps) and self.progress >= self.run_steps
-
-    def close(self) -> None:
-        """Stop waiting for a poll (the run is over or failed): the thread is a daemon."""
-        self.poll = None

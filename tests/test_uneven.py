@@ -288,3 +288,25 @@ def test_time_rounds_with_a_slow_worker(procs, tmp_path):
     itself = [r["seconds"] - r["idle_seconds"] for r in syncs]
     assert statistics.median(idle) <= statistics.median(itself) + 0.005, (idle, itself)
     assert sum(idle) <= 0.05 * fast["loop_seconds"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_token_rounds_under_torchrun_stop_and_resume(procs, tmp_path):
+    """outer.target_tokens on the torch backend (the poll runs on DiLoCo's gloo group from a
+    thread), checkpoints, and a resume that continues the group's progress."""
+    run = tmp_path / "run"
+    common = [*SMALL, "--run.dir", str(run), "--outer.inner_steps", "0", "--outer.target_tokens", "4096",
+              "--outer.weighting", "tokens", "--run.slowdown", "1:2", "--checkpoint.every", "2"]
+    res = procs.run(torchrun_cmd(2, [*common, "--run.steps", "60"]), tmp_path / "log1.txt")
+    assert res.returncode == 0, res.stdout[-3000:]
+    first = summaries(run)
+    assert len({s["global_hash"] for s in first}) == 1 and first[0]["progress"] >= 60
+    res = procs.run(torchrun_cmd(2, [*common, "--run.steps", "120", "--checkpoint.resume", "auto"]),
+                    tmp_path / "log2.txt")
+    assert res.returncode == 0, res.stdout[-3000:]
+    second = summaries(run)
+    assert len({s["global_hash"] for s in second}) == 1
+    assert second[0]["progress"] >= 120 and second[0]["outer_steps"] > first[0]["outer_steps"]
+    syncs = [json.loads(line) for line in (run / "metrics-0.jsonl").read_text().splitlines()]
+    assert all(r["group_tokens"] >= 4096 for r in syncs if r["kind"] == "sync")
