@@ -75,10 +75,26 @@ def train(run_dir: Path, args: argparse.Namespace, extra: list[str], steps: int)
                             timeout=args.timeout).returncode
     if rc != 0:
         raise SystemExit(f"{run_dir.name}: torchrun exited {rc}; see {run_dir / 'log.txt'}")
+    return load(run_dir, args.workers, time.time() - start)
+
+
+def load(run_dir: Path, workers: int, process_seconds: float | None = None) -> dict:
+    """A finished run's summaries and JSONL records (also for --from-runs)."""
     summaries = [json.loads(p.read_text()) for p in sorted(run_dir.glob("summary-*.json"))]
     records = [[json.loads(line) for line in (run_dir / f"metrics-{w}.jsonl").read_text().splitlines()]
-               for w in range(args.workers)]
-    return {"summaries": summaries, "records": records, "process_seconds": time.time() - start}
+               for w in range(workers)]
+    return {"summaries": summaries, "records": records, "process_seconds": process_seconds}
+
+
+def eval_seconds(records: list) -> float:
+    """Seconds the loop spent evaluating: each in-loop `eval` record's time minus the record
+    before it (the sync step's lines); the last one (after the loop, in finish) is left out."""
+    total, previous = 0.0, None
+    evals = [i for i, r in enumerate(records) if r["kind"] == "eval" and "eval_loss" in r]
+    for i in evals[:-1]:
+        previous = records[i - 1]["time"] if i > 0 else records[i]["time"]
+        total += records[i]["time"] - previous
+    return total
 
 
 def step_seconds(result: dict, worker: int) -> float:
@@ -95,10 +111,14 @@ def arm_report(name: str, result: dict, slow: int) -> dict:
     workers = []
     for w, s in enumerate(summaries):
         syncs = [r for r in records[w] if r["kind"] == "sync"]
+        evals = eval_seconds(records[w])
         workers.append({"worker": w, "slow": w == slow, "inner_steps": s["inner_steps"],
                         "utilization": s["compute_seconds"] / s["loop_seconds"],
+                        "utilization_without_evals": s["compute_seconds"] / (s["loop_seconds"] - evals),
                         "compute_seconds": s["compute_seconds"], "loop_seconds": s["loop_seconds"],
                         "idle_seconds": s["idle_seconds"], "sync_seconds": s["sync_seconds"],
+                        "eval_seconds": evals, "digest_seconds": s["digest_seconds"],
+                        "outer_apply_seconds": s["outer_apply_seconds"],
                         "mean_weight": sum(r["weight"] for r in syncs) / max(1, len(syncs))})
     fast = [x for x in workers if not x["slow"]]
     return {"arm": name, "outer_steps": summaries[0]["outer_steps"], "final_eval_loss": summaries[0]["final_eval_loss"],
@@ -106,6 +126,7 @@ def arm_report(name: str, result: dict, slow: int) -> dict:
             "loop_seconds": max(s["loop_seconds"] for s in summaries), "curve": curve, "workers": workers,
             "fast_utilization_min": min(x["utilization"] for x in fast),
             "fast_utilization_mean": sum(x["utilization"] for x in fast) / len(fast),
+            "fast_utilization_without_evals": sum(x["utilization_without_evals"] for x in fast) / len(fast),
             "group_tokens": summaries[0]["group_tokens"], "process_seconds": result["process_seconds"]}
 
 
@@ -174,13 +195,16 @@ def main() -> None:
     p.add_argument("--target", type=float, default=None)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--from-runs", default="", help="re-read the runs of an earlier invocation (its --root "
+                   "time-stamped folder) instead of training; the other options must be the same")
     args = p.parse_args()
     slow_worker, slow_factor = int(args.slow.split(":")[0]), float(args.slow.split(":")[1])
-    root = Path(args.root) / time.strftime("%Y%m%d-%H%M%S")
+    root = Path(args.from_runs) if args.from_runs else Path(args.root) / time.strftime("%Y%m%d-%H%M%S")
     T = args.T
     calibration = None
     if T <= 0:  # the fast workers' step time under the same load, rounds of H steps
-        cal = train(root / "calibrate", args, ["--outer.inner_steps", str(args.H)], args.calibrate_steps)
+        cal = (load(root / "calibrate", args.workers) if args.from_runs else
+               train(root / "calibrate", args, ["--outer.inner_steps", str(args.H)], args.calibrate_steps))
         fast = [step_seconds(cal, w) for w in range(args.workers) if w != slow_worker]
         calibration = sum(fast) / len(fast)
         T = round(args.H * calibration, 3)
@@ -195,7 +219,9 @@ def main() -> None:
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             print(f"repeat {repeat}: running {name} ...", flush=True)
-            a = arm_report(name, train(root / f"{name}-{repeat}", args, extra[name], args.steps), slow_worker)
+            run_dir = root / f"{name}-{repeat}"
+            done = load(run_dir, args.workers) if args.from_runs else train(run_dir, args, extra[name], args.steps)
+            a = arm_report(name, done, slow_worker)
             a["repeat"] = repeat
             runs.append(a)
             print(f"  {name}: loop {a['loop_seconds']:.1f} s, final eval {a['final_eval_loss']:.4f}, fast util "
@@ -211,7 +237,7 @@ def main() -> None:
             a["seconds_to_target"] = time_to(a["curve"], target) if target is not None else None
             a["loss_at_first_end"] = loss_at(a["curve"], first_end)
     keys = ("loop_seconds", "seconds_to_target", "loss_at_first_end", "final_eval_loss",
-            "fast_utilization_mean", "fast_utilization_min", "outer_steps")
+            "fast_utilization_mean", "fast_utilization_min", "fast_utilization_without_evals", "outer_steps")
     arms = {name: {k: spread([a[k] for a in runs if a["arm"] == name]) for k in keys} for name in names}
     for name in names:
         mine = [a for a in runs if a["arm"] == name]
@@ -219,7 +245,8 @@ def main() -> None:
                                                                     for w in a["workers"] if not w["slow"])
                                                    for a in mine])
         arms[name]["one_global_hash"] = all(a["global_hashes"] == 1 for a in mine)
-    result = {"command": " ".join(["python", "tools/bench_uneven.py", *sys.argv[1:]]),
+    command = " ".join(["python", "tools/bench_uneven.py", *sys.argv[1:]])
+    result = {"command": command, "runs_folder": str(root),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs; "
                          f"{args.workers} workers of 1 thread share them",
               "model": " ".join(MODEL), "workers": args.workers, "slow_worker": slow_worker,
