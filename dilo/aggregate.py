@@ -27,19 +27,28 @@ Then the valid contributions v_1..v_n (member order) are reduced, per coordinate
   scaled by c_i = min(1, r · m / ‖Δ_i‖) (fp64, then fp32) and the scaled ones are averaged
   as ``mean``. Every member computes the same c_i from the same gathered norms.
 
+With ``outer.weighting = tokens`` (mean and clip only) member i's contribution counts in
+proportion to the tokens w_i it trained on in the round (its `RoundReport`, carried in the
+exchange; docs/uneven.md). The owner turns the reported tokens into relative weights
+r_i = w_i / mean(w) (fp64 over the members that reported w > 0, then rounded to fp32; equal
+tokens give r_i = 1 exactly), then sums r_i·v_i (c_i·r_i·v_i with clip) in member order and
+divides by the sum of the accepted r_i (fp64). Equal tokens thus give the bytes of ``mean``;
+a member that reports no tokens is dropped (``no tokens in the round``).
+
 When no contribution of a chunk is valid, the owner sends the marker as that chunk's
 result: the average is not finite and DiLoCo skips the whole outer step on every member.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from dilo.codec_kernels import all_finite
-from dilo.options import AGGREGATES
+from dilo.options import AGGREGATES, WEIGHTINGS
 
 NO_CONTRIBUTION = float("nan")
 """The value of every element a worker sends when it has no valid pseudo-gradient."""
@@ -79,10 +88,16 @@ class Aggregate:
     """trimmed_mean: values dropped at each end, per coordinate (k)."""
     clip_ratio: float = 2.0
     """clip: a contribution's norm is capped at clip_ratio × the median norm (r)."""
+    weighting: str = "equal"
+    """`equal`, or `tokens`: each contribution weighted by its member's tokens in the round."""
 
     def __post_init__(self) -> None:
         if self.name not in AGGREGATES:
             raise ValueError(f"outer.aggregate must be one of {', '.join(AGGREGATES)}, got {self.name!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"outer.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.weighting == "tokens" and self.name not in ("mean", "clip"):
+            raise ValueError(f"outer.weighting = tokens needs outer.aggregate = mean or clip, not {self.name}")
 
     @property
     def needs_norms(self) -> bool:
@@ -104,32 +119,41 @@ class Aggregate:
                 float(torch.tensor(1.0 if n <= cap else cap / n, dtype=torch.float64).float()) for n in norms]
 
     def reduce(self, decode: Callable[[int], torch.Tensor], size: int, chunk: int, limit: float | None,
-               norms: list[float] | None = None) -> tuple[torch.Tensor, Screened]:
-        """The owner's result for one chunk; `decode(m)` is member m's decoded contribution.
+               norms: list[float] | None = None,
+               weights: list[float] | None = None) -> tuple[torch.Tensor, Screened]:
+        """The owner's result for one chunk; `decode(m)` is member m's decoded contribution;
+        `weights`: the members' r_i (`token_weights`) with outer.weighting = tokens.
 
         mean and clip decode one member at a time (bounded memory, as before issue 13); the
         sorting rules hold the valid contributions of the chunk together."""
+        if weights is not None and self.name not in ("mean", "clip"):
+            raise ValueError(f"weighted contributions need outer.aggregate = mean or clip, not {self.name}")
         screened = Screened(factors=self.clip_factors(norms) if self.needs_norms else [])
         total = torch.zeros(chunk, dtype=torch.float32) if self.name in ("mean", "clip") else None
         valid = []
         for m in range(size):  # member order: the same sum on every owner
             part = decode(m)
             reason = self._invalid(part, limit, norms[m] if norms is not None else None)
+            if reason is None and weights is not None and not weights[m] > 0:
+                reason = "no tokens in the round"
             if reason is not None:
                 screened.rejected.append((m, reason))
                 continue
             screened.accepted.append(m)
+            scale = screened.factors[m] if self.name == "clip" and screened.factors[m] < 1.0 else 1.0
+            if weights is not None:
+                scale *= weights[m]
             if total is None:
                 valid.append(part)
-            elif self.name == "clip" and screened.factors[m] < 1.0:
-                total += part * screened.factors[m]
+            elif scale != 1.0:
+                total += part * scale
             else:
                 total += part
         n = len(screened.accepted)
         if n == 0:
             return torch.full((chunk,), NO_CONTRIBUTION), screened
         if total is not None:
-            return total / n, screened
+            return total / (n if weights is None else sum(weights[m] for m in screened.accepted)), screened
         values = torch.stack(valid).sort(dim=0).values
         if self.name == "median":
             mid = n // 2
@@ -156,13 +180,24 @@ class Aggregate:
 MEAN = Aggregate()
 
 
-def exchange_norms(send: torch.Tensor, codec, chunk: int, size: int, all_gather) -> list[float]:
+def token_weights(tokens: list[float]) -> list[float]:
+    """r_i = w_i / mean(w) per member (fp64, then rounded to fp32), the mean over the members
+    that report w > 0; 0 for a member that reports none (or a non-finite count)."""
+    good = [w for w in tokens if math.isfinite(w) and w > 0]
+    if not good:
+        return [0.0] * len(tokens)
+    mean = sum(good) / len(good)
+    return [float(torch.tensor(w / mean, dtype=torch.float64).float()) if math.isfinite(w) and w > 0 else 0.0
+            for w in tokens]
+
+
+def exchange_norms(slices: torch.Tensor, codec, chunk: int, all_gather) -> list[float]:
     """clip: every member's norm of what it sends (after the codec's round trip), member order.
+    `slices`: the send buffer as one row per owner (the chunk's bytes first).
 
     One all-gather of one fp32 per member over the exchange's byte collective, before phase 1.
     """
     nbytes = codec.encoded_nbytes(chunk)
-    square = sum(codec.decode(send[j * nbytes:(j + 1) * nbytes], chunk).double().square().sum().item()
-                 for j in range(size))
+    square = sum(codec.decode(row[:nbytes], chunk).double().square().sum().item() for row in slices)
     mine = torch.tensor([square ** 0.5], dtype=torch.float32)
     return [float(v) for v in all_gather(mine.view(torch.uint8)).view(torch.float32)]

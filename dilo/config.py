@@ -36,6 +36,8 @@ class RunConfig:
     """torch intra-op threads per process; 0 = CPU cores / local processes."""
     worker_size: int = 1
     """Processes per DiLoCo worker (e.g. 8 = a node of 8 GPUs): data-parallel inside, outer exchange between workers; must divide the world size (docs/islands.md)."""
+    slowdown: str = ""
+    """Testing aid: `worker:factor[,worker:factor]` makes those workers run `factor` times slower (each inner step is followed by a sleep of factor - 1 times its duration; "1:2" = worker 1 at half speed; docs/uneven.md)."""
 
 
 @dataclass
@@ -123,7 +125,13 @@ class InnerConfig:
 @dataclass
 class OuterConfig:
     inner_steps: int = 500
-    """H: inner steps between outer steps."""
+    """H: inner steps between outer steps; 0 with outer.sync_every_seconds or outer.target_tokens (exactly one of the three ends the rounds)."""
+    sync_every_seconds: float = 0.0
+    """T: each round lasts T seconds from the end of the previous exchange; every worker takes the inner steps that fit and then syncs, so nobody waits for the slowest (needs outer.inner_steps = 0; docs/uneven.md)."""
+    target_tokens: int = 0
+    """A round ends once the workers together have trained on this many tokens in it (their counts are polled in the background; needs outer.inner_steps = 0; docs/uneven.md)."""
+    weighting: str = "equal"
+    """`equal` (every worker's Δ counts the same) or `tokens` (each worker's Δ weighted by the tokens it trained on in the round; needs outer.aggregate mean or clip; docs/uneven.md)."""
     lr: float = 0.7
     """Outer (Nesterov SGD) learning rate."""
     momentum: float = 0.9
@@ -277,7 +285,8 @@ def shared_settings_of(config: dict) -> dict:
     """`Config.shared_settings()` of a config dict (`Config.to_dict()`, as checkpoints store it)."""
     shared = {k: config[k] for k in ("model", "outer")}
     # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
-    shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, **shared["outer"]}
+    shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, "sync_every_seconds": 0.0,
+                       "target_tokens": 0, "weighting": "equal", **shared["outer"]}
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
     if config["comm"].get("owner_feedback"):
         shared["comm"]["owner_feedback"] = True

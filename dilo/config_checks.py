@@ -71,6 +71,7 @@ def validate(cfg) -> None:
     _require(i.warmup_steps >= 0, f"inner.warmup_steps must be >= 0, got {i.warmup_steps}")
     _require(0.0 <= i.min_lr_ratio <= 1.0, f"inner.min_lr_ratio must be in [0, 1], got {i.min_lr_ratio}")
     _require(i.grad_clip >= 0, f"inner.grad_clip must be >= 0 (0 = off), got {i.grad_clip}")
+    _validate_rounds(cfg)
     _validate_streaming(cfg)
     _validate_adapters(cfg)
     _require(c.backend in BACKENDS, f"comm.backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
@@ -174,6 +175,49 @@ def _validate_peers(cfg) -> None:
                  "from saved weights use checkpoint.init_from")
 
 
+def parse_slowdown(text: str) -> dict[int, float]:
+    """`run.slowdown` ("worker:factor[,worker:factor]") as {worker: factor}; ValueError if malformed."""
+    out: dict[int, float] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        worker, _, factor = item.partition(":")
+        try:
+            w, f = int(worker), float(factor)
+        except ValueError:
+            raise ValueError(f"run.slowdown: {item!r} must look like worker:factor, e.g. 1:2 (worker 1 at "
+                             "half speed)") from None
+        _require(w >= 0 and math.isfinite(f) and f >= 1.0, f"run.slowdown: {item!r} needs a worker index >= 0 "
+                 "and a factor >= 1 (1 = full speed, 2 = half speed)")
+        out[w] = f
+    return out
+
+
+def _validate_rounds(cfg) -> None:
+    """How rounds end (exactly one of H, T, target_tokens) and what time or token rounds need
+    (docs/uneven.md)."""
+    o, r = cfg.outer, cfg.run
+    parse_slowdown(r.slowdown)
+    _require(o.sync_every_seconds >= 0, f"outer.sync_every_seconds must be >= 0 (0 = off), got {o.sync_every_seconds}")
+    _require(o.target_tokens >= 0, f"outer.target_tokens must be >= 0 (0 = off), got {o.target_tokens}")
+    chosen = [k for k, on in (("outer.inner_steps", o.inner_steps != 0), ("outer.sync_every_seconds",
+                              o.sync_every_seconds > 0), ("outer.target_tokens", o.target_tokens > 0)) if on]
+    _require(bool(chosen), f"outer.inner_steps (H) must be >= 1 (got {o.inner_steps}), or 0 with "
+             "outer.sync_every_seconds (T) or outer.target_tokens set: one of the three ends the rounds")
+    _require(len(chosen) == 1, "exactly one of outer.inner_steps (H), outer.sync_every_seconds (T) and "
+             f"outer.target_tokens ends the rounds; {' and '.join(chosen)} set"
+             + ("; with T or target_tokens set outer.inner_steps = 0" if "outer.inner_steps" in chosen else ""))
+    if o.inner_steps != 0:
+        return
+    key = chosen[0]
+    _require(r.mode == "diloco", f"{key} needs run.mode = diloco (data-parallel all-reduces every step)")
+    _require(cfg.comm.backend == "torch", f"{key} is not available with comm.backend = hivemind yet: a swarm's "
+             "peers meet by outer step and must end at the same one; use outer.inner_steps there")
+    _require(r.worker_size == 1, f"{key} needs run.worker_size = 1: the ranks of an island take their inner "
+             "steps together and would have to agree on every step whether the round is over")
+    _require(o.fragments == 1 and o.delay == 0 and o.overlap == "none",
+             f"{key} needs outer.fragments = 1, outer.delay = 0 and outer.overlap = none: streaming and "
+             "overlap place their exchanges at fixed inner steps of a round of H steps")
+
+
 def _validate_streaming(cfg) -> None:
     """The outer loop's options, with streaming, overlap and error feedback (docs/streaming.md):
     the rules DiLoCo itself applies (dilo/options.py), then those that need the rest of the config."""
@@ -183,7 +227,7 @@ def _validate_streaming(cfg) -> None:
                         error_feedback=c.error_feedback, codec=c.codec, ef_decay=c.ef_decay)
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
-    check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind")
+    check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind", weighting=o.weighting)
     _require(not c.owner_feedback or ((c.error_feedback or c.codec == "sparse") and c.codec != "fp32"
                                       and not (c.codec == "sparse" and c.sparse_exchange == "gather")),
              "comm.owner_feedback needs error feedback and a lossy two-phase codec (int8, fp4, int2, bf16, "
@@ -191,13 +235,17 @@ def _validate_streaming(cfg) -> None:
     _require(not (c.owner_feedback and cfg.run.worker_size > 1),
              "comm.owner_feedback does not reach islands yet (run.worker_size > 1): their exchanging ranks "
              "do not hand the owner's error to the worker's processes")
+    _require(not (o.weighting == "tokens" and c.codec == "sparse" and c.sparse_exchange == "gather"),
+             "outer.weighting = tokens does not reach the sparse codec's all-gather exchange (it carries no round "
+             "reports); use comm.sparse_exchange = two_phase or outer.weighting = equal")
     _require(o.fragments <= cfg.model.n_layers,
              f"outer.fragments ({o.fragments}) must be <= model.n_layers ({cfg.model.n_layers}): "
              "fragments are strided over the transformer blocks")
     if cfg.run.mode != "diloco":
         changed = [key for key, on in (("outer.fragments", o.fragments != 1), ("outer.delay", o.delay != 0),
                                        ("outer.alpha", o.alpha != 0.0), ("outer.overlap", o.overlap != "none"),
-                                       ("comm.error_feedback", c.error_feedback)) if on]
+                                       ("comm.error_feedback", c.error_feedback),
+                                       ("outer.weighting", o.weighting != "equal")) if on]
         _require(not changed, f"{', '.join(changed)} only apply to run.mode = diloco, not {cfg.run.mode!r}")
 
 

@@ -33,6 +33,10 @@ runs exactly (same bytes):
   (mean, trimmed_mean, median, clip; dilo/aggregate.py, docs/robust.md). Whatever the
   rule, a worker whose Δ_m + e is not finite or beyond the codec's range sends "no
   contribution" (and resets e), and a step with nothing valid for part of Δ is skipped.
+* `weighting` = tokens: each Δ_m counts in proportion to the tokens of its round, reported
+  with it (`step(report=)`; default: its inner steps); `inner_steps` = 0: the caller ends
+  each round (`step(end_round=True)`: rounds by time or tokens, dilo/rounds.py,
+  docs/uneven.md).
 
 Whatever the variant, θ_p and its momentum change only by averages that are the same
 bytes on every worker, in the same order: they stay bit-identical (hash-checked).
@@ -55,13 +59,13 @@ import torch.nn as nn
 from dilo import codec_kernels
 from dilo.aggregate import MEAN, NO_CONTRIBUTION, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import Group, RoundId, SoloGroup
+from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
 from dilo.options import check_aggregate, check_outer_options, default_aggregate, overlap_warning
 from dilo.outer_state import OuterState
-from dilo.stats import SyncStats
+from dilo.stats import SyncStats, round_fields
 
 log = logging.getLogger("dilo")
 
@@ -134,6 +138,7 @@ class DiLoCo(OuterState):
         aggregate: str = "auto",
         trim: int = 1,
         clip_ratio: float = 2.0,
+        weighting: str = "equal",
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -148,9 +153,11 @@ class DiLoCo(OuterState):
         if (unstable := overlap_warning(overlap, self.group.size, outer_lr, outer_momentum, nesterov)) is not None:
             log.warning(unstable)
         open_group = self.group.open_membership
-        check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group)
+        check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group, weighting)
+        if open_group and inner_steps == 0:
+            raise ValueError("rounds ended by the caller (inner_steps = 0) need a fixed group (torch backend)")
         self.aggregate = Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,
-                                   trim, float(clip_ratio))
+                                   trim, float(clip_ratio), weighting)
         self.group.aggregate = self.aggregate  # the owners' rule (dilo/aggregate.py)
         self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
         self.check_hashes = check_hashes
@@ -189,24 +196,27 @@ class DiLoCo(OuterState):
             write_flat(self.buffers, self.group.average(flatten_fp32(self.buffers), _FP32, aggregate=MEAN).average)
 
     # -- the public loop ---------------------------------------------------------------
-    def step(self) -> SyncStats | None:
-        """Count one inner step; start and apply exchanges when the schedule says so."""
+    def step(self, end_round: bool | None = None, report: RoundReport | None = None) -> SyncStats | None:
+        """Count one inner step; start and apply exchanges when the schedule says so (inner_steps
+        = 0: when `end_round`); `report`: this worker's round, sent with a round that starts."""
         self.inner_step += 1
         self.in_flight.collect_hash_checks(block=False)
         if self.group.open_membership and self.group.processes == 1:
             adopted = self._adopt_early()
             if adopted is not None:
                 return adopted
-        starting = self.schedule.fragment_applied_at(self.inner_step + self.delay)
+        starting = self.schedule.fragment_applied_at(self.inner_step + self.delay, end_round)
         if starting is not None:
-            self._start_round(starting)
-        ending = self.schedule.fragment_applied_at(self.inner_step)
+            self._start_round(starting, report)
+        ending = self.schedule.fragment_applied_at(self.inner_step, end_round)
         return self._end_round(ending) if ending is not None else None
 
     @torch.no_grad()
-    def _start_round(self, f: int) -> None:
+    def _start_round(self, f: int, report: RoundReport | None = None) -> None:
         """Snapshot fragment f's pseudo-gradient and put it on the wire."""
         frag = self.fragments[f]
+        if report is None and self.aggregate.weighting == "tokens":  # weight by the round's inner steps
+            report = RoundReport(*(float(self.inner_step - frag.last_snapshot_step),) * 2)
         pseudo_grad = frag.pseudo_gradient()
         sent = frag.compensate(pseudo_grad, self.codec)
         wire = sent
@@ -228,7 +238,7 @@ class DiLoCo(OuterState):
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
-            result = self.group.average(wire, self.codec, **named)
+            result = self.group.average(wire, self.codec, report=report, **named)
             mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
             return result, mean_buffers
 
@@ -338,11 +348,12 @@ class DiLoCo(OuterState):
             intra_bytes=result.intra_bytes, adopted=adopted,
             apply_seconds=t_digest - t_apply, digest_seconds=t_end - t_digest,
             skipped=skipped, clipped=len(result.clipped), reset_residuals=self._resets,
-            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped)
+            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped,
+            **round_fields(result.reports, self.group.rank, self.aggregate.weighting))
         self._withheld = self._resets = 0
         return stats, result.average
 
-    def flush(self) -> list[SyncStats]:
+    def flush(self, report: RoundReport | None = None) -> list[SyncStats]:
         """Drain the pipeline and put the live model on θ, identical on every worker.
 
         Every fragment whose progress since it was last merged is not on the wire yet
@@ -361,7 +372,7 @@ class DiLoCo(OuterState):
             return stats
         for frag in self.fragments:
             if frag.last_snapshot_step <= frag.last_merge_step < self.inner_step:
-                self._start_round(frag.index)
+                self._start_round(frag.index, report)
         if self._drain(stats):
             return stats
         for frag in self.fragments:

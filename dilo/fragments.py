@@ -71,8 +71,11 @@ class Schedule:
         """Exchanges started but not yet applied at an outer step: 0, or P with overlap
         delayed/eager (round t is applied as outer step t + 1 while rounds t + 1 .. t + P run)."""
 
-    def fragment_applied_at(self, step: int) -> int | None:
-        """The fragment p with step ≡ p·H/P (mod H), if any."""
+    def fragment_applied_at(self, step: int, end_round: bool | None = None) -> int | None:
+        """The fragment p with step ≡ p·H/P (mod H), if any; with H = 0 (rounds ended by the
+        caller, one fragment) fragment 0 when `end_round`."""
+        if self.inner_steps == 0:
+            return 0 if end_round else None
         phase = step % self.inner_steps
         return phase // self.stride if phase % self.stride == 0 else None
 

@@ -60,6 +60,19 @@ FIELD_METRICS: dict[tuple[str, str], Spec] = {
     ("sync", "pseudo_grad_norm"): Spec(
         "dilo_sync_pseudo_grad_norm", "gauge",
         "L2 norm of this worker's pseudo-gradient in the latest exchange.", True),
+    ("sync", "round_tokens"): Spec(
+        "dilo_round_tokens", "gauge",
+        "Tokens this worker trained on in the latest round (its report; docs/uneven.md)."),
+    ("sync", "round_steps"): Spec("dilo_round_inner_steps", "gauge",
+                                  "Inner steps this worker took in the latest round."),
+    ("sync", "weight"): Spec(
+        "dilo_round_weight_ratio", "gauge",
+        "This worker's share of the latest averaged pseudo-gradient (its tokens / the group's with "
+        "outer.weighting = tokens, else 1 / members)."),
+    ("sync", "idle_seconds"): Spec(
+        "dilo_sync_idle_seconds", "counter",
+        "Seconds this worker waited at exchanges for the last member to reach them (from the "
+        "members' round reports)."),
     ("eval", "eval_loss"): Spec("dilo_eval_loss", "gauge",
                                 "Loss (nats per token) on the held-out split, latest evaluation."),
     ("eval", "set_loss"): Spec("dilo_eval_set_loss", "gauge",

@@ -24,6 +24,8 @@ owners re-sparsify their chunk's mean (docs/codecs.md)."""
 AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 """`outer.aggregate` / `aggregate=`: the chunk owner's rule (dilo/aggregate.py, docs/robust.md);
 "auto" picks `default_aggregate(open_membership)`."""
+WEIGHTINGS = ("equal", "tokens")
+"""`outer.weighting` / `weighting=`: how the owner weights the members' Δ (docs/uneven.md)."""
 
 
 def default_aggregate(open_membership: bool) -> str:
@@ -34,8 +36,15 @@ def default_aggregate(open_membership: bool) -> str:
 
 
 def check_aggregate(aggregate: str, trim: int, clip_ratio: float, size: int | None = None,
-                    open_membership: bool = False) -> None:
+                    open_membership: bool = False, weighting: str = "equal") -> None:
     """Raise ValueError for an aggregation rule that cannot run; `size`: a fixed group's members."""
+    if weighting not in WEIGHTINGS:
+        _refuse(f"outer.weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", "weighting")
+    rule = default_aggregate(open_membership) if aggregate == "auto" else aggregate
+    if weighting == "tokens" and rule not in ("mean", "clip"):
+        _refuse(f"outer.weighting = tokens needs outer.aggregate = mean or clip (a weighted order statistic "
+                f"is not implemented, and a liar could claim many tokens); got {rule}"
+                f"{' (auto with comm.backend = hivemind)' if aggregate == 'auto' else ''}", "weighting", "aggregate")
     if aggregate != "auto" and aggregate not in AGGREGATES:
         _refuse(f"outer.aggregate must be auto or one of {', '.join(AGGREGATES)}, got {aggregate!r}", "aggregate")
     if not (isinstance(trim, int) and trim >= 1):
@@ -60,8 +69,16 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
     `codec` is a codec's name; `codec_lossless` says whether it is exact (default: looked
     up among the built-in codecs, for a user's own codec object pass its `lossless`).
     """
-    if inner_steps < 1:
-        _refuse(f"outer.inner_steps (H) must be >= 1, got {inner_steps}", "inner_steps")
+    if inner_steps == 0 and (fragments, delay, overlap) != (1, 0, "none"):
+        _refuse("rounds ended by the caller (outer.inner_steps = 0: outer.sync_every_seconds or "
+                "outer.target_tokens) need outer.fragments = 1, outer.delay = 0 and outer.overlap = none: "
+                "streaming and overlap schedule their exchanges at fixed inner steps of a round of H steps",
+                "inner_steps", "fragments", "delay", "overlap")
+    if inner_steps < 0:
+        _refuse(f"outer.inner_steps (H) must be >= 1 (or 0 with outer.sync_every_seconds or "
+                f"outer.target_tokens), got {inner_steps}", "inner_steps")
+    if inner_steps == 0:
+        inner_steps = 1  # (the rest of the checks read one step per round)
     if not (outer_lr > 0 and math.isfinite(outer_lr)):
         _refuse(f"outer.lr must be > 0 and finite, got {outer_lr}", "outer_lr")
     if not 0.0 <= outer_momentum < 1.0:

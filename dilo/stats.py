@@ -50,6 +50,33 @@ class SyncStats:
     """(member, reason) of the contributions this worker dropped as owner (not in the JSONL)."""
     clipped_members: list = field(default_factory=list, metadata={"key": None})
     """(member, factor) of the clipped contributions (not in the JSONL)."""
+    # Rounds by time or tokens, weighted contributions (docs/uneven.md); 0 when the members
+    # sent no round reports (outer.weighting = equal with rounds of H steps).
+    round_tokens: float = 0.0
+    """Tokens this worker trained on in the round (its report)."""
+    round_steps: float = 0.0
+    """Inner steps this worker took in the round."""
+    group_tokens: float = 0.0
+    """Tokens of every member's round together."""
+    group_steps: float = 0.0
+    """Inner steps of every member's round together (the group's progress, docs/uneven.md)."""
+    weight: float = 0.0
+    """This worker's share of the average: its tokens / the group's (weighting = tokens), else 1 / members."""
+    idle_seconds: float = 0.0
+    """Seconds this worker waited at the exchange for the last member to reach it (from the
+    members' reported compute time in the round)."""
+
+
+def round_fields(reports: list, rank: int, weighting: str) -> dict:
+    """The round fields of `SyncStats` from an exchange's reports (tokens, steps, ready seconds)."""
+    if not reports or not 0 <= rank < len(reports):
+        return {}
+    tokens, steps, ready = reports[rank]
+    group_tokens = sum(r[0] for r in reports)
+    share = tokens / group_tokens if weighting == "tokens" and group_tokens > 0 else 1.0 / len(reports)
+    return {"round_tokens": tokens, "round_steps": steps, "group_tokens": group_tokens,
+            "group_steps": sum(r[1] for r in reports), "weight": share,
+            "idle_seconds": max(0.0, max(r[2] for r in reports) - ready)}
 
 
 def sync_record(stats: SyncStats) -> dict:
@@ -83,6 +110,12 @@ class RunTotals:
     skipped: int = field(default=0, metadata={"summary": "skipped_outer_steps"})
     reset_residuals: int = 0
     withheld: int = field(default=0, metadata={"summary": "withheld_contributions"})
+    progress: float = 0.0
+    """The group's progress: the sum over the outer steps of `group_steps` / members (mean inner
+    steps per worker); rounds by time or tokens read their LR schedule and their end from it."""
+    group_tokens: float = 0.0
+    idle_seconds: float = 0.0
+    """Sum of the outer steps' `idle_seconds`."""
 
     def add(self, stats: SyncStats) -> None:
         self.bytes_sent += stats.bytes_sent
@@ -100,6 +133,9 @@ class RunTotals:
         self.skipped += stats.skipped
         self.reset_residuals += stats.reset_residuals
         self.withheld += stats.withheld
+        self.progress += stats.group_steps / stats.num_peers if stats.group_steps else 0.0
+        self.group_tokens += stats.group_tokens
+        self.idle_seconds += stats.idle_seconds
 
     def to_dict(self) -> dict:
         """The checkpoint's `totals` (the field names)."""

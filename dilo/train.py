@@ -48,6 +48,7 @@ from dilo.model import param_groups
 from dilo.lora import base_digest
 from dilo.model_build import BuiltModel, attach_aggregation, build_model, frozen_tensors
 from dilo.publish import Publisher
+from dilo.rounds import RoundClock, Slowdown
 from dilo.stats import SyncStats
 from dilo.train_report import LateCounts, RunReport, log, mb, open_metrics
 from dilo.world import World, join_world
@@ -92,6 +93,8 @@ class Trainer:
         self.diloco, self.ddp = wrap_model(cfg, world, self.built, self.optimizer, self.groups.outer)
         self.state = WorkerState(cfg, worker, world.num_workers, self.model, self.optimizer,
                                  batches, self.diloco)
+        self.rounds = RoundClock(cfg, self.groups.outer, self.state.totals)  # when rounds end (docs/uneven.md)
+        self.slowdown = Slowdown(cfg.run.slowdown, worker)
         if self.diloco is not None and self.diloco.joined is not None:
             self.follow_adoption()  # joined a running swarm: its state, its step
             self.state.record_boundary()
@@ -137,7 +140,7 @@ class Trainer:
     def run_inner_step(self) -> torch.Tensor:
         """One inner step; its loss as a detached 0-d tensor on the model's device (read with
         `float()` only when it is logged: no host synchronisation per inner step)."""
-        lr = lr_at(self.cfg, self.state.inner_step)
+        lr = lr_at(self.cfg, self.rounds.lr_step(self.state.inner_step))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.next_batch()
@@ -169,14 +172,15 @@ class Trainer:
         """The outer step, if this inner step ends a round; True if one ran."""
         try:
             if self.diloco:
-                stats = [self.diloco.step()]
-                if self.at_end() and not (stats[0] and stats[0].adopted):
-                    stats += self.diloco.flush()  # every worker ends on the global θ
-                stats = [s for s in stats if s is not None]
-                if not stats:
-                    return False
+                first = self.diloco.step(end_round=self.rounds.due(), report=self.rounds.report())
+                if first is not None:
+                    self.record_sync(first, loss)  # (before at_end: rounds by time end on the progress)
+                stats = [] if (first and first.adopted) or not self.at_end() else \
+                    self.diloco.flush(self.rounds.report())  # every worker ends on the global θ
                 for s in stats:
                     self.record_sync(s, loss)
+                if first is None and not stats:
+                    return False
             elif self.state.inner_step % self.cfg.outer.inner_steps == 0:
                 self.add_ddp_traffic()
             else:
@@ -192,7 +196,10 @@ class Trainer:
         return True
 
     def at_end(self) -> bool:
-        """Whether run.steps is reached (never with run.steps = 0: train until stopped)."""
+        """Whether run.steps is reached (never with run.steps = 0: train until stopped); with
+        rounds by time or tokens, by the group's progress (dilo/rounds.py)."""
+        if self.rounds.by_caller:
+            return self.rounds.finished()
         return bool(self.cfg.run.steps) and self.state.inner_step >= self.cfg.run.steps
 
     def take_new_shards(self) -> None:
@@ -240,10 +247,15 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()
         stopped = False
+        if not self.at_end():
+            self.rounds.begin(first=True)
         while not self.at_end() and not stopped:
             step_start = time.perf_counter()
             loss = self.run_inner_step()
-            self.compute_seconds += time.perf_counter() - step_start
+            self.slowdown.after_step(time.perf_counter() - step_start)  # run.slowdown (a testing aid)
+            step_seconds = time.perf_counter() - step_start
+            self.compute_seconds += step_seconds
+            self.rounds.count(step_seconds)
             window_steps += 1
             synced = self.outer_boundary(loss)
             if s.inner_step % cfg.metrics.log_every == 0 or synced:
@@ -251,12 +263,14 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 self.metrics.log("inner", step=s.inner_step, outer_step=s.outer_step, loss=value,
-                                 lr=lr_at(cfg, s.inner_step - 1), tokens=window_steps * tokens_per_step,
+                                 lr=self.optimizer.param_groups[0]["lr"], tokens=window_steps * tokens_per_step,
                                  tokens_per_s=tok_s)
                 self.metrics.progress(s.inner_step, loss=value, tok_per_s=tok_s, outer=s.outer_step)
                 window_start, window_steps = time.perf_counter(), 0
             if synced:
                 stopped = self.after_outer_step(loss)
+                if not stopped and not self.at_end():
+                    self.rounds.begin()  # the next round starts now (on every worker alike)
         self.loop_seconds = time.perf_counter() - loop_start
         return self.finish(stopped)
 
@@ -336,7 +350,7 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
                         error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
                         owner_feedback=cfg.comm.owner_feedback,
                         aggregate=cfg.outer.aggregate,
-                        trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio)
+                        trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio, weighting=cfg.outer.weighting)
         attach_aggregation(built, cfg, diloco)
         if world.island:  # inner steps: data-parallel over the worker's own ranks only
             ddp = DistributedDataParallel(built.model, device_ids=device_ids,

@@ -268,3 +268,18 @@ def test_a_torchrun_peer_of_two_ranks_trains_with_a_one_process_peer(swarm, over
     assert hashes_agree_per_step([a_dir, b_dir]) == 8  # rank 1's metrics file included
     assert len(list(b_dir.glob("metrics-peer-*.1.jsonl"))) == 1
     assert any(r["peers"] == 2 for r in records(b_dir, "sync"))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_two_peers_of_different_batch_sizes_weight_by_tokens(swarm):
+    """outer.weighting = tokens on the swarm (docs/uneven.md): peer b trains on half the tokens
+    per step, so it counts a third in every round of both; one global state every outer step."""
+    common = ["--run.steps", "30", "--peers.min_peers", "2", "--outer.weighting", "tokens",
+              "--outer.aggregate", "mean"]
+    a, a_dir = swarm.start("a", *common, "--data.batch_size", "4")
+    b, b_dir = swarm.start("b", *common, "--data.batch_size", "2", initial=a_dir)
+    assert [finish(p) for p in (a, b)] == [0, 0], swarm.log("b")[-3000:]
+    assert hashes_agree_per_step([a_dir, b_dir]) == 6
+    together = [r for r in records(b_dir, "sync") if r["peers"] == 2]
+    assert together and all(r["weight"] == pytest.approx(1 / 3) for r in together)

@@ -13,6 +13,11 @@ two-phase exchange below (as in PCCL):
    order, divided by their number), then encodes the result **once**;
 3. all-gather: every member (the owner too) decodes the owner's bytes.
 
+A member may attach its `RoundReport` (tokens, inner steps and compute seconds of its
+round; docs/uneven.md) to its phase-1 slices: every owner then holds every member's report,
+weights the contributions by their tokens when the rule says so (`outer.weighting = tokens`),
+and hands the reports back in the result, so every member learns the group's progress.
+
 Because every member decodes identical bytes with the same deterministic decoder, the
 global state stays bit-identical with any codec, lossy or not.
 """
@@ -28,7 +33,7 @@ from typing import Callable, Protocol
 import blake3
 import torch
 
-from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms
+from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
 
 
@@ -83,6 +88,21 @@ class SharedState(Protocol):
         """A copy of the global state, safe to call from any thread."""
 
 
+@dataclass(frozen=True)
+class RoundReport:
+    """What a member tells the owners about its round (docs/uneven.md); 3 fp64 on the wire,
+    appended to each of its phase-1 slices."""
+
+    tokens: float
+    """Tokens this member trained on in the round (its weight with `outer.weighting = tokens`)."""
+    steps: float
+    """Inner steps this member took in the round."""
+    ready_seconds: float = 0.0
+    """Seconds from the start of its round until it reached the exchange."""
+
+    NBYTES = 24
+
+
 class DivergenceError(RuntimeError):
     """Members hold different global states after an outer step (a bug, never a fault)."""
 
@@ -114,6 +134,9 @@ class ExchangeResult:
     owner_error: tuple[int, torch.Tensor] | None = None
     """Two-phase exchange of a lossy codec: (offset, mean − decode(encode(mean))) of the chunk this
     member owned, the part of the average its re-encode lost (`outer.owner_feedback`); None else."""
+    reports: list = field(default_factory=list)
+    """(tokens, steps, ready_seconds) of every member's `RoundReport`, member order, as this
+    member received them as an owner; empty when the members sent none."""
     adopted: GlobalState | None = None
     """Open-membership backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
@@ -139,11 +162,13 @@ class Group(ABC):
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
         """Mean of `flat` over the members, bit-identical everywhere.
 
         `aggregate`: the owners' rule for this call (default `self.aggregate`; DiLoCo passes
         `MEAN` for floating-point buffers, which are averaged exactly whatever the rule).
+        `report`: this member's round, carried with its contribution (the members of one
+        exchange all pass one or all pass none); the weights of `outer.weighting = tokens`.
 
         Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
         """
@@ -199,8 +224,8 @@ class SoloGroup(Group):
     rank, size = 0, 1
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None) -> ExchangeResult:
-        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=[] if report is None else [_as_tuple(report)])
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         pass
@@ -241,6 +266,7 @@ def two_phase_average(
     all_gather: Callable[[torch.Tensor], torch.Tensor],
     buffers: ExchangeBuffers | None = None,
     aggregate: Aggregate = MEAN,
+    report: RoundReport | None = None,
 ) -> ExchangeResult:
     """The exchange described in the module docstring over two byte collectives.
 
@@ -253,6 +279,8 @@ def two_phase_average(
     straight into the result (only a short last chunk goes through a padded scratch
     chunk); the owner decodes each contribution into one reused chunk. The bytes are the
     same as encoding a zero-padded copy of `flat` chunk by chunk.
+
+    With `report`, each phase-1 slice is the chunk's bytes then the report's 24 bytes.
     """
     start = time.perf_counter()
     bufs = buffers if buffers is not None else ExchangeBuffers()
@@ -272,24 +300,29 @@ def two_phase_average(
             scratch[:numel - lo].copy_(flat[lo:])
         return scratch
 
-    if codec.lossless and numel == chunk * size:  # fp32's encoding is the bytes themselves
+    slot = nbytes + (RoundReport.NBYTES if report is not None else 0)  # one phase-1 slice
+    if codec.lossless and numel == chunk * size and report is None:  # fp32's encoding is the bytes themselves
         send = flat.view(torch.uint8)
     else:
-        send = bufs.get("send", nbytes * size, torch.uint8)
+        send = bufs.get("send", slot * size, torch.uint8)
         for member in range(size):
-            codec.encode(piece(member), out=send[member * nbytes:(member + 1) * nbytes])
+            codec.encode(piece(member), out=send[member * slot:member * slot + nbytes])
+        if report is not None:
+            send.view(size, slot)[:, nbytes:] = _report_bytes(report)
     # -- the owner's rule (dilo/aggregate.py; issue 13): clip first gathers every member's norm
-    norms = exchange_norms(send, codec, chunk, size, all_gather) if aggregate.needs_norms else None
-    recv = all_to_all(send).view(size, nbytes)
+    norms = exchange_norms(send.view(size, slot), codec, chunk, all_gather) if aggregate.needs_norms else None
+    recv = all_to_all(send).view(size, slot)
+    reports = [] if report is None else [_as_tuple(r) for r in map(_report_from, recv[:, nbytes:])]
+    weights = token_weights([r[0] for r in reports]) if aggregate.weighting == "tokens" and reports else None
     # Decode the contributions in member order; mean and clip add each one as it comes, so
     # they reuse one chunk; the sorting rules keep the chunk's valid contributions together.
     if aggregate.name in ("mean", "clip"):
         def decode(member: int) -> torch.Tensor:
-            return codec.decode(recv[member], chunk, out=scratch)
+            return codec.decode(recv[member, :nbytes], chunk, out=scratch)
     else:
         def decode(member: int) -> torch.Tensor:
-            return codec.decode(recv[member], chunk)
-    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms)
+            return codec.decode(recv[member, :nbytes], chunk)
+    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights)
     accepted = len(screened.accepted)
     # -- end of the owner's rule
     encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
@@ -310,11 +343,24 @@ def two_phase_average(
                 owner_error = (lo, (mean - dst)[:min(chunk, numel - lo)])
     # Counted from the buffers themselves: what leaves for other members in each phase
     # (a member's own slice never touches the wire), and symmetrically what arrives.
-    sent = (send.numel() - nbytes) + encoded.numel() * (size - 1)
-    received = (recv.numel() - nbytes) + (gathered.numel() - encoded.numel())
+    sent = (send.numel() - slot) + encoded.numel() * (size - 1)
+    received = (recv.numel() - slot) + (gathered.numel() - encoded.numel())
     if norms is not None:  # clip's one fp32 per member
         sent, received = sent + 4 * (size - 1), received + 4 * (size - 1)
     return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
                           dropped=size - accepted, codec_error=codec_error, owner_error=owner_error,
                           rejected=screened.rejected,
-                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0])
+                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports)
+
+
+def _report_bytes(report: RoundReport) -> torch.Tensor:
+    return torch.tensor([report.tokens, report.steps, report.ready_seconds], dtype=torch.float64).view(torch.uint8)
+
+
+def _report_from(raw: torch.Tensor) -> RoundReport:
+    return RoundReport(*raw.clone().view(torch.float64).tolist())
+
+
+def _as_tuple(report: RoundReport) -> tuple[float, float, float]:
+    """A report as plain numbers (results are saved in checkpoints, which hold no custom classes)."""
+    return (float(report.tokens), float(report.steps), float(report.ready_seconds))

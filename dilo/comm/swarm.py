@@ -54,7 +54,7 @@ if importlib.util.find_spec("hivemind") is None:  # checked without importing it
 from dilo import atomic_write  # noqa: E402
 from dilo.aggregate import Aggregate  # noqa: E402
 from dilo.codecs import Codec  # noqa: E402
-from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, SharedState  # noqa: E402
+from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, RoundReport, SharedState  # noqa: E402
 from dilo.comm.swarm_admission import Admission  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_fingerprint  # noqa: E402
 from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, Refusals, average_in_group  # noqa: E402
@@ -188,7 +188,7 @@ class SwarmGroup(Group):
 
     # -- rounds --------------------------------------------------------------------------
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
         if round is None:
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
@@ -221,10 +221,10 @@ class SwarmGroup(Group):
                 log.info("round %d: no other peer is in the round; applying this peer's own Δ", t)
                 self._agreed = offer and offer["files"]
                 self._finished(t, key, flat.clone(), 1)
-                return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+                return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
             group = outcome.group
             try:
-                result = self._exchange(group, flat, codec, aggregate or self.aggregate)
+                result = self._exchange(group, flat, codec, aggregate or self.aggregate, report)
             except ExchangeFailed as e:
                 self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
                 self.count("partial_rounds")
@@ -251,7 +251,7 @@ class SwarmGroup(Group):
         self.count("solo_rounds")
         self._finished(t, key, flat.clone(), 1)
         self._agreed = offer and offer["files"]
-        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
 
     def take_agreed(self) -> list | None:
         """data.watch: the [name, size] files the last round's group agreed on (once; None after
@@ -295,14 +295,15 @@ class SwarmGroup(Group):
                     "outer step %d", number, state.outer_step)
         return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
-    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec, aggregate: Aggregate) -> ExchangeResult:
+    def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec, aggregate: Aggregate,
+                  report: RoundReport | None = None) -> ExchangeResult:
         def dropped(problem: str) -> None:
             log.warning("round %d: dropped a contribution: %s", group.t, problem)
             self.count("rejected_contributions", reason="wrong_size")
 
         self._active = group
         try:
-            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate)
+            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate, report)
             result.rejected = [(group.peers[m], why) for m, why in result.rejected]  # name the peers
             return result
         finally:
@@ -365,3 +366,8 @@ class SwarmGroup(Group):
 
     def all_gather_object(self, obj: object) -> list:
         raise RuntimeError("a swarm has no fixed ranks: members compare digests through confirm()")
+
+
+def _own(report: RoundReport | None) -> list:
+    """A round run alone: its only report is this peer's."""
+    return [] if report is None else [(float(report.tokens), float(report.steps), float(report.ready_seconds))]

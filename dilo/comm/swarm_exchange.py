@@ -26,7 +26,7 @@ import torch
 
 from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, chunk_numel, two_phase_average
+from dilo.comm.protocol import ExchangeResult, RoundReport, chunk_numel, two_phase_average
 from dilo.comm.swarm_auth import AuthError
 from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
 
@@ -288,15 +288,20 @@ class Mailboxes:
 
 
 def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec: Codec, timeout: float,
-                     on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN) -> ExchangeResult:
+                     on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN,
+                     report: RoundReport | None = None) -> ExchangeResult:
     """The two-phase average among `group` (training thread; the collectives run on the loop).
-    Raises ExchangeFailed when the round cannot complete here: nothing is applied then."""
+    Raises ExchangeFailed when the round cannot complete here: nothing is applied then.
+    With `report`, phase-1 slices carry it (24 bytes more; a bad slice's report reads NaN tokens)."""
     chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
     nbytes = codec.encoded_nbytes(chunk)
     poison = codec.encode(torch.full((chunk,), float("nan"))).numpy().tobytes()
+    extra = RoundReport.NBYTES if report is not None else 0
+    no_report = np.full(3, np.nan).tobytes()  # (owners drop the NaN-token member: dilo/aggregate.py)
 
     def collective(phase: int, slices: list) -> torch.Tensor:
-        got = node.run(group.collective(phase, slices, nbytes, poison, timeout), timeout=timeout + 30)
+        size, bad = (nbytes + extra, poison + no_report[:extra]) if phase == 1 else (nbytes, poison)
+        got = node.run(group.collective(phase, slices, size, bad, timeout), timeout=timeout + 30)
         for problem in group.bad_slices:
             on_bad_slice(problem)
         group.bad_slices.clear()
@@ -308,7 +313,8 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
     def all_gather(buf: torch.Tensor) -> torch.Tensor:
         return collective(2, [to_bytes_view(buf)] * group.size)
 
-    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate=aggregate)
+    return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate=aggregate,
+                             report=report)
 
 
 class Refusals:

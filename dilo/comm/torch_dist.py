@@ -18,7 +18,7 @@ from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                two_phase_average)
+                                RoundReport, two_phase_average)
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -59,12 +59,12 @@ class TorchGroup(Group):
         return out
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None) -> ExchangeResult:
-        if codec.exchange == "gather":
+                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+        if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 buffers=self._buffers, aggregate=aggregate or self.aggregate)
+                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
