@@ -16,7 +16,7 @@ from dilo.aggregate import Aggregate
 from dilo.codecs import get_codec
 from dilo.config import parse_args
 from dilo.comm.local import local_groups
-from tests.helpers import SMALL, run_workers, summaries, torchrun_cmd
+from tests.helpers import SMALL, Net, inner_step, run_workers, summaries, torchrun_cmd
 
 F32 = np.float32
 
@@ -540,3 +540,32 @@ def test_diloco_sparse_two_phase_with_owner_feedback_stays_identical():
 
     found = run_workers(worker, workers)
     assert len(found[0]) == 4 and found[0] == found[1] == found[2]
+
+
+@pytest.mark.parametrize("overlap", ["none", "eager"])
+def test_sparse_with_streaming_fragments_and_overlap_stays_identical(overlap):
+    """Fragments, τ and eager overlap with the gather exchange on the background thread."""
+    workers, H = 3, 4
+    groups = local_groups(workers)
+    built = [Net() for _ in range(workers)]  # here: torch.manual_seed is global, threads would race
+    codec = get_codec("sparse", density=0.1, sparse_block=64)
+
+    def worker(w):
+        model = built[w]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        d = DiLoCo(model, opt, inner_steps=H, codec=codec, group=groups[w], fragments=2, delay=1,
+                   overlap=overlap, ef_decay=0.9, outer_momentum=0.0, nesterov=False, outer_lr=2.0)
+        hashes = []
+        try:
+            for s in range(H * 4):
+                inner_step(model, opt, w, s)
+                if d.step() is not None:
+                    hashes.append(d.global_hash())
+            d.flush()
+            hashes.append(d.global_hash())
+        finally:
+            d.close()
+        return hashes
+
+    found = run_workers(worker, workers)
+    assert len(found[0]) >= 6 and found[0] == found[1] == found[2]
