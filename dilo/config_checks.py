@@ -228,10 +228,6 @@ def _validate_streaming(cfg) -> None:
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
     check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind", weighting=o.weighting)
-    _require(not c.owner_feedback or ((c.error_feedback or c.codec == "sparse") and c.codec != "fp32"
-                                      and not (c.codec == "sparse" and c.sparse_exchange == "gather")),
-             "comm.owner_feedback needs error feedback and a lossy two-phase codec (int8, fp4, int2, bf16, "
-             "fp16, or sparse with comm.sparse_exchange = two_phase); the sparse gather re-encodes nothing")
     _require(not (c.owner_feedback and cfg.run.worker_size > 1),
              "comm.owner_feedback does not reach islands yet (run.worker_size > 1): their exchanging ranks "
              "do not hand the owner's error to the worker's processes")

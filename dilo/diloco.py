@@ -92,16 +92,17 @@ def error_feedback_runs(codec: Codec, group: Group, error_feedback: bool, ef_dec
         raise ValueError(f"comm.codec = {codec.name} is exchanged by all-gather (dilo/comm/gather.py), which a "
                          "group of open membership (the hivemind swarm) does not run yet; use a fixed group "
                          "(comm.backend = torch), comm.sparse_exchange = two_phase or a dense codec (codec)")
-    if owner_feedback and not ((error_feedback or codec.needs_error_feedback) and codec.exchange == "two_phase"):
-        raise ValueError("comm.owner_feedback needs error feedback and a codec of the two-phase exchange (int8, "
-                         f"fp4, int2, sparse with two_phase), not {codec.name} with its {codec.exchange} exchange "
-                         "(DiLoCo keywords: owner_feedback, error_feedback, codec)")
     ef = (error_feedback or codec.needs_error_feedback) and group.size > 1
     if ef and not error_feedback:
         log.info("comm.codec = %s runs with error feedback (what it drops is kept and sent later)", codec.name)
-    if ef_decay != 1.0 and not ef:  # allowed, so that one set of flags serves several codecs
+    # Allowed without effect (a warning), so that one set of flags serves several codecs.
+    if ef_decay != 1.0 and not ef:
         log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
                     "false with %s, or a lone worker)", ef_decay, codec.name)
+    if owner_feedback and not (ef and codec.exchange == "two_phase" and not codec.lossless):
+        log.warning("comm.owner_feedback has no effect: it needs error feedback and a lossy codec of the "
+                    "two-phase exchange, not %s (%s exchange, error feedback %s)", codec.name, codec.exchange,
+                    "on" if ef else "off")
     return ef
 
 
@@ -324,7 +325,7 @@ class DiLoCo(OuterState):
             with self._state_lock:
                 frag.apply_outer_step(result.average)
                 self.outer_step += 1
-            if self.owner_feedback and frag.residual is not None and result.owner_error is not None:
+            if self.owner_feedback and frag.residual is not None and result.owner_error is not None:  # two-phase
                 frag.feed_back_owner_error(*result.owner_error, result.num_peers)
             if before is not None:
                 hook_bytes = self.after_outer_step(before, frag.theta.detach())

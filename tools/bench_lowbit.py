@@ -2,9 +2,11 @@
 
     python tools/bench_lowbit.py --out docs/results/lowbit_quality.json --png docs/img/lowbit_quality.png
     python tools/bench_lowbit.py --quick --out runs/bench/lowbit.json
+    python tools/bench_lowbit.py --full --steps 2000 --H 50 --seeds 0,1,2 --variants "int8 mom0 lr1,sparse 0.02 mom0 lr2 b0.95" --data.path corpus/
 
 Every variant is one `tools/bench_quality.py` invocation (its --quick model: 64 wide, 2
-layers, sequence 64, batch 8; M workers, seed(s), H) with the variant's dilo arguments, so
+layers, sequence 64, batch 8, unless --full: the --config preset's model; M workers,
+seed(s), H; any other --section.key VALUE is passed on) with the variant's dilo arguments, so
 each row is a real `torchrun -m dilo.train` run; the first variant also runs the
 data-parallel baseline. Reported per variant: final eval loss (mean over seeds), its ratio
 to the first variant's (`vs_first`, int8 by default), bytes sent per worker (counted by
@@ -42,6 +44,10 @@ VARIANTS = {
     "sparse 0.02 mom0 lr2": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "2.0"],
     "sparse 0.02 mom0 lr2 b0.95": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "2.0",
                                    "--comm.ef_decay", "0.95"],
+    "sparse 0.02 mom0 lr1 b0.95": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "1.0",
+                                   "--comm.ef_decay", "0.95"],
+    "sparse 0.02 mom0.5 lr1 b0.95": [*SPARSE, "--comm.density", "0.02", "--outer.momentum", "0.5", "--outer.lr",
+                                     "1.0", "--comm.ef_decay", "0.95"],
     "sparse 0.02 two-phase owner mom0 lr2 b0.95": [*SPARSE, "--comm.density", "0.02", *M0, "--outer.lr", "2.0",
                                                    "--comm.ef_decay", "0.95", "--comm.sparse_exchange", "two_phase",
                                                    "--comm.owner_feedback", "true"],
@@ -56,10 +62,11 @@ def run_variant(name: str, first: bool, args: argparse.Namespace) -> dict:
     slug = name.replace(" ", "_")
     out = args.runs_dir / f"{slug}.json"
     if not (args.reuse and out.exists()):
-        cmd = [sys.executable, str(REPO / "tools" / "bench_quality.py"), "--quick", "--steps", str(args.steps),
+        cmd = [sys.executable, str(REPO / "tools" / "bench_quality.py"), *([] if args.full else ["--quick"]),
+               "--config", args.config, "--steps", str(args.steps),
                "--H", str(args.H), "--workers", str(args.workers), "--seeds", args.seeds, "--png", "",
                "--baselines", "ddp" if first else "", "--runs-dir", str(args.runs_dir / slug),
-               "--out", str(out), *VARIANTS[name]]
+               "--out", str(out), *args.dilo_args, *VARIANTS[name]]
         print(f"bench_lowbit: {name}", file=sys.stderr, flush=True)
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
         if res.returncode != 0:
@@ -90,6 +97,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_lowbit", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--full", action="store_true", help="the --config preset's model, not bench_quality's --quick one")
+    p.add_argument("--config", default=str(REPO / "configs" / "tiny.toml"), help="dilo TOML preset")
     p.add_argument("--steps", type=int, default=600, help="inner steps per worker")
     p.add_argument("--H", type=int, default=20, help="outer.inner_steps")
     p.add_argument("--workers", type=int, default=4)
@@ -100,7 +109,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per variant")
     p.add_argument("--out", default="runs/bench/lowbit.json")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")
-    args = p.parse_args(argv)
+    args, args.dilo_args = p.parse_known_args(argv)
+    for a in args.dilo_args:
+        if a.startswith("--") and "." not in a.split("=")[0]:
+            raise ToolError(f"unknown option {a}; dilo keys look like --section.key")
     if args.quick:
         args.variants, args.steps, args.H = "int8,int2 ef,sparse 0.02 mom0 lr2 b0.95", 60, 10
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
