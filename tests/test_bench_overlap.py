@@ -1,0 +1,35 @@
+"""tools/bench_overlap.py without training: its variant definitions, run arguments and ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools import bench_overlap
+from tools.report import ToolError
+from tools.runs import check_config
+
+
+def test_variants_parse_and_build_valid_dilo_arguments():
+    args = bench_overlap.parse(["--variants", "core,eager,x", "--variant", "x=--outer.overlap eager --outer.lr 0.3",
+                                "--steps", "400", "--", "--outer.inner_steps", "10"])
+    argv = bench_overlap.run_args(args, "x", 2)
+    cfg = check_config(argv)
+    assert (cfg.outer.overlap, cfg.outer.lr, cfg.run.seed, cfg.run.steps) == ("eager", 0.3, 2, 400)
+    assert cfg.outer.inner_steps == 10 and cfg.data.eval_every == 10  # 100 inner steps / H
+    for name in bench_overlap.VARIANTS:
+        check_config(bench_overlap.run_args(args, name, 0))
+
+
+@pytest.mark.parametrize("argv", [["--variants", "eager"], ["--variants", "core,nope"], ["--variant", "bad"]])
+def test_bad_variants_are_refused(argv):
+    with pytest.raises(ToolError):
+        bench_overlap.parse(argv)
+
+
+def test_ratios_are_to_the_same_seeds_core():
+    runs = [{"variant": v, "seed": s, "args": "", "final_eval_loss": loss, "hashes_agree": True, "outer_steps": 5,
+             "bytes_sent_per_worker": 1, "peak_sync_bytes": 1}
+            for v, s, loss in [("core", 0, 2.0), ("core", 1, 4.0), ("eager", 0, 3.0), ("eager", 1, 4.4)]]
+    rows = {r["variant"]: r for r in bench_overlap.aggregate(runs, ["core", "eager"])}
+    assert rows["eager"]["ratios"] == pytest.approx([1.5, 1.1])
+    assert rows["eager"]["ratio_to_core"]["median"] == pytest.approx(1.3)
