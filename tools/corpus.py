@@ -5,6 +5,9 @@
     python tools/corpus.py dir:/some/folder /tmp/folder.txt --max-bytes 8000000
 
 Then train on it with `--data.path FILE` (and `--data.max_bytes` no larger than the file).
+dilo reads a file's first data.max_bytes bytes, and the file is in path order, so write it
+with --max-bytes equal to the run's data.max_bytes (or set data.max_bytes 0) to train on a
+sample of the whole source rather than the head of its alphabet.
 Next to FILE goes FILE.json: the source, the Python version, the byte budget, the files taken
 (relative name, bytes), the total bytes and the file's sha256, so another machine can check
 it has the same corpus.
