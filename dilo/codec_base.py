@@ -92,6 +92,16 @@ class Codec:
         """Per element, an upper bound on ``|decode(encode(x)) - x|`` (finite ``x``)."""
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Encode and decode one small vector, and check it for finiteness, so that the kernels
+        (numba's, loaded from its cache on first use: ~0.8 s) load at start-up, not inside the
+        first round's exchange. No state: nothing it computes is kept."""
+        from dilo.codec_kernels import all_finite
+
+        x = torch.linspace(-1.0, 1.0, 4 * max(self.block_size, 64))
+        self.decode(self.encode(x), x.numel())
+        all_finite(x)
+
     def _check_buf(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
         expected = self.encoded_nbytes(numel)
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != expected:

@@ -142,6 +142,7 @@ class DiLoCo(OuterState):
         weighting: str = "equal",
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
+        self.codec.warm_up()  # kernels load now, not inside the first exchange (rounds by time count it)
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
