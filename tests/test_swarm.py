@@ -5,7 +5,6 @@ Every test checks that no p2pd daemon, reaper, socket file or /dev/shm file outl
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ import pytest
 import hivemind  # noqa: E402,F401  (installed by the test extra)
 
 from tools import proctree
+from tools.runs import records
 from tests.helpers import SMALL, summaries, torchrun_cmd  # noqa: E402
 
 SWARM = [*SMALL, "--comm.backend", "hivemind", "--peers.listen", "/ip4/127.0.0.1/tcp/0",
@@ -38,19 +38,6 @@ def wait_for(predicate, timeout: float, what: str, procs=()):
             assert p.poll() is None, f"a peer exited (rc {p.returncode}) while waiting for {what}"
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    out = []
-    for path in run_dir.glob("metrics-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-            if record["kind"] == kind:
-                out.append(record)
-    return out
 
 
 class Swarm:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.report import ToolError, document, run_tool, write_json  # noqa: E402
-from tools.runs import REPO, child_env, kill_tree, tail  # noqa: E402
+from tools.runs import REPO, child_env, kill_tree, records, tail  # noqa: E402
 
 PEER = ["--config", "configs/tiny.toml", "--model.d_model", "32", "--model.n_layers", "1",
         "--model.n_heads", "2", "--model.seq_len", "32", "--data.batch_size", "4",
@@ -42,19 +42,6 @@ PEER = ["--config", "configs/tiny.toml", "--model.d_model", "32", "--model.n_lay
 SLOT_FIELDS = ("shard", "batch_index")
 """Manifest fields that belong to a peer's data slot, not to the swarm."""
 TAKEN = re.compile(r"data: shard (\d+) taken: (\S+) .* after (\d+) steps")
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    out = []
-    for path in run_dir.glob("metrics-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-            if record["kind"] == kind:
-                out.append(record)
-    return out
 
 
 def scenario(work: Path, shard_bytes: int = 4000, rounds_before: int = 2, rounds_joined: int = 3,

@@ -152,3 +152,18 @@ def metrics(run_dir: str | Path, worker: int = 0) -> list[dict]:
 def finished(run_dir: str | Path, num_workers: int) -> bool:
     """True when the run left one summary per worker (a complete, reusable run)."""
     return len(list(Path(run_dir).glob("summary-*.json"))) == num_workers
+
+
+def records(run_dir: str | Path, kind: str) -> list[dict]:
+    """Every worker's metrics records of one kind, read while the run may still be writing
+    (a half-written last line is skipped)."""
+    out = []
+    for path in Path(run_dir).glob("metrics-*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if record["kind"] == kind:
+                out.append(record)
+    return out
