@@ -238,9 +238,11 @@ class DiLoCo(OuterState):
         named = {}
         if self.group.open_membership:  # exchange number = outer step + exchanges in flight
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
+        if report is not None:  # only rounds that report (time/token rounds, token weighting)
+            named["report"] = report
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
-            result = self.group.average(wire, self.codec, report=report, **named)
+            result = self.group.average(wire, self.codec, **named)
             mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
             return result, mean_buffers
 

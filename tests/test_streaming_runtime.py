@@ -282,4 +282,5 @@ def test_a_round_checkpointed_by_an_earlier_version_still_loads():
     assert (result.bytes_sent, result.bytes_received, result.num_peers, result.seconds, result.dropped,
             result.codec_error, result.intra_bytes, result.adopted) == (10, 20, 2, 0.5, 1, 0.1, 0, None)
     assert (buffers, seconds, rnd.handle.exposed_seconds) == (None, 0.6, 0.2)
-    assert set(round_state(rnd)) == set(old) | {"intra_bytes"}
+    assert (result.owner_error, result.reports) == (None, [])  # fields added since: their defaults
+    assert set(round_state(rnd)) == set(old) | {"intra_bytes", "owner_error", "reports"}
