@@ -255,7 +255,7 @@ class Trainer:
                 if self.failover is not None and not stopped:
                     self.failover.boundary()  # heal mode: admit joiners, take a changed group's layout
         self.loop_seconds = time.perf_counter() - loop_start
-        if self.failover is not None:
+        if self.failover is not None and not stopped:
             self.failover.finish()
         return self.finish(stopped)
 

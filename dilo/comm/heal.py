@@ -24,8 +24,10 @@ gone): the worker exits and its launcher restarts it — the restart-the-world f
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import pickle
+import threading
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
@@ -33,7 +35,7 @@ import torch.distributed as dist
 
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
-from dilo.comm.membership import Epoch, HealError, Member, Membership
+from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
                                 two_phase_average)
 
@@ -118,6 +120,7 @@ class HealingGroup(Group):
         self.events: list[dict] = []
         """Heal events since the trainer last logged them."""
         self.world_id = ""
+        self.rank, self.size = 0, membership.slots  # until admitted: the run's size (DiLoCo's options)
         self.epoch: Epoch | None = None
         self._group: EpochGroup | None = None
         self._op = 0
@@ -148,13 +151,7 @@ class HealingGroup(Group):
     def guarded(self, op: Callable[[EpochGroup], T], joiners: bool = False) -> T:
         """`op` on the current epoch's group, committed by every member or redone by the survivors."""
         while True:
-            result, error = None, None
-            try:
-                result = op(self.group())
-            except (DivergenceError, HealError):
-                raise
-            except RuntimeError as e:  # a peer died or timed out; gloo's errors are RuntimeErrors
-                error = e
+            result, error = self._watched(op)
             try:
                 decision = self.membership.decide(self.epoch, self._op, error is None, look_for_joiners=joiners)
             except Exception as e:  # noqa: BLE001 - the store is gone: nothing can be agreed any more
@@ -165,6 +162,47 @@ class HealingGroup(Group):
                     self.joiners = decision.joiners(self.epoch)
                 return result
             self._heal(decision.survivors(self.epoch), error)
+
+    def _watched(self, op: Callable[[EpochGroup], T]) -> tuple[T | None, BaseException | None]:
+        """(result, None) or (None, the failure). The op runs on a thread of its own while this one
+        watches the store: when another member reports a failure of this op, or a member's
+        heartbeat stops (SIGSTOP, a hang), the op is abandoned at once instead of after
+        comm.timeout (its thread ends when gloo times out; its buffers belong to the dropped
+        epoch group, never reused). After a failure the group is dropped, which closes its
+        connections: peers still blocked on this member fail at once too."""
+        try:
+            g = self.group()
+        except RuntimeError as e:  # (gloo's rendezvous of a new group: a member never came)
+            return None, e
+        box: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["result"] = op(g)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+        threading.Thread(target=run, name="dilo-heal-op", daemon=True).start()
+        while not done.wait(0.05):
+            trouble = self.membership.trouble(self.epoch, self._op)
+            if trouble is not None:
+                self._drop_group()
+                return None, RuntimeError(trouble)
+        error = box.get("error")
+        if isinstance(error, (DivergenceError, HealError)) or (error is not None and not isinstance(error, RuntimeError)):
+            raise error
+        if error is not None:  # a peer died or timed out; gloo's errors are RuntimeErrors
+            self._drop_group()
+        return box.get("result"), error
+
+    def _drop_group(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.pg = None
+        del group
+        gc.collect()
 
     def _heal(self, survivors: list[Member], error: BaseException | None) -> None:
         old = self.epoch
@@ -211,8 +249,8 @@ class HealingGroup(Group):
     # -- Group -----------------------------------------------------------------------------
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None) -> ExchangeResult:
-        if not self.admitted:
-            raise RuntimeError("internal error: an exchange before this worker was admitted")
+        if not self.admitted or self.needs_state:  # (DiLoCo's start-up average of the buffers)
+            return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
         return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate), joiners=True)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
@@ -262,7 +300,9 @@ def connect(cfg: Config, world: World) -> HealingGroup:
     membership = Membership(store, cfg.run.slot, cfg.run.workers, timeout=cfg.comm.heartbeat)
     membership.start_heartbeat(PrefixStore(prefix, open_store(cfg.comm.store, cfg.comm.timeout)))
     latest = membership.latest()
-    if latest is not None and not membership.finished(latest.world) and membership.alive(latest.members):
+    if latest is not None and membership.finished(latest.world):
+        raise RunEnded(f"the run in {cfg.run.dir} already finished (its summary is there); nothing to do")
+    if latest is not None and membership.alive(latest.members):
         group = HealingGroup(membership, store, None, cfg.comm.timeout, cfg.run.min_workers)
         group.world_id = latest.world
         log.info("heal: a running group (epoch %d, %d workers) exists; slot %d joins it at a round boundary",
@@ -270,6 +310,7 @@ def connect(cfg: Config, world: World) -> HealingGroup:
     else:
         log.info("heal: slot %d waiting for the run's %d workers to form a group", cfg.run.slot, cfg.run.workers)
         epoch = membership.join(cfg.run.workers, cfg.run.min_workers, grace=cfg.comm.timeout)
+        log.info("heal: epoch %d formed by slots %s", epoch.number, [m[0] for m in epoch.members])
         group = HealingGroup(membership, store, epoch, cfg.comm.timeout, cfg.run.min_workers)
     follow(world, group)
     return group

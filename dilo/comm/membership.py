@@ -211,7 +211,8 @@ class Membership:
             time.sleep(self.timeout / 10)
 
     def finished(self, world: str) -> bool:
-        """Whether the world formed as `world` ended (finished or stopped)."""
+        """Whether the world formed as `world` finished the run (a graceful stop does not count:
+        a later launch forms a new world and resumes)."""
         return bool(world) and self.store.check([f"finished/{world}"])
 
     def mark_finished(self, world: str) -> None:
@@ -242,6 +243,20 @@ class Membership:
                 return self._decision(raw)
             time.sleep(self.poll)
 
+    def trouble(self, epoch: Epoch, op: int) -> str | None:
+        """Why collective `op` of `epoch` cannot succeed any more, or None: a member reported
+        its failure, or a member's heartbeat stopped."""
+        base = f"ep/{epoch.number}/op/{op}"
+        if self.store.check([f"{base}/decision"]):
+            return "the group decided on this collective without this worker"
+        for slot, nonce in epoch.members:
+            key = f"{base}/{slot}"
+            if (slot, nonce) != self.me and self.store.check([key]) and not json.loads(self.store.get(key))["ok"]:
+                return f"slot {slot} reported a failure of this collective"
+            if (slot, nonce) != self.me and self.liveness.dead(nonce):
+                return f"slot {slot} stopped sending heartbeats for {self.timeout:g} s"
+        return None
+
     @staticmethod
     def _decision(raw: bytes | str) -> Decision:
         return Decision({int(k): v for k, v in json.loads(raw).items()})
@@ -255,12 +270,12 @@ class Membership:
         self.register()
         first_wait = self.clock()
         while True:
-            if self.finished(joining):
-                raise RunEnded("the run ended before this worker was admitted; nothing to join")
             latest = self.latest()
+            if self.finished(joining) or (latest is not None and self.finished(latest.world)):
+                raise RunEnded("the run finished before this worker was admitted; nothing to do")
             if latest is not None and self.me in latest.members:
                 return latest
-            if latest is None or self.finished(latest.world) or not self.alive(latest.members):
+            if latest is None or not self.alive(latest.members):
                 formed = self._try_form(latest, expected, min_workers, first_wait, grace)
                 if formed is not None:
                     return formed
