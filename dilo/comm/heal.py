@@ -124,6 +124,7 @@ class HealingGroup(Group):
         self.epoch: Epoch | None = None
         self._group: EpochGroup | None = None
         self._op = 0
+        self._abandoned: list[tuple[threading.Thread, EpochGroup]] = []
         if epoch is not None:
             self.enter(epoch)
 
@@ -184,11 +185,14 @@ class HealingGroup(Group):
                 box["error"] = e
             finally:
                 done.set()
-        threading.Thread(target=run, name="dilo-heal-op", daemon=True).start()
+        self._abandoned = [(t, a) for t, a in self._abandoned if t.is_alive()]
+        thread = threading.Thread(target=run, name="dilo-heal-op", daemon=True)
+        thread.start()
         while not done.wait(0.05):
             trouble = self.membership.trouble(self.epoch, self._op)
-            if trouble is not None:
-                self._drop_group()
+            if trouble is not None:  # (destroying a group waits for its op: keep it until the op ends)
+                self._abandoned.append((thread, self._group))
+                self._group = None
                 return None, RuntimeError(trouble)
         error = box.get("error")
         if isinstance(error, (DivergenceError, HealError)) or (error is not None and not isinstance(error, RuntimeError)):
@@ -275,6 +279,13 @@ class HealingGroup(Group):
         return None
 
     def close(self) -> None:
+        # An abandoned op ends when gloo times out (comm.timeout); a process must not exit
+        # while one is blocked in C++ (it would abort), nor destroy its group before that.
+        for thread, _ in self._abandoned:
+            thread.join(self.timeout_s + 5)
+        self._abandoned.clear()
+        self._group = None
+        gc.collect()
         if self.membership.heartbeat is not None:
             self.membership.heartbeat.stop()
 
