@@ -151,7 +151,8 @@ def test_heal_keys_are_checked():
     base = ["--run.failover", "heal", "--run.workers", "3", "--comm.store", "127.0.0.1:1234"]
     assert parse_args(base + ["--run.slot", "2"]).run.failover == "heal"
     for extra, message in ((["--run.slot", "3"], "run.slot"), (["--run.min_workers", "4"], "run.min_workers"),
-                           (["--outer.overlap", "delayed"], "outer.overlap"), (["--run.failover", "x"], "run.failover")):
+                           (["--outer.overlap", "delayed"], "outer.overlap"),
+                           (["--run.failover", "x"], "run.failover")):
         with pytest.raises(ValueError, match=message):
             parse_args(base + extra)
     with pytest.raises(ValueError, match="comm.store"):

@@ -155,7 +155,7 @@ class HealingGroup(Group):
             result, error = self._watched(op)
             try:
                 decision = self.membership.decide(self.epoch, self._op, error is None, look_for_joiners=joiners)
-            except Exception as e:  # noqa: BLE001 - the store is gone: nothing can be agreed any more
+            except Exception as e:  # the store is gone: nothing can be agreed any more
                 raise HealError(f"lost the membership store ({str(e)[:200]}); cannot heal") from e
             self._op += 1
             if decision.committed(self.epoch):
@@ -195,7 +195,8 @@ class HealingGroup(Group):
                 self._group = None
                 return None, RuntimeError(trouble)
         error = box.get("error")
-        if isinstance(error, (DivergenceError, HealError)) or (error is not None and not isinstance(error, RuntimeError)):
+        if error is not None and (isinstance(error, (DivergenceError, HealError))
+                                  or not isinstance(error, RuntimeError)):
             raise error
         if error is not None:  # a peer died or timed out; gloo's errors are RuntimeErrors
             self._drop_group()
