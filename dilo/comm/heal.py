@@ -124,7 +124,7 @@ class HealingGroup(Group):
         self.epoch: Epoch | None = None
         self._group: EpochGroup | None = None
         self._op = 0
-        self._abandoned: list[tuple[threading.Thread, EpochGroup]] = []
+        self._abandoned: list[tuple[threading.Thread, dict]] = []
         if epoch is not None:
             self.enter(epoch)
 
@@ -138,15 +138,15 @@ class HealingGroup(Group):
 
     def enter(self, epoch: Epoch) -> None:
         """Switch to `epoch` (its process group is built by the first collective)."""
+        self.membership.registered_as_member()
         self.epoch, self._group, self._op = epoch, None, 0
         self.world_id = epoch.world
         self.rank, self.size = epoch.rank_of(self.membership.me), len(epoch.members)
 
-    def group(self) -> EpochGroup:
-        if self._group is None:
-            self._group = EpochGroup(self.store, self.epoch, self.membership.me, self.timeout_s)
-            self._group.aggregate = self.aggregate
-        return self._group
+    def group_of(self, epoch: Epoch) -> EpochGroup:
+        group = EpochGroup(self.store, epoch, self.membership.me, self.timeout_s)
+        group.aggregate = self.aggregate
+        return group
 
     # -- the guard -------------------------------------------------------------------------
     def guarded(self, op: Callable[[EpochGroup], T], joiners: bool = False) -> T:
@@ -171,16 +171,14 @@ class HealingGroup(Group):
         comm.timeout (its thread ends when gloo times out; its buffers belong to the dropped
         epoch group, never reused). After a failure the group is dropped, which closes its
         connections: peers still blocked on this member fail at once too."""
-        try:
-            g = self.group()
-        except RuntimeError as e:  # (gloo's rendezvous of a new group: a member never came)
-            return None, e
-        box: dict = {}
+        box: dict = {"group": self._group}
         done = threading.Event()
 
         def run() -> None:
-            try:
-                box["result"] = op(g)
+            try:  # a new epoch's group is built here too: its rendezvous waits for every member
+                if box["group"] is None:
+                    box["group"] = self.group_of(self.epoch)
+                box["result"] = op(box["group"])
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 box["error"] = e
             finally:
@@ -191,16 +189,19 @@ class HealingGroup(Group):
         while not done.wait(0.05):
             trouble = self.membership.trouble(self.epoch, self._op)
             if trouble is not None:  # (destroying a group waits for its op: keep it until the op ends)
-                self._abandoned.append((thread, self._group))
+                self._abandoned.append((thread, box))
                 self._group = None
                 return None, RuntimeError(trouble)
+        self._group = box["group"]
         error = box.get("error")
+        result = box.get("result")
         if error is not None and (isinstance(error, (DivergenceError, HealError))
                                   or not isinstance(error, RuntimeError)):
             raise error
         if error is not None:  # a peer died or timed out; gloo's errors are RuntimeErrors
+            box.clear()
             self._drop_group()
-        return box.get("result"), error
+        return result, error
 
     def _drop_group(self) -> None:
         group, self._group = self._group, None

@@ -187,8 +187,13 @@ class Membership:
     def register(self) -> None:
         self.store.set(f"pending/{self.slot}", self.me[1])
 
-    def waiting(self, epoch: Epoch) -> list[Member]:
-        """Registered incarnations, not members of `epoch`, whose heartbeat is alive."""
+    def registered_as_member(self) -> None:
+        """Withdraw this incarnation's pending registration (it is a member now)."""
+        self.store.compare_set(f"pending/{self.slot}", self.me[1], "-")
+
+    def waiting(self, epoch: Epoch, seen_beating: bool = False) -> list[Member]:
+        """Registered incarnations, not members of `epoch`, whose heartbeat is alive (with
+        `seen_beating`: also seen to move, so a just-killed incarnation is never admitted)."""
         mine = set(epoch.members)
         out = []
         for slot in range(self.slots):
@@ -196,7 +201,9 @@ class Membership:
             if not self.store.check([key]):
                 continue
             member = (slot, self.store.get(key).decode())
-            if member not in mine and not self.liveness.dead(member[1]):
+            if member[1] == "-" or member in mine:
+                continue
+            if self.liveness.seen_beating(member[1]) if seen_beating else not self.liveness.dead(member[1]):
                 out.append(member)
         return out
 
@@ -223,7 +230,7 @@ class Membership:
         """This member's outcome of collective `op` of `epoch`, and the one decision on it."""
         base = f"ep/{epoch.number}/op/{op}"
         record = {"nonce": self.me[1], "ok": bool(ok),
-                  "pending": self.waiting(epoch) if ok and look_for_joiners else []}
+                  "pending": self.waiting(epoch, seen_beating=True) if ok and look_for_joiners else []}
         self.store.set(f"{base}/{self.slot}", json.dumps(record))
         records: dict[int, dict] = {}
         while True:
