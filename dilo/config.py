@@ -38,6 +38,14 @@ class RunConfig:
     """Processes per DiLoCo worker (e.g. 8 = a node of 8 GPUs): data-parallel inside, outer exchange between workers; must divide the world size (docs/islands.md)."""
     slowdown: str = ""
     """Testing aid: `worker:factor[,worker:factor]` makes those workers run `factor` times slower (each inner step is followed by a sleep of factor - 1 times its duration; "1:2" = worker 1 at half speed; docs/uneven.md)."""
+    failover: str = "restart"
+    """What a dead worker costs on the torch backend: `restart` (torchrun restarts every process; they resume from checkpoints) or `heal` (the survivors re-form the group and go on; a restarted worker joins the running group; needs comm.store, run.workers, run.slot; docs/elastic.md)."""
+    workers: int = 0
+    """run.failover = heal: the run's worker slots (the workers that start it); each worker is a process of its own."""
+    slot: int = 0
+    """run.failover = heal: this process's slot, 0 .. run.workers - 1 (a restarted worker keeps its slot)."""
+    min_workers: int = 1
+    """run.failover = heal: with fewer survivors the group does not heal; they exit and their launchers restart them (restart-the-world fallback, from checkpoints)."""
 
 
 @dataclass
@@ -198,6 +206,10 @@ class CommConfig:
     workers; pair it with comm.owner_feedback). docs/codecs.md."""
     timeout: float = 600.0
     """Seconds a collective may take before the worker gives up."""
+    store: str = ""
+    """run.failover = heal: host:port of the store that outlives every worker (`python -m dilo.rendezvous_store`); membership and process groups meet there."""
+    heartbeat: float = 5.0
+    """run.failover = heal: seconds without a heartbeat after which a silent worker counts as dead (a SIGSTOPped or hung one is dropped after this, not after comm.timeout)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ BACKENDS = ("torch", "hivemind")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUTS = ("iid", "contiguous")
 """`data.layout`: how the train stream's windows are ordered (dilo/data.py, ShardedBatches)."""
+FAILOVERS = ("restart", "heal")
 INNER_LR_MAX = 1.0
 """inner.lr above this is refused: AdamW moves every weight by up to lr per step, so lr > 1
 is a typo (published language-model values are 1e-5 .. 1e-2)."""
@@ -85,6 +86,7 @@ def validate(cfg) -> None:
              "or fp4 with error feedback")
     _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
     _validate_peers(cfg)
+    _validate_failover(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
     _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
     _require(not (k.resume not in ("", "fresh") and k.init_from),
@@ -92,6 +94,32 @@ def validate(cfg) -> None:
              "fresh): resume continues a run, init_from starts a new one from its weights")
     _validate_metrics(cfg)
     _validate_continual(cfg)
+
+
+def _validate_failover(cfg) -> None:
+    """run.failover = heal: live failover on the torch backend (docs/elastic.md)."""
+    r, c, o = cfg.run, cfg.comm, cfg.outer
+    _require(r.failover in FAILOVERS, f"run.failover must be one of {', '.join(FAILOVERS)}, got {r.failover!r}")
+    _require(r.min_workers >= 1, f"run.min_workers must be >= 1, got {r.min_workers}")
+    if r.failover != "heal":
+        return
+    _require(c.backend == "torch", "run.failover = heal is for comm.backend = torch (a swarm heals by itself)")
+    _require(r.mode == "diloco" and r.worker_size == 1,
+             "run.failover = heal needs run.mode = diloco and run.worker_size = 1 (one process per worker)")
+    _require(o.overlap == "none" and o.delay == 0 and o.fragments == 1,
+             "run.failover = heal redoes a failed exchange in the re-formed group, which needs every "
+             "exchange to finish inside its round: leave outer.overlap = none, outer.delay = 0, outer.fragments = 1")
+    _require(o.sync_every_seconds == 0 and o.target_tokens == 0,
+             "run.failover = heal runs rounds of outer.inner_steps steps: a round by time or tokens is not "
+             "re-agreed when the group changes yet; leave outer.sync_every_seconds and outer.target_tokens at 0")
+    host, _, port = c.store.rpartition(":")
+    _require(bool(host) and port.isdigit(), f"run.failover = heal needs comm.store = host:port of "
+             f"`python -m dilo.rendezvous_store`, got {c.store!r}")
+    _require(r.workers >= 1, f"run.failover = heal needs run.workers >= 1 (the run's worker slots), got {r.workers}")
+    _require(0 <= r.slot < r.workers, f"run.slot must be in 0 .. run.workers - 1 = {r.workers - 1}, got {r.slot}")
+    _require(r.min_workers <= r.workers,
+             f"run.min_workers ({r.min_workers}) must be <= run.workers ({r.workers})")
+    _require(c.heartbeat > 0, f"comm.heartbeat must be > 0 seconds, got {c.heartbeat}")
 
 
 def _validate_continual(cfg) -> None:
@@ -136,6 +164,9 @@ def validate_world_size(cfg, world_size: int) -> None:
     """Refuse a run.worker_size that does not divide the number of processes (at start-up,
     before any rendezvous, so every process refuses alike)."""
     size = cfg.run.worker_size
+    if cfg.run.failover == "heal" and world_size > 1:
+        raise ValueError(f"run.failover = heal: every worker is a process of its own (launch/heal_worker.sh), "
+                         f"not one of a torchrun world of {world_size}; start one process per run.slot")
     if cfg.comm.backend == "hivemind" and world_size > 1 and size != world_size:
         raise ValueError(
             f"comm.backend = hivemind under torchrun: the {world_size} processes form one swarm peer "

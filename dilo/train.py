@@ -37,11 +37,13 @@ from dilo import checkpoint
 from dilo.comm.build import build_groups, worker_identity
 from dilo.checkpointing import Checkpoints
 from dilo.codecs import get_codec
+from dilo.comm.membership import RunEnded
 from dilo.comm.protocol import DivergenceError, Group
 from dilo.config import Config, parse_args
 from dilo.config_help import help_text, wants_help
 from dilo.data_stream import attach_swarm
 from dilo.diloco import DiLoCo
+from dilo.failover import Failover
 from dilo.graceful_stop import GracefulStop, mark_exit, mark_start
 from dilo.inner_loop import evaluate, load_data, load_eval_sets, lr_at
 from dilo.model import param_groups
@@ -89,7 +91,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.inner.weight_decay), lr=cfg.inner.lr,
             betas=(cfg.inner.beta1, cfg.inner.beta2), fused=False, foreach=False)
-        self.world_id = self.groups.world.all_gather_object(secrets.token_hex(4))[0]  # names this world
+        # names this world (heal mode: the world since its last formation, the same for joiners)
+        self.world_id = getattr(self.groups.world, "world_id", "") or \
+            self.groups.world.all_gather_object(secrets.token_hex(4))[0]
         self.diloco, self.ddp = wrap_model(cfg, world, self.built, self.optimizer, self.groups.outer)
         self.state = WorkerState(cfg, worker, world.num_workers, self.model, self.optimizer,
                                  batches, self.diloco)
@@ -117,6 +121,8 @@ class Trainer:
         self.report.start(self.model.num_params(), shard, num_shards, port,
                           joined=self.diloco is not None and self.diloco.joined is not None)
         self.publisher = Publisher(cfg, self.state, self.model) if cfg.publish.every and world.is_leader else None
+        self.failover = Failover(cfg, self.groups.world, world, self.state, self.checkpoints, self.metrics) \
+            if cfg.run.failover == "heal" else None
 
     def follow_adoption(self) -> None:
         """The one place where the loop's inner step is rewritten from outside the loop.
@@ -188,7 +194,7 @@ class Trainer:
         except DivergenceError as e:
             self.metrics.log("event", event="diverged", error=str(e), world=self.world_id)
             raise
-        except RuntimeError as e:  # a peer died or timed out mid-exchange
+        except RuntimeError as e:  # a peer died or timed out mid-exchange (heal mode: could not heal)
             self.checkpoints.save_after_failure(e)
             raise
         self.take_new_shards()
@@ -242,7 +248,7 @@ class Trainer:
         """Train to run.steps, or to a graceful stop; returns the summary (marked `stopped`)."""
         cfg, s = self.cfg, self.state
         self.stopper.install()
-        self.checkpoints.restore()
+        (self.failover or self.checkpoints).restore()
         tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()
@@ -269,9 +275,13 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if synced:
                 stopped = self.after_outer_step(loss)
+                if self.failover is not None and not stopped:
+                    self.failover.boundary()  # heal mode: admit joiners, take a changed group's layout
                 if not stopped and not self.at_end():
                     self.rounds.begin()  # the next round starts now (on every worker alike)
         self.loop_seconds = time.perf_counter() - loop_start
+        if self.failover is not None and not stopped:
+            self.failover.finish()
         return self.finish(stopped)
 
     def after_outer_step(self, loss: torch.Tensor) -> bool:
@@ -388,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user mistakes found after parsing (data path, checkpoint, ...)
         print(f"dilo: error: {e}", file=sys.stderr)
         return 2
+    except RunEnded as e:  # heal mode: a restarted worker found the run over
+        print(f"dilo: {e}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
         print("dilo: interrupted", file=sys.stderr)
         return 130

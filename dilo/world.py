@@ -37,6 +37,9 @@ class World:
     device: torch.device
     island: Island | None
     """The worker's own process groups when worker_size > 1 (DDP inside a worker)."""
+    data_shard: int = 0
+    """run.failover = heal: this worker's rank in the current group, its data shard (dilo/failover.py
+    changes it, `worker` and `num_workers` when the group changes)."""
 
     @property
     def is_leader(self) -> bool:

@@ -87,7 +87,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--last-fault-at", type=float, default=0.8,
                    help="faults fire before this fraction of the outer steps (default 0.8)")
     p.add_argument("--max-wall", type=float, default=1800.0, help="give up after this many s per run")
-    p.add_argument("--backend", default="torch", help=f"cluster backend: {', '.join(CLUSTERS)}")
+    p.add_argument("--backend", default="torch", help=f"cluster backend: {', '.join(CLUSTERS)} (heal: the "
+                   "torch backend with run.failover = heal, one launch/heal_worker.sh per worker)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the fault-free run (no loss_ratio; for quick checks)")
     args, train_args = p.parse_known_args(argv)
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     run_root = Path(args.run_dir) if args.run_dir else out.with_suffix("")
     train_args = ["--config", args.config, "--checkpoint.every", "1", "--metrics.progress", "off",
-                  "--comm.backend", args.backend, *extra, "--comm.timeout", str(args.timeout)]
+                  "--comm.backend", "torch" if args.backend == "heal" else args.backend, *extra,
+                  "--comm.timeout", str(args.timeout)]
     try:
         cfg = parse_args(train_args)
     except ValueError as e:

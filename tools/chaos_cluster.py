@@ -206,4 +206,57 @@ class TorchrunCluster(Cluster):
             time.sleep(0.05)
 
 
-CLUSTERS = {"torch": TorchrunCluster}
+class HealCluster(TorchrunCluster):
+    """run.failover = heal: a node is `procs_per_node` launch/heal_worker.sh loops (one per
+    worker slot), each restarting its own worker; the workers meet in the same external
+    store (dilo.rendezvous_store) the torchrun agents would use."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loops: dict[int, list[subprocess.Popen]] = {}
+
+    def start_node(self, node: int) -> None:
+        self.starts[node] += 1
+        self.loops[node] = []
+        for local in range(self.procs_per_node):
+            slot = node * self.procs_per_node + local
+            env = self._env()
+            env.update(STORE=f"127.0.0.1:{self.port}", WORKERS=str(self.num_nodes * self.procs_per_node),
+                       SLOT=str(slot), MAX_RESTARTS="1000", RESTART_DELAY="0.5", PYTHON=sys.executable)
+            log = self.log_dir / f"node{node}-slot{slot}-{self.starts[node]}.log"
+            with open(log, "wb") as out:
+                self.loops[node].append(subprocess.Popen(
+                    ["bash", str(REPO / "launch" / "heal_worker.sh"), *self.train_args],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True))
+        self.agents[node] = self.loops[node][0]  # (close() ends every agent's tree)
+
+    def node_exit_code(self, node: int) -> int | None:
+        codes = [loop.poll() for loop in self.loops.get(node, [])]
+        if not codes or any(c is None for c in codes):
+            return None
+        return max(codes, key=abs)
+
+    def workers(self, node: int) -> list[int]:
+        pids = [p for loop in self.loops.get(node, []) if loop.poll() is None
+                for p in descendants(loop.pid) if is_worker(p)]
+        self.seen_workers.update(pids)
+        return pids
+
+    def kill_node(self, node: int) -> list[int]:
+        loops = self.loops[node]
+        pids = [loop.pid for loop in loops] + self.workers(node)
+        for pid in pids:
+            signal_quietly(pid, signal.SIGKILL)
+        for loop in loops:
+            loop.wait(timeout=30)
+        return pids
+
+    def close(self) -> None:
+        for loops in self.loops.values():
+            for loop in loops[1:]:
+                self.seen_workers.update(descendants(loop.pid))
+                signal_quietly(loop.pid, signal.SIGKILL)
+        super().close()
+
+
+CLUSTERS = {"torch": TorchrunCluster, "heal": HealCluster}

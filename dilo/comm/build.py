@@ -51,6 +51,11 @@ def swarm_group_class() -> type:
 def build_groups(cfg: Config, world: World, count: Callable[..., None]) -> Groups:
     """Every group this process needs; `count(name, value=1.0, **labels)` receives the
     swarm's counter events. A collective: every rank calls it, in the same order."""
+    if cfg.run.failover == "heal":  # every worker a process of its own, in a group that heals
+        from dilo.comm.heal import connect
+
+        group = connect(cfg, world)
+        return Groups(group, group, None)
     swarm = None
     # A swarm peer is one worker; under torchrun (run.worker_size = world size) only
     # its rank 0 joins the swarm, the other ranks get everything through the island.
@@ -70,6 +75,8 @@ def worker_identity(cfg: Config, world: World, swarm: SwarmGroup | None) -> tupl
     """(worker name, data shard, number of shards): the rank's worker and shard under
     torchrun; a swarm has no ranks, so each peer names itself and picks a shard of its
     own. A collective on the worker's island (its other ranks learn name and shard)."""
+    if cfg.run.failover == "heal":  # named by slot; the data shard follows the group's ranks
+        return cfg.run.slot, world.data_shard, world.num_workers
     if cfg.comm.backend != "hivemind":
         return world.worker, world.worker, world.num_workers
     num_shards = cfg.peers.num_shards
