@@ -99,7 +99,7 @@ def test_every_key_has_a_description():
         section = getattr(cfg, f.name)
         for g in dataclasses.fields(section):
             assert docs.get((type(section).__name__, g.name)), \
-                f"{f.name}.{key_name(g.name)} has no docstring in dilo/config.py"
+                f"{f.name}.{key_name(g.name)} has no docstring in dilo/config_sections.py"
 
 
 def test_train_help_on_stdout_with_every_key():
