@@ -183,8 +183,8 @@ class CommConfig:
     owner_feedback: bool = False
     """Two-phase codecs with error feedback (int2, fp4, int8): each chunk's owner adds M × what its
     re-encode of the mean lost to its own residual, so the exchange's second rounding is sent
-    again too (docs/codecs.md). Without effect (a warning) elsewhere, e.g. with the sparse gather;
-    refused with islands."""
+    again too (docs/codecs.md). Refused where it cannot act: a lossless codec, no error feedback,
+    the sparse codec's gather exchange, islands, run.mode ddp."""
     density: float = 0.02
     """comm.codec = sparse: the fraction of each block kept (top-k by magnitude), in (0, 1]."""
     value_bits: int = 2
