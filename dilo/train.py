@@ -88,10 +88,7 @@ class Trainer(TrainerParts):
                 first = self.diloco.step(end_round=self.rounds.due(), report=self.rounds.report())
                 if first is not None:
                     self.record_sync(first, loss)  # (before at_end: rounds by time end on the progress)
-                stats = [] if (first and first.adopted) or not self.at_end() else \
-                    self.diloco.flush(self.rounds.report())  # every worker ends on the global θ
-                for s in stats:
-                    self.record_sync(s, loss)
+                stats = self.drain_at_end(loss) if self.at_end() else []
                 if first is None and not stats:
                     return False
             elif self.state.inner_step % self.cfg.outer.inner_steps == 0:
@@ -107,6 +104,22 @@ class Trainer(TrainerParts):
         self.take_new_shards()
         self.state.record_boundary()
         return True
+
+    def drain_at_end(self, loss: torch.Tensor) -> list[SyncStats]:
+        """The last boundary: every worker ends on the global θ (`DiLoCo.flush`), recorded.
+
+        Also after an adoption: a state taken at the end of the run (a swarm peer that fell
+        behind takes one a donor exported while its last rounds were in flight) brings those
+        rounds, fetched, and puts the loop past run.steps at once; they are drained here, so
+        every peer ends on the same outer step. A flush that adopts again is repeated."""
+        stats: list[SyncStats] = []
+        while True:
+            flushed = self.diloco.flush(self.rounds.report())
+            for s in flushed:
+                self.record_sync(s, loss)
+            stats += flushed
+            if not (flushed and flushed[-1].adopted and self.at_end()):
+                return stats
 
     def at_end(self) -> bool:
         """Whether run.steps is reached (never with run.steps = 0: train until stopped); with

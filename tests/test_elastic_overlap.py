@@ -137,3 +137,54 @@ def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_i
     assert late.inner_step == (newer.outer_step + min(2, newer.in_flight)) * (H // 2)
     run(late, model2, opt2, 1, late.inner_step, STEPS)
     assert late.global_hash() == leader.global_hash()
+
+
+def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
+    """The trainer, not DiLoCo alone: a member that falls behind near the end adopts a state
+    that a donor exported during its last drain (outer step N − 1, the drain round still in
+    flight). That state's schedule is past run.steps, so the loop ends at once; the round
+    fetched with it must still be applied, or the member ends one outer step short, with
+    another final hash than every other peer (seen once as a flaky
+    tests/test_swarm.py::test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight)."""
+    from types import SimpleNamespace
+
+    from dilo.config import Config
+    from dilo.rounds import RoundClock
+    from dilo.train import Trainer
+    from dilo.worker_state import WorkerState
+
+    ledger = Ledger()
+    ledger.states = {}
+    first, model, opt = make(ledger, "eager")
+    first.group.confirm = lambda outer_step, digest: (FakeSwarm.confirm(first.group, outer_step, digest),
+                                                       ledger.states.setdefault(outer_step, first.export_state()))[0]
+    run(first, model, opt, 0, 0, STEPS)
+    final = first.outer_step
+    newer = ledger.states[final - 1]  # exported while the drain's last round was in flight
+    assert newer.in_flight >= 1 and (newer.outer_step + min(2, newer.in_flight)) * (H // 2) >= STEPS
+
+    class Behind(FakeSwarm):
+        def average(self, flat, codec, round=None):
+            if round.number == final - 6:  # the others went on to the end without this member
+                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
+            return super().average(flat, codec, round)
+
+    model2 = Net()
+    opt2 = adamw(model2)
+    late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
+                  overlap="eager", delay=1, outer_momentum=0.5)
+    cfg = Config()
+    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.overlap = STEPS, H, 2, "eager"
+    trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
+    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
+    trainer.state = WorkerState(cfg, 1, 2, model2, opt2, SimpleNamespace(state_dict=dict), late)
+    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
+    synced = []
+    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
+    while not trainer.at_end():  # Trainer.run's loop, its inner step replaced by the test's
+        inner_step(model2, opt2, 1, trainer.state.inner_step)
+        trainer.state.inner_step += 1
+        trainer.outer_boundary(torch.zeros(()))
+    assert any(s.adopted and s.outer_step == final - 1 for s in synced)
+    assert len(late.in_flight) == 0 and ledger.fetched[-1] == final - 1
+    assert late.outer_step == final and late.global_hash() == first.global_hash()
