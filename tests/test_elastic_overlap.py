@@ -70,10 +70,23 @@ def run(diloco: DiLoCo, model, opt, worker: int, start: int, stop: int, on_step=
         diloco.flush()
 
 
-def make(ledger: Ledger, overlap: str, join: GlobalState | None = None):
+class Behind(FakeSwarm):
+    """A member the others went on without: exchange `number` hands back their newer state."""
+
+    def __init__(self, ledger: Ledger, number: int, newer: GlobalState):
+        super().__init__(ledger)
+        self.number, self.newer = number, newer
+
+    def average(self, flat, codec, round=None):
+        if round.number == self.number:
+            return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=self.newer)
+        return super().average(flat, codec, round)
+
+
+def make(ledger: Ledger, overlap: str, join: GlobalState | None = None, group: Group | None = None):
     model = Net()
     opt = adamw(model)
-    diloco = DiLoCo(model, opt, inner_steps=H, group=FakeSwarm(ledger, join), codec="int8", fragments=2,
+    diloco = DiLoCo(model, opt, inner_steps=H, group=group or FakeSwarm(ledger, join), codec="int8", fragments=2,
                     overlap=overlap, delay=1, outer_momentum=0.5)
     return diloco, model, opt
 
@@ -117,17 +130,7 @@ def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_i
     snapshot = {}
     run(leader, model, opt, 0, 0, STEPS, lambda s: snapshot.setdefault(s, leader.export_state()) if s == 40 else None)
     newer = snapshot[40]
-
-    class Behind(FakeSwarm):
-        def average(self, flat, codec, round=None):
-            if round.number == 3:  # the others went on without this member
-                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
-            return super().average(flat, codec, round)
-
-    model2 = Net()
-    opt2 = adamw(model2)
-    late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
-                  overlap="eager", delay=1, outer_momentum=0.5)
+    late, model2, opt2 = make(ledger, "eager", group=Behind(ledger, 3, newer))  # others went on without it
     step = 0
     while late.outer_step < newer.outer_step and step < STEPS:
         inner_step(model2, opt2, 1, step)
@@ -163,16 +166,8 @@ def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
     newer = ledger.states[final - 1]  # exported while the drain's last round was in flight
     assert newer.in_flight >= 1 and (newer.outer_step + min(2, newer.in_flight)) * (H // 2) >= STEPS
 
-    class Behind(FakeSwarm):
-        def average(self, flat, codec, round=None):
-            if round.number == final - 6:  # the others went on to the end without this member
-                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
-            return super().average(flat, codec, round)
-
-    model2 = Net()
-    opt2 = adamw(model2)
-    late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
-                  overlap="eager", delay=1, outer_momentum=0.5)
+    # the others went on to the end without this member
+    late, model2, opt2 = make(ledger, "eager", group=Behind(ledger, final - 6, newer))
     cfg = Config()
     cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.overlap = STEPS, H, 2, "eager"
     trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
