@@ -183,3 +183,44 @@ def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
     assert any(s.adopted and s.outer_step == final - 1 for s in synced)
     assert len(late.in_flight) == 0 and ledger.fetched[-1] == final - 1
     assert late.outer_step == final and late.global_hash() == first.global_hash()
+
+
+@pytest.mark.parametrize("moment", ["after_start", "mid_apply"])
+def test_a_state_exported_in_the_middle_of_a_boundary_gives_a_joiner_the_same_run(monkeypatch, moment):
+    """A donor serves its state from the swarm's thread while its training thread is inside
+    an outer-step boundary: after it started round t + P (one more round in flight), or in
+    the middle of applying round t (removed from the rounds in flight, θ not stepped yet). Both
+    are consistent: the joiner fetches rounds s .. s + min(P, in flight) − 1, numbers its own
+    rounds like the others and ends with the same state."""
+    from dilo import codec_kernels
+    from dilo.in_flight import RoundsInFlight
+
+    ledger = Ledger()
+    first, model, opt = make(ledger, "eager")
+    taken = {}
+    start, all_finite = RoundsInFlight.start, codec_kernels.all_finite
+
+    def take():
+        if "state" not in taken and first.inner_step >= 26:  # mid-run (a round starts at 26, τ = 1)
+            taken["state"] = first.export_state()
+
+    def start_then_take(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        if moment == "after_start" and self is first.in_flight:
+            take()
+
+    def take_then_check(x):
+        if moment == "mid_apply":
+            take()
+        return all_finite(x)
+
+    monkeypatch.setattr(RoundsInFlight, "start", start_then_take)
+    monkeypatch.setattr(codec_kernels, "all_finite", take_then_check)
+    run(first, model, opt, 0, 0, STEPS)
+    monkeypatch.undo()
+    state = taken["state"]
+    assert state.in_flight == (3 if moment == "after_start" else 2)  # P = 2 in flight between boundaries
+    joiner, model2, opt2 = make(ledger, "eager", join=state)
+    run(joiner, model2, opt2, 1, joiner.inner_step, STEPS)
+    assert ledger.fetched == [state.outer_step, state.outer_step + 1]
+    assert joiner.outer_step == first.outer_step and joiner.global_hash() == first.global_hash()
