@@ -114,7 +114,7 @@ def agreement_report(run_dirs: list[Path], steps: int = 4) -> str:
     for run_dir in run_dirs:
         log_file = run_dir.parent / f"{run_dir.name}.log"
         if log_file.exists():  # the peer's warnings: adoptions, failed rounds, downloads
-            warned = [line for line in log_file.read_text().splitlines() if "WARNING" in line][-8:]
+            warned = [line for line in log_file.read_text().splitlines() if " WARN" in line][-8:]
             lines += [f"{run_dir.name} log: {line[-220:]}" for line in warned]
     return "\n".join(lines)
 
