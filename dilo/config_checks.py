@@ -12,7 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dilo.options import CODEC_NAMES, check_aggregate, check_outer_options, check_sparse_options
+from dilo.options import (
+    CODEC_NAMES,
+    check_aggregate,
+    check_outer_options,
+    check_owner_feedback,
+    check_sparse_options,
+)
 
 LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
 """The linear layers of a dilo GPT block that `model.lora_targets` may name."""
@@ -259,6 +265,8 @@ def _validate_streaming(cfg) -> None:
     _require(o.lr <= OUTER_LR_MAX, f"outer.lr = {o.lr} is absurd: it scales the averaged pseudo-gradient "
              f"(DiLoCo uses 0.7, published sweeps <= ~2); allowed: 0 < outer.lr <= {OUTER_LR_MAX:g}")
     check_aggregate(o.aggregate, o.trim, o.clip_ratio, open_membership=c.backend == "hivemind", weighting=o.weighting)
+    check_owner_feedback(c.owner_feedback, error_feedback=c.error_feedback, codec=c.codec,
+                         exchange=c.sparse_exchange if c.codec == "sparse" else "two_phase")
     _require(not (c.owner_feedback and cfg.run.worker_size > 1),
              "comm.owner_feedback does not reach islands yet (run.worker_size > 1): their exchanging ranks "
              "do not hand the owner's error to the worker's processes")
@@ -272,6 +280,7 @@ def _validate_streaming(cfg) -> None:
         changed = [key for key, on in (("outer.fragments", o.fragments != 1), ("outer.delay", o.delay != 0),
                                        ("outer.alpha", o.alpha != 0.0), ("outer.overlap", o.overlap != "none"),
                                        ("comm.error_feedback", c.error_feedback),
+                                       ("comm.owner_feedback", c.owner_feedback),
                                        ("outer.weighting", o.weighting != "equal")) if on]
         _require(not changed, f"{', '.join(changed)} only apply to run.mode = diloco, not {cfg.run.mode!r}")
 

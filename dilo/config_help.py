@@ -1,7 +1,7 @@
 """`dilo train --help`: every config key with its type, default and description.
 
-The descriptions are the docstrings written under the fields in dilo/config.py (read
-once with `ast`, so the dataclasses stay plain and readable).
+The descriptions are the docstrings written under the fields in dilo/config_sections.py
+(read once with `ast`, so the dataclasses stay plain and readable).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import textwrap
 from pathlib import Path
 
-from dilo import config
+from dilo import config, config_sections
 
 USAGE = "usage: dilo train [--config FILE.toml] [--section.key VALUE | --section.key=VALUE ...]"
 ABOUT = """Train one DiLoCo worker; under torchrun every process is a worker (or one rank of a
@@ -37,7 +37,7 @@ def wants_help(argv: list[str]) -> bool:
 
 def field_docs() -> dict[tuple[str, str], str]:
     """(section class name, field name) -> the docstring written under the field, on one line."""
-    tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(config_sections.__file__).read_text(encoding="utf-8"))
     docs = {}
     for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
         for stmt, after in zip(cls.body, cls.body[1:]):

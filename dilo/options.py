@@ -109,6 +109,36 @@ def check_outer_options(*, inner_steps: int, outer_lr: float = 0.7, outer_moment
         _refuse(f"comm.ef_decay (β) must be in (0, 1], got {ef_decay!r}", "ef_decay")
 
 
+def check_owner_feedback(owner_feedback: bool, *, error_feedback: bool, codec: str, exchange: str,
+                         codec_lossless: bool | None = None, codec_needs_error_feedback: bool | None = None) -> None:
+    """Raise ValueError where `comm.owner_feedback` cannot act (docs/codecs.md).
+
+    It adds what a chunk owner's re-encode of the mean lost to the owner's error-feedback
+    residual: it needs a lossy codec, error feedback, and the two-phase exchange (whose owners
+    re-encode). `codec` is a codec's name, `exchange` its `Codec.exchange`; `codec_lossless` and
+    `codec_needs_error_feedback` default to the built-in codec of that name (pass a user
+    codec's attributes). A lone worker, which exchanges nothing, is not refused here.
+    """
+    if not owner_feedback:
+        return
+    lossless = codec in LOSSLESS_CODECS if codec_lossless is None else codec_lossless
+    needs_ef = codec == "sparse" if codec_needs_error_feedback is None else codec_needs_error_feedback
+    if lossless:
+        lossy = ", ".join(n for n in CODEC_NAMES if n not in LOSSLESS_CODECS)
+        _refuse(f"comm.owner_feedback = true has nothing to send again: comm.codec = {codec} loses nothing; "
+                f"use a lossy codec ({lossy}) with error feedback, or comm.owner_feedback = false",
+                "owner_feedback", "codec")
+    if exchange != "two_phase":
+        _refuse(f"comm.owner_feedback = true needs the two-phase exchange, whose chunk owners re-encode the "
+                f"mean; comm.codec = {codec} is exchanged by {exchange} (every worker decodes every worker's "
+                f"bytes: nothing is re-encoded); set comm.sparse_exchange = two_phase or "
+                "comm.owner_feedback = false", "owner_feedback", "codec")
+    if not (error_feedback or needs_ef):
+        _refuse(f"comm.owner_feedback = true adds the owners' re-encode loss to their error-feedback residual, "
+                f"and comm.codec = {codec} runs without error feedback; set comm.error_feedback = true or "
+                "comm.owner_feedback = false", "owner_feedback", "error_feedback")
+
+
 def check_sparse_options(density: float, value_bits: int, sparse_block: int, exchange: str = "gather") -> None:
     """Raise ValueError for sparse-codec settings it cannot run (dilo/codec_lowbit.py)."""
     if not (isinstance(sparse_block, int) and 2 <= sparse_block <= MAX_SPARSE_BLOCK):

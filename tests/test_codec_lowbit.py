@@ -473,10 +473,23 @@ def test_owner_feedback_sends_the_owners_rounding_again():
 
 
 def test_owner_feedback_is_refused_where_it_cannot_work(caplog):
-    parse_args([*SMALL, "--comm.owner_feedback", "true"])  # accepted: one flag set serves several codecs
+    owner = [*SMALL, "--comm.owner_feedback", "true"]
+    for extra, why in ((["--comm.codec", "int8"], "set comm.error_feedback = true"),
+                       (["--comm.codec", "fp32"], "comm.codec = fp32 loses nothing"),
+                       (["--comm.codec", "sparse"], "set comm.sparse_exchange = two_phase"),
+                       (["--comm.codec", "int2", "--comm.error_feedback", "true", "--run.mode", "ddp"],
+                        "only apply to run.mode = diloco"),
+                       (["--comm.codec", "int2", "--comm.error_feedback", "true", "--run.worker_size", "2"],
+                        "islands")):
+        with pytest.raises(ValueError, match=why):
+            parse_args([*owner, *extra])
+    for extra in (["--comm.codec", "int2", "--comm.error_feedback", "true"],
+                  ["--comm.codec", "bf16", "--comm.error_feedback", "true"],
+                  ["--comm.codec", "sparse", "--comm.sparse_exchange", "two_phase"]):  # sparse: always EF
+        assert parse_args([*owner, *extra]).comm.owner_feedback
     groups = local_groups(2)
 
-    def worker(w):
+    def worker(w):  # DiLoCo's keywords (not the CLI): still a warning there
         torch.manual_seed(0)
         model = nn.Linear(4, 4)
         DiLoCo(model, torch.optim.AdamW(model.parameters()), inner_steps=2, codec="sparse", group=groups[w],
@@ -485,9 +498,6 @@ def test_owner_feedback_is_refused_where_it_cannot_work(caplog):
     with caplog.at_level("WARNING", logger="dilo"):
         run_workers(worker, 2)
     assert "comm.owner_feedback has no effect" in caplog.text and "gather exchange" in caplog.text
-    with pytest.raises(ValueError, match="islands"):
-        parse_args([*SMALL, "--comm.owner_feedback", "true", "--comm.codec", "int2",
-                    "--comm.error_feedback", "true", "--run.worker_size", "2"])
 
 
 def test_bench_sparse_bytes_counts_what_dilo_sends(tmp_path):

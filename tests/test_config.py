@@ -99,7 +99,7 @@ def test_every_key_has_a_description():
         section = getattr(cfg, f.name)
         for g in dataclasses.fields(section):
             assert docs.get((type(section).__name__, g.name)), \
-                f"{f.name}.{key_name(g.name)} has no docstring in dilo/config.py"
+                f"{f.name}.{key_name(g.name)} has no docstring in dilo/config_sections.py"
 
 
 def test_train_help_on_stdout_with_every_key():
@@ -161,3 +161,21 @@ def test_diloco_refuses_a_non_finite_outer_lr():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="outer.lr must be > 0 and finite.*DiLoCo keyword: outer_lr"):
             check_outer_options(inner_steps=10, outer_lr=bad)
+
+
+def test_owner_feedback_refusals_say_what_to_change_and_read_a_codecs_attributes():
+    from dilo.options import check_owner_feedback
+
+    check_owner_feedback(False, error_feedback=False, codec="fp32", exchange="gather")  # off: nothing to check
+    check_owner_feedback(True, error_feedback=True, codec="int2", exchange="two_phase")
+    # A user's codec: its own attributes decide, not the built-in codec of the same name.
+    check_owner_feedback(True, error_feedback=False, codec="mine", exchange="two_phase", codec_lossless=False,
+                         codec_needs_error_feedback=True)
+    with pytest.raises(ValueError, match=r"loses nothing.*\(DiLoCo keywords: owner_feedback, codec\)"):
+        check_owner_feedback(True, error_feedback=True, codec="int8", exchange="two_phase", codec_lossless=True)
+    with pytest.raises(ValueError, match=r"exchanged by gather.*set comm.sparse_exchange = two_phase"):
+        check_owner_feedback(True, error_feedback=True, codec="sparse", exchange="gather")
+    with pytest.raises(ValueError, match=r"set comm.error_feedback = true or comm.owner_feedback = false"):
+        check_owner_feedback(True, error_feedback=False, codec="fp4", exchange="two_phase")
+    with pytest.raises(ValueError, match="comm.owner_feedback = true adds"):  # the CLI: before anything starts
+        parse_args([*SMALL, "--comm.codec", "fp4", "--comm.owner_feedback", "true"])

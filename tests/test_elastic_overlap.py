@@ -70,10 +70,23 @@ def run(diloco: DiLoCo, model, opt, worker: int, start: int, stop: int, on_step=
         diloco.flush()
 
 
-def make(ledger: Ledger, overlap: str, join: GlobalState | None = None):
+class Behind(FakeSwarm):
+    """A member the others went on without: exchange `number` hands back their newer state."""
+
+    def __init__(self, ledger: Ledger, number: int, newer: GlobalState):
+        super().__init__(ledger)
+        self.number, self.newer = number, newer
+
+    def average(self, flat, codec, round=None):
+        if round.number == self.number:
+            return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=self.newer)
+        return super().average(flat, codec, round)
+
+
+def make(ledger: Ledger, overlap: str, join: GlobalState | None = None, group: Group | None = None):
     model = Net()
     opt = adamw(model)
-    diloco = DiLoCo(model, opt, inner_steps=H, group=FakeSwarm(ledger, join), codec="int8", fragments=2,
+    diloco = DiLoCo(model, opt, inner_steps=H, group=group or FakeSwarm(ledger, join), codec="int8", fragments=2,
                     overlap=overlap, delay=1, outer_momentum=0.5)
     return diloco, model, opt
 
@@ -117,17 +130,7 @@ def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_i
     snapshot = {}
     run(leader, model, opt, 0, 0, STEPS, lambda s: snapshot.setdefault(s, leader.export_state()) if s == 40 else None)
     newer = snapshot[40]
-
-    class Behind(FakeSwarm):
-        def average(self, flat, codec, round=None):
-            if round.number == 3:  # the others went on without this member
-                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
-            return super().average(flat, codec, round)
-
-    model2 = Net()
-    opt2 = adamw(model2)
-    late = DiLoCo(model2, opt2, inner_steps=H, group=Behind(ledger), codec="int8", fragments=2,
-                  overlap="eager", delay=1, outer_momentum=0.5)
+    late, model2, opt2 = make(ledger, "eager", group=Behind(ledger, 3, newer))  # others went on without it
     step = 0
     while late.outer_step < newer.outer_step and step < STEPS:
         inner_step(model2, opt2, 1, step)
@@ -137,3 +140,87 @@ def test_a_state_adopted_from_an_exchange_supersedes_the_rounds_started_before_i
     assert late.inner_step == (newer.outer_step + min(2, newer.in_flight)) * (H // 2)
     run(late, model2, opt2, 1, late.inner_step, STEPS)
     assert late.global_hash() == leader.global_hash()
+
+
+def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
+    """The trainer, not DiLoCo alone: a member that falls behind near the end adopts a state
+    that a donor exported during its last drain (outer step N − 1, the drain round still in
+    flight). That state's schedule is past run.steps, so the loop ends at once; the round
+    fetched with it must still be applied, or the member ends one outer step short, with
+    another final hash than every other peer (seen once as a flaky
+    tests/test_swarm.py::test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight)."""
+    from types import SimpleNamespace
+
+    from dilo.config import Config
+    from dilo.rounds import RoundClock
+    from dilo.train import Trainer
+    from dilo.worker_state import WorkerState
+
+    ledger = Ledger()
+    ledger.states = {}
+    first, model, opt = make(ledger, "eager")
+    first.group.confirm = lambda outer_step, digest: (FakeSwarm.confirm(first.group, outer_step, digest),
+                                                       ledger.states.setdefault(outer_step, first.export_state()))[0]
+    run(first, model, opt, 0, 0, STEPS)
+    final = first.outer_step
+    newer = ledger.states[final - 1]  # exported while the drain's last round was in flight
+    assert newer.in_flight >= 1 and (newer.outer_step + min(2, newer.in_flight)) * (H // 2) >= STEPS
+
+    # the others went on to the end without this member
+    late, model2, opt2 = make(ledger, "eager", group=Behind(ledger, final - 6, newer))
+    cfg = Config()
+    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.overlap = STEPS, H, 2, "eager"
+    trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
+    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
+    trainer.state = WorkerState(cfg, 1, 2, model2, opt2, SimpleNamespace(state_dict=dict), late)
+    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
+    synced = []
+    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
+    while not trainer.at_end():  # Trainer.run's loop, its inner step replaced by the test's
+        inner_step(model2, opt2, 1, trainer.state.inner_step)
+        trainer.state.inner_step += 1
+        trainer.outer_boundary(torch.zeros(()))
+    assert any(s.adopted and s.outer_step == final - 1 for s in synced)
+    assert len(late.in_flight) == 0 and ledger.fetched[-1] == final - 1
+    assert late.outer_step == final and late.global_hash() == first.global_hash()
+
+
+@pytest.mark.parametrize("moment", ["after_start", "mid_apply"])
+def test_a_state_exported_in_the_middle_of_a_boundary_gives_a_joiner_the_same_run(monkeypatch, moment):
+    """A donor serves its state from the swarm's thread while its training thread is inside
+    an outer-step boundary: after it started round t + P (one more round in flight), or in
+    the middle of applying round t (removed from the rounds in flight, θ not stepped yet). Both
+    are consistent: the joiner fetches rounds s .. s + min(P, in flight) − 1, numbers its own
+    rounds like the others and ends with the same state."""
+    from dilo import codec_kernels
+    from dilo.in_flight import RoundsInFlight
+
+    ledger = Ledger()
+    first, model, opt = make(ledger, "eager")
+    taken = {}
+    start, all_finite = RoundsInFlight.start, codec_kernels.all_finite
+
+    def take():
+        if "state" not in taken and first.inner_step >= 26:  # mid-run (a round starts at 26, τ = 1)
+            taken["state"] = first.export_state()
+
+    def start_then_take(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        if moment == "after_start" and self is first.in_flight:
+            take()
+
+    def take_then_check(x):
+        if moment == "mid_apply":
+            take()
+        return all_finite(x)
+
+    monkeypatch.setattr(RoundsInFlight, "start", start_then_take)
+    monkeypatch.setattr(codec_kernels, "all_finite", take_then_check)
+    run(first, model, opt, 0, 0, STEPS)
+    monkeypatch.undo()
+    state = taken["state"]
+    assert state.in_flight == (3 if moment == "after_start" else 2)  # P = 2 in flight between boundaries
+    joiner, model2, opt2 = make(ledger, "eager", join=state)
+    run(joiner, model2, opt2, 1, joiner.inner_step, STEPS)
+    assert ledger.fetched == [state.outer_step, state.outer_step + 1]
+    assert joiner.outer_step == first.outer_step and joiner.global_hash() == first.global_hash()

@@ -82,8 +82,41 @@ def hashes_agree_per_step(run_dirs: list[Path]) -> int:
         for r in records(run_dir, "sync"):
             by_step.setdefault(r["outer_step"], set()).add(r["global_hash"])
     diverged = {step: h for step, h in by_step.items() if len(h) != 1}
-    assert not diverged, f"peers disagree at outer steps {sorted(diverged)}"
+    assert not diverged, f"peers disagree at outer steps {sorted(diverged)}\n" + agreement_report(run_dirs)
     return len(by_step)
+
+
+def agreement_report(run_dirs: list[Path], steps: int = 4) -> str:
+    """For a failure message: each peer's final hash, the first outer steps at which the peers'
+    hashes differ (which peer had which hash, with how many peers, adopted or not), and what
+    each peer did besides exchanging (its join, adoptions, downloads, solo or failed rounds,
+    fetched results), so that a rare divergence says where it began."""
+    lines: list[str] = []
+    by_step: dict[int, list[tuple[str, str, str]]] = {}  # step -> (peer, hash, how)
+    for run_dir in run_dirs:
+        finals = [f"{s['global_hash'][:12]} at outer step {s['outer_steps']}" for s in summaries(run_dir)]
+        counts: dict[str, float] = {}
+        for r in records(run_dir, "counter"):
+            label = r["name"] + "".join(f"[{v}]" for v in r.get("labels", {}).values())
+            counts[label] = counts.get(label, 0) + r["value"]
+        joins = [(r.get("joined"), r.get("outer_step")) for r in records(run_dir, "event") if r.get("event") == "swarm"]
+        lines.append(f"{run_dir.name}: final {', '.join(finals) or '(no summary)'}; "
+                     f"swarm event (joined, outer step) {joins}; counters {counts}")
+        for r in records(run_dir, "sync"):
+            how = f"peers {r['peers']}, fragment {r.get('fragment')}{', adopted' if r['adopted'] else ''}"
+            by_step.setdefault(r["outer_step"], []).append((run_dir.name, r["global_hash"][:12], how))
+    diverged = [step for step in sorted(by_step) if len({h for _, h, _ in by_step[step]}) > 1]
+    for step in diverged[:steps]:
+        lines.append(f"outer step {step}: " + "; ".join(f"{peer} {h} ({how})" for peer, h, how in by_step[step]))
+    if not diverged:
+        last = max(by_step, default=None)
+        lines.append(f"every logged outer step agrees; the last, {last}: {by_step.get(last)}")
+    for run_dir in run_dirs:
+        log_file = run_dir.parent / f"{run_dir.name}.log"
+        if log_file.exists():  # the peer's warnings: adoptions, failed rounds, downloads
+            warned = [line for line in log_file.read_text().splitlines() if " WARN" in line][-8:]
+            lines += [f"{run_dir.name} log: {line[-220:]}" for line in warned]
+    return "\n".join(lines)
 
 
 def _socket_key(name: str) -> str:
@@ -188,7 +221,7 @@ def test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight(swar
                   "--outer.overlap", "eager", "--outer.momentum", "0", "--outer.nesterov", "false",
                   "--run.steps", "600", "--peers.min_peers", "2"]
     (a_dir, b_dir, c_dir), found = two_peers_then_a_joiner(swarm, overlapped)
-    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
+    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1, agreement_report([a_dir, b_dir, c_dir])
     # 200 rounds + 1 sent by the drain (fragment 1's last steps), all applied
     assert all(s["outer_steps"] == 201 and s["overlap"] == "eager" for s in found)
     joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]

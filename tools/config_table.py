@@ -3,7 +3,7 @@
     python tools/config_table.py            # the table README.md embeds
     python tools/config_table.py --check README.md   # exit 1 if README's copy is stale
 
-The meanings are the one-line docstrings under each field in dilo/config.py.
+The meanings are the one-line docstrings under each field in dilo/config_sections.py.
 """
 
 from __future__ import annotations
