@@ -219,7 +219,10 @@ class DiLoCo(OuterState):
         frag = self.fragments[f]
         if report is None and self.aggregate.weighting == "tokens":  # weight by the round's inner steps
             report = RoundReport(*(float(self.inner_step - frag.last_snapshot_step),) * 2)
-        pseudo_grad = frag.pseudo_gradient()
+        # Without overlap a round is applied before its fragment's next one starts: Δ is formed
+        # in one reused buffer, and a group that can writes the average over it (`average_out`).
+        reuse = self.overlap == "none" and self.group.average_out
+        pseudo_grad = frag.pseudo_gradient(reuse)
         sent = frag.compensate(pseudo_grad, self.codec)
         wire = sent
         why = why_unsendable(sent, self.codec) if self.group.size > 1 or self.group.open_membership else None
@@ -240,6 +243,8 @@ class DiLoCo(OuterState):
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
         if report is not None:  # only rounds that report (time/token rounds, token weighting)
             named["report"] = report
+        if reuse:
+            named["out"] = wire
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
@@ -258,8 +263,11 @@ class DiLoCo(OuterState):
         fresh = next((r for r in mine if r.started == self.inner_step - self.delay), None)
         stats = None
         if self.overlap == "none":
-            if fresh is not None:
-                stats, _ = self._apply(fresh)
+            if fresh is not None:  # (with a delay, flush applies rounds with the live model untouched)
+                stats, _ = self._apply(fresh, write_live=self.delay == 0 and self.alpha == 0.0)
+                if self._live_written:  # the outer step wrote θ_p into the live model: merged
+                    frag.last_merge_step = self.inner_step
+                    return stats
         else:
             previous = next((r for r in mine if r is not fresh), None)  # last round's, due now
             average = None
@@ -296,8 +304,9 @@ class DiLoCo(OuterState):
         return self._apply(rnd)[0] if rnd is not None else None
 
     @torch.no_grad()
-    def _apply(self, rnd: Round) -> tuple[SyncStats, torch.Tensor]:
-        """Wait for a round's exchange and apply the average to its fragment's θ."""
+    def _apply(self, rnd: Round, write_live: bool = False) -> tuple[SyncStats, torch.Tensor]:
+        """Wait for a round's exchange and apply the average to its fragment's θ (`write_live`:
+        and θ_p into the live model in the same pass, when it can; `_live_written` says)."""
         outcome = rnd.handle.result()
         if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
             raise RuntimeError("internal error: a superseded exchange reached its apply step")
@@ -308,6 +317,7 @@ class DiLoCo(OuterState):
         adopted = result.adopted is not None
         hook_bytes = (0, 0)
         skipped = 0
+        self._live_written = False
         if adopted:
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
@@ -326,7 +336,8 @@ class DiLoCo(OuterState):
             frag = self.fragments[rnd.fragment]
             before = frag.theta.detach().clone() if self.after_outer_step is not None else None
             with self._state_lock:
-                frag.apply_outer_step(result.average)
+                self._live_written = frag.apply_outer_step(result.average,
+                                                           write_live and self.after_outer_step is None)
                 self.outer_step += 1
             if self.owner_feedback and frag.residual is not None and result.owner_error is not None:  # two-phase
                 frag.feed_back_owner_error(*result.owner_error, result.num_peers)

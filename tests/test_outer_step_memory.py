@@ -23,23 +23,87 @@ from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, read_pi
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pieced_nesterov_step_matches_torch_sgd():
-    """Several outer steps over 2.5 pieces: θ and the momentum bit-identical to torch's SGD."""
-    torch.manual_seed(0)
-    n = (1 << 20) * 2 + 12345
-    for nesterov, momentum in ((True, 0.9), (False, 0.9), (False, 0.0)):
-        ours = torch.nn.Parameter(torch.randn(n), requires_grad=False)
-        ref = torch.nn.Parameter(ours.detach().clone())
-        opt_ours = torch.optim.SGD([ours], lr=0.7, momentum=momentum, nesterov=nesterov)
-        opt_ref = torch.optim.SGD([ref], lr=0.7, momentum=momentum, nesterov=nesterov)
-        for _ in range(3):
-            grad = torch.randn(n) * 1e-3
-            Fragment._sgd_step(ours, opt_ours, grad)
-            ref.grad = grad.clone()
-            opt_ref.step()
-            assert torch.equal(ours.view(torch.int32), ref.detach().view(torch.int32))
-        if momentum:
-            assert torch.equal(opt_ours.state[ours]["momentum_buffer"], opt_ref.state[ref]["momentum_buffer"])
+def _edge_values(n: int, seed: int) -> torch.Tensor:
+    """Random fp32 with zeros, ±0, subnormals, huge values, ±inf and NaN mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.1754942e-38, 3e38, -3e38,
+                             float("inf"), float("-inf"), float("nan"), 1.0, -1.0])
+    idx = torch.randint(0, n, (n // 50,), generator=g)
+    x[idx] = specials[torch.randint(0, len(specials), (idx.numel(),), generator=g)]
+    return x
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_outer_sgd_step_matches_torch_sgd(backend):
+    """Several outer steps (the first creates the momentum) over sizes that are not a multiple
+    of any vector width or of the 4 MiB piece, on random and edge values (zeros, subnormals,
+    huge, ±inf, NaN): θ, the momentum and the live pieces bit-identical to torch's SGD."""
+    from dilo import codec_kernels, outer_sgd
+
+    if backend == "numba" and codec_kernels.numba is None:
+        pytest.skip("numba not installed")
+    previous = codec_kernels.BACKEND
+    codec_kernels.use_backend(backend)
+    try:
+        for n, scale in (((1 << 20) * 2 + 12345, 1e-3), (1037, 1.0)):
+            for nesterov, momentum, lr in ((True, 0.9, 0.7), (False, 0.9, 0.7), (False, 0.0, 0.7),
+                                           (True, 0.95, 1.3), (True, 0.1, 1e-30)):
+                ours = _edge_values(n, 0) if scale == 1.0 else torch.randn(n)
+                ref = torch.nn.Parameter(ours.clone())
+                opt_ours = torch.optim.SGD([ours], lr=lr, momentum=momentum, nesterov=nesterov)
+                opt_ref = torch.optim.SGD([ref], lr=lr, momentum=momentum, nesterov=nesterov)
+                live = [(3, torch.empty(100)), (500, torch.empty(n - 500))]
+                for step in range(3):
+                    grad = _edge_values(n, step + 1) * scale
+                    outer_sgd.sgd_step(ours, opt_ours, grad, live)
+                    ref.grad = grad.clone()
+                    opt_ref.step()
+                    assert torch.equal(ours.view(torch.int32), ref.detach().view(torch.int32)), (n, nesterov, momentum)
+                    for offset, t in live:
+                        assert torch.equal(t.view(torch.int32), ours[offset:offset + t.numel()].view(torch.int32))
+                if momentum:
+                    assert torch.equal(opt_ours.state[ours]["momentum_buffer"].view(torch.int32),
+                                       opt_ref.state[ref]["momentum_buffer"].view(torch.int32))
+    finally:
+        codec_kernels.use_backend(previous)
+
+
+def test_average_written_over_its_input():
+    """`two_phase_average(out=flat)` (the caller's Δ buffer receives the average) gives the same
+    bytes as a fresh result, for a lossless codec whose send buffer is `flat` itself too."""
+    torch.manual_seed(2)
+    for codec_name, n in (("int8", 5000), ("fp4", 777), ("fp32", 3 * 64 * 4)):
+        codec = get_codec(codec_name, 64)
+        vectors = [torch.randn(n) for _ in range(3)]
+        fresh = _exchange_all(vectors, codec, [None] * 3)
+        groups = local_groups(3)
+        got = [None] * 3
+
+        def run(r):
+            g = groups[r]
+            got[r] = two_phase_average(vectors[r], codec, r, 3, g._all_to_all, g._all_gather, out=vectors[r])
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in range(3):
+            assert got[r].average.data_ptr() == vectors[r].data_ptr()
+            assert torch.equal(got[r].average, fresh[r].average) and got[r].codec_error == fresh[r].codec_error
+    with pytest.raises(ValueError, match="out= must be"):
+        two_phase_average(torch.randn(10), get_codec("int8"), 0, 1, lambda b: b, lambda b: b, out=torch.empty(9))
+
+
+def test_reused_delta_buffer_gives_the_same_bytes():
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 3))]
+    frag = Fragment(0, params, 0.7, 0.9, True, eager=False, error_feedback=False)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    first = frag.pseudo_gradient(reuse=True)
+    assert torch.equal(first, frag.pseudo_gradient()) and frag.pseudo_gradient(reuse=True) is first
 
 
 def _exchange_all(vectors, codec, buffers):
