@@ -24,7 +24,7 @@ look-ahead formed in 4 MiB pieces, and the log says so once (codec_kernels.warn_
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -77,18 +77,7 @@ def test_average_written_over_its_input():
         codec = get_codec(codec_name, 64)
         vectors = [torch.randn(n) for _ in range(3)]
         fresh = _exchange_all(vectors, codec, [None] * 3)
-        groups = local_groups(3)
-        got = [None] * 3
-
-        def run(r):
-            g = groups[r]
-            got[r] = two_phase_average(vectors[r], codec, r, 3, g._all_to_all, g._all_gather, out=vectors[r])
-
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = _exchange_all(vectors, codec, [None] * 3, into_input=True)
         for r in range(3):
             assert got[r].average.data_ptr() == vectors[r].data_ptr()
             assert torch.equal(got[r].average, fresh[r].average) and got[r].codec_error == fresh[r].codec_error
@@ -106,13 +95,14 @@ def test_reused_delta_buffer_gives_the_same_bytes():
     assert torch.equal(first, frag.pseudo_gradient()) and frag.pseudo_gradient(reuse=True) is first
 
 
-def _exchange_all(vectors, codec, buffers):
+def _exchange_all(vectors, codec, buffers, into_input=False):
     groups = local_groups(len(vectors))
     out = [None] * len(vectors)
 
     def run(r):
         g = groups[r]
-        out[r] = two_phase_average(vectors[r], codec, r, g.size, g._all_to_all, g._all_gather, buffers=buffers[r])
+        out[r] = two_phase_average(vectors[r], codec, r, g.size, g._all_to_all, g._all_gather, buffers=buffers[r],
+                                   out=vectors[r] if into_input else None)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(vectors))]
     for t in threads:
