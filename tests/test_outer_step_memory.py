@@ -170,6 +170,7 @@ def test_bench_outer_step_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (row,) = json.loads(out.read_text())["after"]["rows"]
     assert row["codec"] == "int8" and row["step_s"] > 0 and row["floor_s"] > 0
+    assert row["cpu_s"] > 0 and row["cpu_passes"] == row["cpu_s"] / row["memcpy_cpu_s"]
 
 
 def _confirm_worker(rank: int, init: str, result_dir: str) -> None:
