@@ -201,3 +201,56 @@ def test_torch_group_confirm_compares_digests_without_pickling(tmp_path):
         ok, bad = json.loads((tmp_path / f"{rank}.json").read_text())
         assert ok == "None"
         assert "outer step 8" in bad and "cd" * 32 in bad and "ce" * 32 in bad
+
+
+def _run_local(P: int, tau: int, codec: str, ef: bool, average_out: bool, steps: int = 24):
+    """3 in-process workers of tests/helpers.Net; `average_out`: each group takes `out=` (as
+    TorchGroup does), so DiLoCo forms Δ in its kept buffer and the average lands over it."""
+    from dilo import DiLoCo
+    from tests.helpers import Net, adamw, inner_step, run_workers
+
+    groups = local_groups(3)
+    for g in groups:
+        if average_out:
+            plain = g.average
+            g.average_out = True
+            g.average = lambda flat, codec, out=None, _plain=plain, _g=g, **kw: two_phase_average(
+                flat, codec, _g.rank, _g.size, _g._all_to_all, _g._all_gather,
+                aggregate=kw.get("aggregate") or _g.aggregate, report=kw.get("report"), out=out) \
+                if codec.exchange == "two_phase" else _plain(flat, codec, **kw)
+    models = [Net() for _ in range(3)]
+
+    def worker(rank: int):
+        model, diloco = models[rank], None
+        opt = adamw(model)
+        diloco = DiLoCo(model, opt, inner_steps=4, codec=codec, group=groups[rank], fragments=P, delay=tau,
+                        error_feedback=ef)
+        hashes = []
+        try:
+            for step in range(steps):
+                inner_step(model, opt, rank, step)
+                stats = diloco.step()
+                if stats is not None:
+                    hashes.append(stats.global_hash)
+            hashes += [s.global_hash for s in diloco.flush()]
+        finally:
+            diloco.close()
+        kept = all(f._delta is not None for f in diloco.fragments)
+        return hashes, torch.cat([p.detach().reshape(-1) for p in model.parameters()]), kept
+
+    return run_workers(worker, 3)
+
+
+@pytest.mark.parametrize("P,tau,codec,ef", [(1, 0, "int8", False), (1, 0, "fp4", True), (2, 1, "int8", True),
+                                            (1, 0, "fp32", False)])
+def test_reused_delta_buffer_and_average_out_change_no_bit(P, tau, codec, ef):
+    """DiLoCo through a group that writes the average over the kept Δ buffer (and the one-pass
+    outer step writing θ into the model) ends on the same hashes and live bytes as through a
+    group that returns fresh tensors; every replica alike."""
+    fresh = _run_local(P, tau, codec, ef, average_out=False)
+    reused = _run_local(P, tau, codec, ef, average_out=True)
+    assert len(fresh[0][0]) > 3
+    for (h1, live1, kept1), (h2, live2, kept2) in zip(fresh, reused):
+        assert h1 == h2 == fresh[0][0]
+        assert torch.equal(live1, live2)
+        assert kept2 and not kept1
