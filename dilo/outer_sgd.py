@@ -162,6 +162,13 @@ if codec_kernels.numba is not None:
             live[i] = t
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel now, not inside the first outer step."""
+    if codec_kernels.BACKEND == "numba" and _fused() is not None:
+        x = np.zeros(4, np.float32)
+        _KERNEL(x, x.copy(), x.copy(), x.copy(), np.float32(0.9), np.float32(-0.7), False, True, _FUSED[0])
+
+
 def live_pieces(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]] | None:
     """(offset in the flat vector, parameter) of each of `params` when every one is a contiguous
     fp32 CPU tensor (the kernel can write θ into them), else None."""
