@@ -219,8 +219,9 @@ def table(doc: dict) -> str:
     peak RSS growth per label, and the last label's step CPU in memcpy passes."""
     labels = list(doc)
     head = " | ".join(f"{label}: step s (÷ floor)" for label in labels)
-    lines = [f"| params | codec | {head} | speed-up | peak RSS growth {' → '.join(labels)} (fp32 copies) "
-             f"| {labels[-1]}: step CPU ÷ memcpy |", "|---|---|" + "---|" * (len(labels) + 3)]
+    title = (f"| params | codec | {head} | speed-up | peak RSS growth {' → '.join(labels)} (fp32 copies) "
+             f"| {labels[-1]}: step CPU ÷ memcpy |")
+    lines = [title, "|---|---|" + "---|" * (len(labels) + 3)]
     rows = {}
     for label in labels:
         for r in doc[label].get("rows", []):
