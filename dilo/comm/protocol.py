@@ -344,9 +344,12 @@ def two_phase_average(
             average[lo:].copy_(dst[:numel - lo])
         if member == rank:  # the owner's own bytes decoded: its codec error, no extra decode
             norm = mean.norm().item()
-            codec_error = (dst - mean).norm().item() / norm if norm > 0 else 0.0
+            # mean − dst is the owner error a lossy codec hands back (fresh: results outlive the
+            # exchange); a lossless codec's goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
+            err = torch.sub(mean, dst, out=None if not codec.lossless else bufs.get("error", chunk, torch.float32))
+            codec_error = err.norm().item() / norm if norm > 0 else 0.0
             if not codec.lossless and lo < numel:
-                owner_error = (lo, (mean - dst)[:min(chunk, numel - lo)])
+                owner_error = (lo, err[:min(chunk, numel - lo)])
     # Counted from the buffers themselves: what leaves for other members in each phase
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = (send.numel() - slot) + encoded.numel() * (size - 1)
