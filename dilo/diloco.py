@@ -56,14 +56,15 @@ import time
 import torch
 import torch.nn as nn
 
-from dilo import codec_kernels
-from dilo.aggregate import MEAN, NO_CONTRIBUTION, Aggregate, why_unsendable
+from dilo import outer_sgd
+from dilo.aggregate import MEAN, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
-from dilo.options import check_aggregate, check_outer_options, default_aggregate, overlap_warning
+from dilo.options import (check_aggregate, check_outer_options, check_owner_feedback, default_aggregate,
+                          overlap_warning)
 from dilo.outer_state import OuterState
 from dilo.stats import SyncStats, round_fields
 
@@ -99,11 +100,34 @@ def error_feedback_runs(codec: Codec, group: Group, error_feedback: bool, ef_dec
     if ef_decay != 1.0 and not ef:
         log.warning("comm.ef_decay = %g has no effect: this run has no error feedback (comm.error_feedback "
                     "false with %s, or a lone worker)", ef_decay, codec.name)
-    if owner_feedback and not (ef and codec.exchange == "two_phase" and not codec.lossless):
-        log.warning("comm.owner_feedback has no effect: it needs error feedback and a lossy codec of the "
-                    "two-phase exchange, not %s (%s exchange, error feedback %s)", codec.name, codec.exchange,
-                    "on" if ef else "off")
+    check_owner_feedback(owner_feedback, error_feedback=error_feedback, codec=codec.name, exchange=codec.exchange,
+                         codec_lossless=codec.lossless, codec_needs_error_feedback=codec.needs_error_feedback)
+    if owner_feedback and not ef:
+        log.warning("comm.owner_feedback has no effect: a lone worker exchanges nothing")
     return ef
+
+
+def owners_rule(group: Group, aggregate: str, trim: int, clip_ratio: float, weighting: str,
+                inner_steps: int) -> Aggregate:
+    """The owners' rule (`outer.aggregate`, dilo/aggregate.py) for this group, checked."""
+    open_group = group.open_membership
+    check_aggregate(aggregate, trim, clip_ratio, None if open_group else group.size, open_group, weighting)
+    if open_group and inner_steps == 0:
+        raise ValueError("rounds ended by the caller (inner_steps = 0) need a fixed group (torch backend)")
+    return Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,
+                     trim, float(clip_ratio), weighting)
+
+
+def synced_tensors(model: nn.Module, group: Group) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The model's trainable parameters (θ) and floating-point buffers (averaged exactly)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("DiLoCo needs at least one parameter with requires_grad=True")
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if group.open_membership and buffers:
+        raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
+                         "use a model without them or comm.backend = torch")
+    return params, buffers
 
 
 class DiLoCo(OuterState):
@@ -143,6 +167,7 @@ class DiLoCo(OuterState):
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         self.codec.warm_up()  # kernels load now, not inside the first exchange (rounds by time count it)
+        outer_sgd.warm_up()
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,
@@ -154,22 +179,10 @@ class DiLoCo(OuterState):
         self.group = group if group is not None else default_group()
         if (unstable := overlap_warning(overlap, self.group.size, outer_lr, outer_momentum, nesterov)) is not None:
             log.warning(unstable)
-        open_group = self.group.open_membership
-        check_aggregate(aggregate, trim, clip_ratio, None if open_group else self.group.size, open_group, weighting)
-        if open_group and inner_steps == 0:
-            raise ValueError("rounds ended by the caller (inner_steps = 0) need a fixed group (torch backend)")
-        self.aggregate = Aggregate(default_aggregate(open_group) if aggregate == "auto" else aggregate,
-                                   trim, float(clip_ratio), weighting)
+        self.aggregate = owners_rule(self.group, aggregate, trim, clip_ratio, weighting, inner_steps)
         self.group.aggregate = self.aggregate  # the owners' rule (dilo/aggregate.py)
-        self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
         self.check_hashes = check_hashes
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("DiLoCo needs at least one parameter with requires_grad=True")
-        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
-        if self.group.open_membership and self.buffers:
-            raise ValueError("the hivemind backend does not synchronize floating-point buffers yet; "
-                             "use a model without them or comm.backend = torch")
+        params, self.buffers = synced_tensors(model, self.group)
         flat = flatten_fp32(params)
         if not self.group.open_membership:
             self.group.broadcast(flat, src=0)  # every worker starts from the same θ
@@ -219,27 +232,23 @@ class DiLoCo(OuterState):
         frag = self.fragments[f]
         if report is None and self.aggregate.weighting == "tokens":  # weight by the round's inner steps
             report = RoundReport(*(float(self.inner_step - frag.last_snapshot_step),) * 2)
-        pseudo_grad = frag.pseudo_gradient()
+        # Without overlap a round is applied before its fragment's next one starts: Δ is formed
+        # in one reused buffer, and a group that can writes the average over it (`average_out`).
+        reuse = self.overlap == "none" and self.group.average_out
+        pseudo_grad = frag.pseudo_gradient(reuse)
         sent = frag.compensate(pseudo_grad, self.codec)
         wire = sent
         why = why_unsendable(sent, self.codec) if self.group.size > 1 or self.group.open_membership else None
         if why is not None:  # never encode it: send the no-contribution marker (dilo/aggregate.py)
-            log.warning("outer step %d (fragment %d): this worker's pseudo-gradient%s is %s; sending no "
-                        "contribution", self.outer_step + len(self.in_flight) + 1, f,
-                        " (with its error-feedback residual)" if frag.residual is not None else "", why)
-            wire, sent = torch.full_like(sent, NO_CONTRIBUTION), torch.zeros_like(sent)
-            self._withheld += 1
-            if frag.residual is not None:  # what it kept would poison the next Δ + e again
-                log.warning("fragment %d: error-feedback residual reset to zero (%s)", f,
-                            "non-finite" if not torch.isfinite(frag.residual).all() else "its Δ + e was withheld")
-                frag.residual.zero_()
-                self._resets += 1
+            wire, sent = self._withhold(f, sent, why)
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
         named = {}
         if self.group.open_membership:  # exchange number = outer step + exchanges in flight
             named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
         if report is not None:  # only rounds that report (time/token rounds, token weighting)
             named["report"] = report
+        if reuse:
+            named["out"] = wire
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
@@ -258,8 +267,11 @@ class DiLoCo(OuterState):
         fresh = next((r for r in mine if r.started == self.inner_step - self.delay), None)
         stats = None
         if self.overlap == "none":
-            if fresh is not None:
-                stats, _ = self._apply(fresh)
+            if fresh is not None:  # (with a delay, flush applies rounds with the live model untouched)
+                stats, _ = self._apply(fresh, write_live=self.delay == 0 and self.alpha == 0.0)
+                if self._live_written:  # the outer step wrote θ_p into the live model: merged
+                    frag.last_merge_step = self.inner_step
+                    return stats
         else:
             previous = next((r for r in mine if r is not fresh), None)  # last round's, due now
             average = None
@@ -296,8 +308,9 @@ class DiLoCo(OuterState):
         return self._apply(rnd)[0] if rnd is not None else None
 
     @torch.no_grad()
-    def _apply(self, rnd: Round) -> tuple[SyncStats, torch.Tensor]:
-        """Wait for a round's exchange and apply the average to its fragment's θ."""
+    def _apply(self, rnd: Round, write_live: bool = False) -> tuple[SyncStats, torch.Tensor]:
+        """Wait for a round's exchange and apply the average to its fragment's θ (`write_live`:
+        and θ_p into the live model in the same pass, when it can; `_live_written` says)."""
         outcome = rnd.handle.result()
         if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
             raise RuntimeError("internal error: a superseded exchange reached its apply step")
@@ -306,55 +319,23 @@ class DiLoCo(OuterState):
         with self._state_lock:  # (export_state reads the outer step and the rounds in flight together)
             self.in_flight.remove(rnd)
         adopted = result.adopted is not None
-        hook_bytes = (0, 0)
-        skipped = 0
+        skipped, hook_bytes, self._live_written = 0, (0, 0), False
         if adopted:
             # A group of open membership went on without this worker (it was too late or
             # behind): its Δ is lost and it continues from the group's newer state.
             self.adopt_state(result.adopted)
-        elif not codec_kernels.all_finite(result.average):
-            # Every contributor of some chunk was non-finite; skipping keeps θ finite on
-            # every worker alike (the average is identical everywhere).
-            # outer_step still advances (round numbers, schedules and checkpoints stay aligned).
-            log.warning("outer step %d (fragment %d): no valid contribution arrived for part of the "
-                        "pseudo-gradient; step skipped (θ and momentum unchanged)", self.outer_step + 1,
-                        rnd.fragment)
-            skipped = 1
-            with self._state_lock:
-                self.outer_step += 1
         else:
-            frag = self.fragments[rnd.fragment]
-            before = frag.theta.detach().clone() if self.after_outer_step is not None else None
-            with self._state_lock:
-                frag.apply_outer_step(result.average)
-                self.outer_step += 1
-            if self.owner_feedback and frag.residual is not None and result.owner_error is not None:  # two-phase
-                frag.feed_back_owner_error(*result.owner_error, result.num_peers)
-            if before is not None:
-                hook_bytes = self.after_outer_step(before, frag.theta.detach())
+            skipped, hook_bytes, self._live_written = self._outer_step(
+                rnd.fragment, result, write_live and self.after_outer_step is None, self.owner_feedback,
+                self.after_outer_step)
         if mean_buffers is not None:
             write_flat(self.buffers, mean_buffers)
         t_digest = time.perf_counter()
-        digest = self.global_hash()
-        self._known_digest = (self.outer_step, digest)
-        if self._check_hash(digest):
-            adopted = True
-            digest = self._digest()
-        t_end = time.perf_counter()
-        exposed = min(rnd.handle.exposed_seconds, seconds)
-        stats = SyncStats(
-            outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent + hook_bytes[0],
-            bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers,
-            global_hash=digest,
-            dropped=result.dropped, codec_error=result.codec_error,
-            pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
-            seconds_exposed=exposed, seconds_hidden=seconds - exposed,
-            intra_bytes=result.intra_bytes, adopted=adopted,
-            apply_seconds=t_digest - t_apply, digest_seconds=t_end - t_digest,
-            skipped=skipped, clipped=len(result.clipped), reset_residuals=self._resets,
-            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped,
-            **round_fields(result.reports, self.group.rank, self.aggregate.weighting))
-        self._withheld = self._resets = 0
+        digest, repaired = self._confirmed_digest(self.check_hashes)
+        adopted = adopted or repaired
+        stats = self._sync_stats(rnd, result, seconds, digest, adopted, skipped, hook_bytes,
+                                 (t_digest - t_apply, time.perf_counter() - t_digest),
+                                 round_fields(result.reports, self.group.rank, self.aggregate.weighting))
         return stats, result.average
 
     def flush(self, report: RoundReport | None = None) -> list[SyncStats]:
@@ -394,19 +375,6 @@ class DiLoCo(OuterState):
             if stats[-1].adopted:
                 return True
         return False
-
-    def _check_hash(self, digest: str) -> bool:
-        """Confirm this outer step's digest with the group (dilo/in_flight.py); True if the
-        majority's state was adopted. A fixed group raises DivergenceError on a mismatch."""
-        if not self.check_hashes:  # (a one-worker island still compares its ranks: no size shortcut)
-            return False
-        repaired = self.in_flight.confirm(self.outer_step, digest)
-        if repaired is None:
-            return False
-        log.warning("outer step %d: this worker's global state differs from the group's majority; "
-                    "adopting the majority's state", self.outer_step)
-        self.adopt_state(repaired)
-        return True
 
     def close(self) -> None:
         """Stop the exchange thread (after `flush()`; a hung collective is not waited for)."""

@@ -25,9 +25,7 @@ import torch.nn as nn
 from dilo import codec_kernels
 from dilo.codecs import Codec
 from dilo.global_layout import flatten_fp32, read_pieces, write_flat
-
-
-_SGD_PIECE = 1 << 20  # elements of the Nesterov look-ahead formed at a time (4 MiB)
+from dilo.outer_sgd import live_pieces, sgd_step
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -114,6 +112,7 @@ class Fragment:
             self.eager_theta = nn.Parameter(self.theta.detach().clone(), requires_grad=False)
             self.eager_outer = torch.optim.SGD([self.eager_theta], **self._sgd)
         self.residual = torch.zeros(self.numel) if error_feedback else None
+        self._delta: torch.Tensor | None = None  # pseudo_gradient(reuse=True)'s buffer
         self.ef_decay = ef_decay
         """β: what is kept is decayed before it is sent again (1: kept whole)."""
         self.last_merge_step = 0
@@ -126,11 +125,14 @@ class Fragment:
         return flatten_fp32(self.params)
 
     @torch.no_grad()
-    def pseudo_gradient(self) -> torch.Tensor:
+    def pseudo_gradient(self, reuse: bool = False) -> torch.Tensor:
         """Δ = ϑ − live (flat fp32), formed piece by piece: no concatenated copy of the live
-        parameters (the same bytes as ``start_point - read_live()``)."""
+        parameters (the same bytes as ``start_point - read_live()``). `reuse`: in the
+        fragment's one buffer, kept between rounds (the caller is done with the last Δ)."""
         start = self.start_point
-        delta = torch.empty(self.numel, dtype=torch.float32)
+        if reuse and self._delta is None:
+            self._delta = torch.empty(self.numel, dtype=torch.float32)
+        delta = self._delta if reuse else torch.empty(self.numel, dtype=torch.float32)
         for offset, live in read_pieces(self.params):
             end = offset + live.numel()
             torch.sub(start[offset:end], live, out=delta[offset:end])
@@ -170,38 +172,18 @@ class Fragment:
 
     # -- outer steps ---------------------------------------------------------------------
     @staticmethod
-    @torch.no_grad()
-    def _sgd_step(param: nn.Parameter, opt: torch.optim.Optimizer, grad: torch.Tensor) -> None:
-        """`opt.step()` with `grad` as the gradient, the same operations as torch's SGD
-        (tests compare them), but Nesterov's look-ahead `grad + m·buf` is formed in bounded
-        pieces instead of a fresh model-sized tensor. The momentum stays in `opt.state`."""
-        group = opt.param_groups[0]
-        lr, m, nesterov = group["lr"], group["momentum"], group["nesterov"]
-        if group["weight_decay"] != 0 or group["dampening"] != 0 or group["maximize"]:
-            raise ValueError("the outer optimizer is plain SGD with (Nesterov) momentum")
-        if m == 0:
-            param.add_(grad, alpha=-lr)
-            return
-        state = opt.state[param]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = grad.detach().clone()
-        else:
-            buf.mul_(m).add_(grad)
-        if not nesterov:
-            param.add_(buf, alpha=-lr)
-            return
-        flat, g, b = param.view(-1), grad.view(-1), buf.view(-1)
-        look = torch.empty(min(flat.numel(), _SGD_PIECE), dtype=flat.dtype)
-        for lo in range(0, flat.numel(), _SGD_PIECE):
-            hi = min(lo + _SGD_PIECE, flat.numel())
-            step = torch.add(g[lo:hi], b[lo:hi], alpha=m, out=look[:hi - lo])
-            flat[lo:hi].add_(step, alpha=-lr)
+    def _sgd_step(param: nn.Parameter, opt: torch.optim.Optimizer, grad: torch.Tensor, live=()) -> None:
+        """`opt.step()` with `grad` as the gradient, exactly torch's SGD bytes (dilo/outer_sgd.py)."""
+        sgd_step(param, opt, grad, live)
 
     @torch.no_grad()
-    def apply_outer_step(self, average: torch.Tensor) -> None:
-        """θ_p ← one outer SGD step with the averaged pseudo-gradient as its gradient."""
-        self._sgd_step(self.theta, self.outer, average)
+    def apply_outer_step(self, average: torch.Tensor, write_live: bool = False) -> bool:
+        """θ_p ← one outer SGD step with the averaged pseudo-gradient as its gradient; with
+        `write_live` the live parameters ← the new θ_p in the same pass when they are all
+        contiguous fp32 CPU tensors (then True: the merge that follows is done)."""
+        live = live_pieces(self.params) if write_live else None
+        self._sgd_step(self.theta, self.outer, average, live or ())
+        return live is not None
 
     @torch.no_grad()
     def eager_step(self, fresh_own: torch.Tensor, stale_own: torch.Tensor | None,

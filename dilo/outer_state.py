@@ -14,15 +14,21 @@ thread — never sees an outer step without its θ, or a round count of another 
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
 import torch.nn as nn
 
-from dilo.comm.protocol import GlobalState, state_digest
+from dilo import codec_kernels
+from dilo.aggregate import NO_CONTRIBUTION
+from dilo.comm.protocol import ExchangeResult, GlobalState, state_digest
 from dilo.fragments import Fragment, Schedule
 from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
-from dilo.in_flight import RoundsInFlight
+from dilo.in_flight import Round, RoundsInFlight
+from dilo.stats import SyncStats
+
+log = logging.getLogger("dilo")
 
 
 class OuterState:
@@ -47,6 +53,7 @@ class OuterState:
         self._state_lock = threading.Lock()
         self._known_digest: tuple[int, str] | None = None
         """(outer step, global_hash) of the current state, once computed: the base of rounds."""
+        self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
 
     @property
     def global_params(self) -> torch.Tensor:
@@ -71,6 +78,79 @@ class OuterState:
         if self._known_digest is None or self._known_digest[0] != self.outer_step:
             self._known_digest = (self.outer_step, self.global_hash())
         return self._known_digest[1]
+
+    def _withhold(self, f: int, sent: torch.Tensor, why: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wire, sent) for fragment f's Δ + e that cannot be sent (`why`): the no-contribution
+        marker (dilo/aggregate.py) and zeros; a residual kept would poison the next Δ + e: reset."""
+        frag = self.fragments[f]
+        log.warning("outer step %d (fragment %d): this worker's pseudo-gradient%s is %s; sending no "
+                    "contribution", self.outer_step + len(self.in_flight) + 1, f,
+                    " (with its error-feedback residual)" if frag.residual is not None else "", why)
+        self._withheld += 1
+        if frag.residual is not None:
+            log.warning("fragment %d: error-feedback residual reset to zero (%s)", f,
+                        "non-finite" if not torch.isfinite(frag.residual).all() else "its Δ + e was withheld")
+            frag.residual.zero_()
+            self._resets += 1
+        return torch.full_like(sent, NO_CONTRIBUTION), torch.zeros_like(sent)
+
+    # -- one outer step ----------------------------------------------------------------
+    @torch.no_grad()
+    def _outer_step(self, f: int, result: ExchangeResult, write_live: bool, owner_feedback: bool,
+                    hook=None) -> tuple[int, tuple[int, int], bool]:
+        """Fragment f's outer step with a round's average: (1 if skipped, the hook's bytes,
+        whether θ_p was also written into the live model; `write_live`, dilo/outer_sgd.py)."""
+        if not codec_kernels.all_finite(result.average):
+            # Every contributor of some chunk was non-finite; skipping keeps θ finite on
+            # every worker alike (the average is identical everywhere).
+            # outer_step still advances (round numbers, schedules and checkpoints stay aligned).
+            log.warning("outer step %d (fragment %d): no valid contribution arrived for part of the "
+                        "pseudo-gradient; step skipped (θ and momentum unchanged)", self.outer_step + 1, f)
+            with self._state_lock:
+                self.outer_step += 1
+            return 1, (0, 0), False
+        frag = self.fragments[f]
+        before = frag.theta.detach().clone() if hook is not None else None
+        with self._state_lock:
+            written = frag.apply_outer_step(result.average, write_live)
+            self.outer_step += 1
+        if owner_feedback and frag.residual is not None and result.owner_error is not None:  # two-phase
+            frag.feed_back_owner_error(*result.owner_error, result.num_peers)
+        return 0, hook(before, frag.theta.detach()) if hook is not None else (0, 0), written
+
+    def _confirmed_digest(self, check: bool) -> tuple[str, bool]:
+        """The new state's digest, confirmed with the group when `check` (dilo/in_flight.py):
+        (digest, True if the majority's state was adopted). A fixed group raises
+        DivergenceError on a mismatch."""
+        digest = self.global_hash()
+        self._known_digest = (self.outer_step, digest)
+        if not check:  # (a one-worker island still compares its ranks: no size shortcut)
+            return digest, False
+        repaired = self.in_flight.confirm(self.outer_step, digest)
+        if repaired is None:
+            return digest, False
+        log.warning("outer step %d: this worker's global state differs from the group's majority; "
+                    "adopting the majority's state", self.outer_step)
+        self.adopt_state(repaired)
+        return self._digest(), True
+
+    def _sync_stats(self, rnd: Round, result: ExchangeResult, seconds: float, digest: str, adopted: bool,
+                    skipped: int, hook_bytes: tuple[int, int], timings: tuple[float, float],
+                    rounds: dict) -> SyncStats:
+        """The applied round's record (dilo/stats.py); `timings`: apply and digest seconds;
+        `rounds`: `round_fields` of its reports. The withheld/reset counters restart."""
+        exposed = min(rnd.handle.exposed_seconds, seconds)
+        stats = SyncStats(
+            outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent + hook_bytes[0],
+            bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers,
+            global_hash=digest, dropped=result.dropped, codec_error=result.codec_error,
+            pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
+            seconds_exposed=exposed, seconds_hidden=seconds - exposed,
+            intra_bytes=result.intra_bytes, adopted=adopted, apply_seconds=timings[0], digest_seconds=timings[1],
+            skipped=skipped, clipped=len(result.clipped), reset_residuals=self._resets,
+            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped, **rounds)
+        self._withheld = self._resets = 0
+        return stats
 
     def export_state(self) -> GlobalState:
         """A consistent copy of θ, the outer momentum and the outer step (any thread)."""

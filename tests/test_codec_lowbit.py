@@ -472,7 +472,7 @@ def test_owner_feedback_sends_the_owners_rounding_again():
         assert torch.equal(res, residual[w])
 
 
-def test_owner_feedback_is_refused_where_it_cannot_work(caplog):
+def test_owner_feedback_is_refused_where_it_cannot_work():
     owner = [*SMALL, "--comm.owner_feedback", "true"]
     for extra, why in ((["--comm.codec", "int8"], "set comm.error_feedback = true"),
                        (["--comm.codec", "fp32"], "comm.codec = fp32 loses nothing"),
@@ -487,17 +487,6 @@ def test_owner_feedback_is_refused_where_it_cannot_work(caplog):
                   ["--comm.codec", "bf16", "--comm.error_feedback", "true"],
                   ["--comm.codec", "sparse", "--comm.sparse_exchange", "two_phase"]):  # sparse: always EF
         assert parse_args([*owner, *extra]).comm.owner_feedback
-    groups = local_groups(2)
-
-    def worker(w):  # DiLoCo's keywords (not the CLI): still a warning there
-        torch.manual_seed(0)
-        model = nn.Linear(4, 4)
-        DiLoCo(model, torch.optim.AdamW(model.parameters()), inner_steps=2, codec="sparse", group=groups[w],
-               owner_feedback=True)
-
-    with caplog.at_level("WARNING", logger="dilo"):
-        run_workers(worker, 2)
-    assert "comm.owner_feedback has no effect" in caplog.text and "gather exchange" in caplog.text
 
 
 def test_bench_sparse_bytes_counts_what_dilo_sends(tmp_path):
@@ -587,3 +576,19 @@ def test_sparse_with_streaming_fragments_and_overlap_stays_identical(overlap):
 
     found = run_workers(worker, workers)
     assert len(found[0]) >= 6 and found[0] == found[1] == found[2]
+
+
+def test_diloco_refuses_owner_feedback_where_it_cannot_act():
+    """The Python API refuses what the config refuses: a lossless codec, no error feedback, the gather."""
+    for codec, ef, message in ((get_codec("fp32"), False, "loses nothing"),
+                               (get_codec("int8"), False, "comm.error_feedback = true"),
+                               (get_codec("sparse"), True, "comm.sparse_exchange = two_phase")):
+        groups = local_groups(2)
+
+        def worker(w, codec=codec, ef=ef, groups=groups):
+            model = _make()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            DiLoCo(model, opt, inner_steps=2, codec=codec, group=groups[w], owner_feedback=True, error_feedback=ef)
+
+        with pytest.raises(ValueError, match=message):
+            run_workers(worker, 2)

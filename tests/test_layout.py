@@ -16,11 +16,8 @@ MAX_CLASS_LINES = 250
 
 # Known to be over the limits, each capped at its length today so it cannot grow; an entry
 # that is no longer over the limit fails too, so the list only shrinks.
-LONG_MODULES = {
-    "dilo.diloco": 413,  # the outer loop; being split (helper h12b, wave 4)
-}
+LONG_MODULES: dict[str, int] = {}
 LONG_CLASSES = {
-    "dilo.diloco.DiLoCo": 305,  # the outer loop; being split (helper h12b, wave 4)
     "dilo.comm.swarm.SwarmGroup": 287,  # the swarm's Group: rounds, state, members (later work)
 }
 

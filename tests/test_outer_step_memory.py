@@ -23,32 +23,86 @@ from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, read_pi
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pieced_nesterov_step_matches_torch_sgd():
-    """Several outer steps over 2.5 pieces: θ and the momentum bit-identical to torch's SGD."""
-    torch.manual_seed(0)
-    n = (1 << 20) * 2 + 12345
-    for nesterov, momentum in ((True, 0.9), (False, 0.9), (False, 0.0)):
-        ours = torch.nn.Parameter(torch.randn(n), requires_grad=False)
-        ref = torch.nn.Parameter(ours.detach().clone())
-        opt_ours = torch.optim.SGD([ours], lr=0.7, momentum=momentum, nesterov=nesterov)
-        opt_ref = torch.optim.SGD([ref], lr=0.7, momentum=momentum, nesterov=nesterov)
-        for _ in range(3):
-            grad = torch.randn(n) * 1e-3
-            Fragment._sgd_step(ours, opt_ours, grad)
-            ref.grad = grad.clone()
-            opt_ref.step()
-            assert torch.equal(ours.view(torch.int32), ref.detach().view(torch.int32))
-        if momentum:
-            assert torch.equal(opt_ours.state[ours]["momentum_buffer"], opt_ref.state[ref]["momentum_buffer"])
+def _edge_values(n: int, seed: int) -> torch.Tensor:
+    """Random fp32 with zeros, ±0, subnormals, huge values, ±inf and NaN mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.1754942e-38, 3e38, -3e38,
+                             float("inf"), float("-inf"), float("nan"), 1.0, -1.0])
+    idx = torch.randint(0, n, (n // 50,), generator=g)
+    x[idx] = specials[torch.randint(0, len(specials), (idx.numel(),), generator=g)]
+    return x
 
 
-def _exchange_all(vectors, codec, buffers):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_outer_sgd_step_matches_torch_sgd(backend):
+    """Several outer steps (the first creates the momentum) over sizes that are not a multiple
+    of any vector width or of the 4 MiB piece, on random and edge values (zeros, subnormals,
+    huge, ±inf, NaN): θ, the momentum and the live pieces bit-identical to torch's SGD."""
+    from dilo import codec_kernels, outer_sgd
+
+    if backend == "numba" and codec_kernels.numba is None:
+        pytest.skip("numba not installed")
+    previous = codec_kernels.BACKEND
+    codec_kernels.use_backend(backend)
+    try:
+        for n, scale in (((1 << 20) * 2 + 12345, 1e-3), (1037, 1.0)):
+            for nesterov, momentum, lr in ((True, 0.9, 0.7), (False, 0.9, 0.7), (False, 0.0, 0.7),
+                                           (True, 0.95, 1.3), (True, 0.1, 1e-30)):
+                ours = _edge_values(n, 0) if scale == 1.0 else torch.randn(n)
+                ref = torch.nn.Parameter(ours.clone())
+                opt_ours = torch.optim.SGD([ours], lr=lr, momentum=momentum, nesterov=nesterov)
+                opt_ref = torch.optim.SGD([ref], lr=lr, momentum=momentum, nesterov=nesterov)
+                live = [(3, torch.empty(100)), (500, torch.empty(n - 500))]
+                for step in range(3):
+                    grad = _edge_values(n, step + 1) * scale
+                    outer_sgd.sgd_step(ours, opt_ours, grad, live)
+                    ref.grad = grad.clone()
+                    opt_ref.step()
+                    assert torch.equal(ours.view(torch.int32), ref.detach().view(torch.int32)), (n, nesterov, momentum)
+                    for offset, t in live:
+                        assert torch.equal(t.view(torch.int32), ours[offset:offset + t.numel()].view(torch.int32))
+                if momentum:
+                    assert torch.equal(opt_ours.state[ours]["momentum_buffer"].view(torch.int32),
+                                       opt_ref.state[ref]["momentum_buffer"].view(torch.int32))
+    finally:
+        codec_kernels.use_backend(previous)
+
+
+def test_average_written_over_its_input():
+    """`two_phase_average(out=flat)` (the caller's Δ buffer receives the average) gives the same
+    bytes as a fresh result, for a lossless codec whose send buffer is `flat` itself too."""
+    torch.manual_seed(2)
+    for codec_name, n in (("int8", 5000), ("fp4", 777), ("fp32", 3 * 64 * 4)):
+        codec = get_codec(codec_name, 64)
+        vectors = [torch.randn(n) for _ in range(3)]
+        fresh = _exchange_all(vectors, codec, [None] * 3)
+        got = _exchange_all(vectors, codec, [None] * 3, into_input=True)
+        for r in range(3):
+            assert got[r].average.data_ptr() == vectors[r].data_ptr()
+            assert torch.equal(got[r].average, fresh[r].average) and got[r].codec_error == fresh[r].codec_error
+    with pytest.raises(ValueError, match="out= must be"):
+        two_phase_average(torch.randn(10), get_codec("int8"), 0, 1, lambda b: b, lambda b: b, out=torch.empty(9))
+
+
+def test_reused_delta_buffer_gives_the_same_bytes():
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 3))]
+    frag = Fragment(0, params, 0.7, 0.9, True, eager=False, error_feedback=False)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    first = frag.pseudo_gradient(reuse=True)
+    assert torch.equal(first, frag.pseudo_gradient()) and frag.pseudo_gradient(reuse=True) is first
+
+
+def _exchange_all(vectors, codec, buffers, into_input=False):
     groups = local_groups(len(vectors))
     out = [None] * len(vectors)
 
     def run(r):
         g = groups[r]
-        out[r] = two_phase_average(vectors[r], codec, r, g.size, g._all_to_all, g._all_gather, buffers=buffers[r])
+        out[r] = two_phase_average(vectors[r], codec, r, g.size, g._all_to_all, g._all_gather, buffers=buffers[r],
+                                   out=vectors[r] if into_input else None)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(vectors))]
     for t in threads:
@@ -116,6 +170,7 @@ def test_bench_outer_step_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (row,) = json.loads(out.read_text())["after"]["rows"]
     assert row["codec"] == "int8" and row["step_s"] > 0 and row["floor_s"] > 0
+    assert row["cpu_s"] > 0 and row["cpu_passes"] == row["cpu_s"] / row["memcpy_cpu_s"]
 
 
 def _confirm_worker(rank: int, init: str, result_dir: str) -> None:
@@ -146,3 +201,56 @@ def test_torch_group_confirm_compares_digests_without_pickling(tmp_path):
         ok, bad = json.loads((tmp_path / f"{rank}.json").read_text())
         assert ok == "None"
         assert "outer step 8" in bad and "cd" * 32 in bad and "ce" * 32 in bad
+
+
+def _run_local(P: int, tau: int, codec: str, ef: bool, average_out: bool, steps: int = 24):
+    """3 in-process workers of tests/helpers.Net; `average_out`: each group takes `out=` (as
+    TorchGroup does), so DiLoCo forms Δ in its kept buffer and the average lands over it."""
+    from dilo import DiLoCo
+    from tests.helpers import Net, adamw, inner_step, run_workers
+
+    groups = local_groups(3)
+    for g in groups:
+        if average_out:
+            plain = g.average
+            g.average_out = True
+            g.average = lambda flat, codec, out=None, _plain=plain, _g=g, **kw: two_phase_average(
+                flat, codec, _g.rank, _g.size, _g._all_to_all, _g._all_gather,
+                aggregate=kw.get("aggregate") or _g.aggregate, report=kw.get("report"), out=out) \
+                if codec.exchange == "two_phase" else _plain(flat, codec, **kw)
+    models = [Net() for _ in range(3)]
+
+    def worker(rank: int):
+        model, diloco = models[rank], None
+        opt = adamw(model)
+        diloco = DiLoCo(model, opt, inner_steps=4, codec=codec, group=groups[rank], fragments=P, delay=tau,
+                        error_feedback=ef)
+        hashes = []
+        try:
+            for step in range(steps):
+                inner_step(model, opt, rank, step)
+                stats = diloco.step()
+                if stats is not None:
+                    hashes.append(stats.global_hash)
+            hashes += [s.global_hash for s in diloco.flush()]
+        finally:
+            diloco.close()
+        kept = all(f._delta is not None for f in diloco.fragments)
+        return hashes, torch.cat([p.detach().reshape(-1) for p in model.parameters()]), kept
+
+    return run_workers(worker, 3)
+
+
+@pytest.mark.parametrize("P,tau,codec,ef", [(1, 0, "int8", False), (1, 0, "fp4", True), (2, 1, "int8", True),
+                                            (1, 0, "fp32", False)])
+def test_reused_delta_buffer_and_average_out_change_no_bit(P, tau, codec, ef):
+    """DiLoCo through a group that writes the average over the kept Δ buffer (and the one-pass
+    outer step writing θ into the model) ends on the same hashes and live bytes as through a
+    group that returns fresh tensors; every replica alike."""
+    fresh = _run_local(P, tau, codec, ef, average_out=False)
+    reused = _run_local(P, tau, codec, ef, average_out=True)
+    assert len(fresh[0][0]) > 3
+    for (h1, live1, kept1), (h2, live2, kept2) in zip(fresh, reused):
+        assert h1 == h2 == fresh[0][0]
+        assert torch.equal(live1, live2)
+        assert kept2 and not kept1

@@ -18,6 +18,11 @@ the slowest rank's per repeat; the JSON keeps the median. `rss_copies` is the pe
 growth of a step on rank 0 (Linux `VmHWM` reset through `/proc/self/clear_refs` before
 the step, minus `VmRSS` before it) in fp32 model copies (4 bytes × size).
 
+`cpu_s` is rank 0's main-thread CPU time of the step (the compute, without the waiting
+for the wire or the other ranks) and `cpu_passes` that ÷ the CPU time of one `copy_` of
+the fp32 vector on the same rank: the step's local work in memcpy passes, a figure that
+does not depend on how many ranks share the cores.
+
 `--digest` also times hashing θ and the momentum (2 × size fp32) with sha256 and blake3
 in the parent process. Results from `--label` runs are merged into `--out` under that
 label, so before and after share one file and one picture. The machine may be shared:
@@ -89,7 +94,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
 
             move()
             d.step()  # warm-up: the momentum is created at the first outer step
-            steps, rss = [], []
+            steps, rss, cpu = [], [], []
             prof = None
             if args.profile and rank == 0:
                 import cProfile
@@ -101,12 +106,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                     with open("/proc/self/clear_refs", "w") as f:
                         f.write("5")
                     before = _status("VmRSS")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 if prof is not None:
                     prof.enable()
                 d.step()
                 if prof is not None:
                     prof.disable()
+                cpu.append(time.thread_time() - c0)
                 steps.append(slowest(time.perf_counter() - t0))
                 if rank == 0:
                     rss.append((_status("VmHWM") - before) / (4 * numel))
@@ -130,11 +136,22 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                 all_gather_single(gathered, own)
                 floors.append(slowest(time.perf_counter() - t0))
             floors = floors[1:]
+            src, dst = torch.randn(numel), torch.empty(numel)
+            copies = []
+            for _ in range(args.repeats + 1):
+                c0 = time.thread_time()
+                dst.copy_(src)
+                copies.append(time.thread_time() - c0)
+            del src, dst
             if rank == 0:
                 step, floor = statistics.median(steps), statistics.median(floors)
                 row = {"numel": numel, "codec": name, "step_s": step, "floor_s": floor,
                        "ratio": step / floor, "steps_s": steps, "floors_s": floors,
-                       "rss_copies": max(rss), "wire_bytes_per_rank": 2 * (args.ranks - 1) * nbytes}
+                       "rss_copies": max(rss), "wire_bytes_per_rank": 2 * (args.ranks - 1) * nbytes,
+                       # rank 0's main-thread CPU seconds of the step (the compute, not the waiting)
+                       # and of one copy_ of the fp32 vector: the step's cost in memcpy passes
+                       "cpu_s": statistics.median(cpu), "memcpy_cpu_s": statistics.median(copies[1:]),
+                       "cpu_passes": statistics.median(cpu) / statistics.median(copies[1:])}
                 print(json.dumps(row), flush=True)
                 results.append(row)
             d.close()
@@ -180,8 +197,8 @@ def _plot(doc: dict, png: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, style in (("before", "--"), ("after", "-")):
-        rows = doc.get(label, {}).get("rows", [])
+    for label, style in zip(doc, ("--", ":", "-", "-.")):
+        rows = doc[label].get("rows", [])
         for i, codec in enumerate(sorted({r["codec"] for r in rows})):
             pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=f"C{i}",
@@ -198,19 +215,25 @@ def _plot(doc: dict, png: str) -> None:
 
 
 def table(doc: dict) -> str:
-    """Markdown rows: size, codec, before and after (step s, ÷ floor, RSS copies), speed-up."""
-    lines = ["| params | codec | before: step s (÷ floor) | after: step s (÷ floor) | speed-up | peak RSS growth before → after (fp32 copies) |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: size, codec, each label's step s (÷ floor), speed-up first → last label,
+    peak RSS growth per label, and the last label's step CPU in memcpy passes."""
+    labels = list(doc)
+    head = " | ".join(f"{label}: step s (÷ floor)" for label in labels)
+    title = (f"| params | codec | {head} | speed-up | peak RSS growth {' → '.join(labels)} (fp32 copies) "
+             f"| {labels[-1]}: step CPU ÷ memcpy |")
+    lines = [title, "|---|---|" + "---|" * (len(labels) + 3)]
     rows = {}
-    for label in ("before", "after"):
-        for r in doc.get(label, {}).get("rows", []):
+    for label in labels:
+        for r in doc[label].get("rows", []):
             rows.setdefault((r["numel"], r["codec"]), {})[label] = r
     for (numel, codec), by in sorted(rows.items()):
-        b, a = by.get("before"), by.get("after")
-        cell = lambda r: f"{r['step_s']:.3f} ({r['ratio']:.1f}×)" if r else "—"
-        rss = lambda r: f"{r['rss_copies']:.1f}" if r else "—"
-        speed = f"{b['step_s'] / a['step_s']:.1f}×" if a and b else "—"
-        lines.append(f"| {numel:.0e} | {codec} | {cell(b)} | {cell(a)} | {speed} | {rss(b)} → {rss(a)} |")
+        got = [by.get(label) for label in labels]
+        cells = " | ".join(f"{r['step_s']:.3f} ({r['ratio']:.1f}×)" if r else "—" for r in got)
+        first, last = got[0], got[-1]
+        speed = f"{first['step_s'] / last['step_s']:.1f}×" if first and last else "—"
+        rss = " → ".join(f"{r['rss_copies']:.1f}" if r else "—" for r in got)
+        passes = f"{last['cpu_passes']:.1f}" if last and "cpu_passes" in last else "—"
+        lines.append(f"| {numel:.0e} | {codec} | {cells} | {speed} | {rss} | {passes} |")
     return "\n".join(lines)
 
 

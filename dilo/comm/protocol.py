@@ -159,6 +159,10 @@ class Group(ABC):
     processes: int = 1
     """Processes that hold this member's copy of the global state (islands: the worker's
     ranks); they must change it at the same inner step."""
+    average_out: bool = False
+    """True when `average` also takes `out=`: a contiguous fp32 CPU tensor of `flat`'s size
+    (it may be `flat` itself) that the average is written into, so a caller done with
+    `flat` holds one model-sized vector through the exchange, not two."""
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
@@ -267,6 +271,7 @@ def two_phase_average(
     buffers: ExchangeBuffers | None = None,
     aggregate: Aggregate = MEAN,
     report: RoundReport | None = None,
+    out: torch.Tensor | None = None,
 ) -> ExchangeResult:
     """The exchange described in the module docstring over two byte collectives.
 
@@ -281,6 +286,7 @@ def two_phase_average(
     same as encoding a zero-padded copy of `flat` chunk by chunk.
 
     With `report`, each phase-1 slice is the chunk's bytes then the report's 24 bytes.
+    `out`: where the average is written (may be `flat`: phase 1 has read it by then).
     """
     start = time.perf_counter()
     bufs = buffers if buffers is not None else ExchangeBuffers()
@@ -328,7 +334,7 @@ def two_phase_average(
     encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
 
     gathered = all_gather(encoded).view(size, nbytes)
-    average = torch.empty(numel, dtype=torch.float32)
+    average = torch.empty(numel, dtype=torch.float32) if out is None else _check_out(out, numel)
     codec_error, owner_error = 0.0, None
     for member in range(size):
         lo = member * chunk
@@ -338,9 +344,12 @@ def two_phase_average(
             average[lo:].copy_(dst[:numel - lo])
         if member == rank:  # the owner's own bytes decoded: its codec error, no extra decode
             norm = mean.norm().item()
-            codec_error = (dst - mean).norm().item() / norm if norm > 0 else 0.0
+            # mean − dst is the owner error a lossy codec hands back (fresh: results outlive the
+            # exchange); a lossless codec's goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
+            err = torch.sub(mean, dst, out=None if not codec.lossless else bufs.get("error", chunk, torch.float32))
+            codec_error = err.norm().item() / norm if norm > 0 else 0.0
             if not codec.lossless and lo < numel:
-                owner_error = (lo, (mean - dst)[:min(chunk, numel - lo)])
+                owner_error = (lo, err[:min(chunk, numel - lo)])
     # Counted from the buffers themselves: what leaves for other members in each phase
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = (send.numel() - slot) + encoded.numel() * (size - 1)
@@ -351,6 +360,13 @@ def two_phase_average(
                           dropped=size - accepted, codec_error=codec_error, owner_error=owner_error,
                           rejected=screened.rejected,
                           clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports)
+
+
+def _check_out(out: torch.Tensor, numel: int) -> torch.Tensor:
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != numel:
+        raise ValueError(f"out= must be a contiguous fp32 CPU tensor of {numel} elements, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out.view(-1)
 
 
 def _report_bytes(report: RoundReport) -> torch.Tensor:

@@ -58,13 +58,17 @@ class TorchGroup(Group):
         all_gather_single(out, buf, group=self.pg)
         return out
 
+    average_out = True  # (the gather exchange returns its own tensor: `out` is a permission)
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                out: torch.Tensor | None = None) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report)
+                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
+                                 out=out)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)

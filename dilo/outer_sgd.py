@@ -1,0 +1,181 @@
+"""The outer optimizer's step: `torch.optim.SGD` (momentum, Nesterov) on a flat fp32 vector.
+
+`sgd_step(param, opt, grad, live)` gives exactly the bytes of `opt.step()` with `grad` as
+the gradient (θ and the momentum buffer; tests/test_outer_step_memory.py compares them
+bit for bit, edge values included), and optionally writes the new θ into the live
+model's parameters (`live`: (offset, fp32 CPU tensor) pieces of θ's layout) in the same
+pass. torch does, per element, with m and lr rounded to fp32:
+
+    buf ← g                                 (first step: a copy)
+    buf ← fl(fl(buf·m) + g)                 (`buf.mul_(m).add_(g)`)
+    look ← g + m·buf                        (`torch.add(g, buf, alpha=m)`)
+    θ ← θ − lr·look                         (`θ.add_(look, alpha=-lr)`)
+
+The last two are `a + α·b` with a scalar α, which torch's vectorized CPU kernels compute
+as a fused multiply-add (one rounding) on CPUs that have one, and as a multiply then an
+add (two) otherwise. `FUSED` is found once per process by asking torch itself; the numba
+kernel then does the same (LLVM's `fma` intrinsic, or separate operations: numba never
+contracts them on its own). One pass reads g, θ, buf and writes θ, buf and the live
+parameter, instead of torch's three passes and a copy into the model.
+
+Without numba (`codec_kernels.BACKEND == "torch"`) the torch operations run, with the
+look-ahead formed in 4 MiB pieces, and the log says so once (codec_kernels.warn_if_slow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dilo import codec_kernels
+
+_PIECE = 1 << 20  # elements of the Nesterov look-ahead formed at a time on the torch path (4 MiB)
+
+
+def _check(opt: torch.optim.Optimizer) -> tuple[float, float, bool]:
+    group = opt.param_groups[0]
+    if group["weight_decay"] != 0 or group["dampening"] != 0 or group["maximize"]:
+        raise ValueError("the outer optimizer is plain SGD with (Nesterov) momentum")
+    return group["lr"], group["momentum"], group["nesterov"]
+
+
+@torch.no_grad()
+def sgd_step(param: torch.Tensor, opt: torch.optim.Optimizer, grad: torch.Tensor,
+             live: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
+    """`opt.step()` on the flat fp32 CPU `param` with `grad` as its gradient (the momentum stays
+    in `opt.state[param]`); then each `live` piece (offset into `param`, contiguous fp32 CPU
+    tensor) ← its slice of the new θ (in the same pass when the kernel runs)."""
+    lr, m, nesterov = _check(opt)
+    flat, g = param.view(-1), grad.view(-1)
+    state = opt.state[param]
+    buf = state.get("momentum_buffer")
+    if m != 0 and codec_kernels.BACKEND == "numba" and _fused() is not None:
+        first = buf is None
+        if first:  # torch: buf ← a copy of g (the kernel writes it)
+            buf = state["momentum_buffer"] = torch.empty_like(g)
+        _run_kernel(flat, buf.view(-1), g, live, m, lr, nesterov, first)
+        return
+    _torch_step(flat, state, g, lr, m, nesterov)
+    for offset, t in live:
+        t.view(-1).copy_(flat[offset:offset + t.numel()])
+
+
+def _torch_step(flat: torch.Tensor, state: dict, g: torch.Tensor, lr: float, m: float, nesterov: bool) -> None:
+    """torch's SGD operations, the look-ahead `g + m·buf` in bounded pieces."""
+    if codec_kernels.BACKEND != "numba":
+        codec_kernels.warn_if_slow()
+    if m == 0:
+        flat.add_(g, alpha=-lr)
+        return
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = g.detach().clone()
+    else:
+        buf.mul_(m).add_(g)
+    if not nesterov:
+        flat.add_(buf, alpha=-lr)
+        return
+    b = buf.view(-1)
+    look = torch.empty(min(flat.numel(), _PIECE), dtype=flat.dtype)
+    for lo in range(0, flat.numel(), _PIECE):
+        hi = min(lo + _PIECE, flat.numel())
+        step = torch.add(g[lo:hi], b[lo:hi], alpha=m, out=look[:hi - lo])
+        flat[lo:hi].add_(step, alpha=-lr)
+
+
+def _run_kernel(flat, buf, g, live, m, lr, nesterov, first) -> None:
+    m32, neg_lr = np.float32(m), np.float32(-lr)
+    fused = _fused()
+    pieces = sorted((offset, t) for offset, t in live)
+    pos = 0
+    for offset, t in pieces + [(flat.numel(), None)]:  # the stretches between live pieces: θ only
+        if offset > pos:
+            _KERNEL(flat[pos:offset].numpy(), buf[pos:offset].numpy(), g[pos:offset].numpy(),
+                    flat[pos:offset].numpy(), m32, neg_lr, first, nesterov, fused)
+        if t is not None:
+            end = offset + t.numel()
+            _KERNEL(flat[offset:end].numpy(), buf[offset:end].numpy(), g[offset:end].numpy(),
+                    t.detach().view(-1).numpy(), m32, neg_lr, first, nesterov, fused)
+            pos = end
+
+
+_FUSED: list = []
+
+
+def _fused() -> bool | None:
+    """Whether torch's `a + α·b` is one rounding (FMA) here; None if it is neither form
+    (then the torch path runs). Asked once per process on values where the two differ."""
+    if not _FUSED:
+        rng = np.random.default_rng(0)
+        a = torch.from_numpy(rng.standard_normal(4099).astype(np.float32))
+        b = torch.from_numpy(rng.standard_normal(4099).astype(np.float32))
+        want = torch.add(a, b, alpha=0.9).numpy()
+        x, y, alpha = a.numpy(), b.numpy(), np.float32(0.9)
+        got = {f: np.empty_like(x) for f in (True, False)}
+        for f, out in got.items():
+            _AXPY(x, y, alpha, out, f)
+        found = [f for f, out in got.items() if np.array_equal(out.view(np.int32), want.view(np.int32))]
+        _FUSED.append(found[0] if len(found) == 1 else None)
+        if _FUSED[0] is None:
+            codec_kernels.log.warning("outer SGD kernel: torch's a + α·b matches neither a fused nor a plain "
+                                      "multiply-add on this CPU; the outer step runs torch's operations")
+    return _FUSED[0]
+
+
+if codec_kernels.numba is not None:
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a·b + c with one rounding (LLVM's fma intrinsic)."""
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return sig, codegen
+
+    @codec_kernels.njit(cache=True, nogil=True)
+    def _madd(a, b, alpha, fused):
+        """torch's a + α·b (see the module docstring)."""
+        if fused:
+            return _fma(b, alpha, a)
+        return a + alpha * b
+
+    @codec_kernels.njit(cache=True, nogil=True)
+    def _AXPY(a, b, alpha, out, fused):
+        for i in range(a.size):
+            out[i] = _madd(a[i], b[i], alpha, fused)
+
+    @codec_kernels.njit(cache=True, nogil=True)
+    def _KERNEL(theta, buf, g, live, m, neg_lr, first, nesterov, fused):
+        for i in range(theta.size):
+            gi = g[i]
+            b = gi if first else buf[i] * m + gi  # (separate roundings: numba does not contract)
+            buf[i] = b
+            step = _madd(gi, b, m, fused) if nesterov else b
+            t = _madd(theta[i], step, neg_lr, fused)
+            theta[i] = t
+            live[i] = t
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel now, not inside the first outer step."""
+    if codec_kernels.BACKEND == "numba" and _fused() is not None:
+        x = np.zeros(4, np.float32)
+        _KERNEL(x, x.copy(), x.copy(), x.copy(), np.float32(0.9), np.float32(-0.7), False, True, _FUSED[0])
+
+
+def live_pieces(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]] | None:
+    """(offset in the flat vector, parameter) of each of `params` when every one is a contiguous
+    fp32 CPU tensor (the kernel can write θ into them), else None."""
+    pieces, offset = [], 0
+    for p in params:
+        if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+            return None
+        pieces.append((offset, p))
+        offset += p.numel()
+    return pieces
