@@ -15,7 +15,8 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
    setting with the lowest mean sweep loss, again.
 3. **Variants** on all seeds: `--variant [KIND:]NAME=ARGS`, a run with extra dilo arguments
    (another data layout, an overlap mode, another codec) and no sweep: DiLoCo (default), `ddp`,
-   or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens).
+   or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens),
+   scored on the same eval windows (N/M x data.eval_batches).
 
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
@@ -27,6 +28,7 @@ are reused with `--reuse`, so a sweep cut short by a time limit continues where 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -46,6 +48,22 @@ def floats(text: str | None) -> list[float | None]:
     return [float(v) for v in text.split(",")] if text else [None]
 
 
+def same_tokens_and_eval_set(dilo_args: list[str], m: int, n: int) -> tuple[int, int]:
+    """data.batch_size and data.eval_batches for N workers that read what M workers read.
+
+    dilo's eval set is data.eval_batches x data.batch_size windows evenly spaced over the
+    validation stream, so M/N x the batch needs N/M x the eval batches to be scored on the
+    same windows (with the batch alone an m1 run is scored on 4x the windows: other numbers).
+    """
+    data = check_config(dilo_args).data
+    evals, rest = divmod(data.eval_batches * n, m)
+    if rest or not evals:
+        raise ToolError(f"an m{n} variant scores on data.eval_batches x {n}/{m} batches of {m // n}x the "
+                        f"batch, which must be a whole number: set --data.eval_batches to a multiple of "
+                        f"{m // math.gcd(m, n)} (now {data.eval_batches})")
+    return data.batch_size * m // n, evals
+
+
 def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     """One run: its name (config + seed), fields for the report, and its dilo arguments."""
     steps, m = args.steps, args.workers
@@ -53,8 +71,9 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     common = [*args.dilo_args, "--run.seed", str(seed), "--metrics.progress", "off", "--checkpoint.every", "0"]
     if kind.startswith("m"):  # DiLoCo with N workers, M/N x the batch each: the same tokens per step
         n = int(kind[1:])
-        batch = check_config(args.dilo_args).data.batch_size * m // n
-        spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch)], **fields)
+        batch, evals = same_tokens_and_eval_set(args.dilo_args, m, n)
+        spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch),
+                                               "--data.eval_batches", str(evals)], **fields)
         return {**spec, "kind": kind, "nproc": n}
     if kind == "ddp":
         lr = fields["lr"]
@@ -258,6 +277,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise ToolError(f"--variant {v!r}: write [KIND:]NAME=ARGS with KIND diloco, ddp or mN (N dividing "
                             "--workers), e.g. 'eager=--outer.overlap eager' or 'm1:one worker='")
         args.variants.append((kind, name, extra.split()))
+        if kind[:1] == "m":
+            same_tokens_and_eval_set([*args.dilo_args, *extra.split()], args.workers, int(kind[1:]))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
         raise ToolError("--workers must be >= 2, --parallel and --eval-points >= 1")
