@@ -338,6 +338,15 @@ def test_bench_tuned_variants_of_other_kinds_keep_tokens_equal():
     assert solo["H"] == 20 and solo["seed"] == 3
 
 
+def test_bench_tuned_ratio_curve_pairs_eval_points_by_tokens():
+    ddp = {"eval_curve": [[100, 4.0], [200, 2.0], [300, 1.0]]}
+    run = {"eval_curve": [[100, 6.0], [150, 3.3], [300, 1.2], [400, 1.0]]}  # 150: ddp 3.0 interpolated
+    assert bench_tuned.ratio_curve(run, ddp) == [[100, 1.5], [150, pytest.approx(1.1)], [300, pytest.approx(1.2)]]
+    other = {"eval_curve": [[100, 4.0], [150, 3.9], [300, 1.0]]}
+    mean = bench_tuned.mean_ratio_curve([(run, ddp), (other, ddp)])
+    assert mean == [[100, 1.25], [150, pytest.approx(1.2)], [300, pytest.approx(1.1)]]
+
+
 def test_bench_tuned_refuses_a_bad_variant():
     with pytest.raises(report.ToolError, match="NAME=ARGS"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "--outer.overlap eager"])

@@ -172,6 +172,31 @@ def execute_all(args, runs: list[dict], only_finished: bool = False) -> list[dic
         return [r for r in pool.map(one, runs) if r is not None]
 
 
+def ratio_curve(run: dict, ddp: dict) -> list[list[float]]:
+    """[tokens, run's eval loss ÷ data-parallel's] at each of the run's eval points, data-parallel's
+    curve interpolated linearly in tokens (the two may evaluate at other steps); points outside
+    data-parallel's curve are left out."""
+    pts = sorted(ddp.get("eval_curve") or [])
+    exact = dict(pts)
+    out = []
+    for x, y in run.get("eval_curve") or []:
+        if x in exact:
+            out.append([x, y / exact[x]])
+            continue
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 < x < x1:
+                out.append([x, y / (y0 + (y1 - y0) * (x - x0) / (x1 - x0))])
+                break
+    return out
+
+
+def mean_ratio_curve(paired: list[tuple[dict, dict]]) -> list[list[float]]:
+    """The seed-paired ratio curves averaged point by point (points every seed has)."""
+    curves = [dict((x, r) for x, r in ratio_curve(run, ddp)) for run, ddp in paired]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [[x, statistics.fmean(c[x] for c in curves)] for x in common]
+
+
 def aggregate(results: list[dict]) -> dict:
     """Rows per configuration, each paired by seed with the best data-parallel setting."""
     best = best_settings(results)
@@ -194,6 +219,7 @@ def aggregate(results: list[dict]) -> dict:
             "tokens": r0["tokens"], "outer_steps": r0["outer_steps"],
             "loss_ratio_to_best_ddp": describe([r["final_eval_loss"] / d["final_eval_loss"] for r, d in paired])
             if paired else None,
+            "loss_ratio_curve": mean_ratio_curve(paired),
             "ddp_bytes_over_bytes": describe([d["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
                                               for r, d in paired if r["bytes_sent_per_worker"]])
             if paired and r0["kind"] == "diloco" else None})
@@ -202,7 +228,7 @@ def aggregate(results: list[dict]) -> dict:
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
     plt = require_matplotlib()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.5))
     seed0 = min(r["seed"] for r in results)
     best = {row["config"] for row in summary["configs"] if row["best_of_family"] or row["variant"]}
     for r in results:
@@ -213,6 +239,14 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
                **(dict(color="k", lw=2) if r["kind"] == "ddp" else {}))
     a.set(xlabel="tokens, all workers (M)", ylabel="eval loss", title=f"best settings, seed {seed0}")
     a.legend(fontsize=6)
+    for row in summary["configs"]:
+        if row["config"] in best and row["kind"] != "ddp" and row["loss_ratio_curve"]:
+            xs, ys = zip(*row["loss_ratio_curve"])
+            c.plot([x / 1e6 for x in xs], ys, marker=".", label=f"{row['config']} (n={len(row['seeds'])})")
+    c.axhline(1.02, color="r", ls="--", lw=1)
+    c.set(xlabel="tokens, all workers (M)", ylabel="eval loss ÷ best data-parallel",
+          title="the gap along the run (mean over paired seeds)")
+    c.legend(fontsize=6)
     rows = [row for row in summary["configs"] if row["loss_ratio_to_best_ddp"]]
     labels = [f"{row['config']} (n={len(row['seeds'])})" for row in rows]
     means = [row["loss_ratio_to_best_ddp"]["mean"] for row in rows]
