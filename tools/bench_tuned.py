@@ -28,6 +28,7 @@ are reused with `--reuse`, so a sweep cut short by a time limit continues where 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -183,7 +184,7 @@ def ratio_curve(run: dict, ddp: dict) -> list[list[float]]:
         if x in exact:
             out.append([x, y / exact[x]])
             continue
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
             if x0 < x < x1:
                 out.append([x, y / (y0 + (y1 - y0) * (x - x0) / (x1 - x0))])
                 break
@@ -192,7 +193,7 @@ def ratio_curve(run: dict, ddp: dict) -> list[list[float]]:
 
 def mean_ratio_curve(paired: list[tuple[dict, dict]]) -> list[list[float]]:
     """The seed-paired ratio curves averaged point by point (points every seed has)."""
-    curves = [dict((x, r) for x, r in ratio_curve(run, ddp)) for run, ddp in paired]
+    curves = [{x: r for x, r in ratio_curve(run, ddp)} for run, ddp in paired]
     common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return [[x, statistics.fmean(c[x] for c in curves)] for x in common]
 
