@@ -323,15 +323,28 @@ def test_bench_tuned_sweeps_then_confirms_the_best_setting_of_each_family():
 
 def test_bench_tuned_variants_of_other_kinds_keep_tokens_equal():
     args = bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--steps", "60", "--H", "10", "--seeds", "3",
-                              "--variant", "ddp:ddp iid=--data.val_fraction 0.1",
+                              "--data.eval_batches", "4", "--variant", "ddp:ddp iid=--data.val_fraction 0.1",
                               "--variant", "m1:M1=--outer.inner_steps 20", "--variant", "m2:M2="])
     ddp, solo, m2 = bench_tuned.variants(args)
+    # dilo scores eval_batches x batch_size evenly spaced windows: the same windows for every kind
+    assert int(value(m2, "--data.eval_batches")) == 2 and int(value(solo, "--data.eval_batches")) == 1
+    assert {int(value(r, "--data.eval_batches")) * int(value(r, "--data.batch_size"))
+            for r in (ddp, solo, m2)} == {16}
     assert ddp["kind"] == "ddp" and ddp["nproc"] == 4 and value(ddp, "--run.mode") == "ddp"
     assert ddp["config"] == "ddp iid" and value(ddp, "--data.val_fraction") == "0.1"
     assert solo["kind"] == "m1" and solo["nproc"] == 1 and value(solo, "--run.mode") == "diloco"
     assert m2["nproc"] == 2 and int(value(m2, "--data.batch_size")) == 2 * 4 and m2["H"] == 10
     assert int(value(solo, "--data.batch_size")) == 4 * 4 and value(solo, "--run.steps") == "60"
     assert solo["H"] == 20 and solo["seed"] == 3
+
+
+def test_bench_tuned_ratio_curve_pairs_eval_points_by_tokens():
+    ddp = {"eval_curve": [[100, 4.0], [200, 2.0], [300, 1.0]]}
+    run = {"eval_curve": [[100, 6.0], [150, 3.3], [300, 1.2], [400, 1.0]]}  # 150: ddp 3.0 interpolated
+    assert bench_tuned.ratio_curve(run, ddp) == [[100, 1.5], [150, pytest.approx(1.1)], [300, pytest.approx(1.2)]]
+    other = {"eval_curve": [[100, 4.0], [150, 3.9], [300, 1.0]]}
+    mean = bench_tuned.mean_ratio_curve([(run, ddp), (other, ddp)])
+    assert mean == [[100, 1.25], [150, pytest.approx(1.2)], [300, pytest.approx(1.1)]]
 
 
 def test_bench_tuned_refuses_a_bad_variant():
@@ -341,6 +354,8 @@ def test_bench_tuned_refuses_a_bad_variant():
         bench_tuned.parse([*TINY_MODEL, "--variant", "dp:x=--outer.lr 1"])
     with pytest.raises(report.ToolError, match="N dividing"):
         bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--variant", "m3:x="])
+    with pytest.raises(report.ToolError, match="multiple of 4"):  # 2 eval batches: m1 would score 1/2 of one
+        bench_tuned.parse([*TINY_MODEL, "--workers", "4", "--variant", "m1:x="])
     with pytest.raises(report.ToolError, match="overlap"):
         bench_tuned.parse([*TINY_MODEL, "--variant", "x=--outer.overlap sideways"])
 

@@ -15,7 +15,8 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
    setting with the lowest mean sweep loss, again.
 3. **Variants** on all seeds: `--variant [KIND:]NAME=ARGS`, a run with extra dilo arguments
    (another data layout, an overlap mode, another codec) and no sweep: DiLoCo (default), `ddp`,
-   or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens).
+   or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens),
+   scored on the same eval windows (N/M x data.eval_batches).
 
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
@@ -27,6 +28,8 @@ are reused with `--reuse`, so a sweep cut short by a time limit continues where 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import statistics
 import sys
 import time
@@ -46,6 +49,22 @@ def floats(text: str | None) -> list[float | None]:
     return [float(v) for v in text.split(",")] if text else [None]
 
 
+def same_tokens_and_eval_set(dilo_args: list[str], m: int, n: int) -> tuple[int, int]:
+    """data.batch_size and data.eval_batches for N workers that read what M workers read.
+
+    dilo's eval set is data.eval_batches x data.batch_size windows evenly spaced over the
+    validation stream, so M/N x the batch needs N/M x the eval batches to be scored on the
+    same windows (with the batch alone an m1 run is scored on 4x the windows: other numbers).
+    """
+    data = check_config(dilo_args).data
+    evals, rest = divmod(data.eval_batches * n, m)
+    if rest or not evals:
+        raise ToolError(f"an m{n} variant scores on data.eval_batches x {n}/{m} batches of {m // n}x the "
+                        f"batch, which must be a whole number: set --data.eval_batches to a multiple of "
+                        f"{m // math.gcd(m, n)} (now {data.eval_batches})")
+    return data.batch_size * m // n, evals
+
+
 def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     """One run: its name (config + seed), fields for the report, and its dilo arguments."""
     steps, m = args.steps, args.workers
@@ -53,8 +72,9 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
     common = [*args.dilo_args, "--run.seed", str(seed), "--metrics.progress", "off", "--checkpoint.every", "0"]
     if kind.startswith("m"):  # DiLoCo with N workers, M/N x the batch each: the same tokens per step
         n = int(kind[1:])
-        batch = check_config(args.dilo_args).data.batch_size * m // n
-        spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch)], **fields)
+        batch, evals = same_tokens_and_eval_set(args.dilo_args, m, n)
+        spec = run_spec(args, "diloco", seed, [*extra, "--data.batch_size", str(batch),
+                                               "--data.eval_batches", str(evals)], **fields)
         return {**spec, "kind": kind, "nproc": n}
     if kind == "ddp":
         lr = fields["lr"]
@@ -153,6 +173,31 @@ def execute_all(args, runs: list[dict], only_finished: bool = False) -> list[dic
         return [r for r in pool.map(one, runs) if r is not None]
 
 
+def ratio_curve(run: dict, ddp: dict) -> list[list[float]]:
+    """[tokens, run's eval loss ÷ data-parallel's] at each of the run's eval points, data-parallel's
+    curve interpolated linearly in tokens (the two may evaluate at other steps); points outside
+    data-parallel's curve are left out."""
+    pts = sorted(ddp.get("eval_curve") or [])
+    exact = dict(pts)
+    out = []
+    for x, y in run.get("eval_curve") or []:
+        if x in exact:
+            out.append([x, y / exact[x]])
+            continue
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+            if x0 < x < x1:
+                out.append([x, y / (y0 + (y1 - y0) * (x - x0) / (x1 - x0))])
+                break
+    return out
+
+
+def mean_ratio_curve(paired: list[tuple[dict, dict]]) -> list[list[float]]:
+    """The seed-paired ratio curves averaged point by point (points every seed has)."""
+    curves = [{x: r for x, r in ratio_curve(run, ddp)} for run, ddp in paired]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [[x, statistics.fmean(c[x] for c in curves)] for x in common]
+
+
 def aggregate(results: list[dict]) -> dict:
     """Rows per configuration, each paired by seed with the best data-parallel setting."""
     best = best_settings(results)
@@ -175,6 +220,7 @@ def aggregate(results: list[dict]) -> dict:
             "tokens": r0["tokens"], "outer_steps": r0["outer_steps"],
             "loss_ratio_to_best_ddp": describe([r["final_eval_loss"] / d["final_eval_loss"] for r, d in paired])
             if paired else None,
+            "loss_ratio_curve": mean_ratio_curve(paired),
             "ddp_bytes_over_bytes": describe([d["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
                                               for r, d in paired if r["bytes_sent_per_worker"]])
             if paired and r0["kind"] == "diloco" else None})
@@ -183,7 +229,7 @@ def aggregate(results: list[dict]) -> dict:
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
     plt = require_matplotlib()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.5))
     seed0 = min(r["seed"] for r in results)
     best = {row["config"] for row in summary["configs"] if row["best_of_family"] or row["variant"]}
     for r in results:
@@ -194,6 +240,14 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
                **(dict(color="k", lw=2) if r["kind"] == "ddp" else {}))
     a.set(xlabel="tokens, all workers (M)", ylabel="eval loss", title=f"best settings, seed {seed0}")
     a.legend(fontsize=6)
+    for row in summary["configs"]:
+        if row["config"] in best and row["kind"] != "ddp" and row["loss_ratio_curve"]:
+            xs, ys = zip(*row["loss_ratio_curve"])
+            c.plot([x / 1e6 for x in xs], ys, marker=".", label=f"{row['config']} (n={len(row['seeds'])})")
+    c.axhline(1.02, color="r", ls="--", lw=1)
+    c.set(xlabel="tokens, all workers (M)", ylabel="eval loss ÷ best data-parallel",
+          title="the gap along the run (mean over paired seeds)")
+    c.legend(fontsize=6)
     rows = [row for row in summary["configs"] if row["loss_ratio_to_best_ddp"]]
     labels = [f"{row['config']} (n={len(row['seeds'])})" for row in rows]
     means = [row["loss_ratio_to_best_ddp"]["mean"] for row in rows]
@@ -258,6 +312,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise ToolError(f"--variant {v!r}: write [KIND:]NAME=ARGS with KIND diloco, ddp or mN (N dividing "
                             "--workers), e.g. 'eager=--outer.overlap eager' or 'm1:one worker='")
         args.variants.append((kind, name, extra.split()))
+        if kind[:1] == "m":
+            same_tokens_and_eval_set([*args.dilo_args, *extra.split()], args.workers, int(kind[1:]))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
         raise ToolError("--workers must be >= 2, --parallel and --eval-points >= 1")
