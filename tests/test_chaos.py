@@ -208,3 +208,13 @@ def test_report_counts_hashes_per_outer_step_across_the_members_alive_then(tmp_p
     assert r["outer_steps_missing_a_member"] == 0
     assert (r["heals"], r["admits"], len(r["live_joins"]), r["process_starts"]) == (1, 1, 2, 4)
     assert [w["world"] for w in r["worlds"]] == ["w1"] and "how" not in r["worlds"][0]
+
+
+def test_heal_backend_refuses_the_liar():
+    from tools.chaos import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--config", "configs/tiny.toml", "--out", "x.json", "--backend", "heal", "--kinds", "liar",
+               "--no-plot"])
+    args, _ = parse(["--config", "configs/tiny.toml", "--out", "x.json", "--backend", "heal", "--no-plot"])
+    assert args.kinds == ["kill_worker", "kill_node", "kill_in_checkpoint", "stall"]

@@ -26,7 +26,9 @@ drawn from `--seed`. Kinds (`--kinds`, default all):
 Fault i fires once training has reached a randomly drawn outer step and the current world
 has completed an outer step since the previous disruption (so every fault hits a running
 world), at a random moment within the following round (kill_in_checkpoint waits for a
-checkpoint write instead). An agent that exits with an error on its own is restarted, as a cluster scheduler
+checkpoint write instead). With `--backend heal` (run.failover = heal: one
+launch/heal_worker.sh per worker, survivors never restart) a disruption is a `heal`,
+`admit` or `start` event in the metrics, not a new world (tools/chaos_timeline.py). An agent that exits with an error on its own is restarted, as a cluster scheduler
 would, and recorded as `agent_restart` (not counted as a fault).
 
 The JSON holds faults_injected, survived, hash_mismatches (outer steps where members of
@@ -105,6 +107,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--workers ({args.workers}) must be a positive multiple of --nodes ({args.nodes})")
     if args.nodes < 2 and "kill_node" in kinds:
         kinds.remove("kill_node")  # the last node's death is the end of the job, not a fault
+    if args.backend == "heal" and "liar" in kinds:
+        p.error("--kinds liar does not apply to --backend heal: tools/poison.py's hook picks the liar by "
+                "torchrun's RANK, which heal workers (one process each, no torchrun) do not have")
     if args.backend not in CLUSTERS:
         p.error(f"--backend {args.backend}: no cluster for it yet; one of {', '.join(CLUSTERS)} "
                 "(add a Cluster subclass in tools/chaos_cluster.py)")
