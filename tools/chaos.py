@@ -231,7 +231,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
     rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
     stalled: dict | None = None
     last_disruption, index = start, 0
-    expect_change = True  # the last disruption changes the membership (all but a liar)
+    expect_change = False  # the last disruption changes the membership (the start and a liar do not)
     fire_at = None  # when the next fault fires
     finished = False
     while True:

@@ -10,10 +10,10 @@ disruption looks like in the metrics JSONL depends on the failover mode:
   once a world that started after the disruption logged a sync line.
 - heal (`run.failover heal`, docs/elastic.md "Live failover"): the survivors never restart
   and the `world` id stays the same. A fault shows as a `heal` event (members lost), the
-  replacement as its `start` event and then an `admit` event (members joined); a world
-  that could not heal falls back to restart-the-world, a `start` of a new world id. The
-  group runs again once a sync line follows the latest of those events, and that event
-  came after the fault. A fault that changes no membership (`liar`) needs only a sync
+  replacement as an `admit` event (members joined) with its `resume` (`how = live`); a
+  world that could not heal falls back to restart-the-world: a new world id, whose members
+  log a `resume` from the checkpoints. The group runs again once a sync line follows the
+  latest of those events, and that event came after the fault. A fault that changes no membership (`liar`) needs only a sync
   line after it.
 
 `Timeline` is fed the parsed lines (in any order between files, as `MetricsTail` reads
@@ -23,8 +23,11 @@ with synthetic records.
 
 from __future__ import annotations
 
-CHANGES = ("heal", "admit", "start", "resume")
-"""Heal mode: events that mean the group's members changed (or a process (re)started)."""
+CHANGES = ("heal", "admit", "resume")
+"""Heal mode: events that mean the group's members changed (`resume`: a joiner's download, or
+a world formed anew from the checkpoints). A replacement's `start` is not one: the group has
+not changed until it is admitted (a fault fired between the two could kill every member that
+holds the state while the replacements wait, which restart mode never allowed)."""
 
 
 class Timeline:
@@ -41,7 +44,7 @@ class Timeline:
         self.started: dict[str, float] = {}
         """world -> when its first member logged `start`."""
         self.last_change = 0.0
-        """Heal mode: time of the latest heal/admit/start/resume event."""
+        """Heal mode: time of the latest heal/admit/resume event."""
         self.changes: list[dict] = []
         """Heal mode: every heal and admit event seen (each member logs its own copy)."""
 
