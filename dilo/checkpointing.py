@@ -41,8 +41,10 @@ class Checkpoints:
                                  "--checkpoint.resume fresh to set them aside and start over, or "
                                  "choose another run.dir")
             return
+        # heal mode: every worker is a world of one; its rank is the one in the group (slots may have gaps)
+        rank = self.world_group.rank if self.cfg.run.failover == "heal" else self.world.rank
         found = resume.resume(resume.ResumeContext(run_dir, k.resume, s.worker, self.world.num_workers,
-                                                   self.world.rank, self.world_group))
+                                                   rank, self.world_group))
         if found is None:
             return
         s.load_state_dict(found.state, found.source, exact=found.exact)

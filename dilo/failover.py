@@ -44,6 +44,8 @@ class Failover:
             log.info("heal: slot %d asks to join the running group", self.cfg.run.slot)
             g.enter(g.membership.join(self.cfg.run.workers, self.cfg.run.min_workers, grace=self.cfg.comm.timeout,
                                       joining=g.world_id))
+            # (the world it found may have ended meanwhile: then it formed or joined a new one)
+            self.checkpoints.world_id = g.world_id
         if g.needs_state:
             self.relayout()
             self.transfer()

@@ -169,6 +169,8 @@ class Trainer(TrainerParts):
         cfg, s = self.cfg, self.state
         self.stopper.install()
         (self.failover or self.checkpoints).restore()
+        if self.failover is not None:  # heal mode: a joiner may have ended up in a newer world
+            self.world_id = self.report.world_id = self.checkpoints.world_id
         tokens_per_step = cfg.data.batch_size * cfg.model.seq_len  # this process's share
         window_start, window_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()

@@ -108,3 +108,139 @@ def test_liar_fault_orders_a_lie_and_the_report_counts_poisoned_rounds(tmp_path)
     assert torch.equal(honest(delta, 0), delta) and torch.equal(liar(delta, 0), -10 * delta)
     liar(delta, 0)
     assert poisoned_rounds(tmp_path) == 2
+
+
+# -- the fault schedule's reading of the run (tools/chaos_timeline.py), heal and restart mode ----------
+def sync(t: float, step: int, world: str = "w1", peers: int = 4, h: str = "") -> dict:
+    return {"kind": "sync", "time": t, "outer_step": step, "world": world, "peers": peers,
+            "global_hash": h or f"h{step}", "loss": 1.0}
+
+
+def event(t: float, name: str, world: str = "w1", **kw) -> dict:
+    return {"kind": "event", "time": t, "event": name, "world": world, **kw}
+
+
+def test_heal_mode_waits_for_the_heal_and_an_outer_step_after_it():
+    from tools.chaos_timeline import Timeline
+
+    tl = Timeline(heal=True)
+    for r in (event(1, "start"), sync(10, 1), sync(20, 2)):
+        tl.feed(r)
+    # the run's start is no membership change: its first outer step is enough
+    assert tl.running(0.5, expect_change=False) and tl.progress == 2 and tl.round_seconds == 10
+    fault = 25.0  # a worker is killed mid-round 3; the world id never changes in heal mode
+    tl.feed(sync(30, 3, peers=3))  # the survivors' redone exchange: a sync after the fault...
+    assert not tl.running(fault)  # ...but the heal event (logged after it, at the boundary) not read yet
+    tl.feed(event(30.1, "heal", epoch=1, lost=[2], workers=3))
+    assert not tl.running(fault)  # the heal is there, no outer step completed since
+    tl.feed(event(33, "start"))  # the replacement starts (not a change: it is not admitted yet)
+    tl.feed(sync(40, 4, peers=3))
+    assert tl.running(fault)  # the next fault may fire now
+    tl.feed(event(40.2, "admit", epoch=2, joined=[2], workers=4))
+    assert not tl.running(fault)  # the admission is a disruption of its own
+    tl.feed(sync(50, 5))
+    assert tl.running(fault) and tl.progress == 5 and len(tl.changes) == 2
+    # a node's kill: the rejoin waits until the survivors trained an outer step without it
+    assert not tl.moved_on("w1", 52)
+    tl.feed(event(60.1, "heal", epoch=3, lost=[2, 3], workers=2))
+    tl.feed(sync(70, 7, peers=2))
+    assert tl.moved_on("w1", 52)
+    # the node rejoins at 72: its workers' starts and a sync do not settle it, their admission does
+    tl.feed(event(74, "start"))
+    tl.feed(sync(75, 8, peers=2))
+    assert not tl.running(72)
+    tl.feed(event(75.5, "resume", how="live"))
+    tl.feed(event(75.6, "admit", epoch=4, joined=[2, 3], workers=4))
+    tl.feed(sync(76, 9))
+    assert tl.running(72)
+    # a liar changes no membership: a sync after it is enough
+    assert not tl.running(77, expect_change=False)
+    tl.feed(sync(80, 10))
+    assert tl.running(77, expect_change=False) and not tl.running(77)
+
+
+def test_heal_mode_reads_a_fallback_to_restart_the_world_as_a_change():
+    from tools.chaos_timeline import Timeline
+
+    tl = Timeline(heal=True)
+    for r in (event(1, "start"), sync(10, 1)):
+        tl.feed(r)
+    tl.feed(event(15, "start", world="w2"))  # every worker restarted (HealError): a new world
+    tl.feed(event(15.5, "resume", world="w2", how="exact"))
+    assert not tl.running(12)
+    tl.feed(sync(20, 2, world="w2"))
+    assert tl.running(12) and tl.world == "w2"
+
+
+def test_restart_mode_reading_is_unchanged():
+    from tools.chaos_timeline import Timeline
+
+    tl = Timeline(heal=False)
+    for r in (event(1, "start"), sync(10, 1), sync(20, 2)):
+        tl.feed(r)
+    assert tl.running(0.5)
+    tl.feed(event(30.1, "heal", epoch=1, lost=[2], workers=3))  # (never logged in restart mode)
+    tl.feed(sync(40, 3))
+    assert not tl.running(25)  # only a world started after the fault counts
+    tl.feed(event(45, "start", world="w2"))
+    assert not tl.moved_on("w1", 25)
+    tl.feed(sync(50, 3, world="w2"))
+    assert tl.running(25) and tl.moved_on("w1", 25) and not tl.moved_on("w2", 25)
+
+
+def test_report_counts_hashes_per_outer_step_across_the_members_alive_then(tmp_path):
+    from tools.chaos_report import analyze
+
+    def write(slot: int, *records: dict) -> None:
+        (tmp_path / f"metrics-{slot}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    # 3 workers; slot 2 dies after step 1 and joins again at step 3 (a live download), slot 1 at step 4
+    write(0, event(0, "start", workers=3), sync(1, 1, peers=3), sync(2, 2, peers=2),
+          event(2.1, "heal", epoch=1, lost=[2], workers=2), sync(3, 3, peers=2),
+          event(3.1, "admit", epoch=2, joined=[2], workers=3), sync(4, 4, peers=3), sync(5, 5, peers=3))
+    write(1, event(0, "start", workers=3), sync(1, 1, peers=3), sync(2, 2, peers=2),
+          event(2.1, "heal", epoch=1, lost=[2], workers=2), sync(3, 3, peers=2),
+          event(3.1, "admit", epoch=2, joined=[2], workers=3), sync(4, 4, peers=3), sync(5, 5, peers=3, h="bad"))
+    write(2, event(0, "start", workers=3), sync(1, 1, peers=3),
+          event(3.0, "start", workers=3),
+          event(3.1, "resume", how="live", workers=3, outer_step=3, written_by=0, global_hash="h3"),
+          sync(4, 4, peers=3), sync(5, 5, peers=3))
+    (tmp_path / "metrics-1.jsonl").write_text((tmp_path / "metrics-1.jsonl").read_text()
+                                              + json.dumps(event(4.5, "resume", how="live", workers=3,
+                                                                 outer_step=4, written_by=0,
+                                                                 global_hash="h4")) + "\n")
+    r = analyze(tmp_path, 25)
+    # one mismatch: step 5, where slot 1 logged another hash; the live downloads at steps 3 and 4 of
+    # one world are not a mismatch (each matches its step's sync hash)
+    assert r["hash_mismatches"] == 1 and r["resumes_from_unseen_state"] == 0
+    assert r["outer_steps_checked"] == 5 and r["members_per_outer_step"] == {"min": 2, "max": 3}
+    assert r["outer_steps_missing_a_member"] == 0
+    assert (r["heals"], r["admits"], len(r["live_joins"]), r["process_starts"]) == (1, 1, 2, 4)
+    assert [w["world"] for w in r["worlds"]] == ["w1"] and "how" not in r["worlds"][0]
+
+
+def test_heal_backend_refuses_the_liar():
+    from tools.chaos import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--config", "configs/tiny.toml", "--out", "x.json", "--backend", "heal", "--kinds", "liar",
+               "--no-plot"])
+    args, _ = parse(["--config", "configs/tiny.toml", "--out", "x.json", "--backend", "heal", "--no-plot"])
+    assert args.kinds == ["kill_worker", "kill_node", "kill_in_checkpoint", "stall"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_heal_backend_survives_every_fault_kind_without_a_hash_mismatch(procs, tmp_path):
+    """4 heal workers on 2 simulated nodes, 6 faults of every kind (seed 0: three stalls, a
+    node lost and rejoined, a kill mid-checkpoint, a kill): every fault fires and is healed,
+    one hash per outer step across the members alive then (~3 min on 2 cores)."""
+    out = tmp_path / "chaos.json"
+    cmd = [sys.executable, "tools/chaos.py", "--out", str(out), "--no-plot", "--workers", "4", "--nodes", "2",
+           "--backend", "heal", "--outer.inner_steps", "5", *SMALL, "--faults", "6", "--seed", "0",
+           "--run.steps", "6000", "--no-reference", "--max-wall", "600"]
+    assert procs.run(cmd, tmp_path / "chaos.txt", timeout=900).returncode == 0
+    r = json.loads(out.read_text())
+    assert r["faults_injected"] == 6 and r["faults_followed_by_heal"] >= 4 and r["heals"] >= 4
+    assert r["survived"] and r["hash_mismatches"] == 0 and r["resumes_from_unseen_state"] == 0
+    assert r["final_workers"] == 4 and r["live_joins"] >= 1 and not r["events"]

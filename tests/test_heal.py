@@ -179,6 +179,50 @@ def test_the_healing_group_carries_round_reports_and_runs_the_sparse_gather():
         stop_all(ms)
 
 
+def test_a_member_whose_epoch_was_superseded_without_it_stops_instead_of_going_on_alone():
+    """The last member of an epoch is stopped (SIGSTOP) past the heartbeat timeout: restarted
+    workers see no live group and form a new world without it. When it runs again, its next
+    collective must fail (HealError: restart and rejoin), not commit alone (a split brain, two
+    worlds training the same run; found by tools/chaos.py --backend heal)."""
+    store = HashStore()
+    ms = members(store, 2)
+    try:
+        alone = ms[0].join(2, 1, grace=0.0)  # slot 0 forms a group of one (min_workers 1, no grace)
+        assert [s for s, _ in alone.members] == [0]
+        group = HealingGroup(ms[0], store, alone, timeout_s=3, min_workers=1)
+        group.healable = True
+        v = torch.ones(8)
+        assert torch.equal(group.average(v, get_codec("fp32")).average, v)
+        ms[1].propose(alone.number + 1, Epoch(alone.number + 1, [ms[1].me], "form", "other-world"))
+        with pytest.raises(HealError, match="superseded by epoch 1"):
+            group.average(v, get_codec("fp32"))
+        group.close()
+    finally:
+        stop_all(ms)
+
+
+def test_a_heal_world_resumes_from_checkpoints_by_group_rank_when_slots_have_gaps(tmp_path):
+    """Restart-the-world inside heal mode: slots 0, 2, 3 form a world of 3 (slot 1 is gone) and
+    resume from checkpoints; the newest file is slot 3's. The survey is by slot, the broadcast
+    by the rank in the group (dilo/checkpointing.py passes the group's rank): every member
+    gets that state (the world's rank, 0 in every heal worker, broke the broadcast)."""
+    from dilo import checkpoint, resume
+    from dilo.comm.local import local_groups
+
+    def state(step: int, worker: int) -> dict:
+        return {"outer_step": step, "num_workers": 4, "exact": True, "global_hash": f"h{step}",
+                "theta": torch.full((5000,), float(step)), "worker": worker}
+
+    checkpoint.save(tmp_path, 0, 4, state(4, 0), keep=2, num_workers=4)
+    checkpoint.save(tmp_path, 3, 5, state(5, 3), keep=2, num_workers=4)
+    slots, groups = [0, 2, 3], local_groups(3)
+    found = run_workers(lambda r: resume.resume(resume.ResumeContext(str(tmp_path), "auto", slots[r], 3, r,
+                                                                     groups[r])), 3)
+    assert [f.plan.kind for f in found] == ["elastic"] * 3 and {f.plan.source_worker for f in found} == {3}
+    assert all(f.state["global_hash"] == "h5" and torch.equal(f.state["theta"], torch.full((5000,), 5.0))
+               for f in found)
+
+
 def test_heal_keys_are_checked():
     base = ["--run.failover", "heal", "--run.workers", "3", "--comm.store", "127.0.0.1:1234"]
     assert parse_args(base + ["--run.slot", "2"]).run.failover == "heal"

@@ -254,8 +254,9 @@ def main() -> None:
               "fast_step_seconds_calibrated": calibration, "eval_every_outer_steps": args.eval_every,
               "target": target, "repeats": args.repeats, "arms": arms, "runs": runs,
               "note": "utilization = compute_seconds / loop_seconds (the slow worker's sleep is its compute); "
-                      "the loop includes the evaluations and the first exchange's one-time start-up (numba "
-                      "kernels, ~0.8 s); idle = waiting at the exchanges for the last member (round reports)"}
+                      "the loop includes the evaluations; the codec's kernels load before it (Codec.warm_up "
+                      "in DiLoCo's constructor, not in the first exchange); idle = waiting at the exchanges for "
+                      "the last member (round reports)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:

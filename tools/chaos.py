@@ -26,7 +26,9 @@ drawn from `--seed`. Kinds (`--kinds`, default all):
 Fault i fires once training has reached a randomly drawn outer step and the current world
 has completed an outer step since the previous disruption (so every fault hits a running
 world), at a random moment within the following round (kill_in_checkpoint waits for a
-checkpoint write instead). An agent that exits with an error on its own is restarted, as a cluster scheduler
+checkpoint write instead). With `--backend heal` (run.failover = heal: one
+launch/heal_worker.sh per worker, survivors never restart) a disruption is a `heal`,
+`admit` or `start` event in the metrics, not a new world (tools/chaos_timeline.py). An agent that exits with an error on its own is restarted, as a cluster scheduler
 would, and recorded as `agent_restart` (not counted as a fault).
 
 The JSON holds faults_injected, survived, hash_mismatches (outer steps where members of
@@ -56,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chaos_cluster import CLUSTERS, Cluster  # noqa: E402
 from chaos_report import plot, summarize  # noqa: E402
+from chaos_timeline import Timeline  # noqa: E402
 from poison import KINDS as POISON_KINDS  # noqa: E402
 
 from dilo.config import parse_args  # noqa: E402
@@ -104,6 +107,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--workers ({args.workers}) must be a positive multiple of --nodes ({args.nodes})")
     if args.nodes < 2 and "kill_node" in kinds:
         kinds.remove("kill_node")  # the last node's death is the end of the job, not a fault
+    if args.backend == "heal" and "liar" in kinds:
+        p.error("--kinds liar does not apply to --backend heal: tools/poison.py's hook picks the liar by "
+                "torchrun's RANK, which heal workers (one process each, no torchrun) do not have")
     if args.backend not in CLUSTERS:
         p.error(f"--backend {args.backend}: no cluster for it yet; one of {', '.join(CLUSTERS)} "
                 "(add a Cluster subclass in tools/chaos_cluster.py)")
@@ -208,13 +214,15 @@ def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeo
 
 
 def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], rng: random.Random,
-             timeout: float, max_wall: float, poisons: list[str] = (), last_outer: int = 0) -> dict:
+             timeout: float, max_wall: float, poisons: list[str] = (), last_outer: int = 0,
+             heal: bool = False) -> dict:
     """Start every node, inject the schedule, wait for the end. Returns the raw timeline.
 
-    No fault fires once the run is in its last round (`last_outer` − 1 outer steps done): one
+    `heal`: the workers run with run.failover = heal (disruptions are read from heal and
+    admit events, tools/chaos_timeline.py). No fault fires once the run is in its last round (`last_outer` − 1 outer steps done): one
     landing after a node's workers finished would end that node for good (its agent exits
     after the job succeeded) and leave the others in torchrun's exit barrier."""
-    tail = MetricsTail(run_dir)
+    tail, timeline = MetricsTail(run_dir), Timeline(heal=heal)
     start = time.time()
     for node in range(cluster.num_nodes):
         cluster.start_node(node)
@@ -222,9 +230,9 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
     events: list[dict] = []
     rejoin_at: dict[int, tuple[str, float]] = {}  # node -> (world it left, latest rejoin time)
     stalled: dict | None = None
-    last_disruption, last_sync, progress, index, world = start, 0.0, 0, 0, ""
-    started: dict[str, float] = {}  # world -> when its first member started
-    round_seconds, fire_at = 0.0, None  # duration of the last round; when the next fault fires
+    last_disruption, index = start, 0
+    expect_change = False  # the last disruption changes the membership (the start and a liar do not)
+    fire_at = None  # when the next fault fires
     finished = False
     while True:
         now = time.time()
@@ -232,14 +240,10 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             events.append({"kind": "gave_up", "time": now - start})
             break
         for record in tail.poll():
-            if record.get("kind") == "event" and record.get("event") == "start":
-                started.setdefault(record["world"], record["time"])
-            if record.get("kind") == "sync" and record["time"] >= last_sync:
-                if record.get("world") == world and record["outer_step"] == progress + 1:
-                    round_seconds = record["time"] - last_sync
-                progress, last_sync, world = record["outer_step"], record["time"], record.get("world")
-        # a world formed after the last disruption has completed an outer step
-        running = last_sync > last_disruption and started.get(world, 0.0) > last_disruption
+            timeline.feed(record)
+        progress, world = timeline.progress, timeline.world
+        # the group has completed an outer step since the last disruption (chaos_timeline)
+        running = timeline.running(last_disruption, expect_change)
         codes = {n: cluster.node_exit_code(n) for n in range(cluster.num_nodes)}
         finished = finished or any(code == 0 for code in codes.values())
         if finished and all(code is not None for n, code in codes.items() if n not in rejoin_at):
@@ -253,15 +257,15 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
                 cluster.unstall(pid)
             stalled = None
         for node, (left, latest) in list(rejoin_at.items()):
-            if (world != left and running) or now >= latest:
+            if timeline.moved_on(left, last_disruption) or now >= latest:
                 del rejoin_at[node]
                 if not finished:
                     cluster.start_node(node)
                     faults.append({"kind": "rejoin", "node": node, "time": now - start,
                                    "outer_step": progress})
-                    last_disruption = now
+                    last_disruption, expect_change = now, True
         alive = [n for n, code in codes.items() if code is None and n not in rejoin_at]
-        running = running and last_sync > last_disruption  # a rejoin just now disrupts too
+        running = running and timeline.last_sync > last_disruption  # a rejoin just now disrupts too
         due = (index < len(schedule) and not stalled and not finished and alive
                and progress >= schedule[index][1] and running
                and (not last_outer or progress < last_outer - 1))
@@ -269,7 +273,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             fire_at = None
         elif fire_at is None:  # not right after the sync: anywhere in the round
             fire_at = now + (0 if schedule[index][0] == "kill_in_checkpoint"
-                             else rng.uniform(0, round_seconds))
+                             else rng.uniform(0, timeline.round_seconds))
         if due and now >= fire_at:
             fire_at = None
             kind = schedule[index][0]
@@ -279,7 +283,7 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             record.update(time=time.time() - start, outer_step=progress, scheduled=schedule[index][0])
             faults.append(record)
             index += 1
-            last_disruption = time.time()
+            last_disruption, expect_change = time.time(), kind != "liar"
             if kind == "kill_node":
                 rejoin_at[record["node"]] = (world, time.time() + 60)
             if kind == "stall":
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"chaos: {name} run in {run_dir} ({len(plan)} faults)", flush=True)
             runs[name] = run_once(cluster, run_dir, plan, rng, args.timeout, args.max_wall, args.poison,
-                                  last_outer=total_outer)
+                                  last_outer=total_outer, heal=args.backend == "heal")
         finally:
             cluster.close()
     result = summarize(run_root, runs, cfg, args, schedule)

@@ -67,15 +67,19 @@ def final_summaries(run_dir: Path) -> list[dict]:
 def analyze(run_dir: Path, run_steps: int) -> dict:
     lines = records(run_dir)
     sync_hashes: dict[tuple, set] = defaultdict(set)
-    resume_hashes: dict[str, set] = defaultdict(set)
+    sync_lines: dict[tuple, list] = defaultdict(list)  # (world, outer step) -> members' group sizes
+    resume_hashes: dict[tuple, set] = defaultdict(set)
     seen: set[tuple] = set()
     failure_saved: set[tuple] = set()
     worlds: dict[str, dict] = {}
+    epochs: dict[tuple, dict] = {}
+    joins: list[dict] = []
     diverged = nonfinite = 0
     for r in lines:
         kind = r.get("kind")
         if kind == "sync":
             sync_hashes[(r.get("world"), r["outer_step"])].add(r["global_hash"])
+            sync_lines[(r.get("world"), r["outer_step"])].append(r.get("peers"))
             seen.add((r["outer_step"], r["global_hash"]))
         if kind in ("inner", "sync") and not finite(r.get("loss")):
             nonfinite += 1
@@ -85,16 +89,29 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
             failure_saved.add((r["outer_step"], r["global_hash"]))
         if kind == "event" and r.get("event") == "diverged":
             diverged += 1
+        if kind == "event" and r.get("event") in ("heal", "admit"):  # heal mode; every member logs one
+            epochs.setdefault((r["world"], r["epoch"]), {k: r.get(k) for k in (
+                "world", "epoch", "event", "lost", "joined", "workers", "outer_step", "time")})
+        if kind == "event" and r.get("event") == "resume":
+            # (heal mode: joiners download the state at different outer steps of one world)
+            resume_hashes[(r["world"], r["outer_step"])].add(r["global_hash"])
+            seen_resume = {k: r[k] for k in ("world", "time", "outer_step", "global_hash")}
+            if r["how"] == "live":
+                joins.append(seen_resume)
+                continue
         if kind == "event" and r.get("event") in ("start", "resume"):
             w = worlds.setdefault(r["world"], {"world": r["world"], "time": r["time"], "workers": r["workers"]})
             if r["event"] == "resume":
-                resume_hashes[r["world"]].add((r["outer_step"], r["global_hash"]))
                 w.update(how=r["how"], outer_step=r["outer_step"], written_by=r["written_by"],
                          global_hash=r["global_hash"])
-    resumed = {pair for hashes in resume_hashes.values() for pair in hashes}
+    resumed = {(step, h) for (_, step), hashes in resume_hashes.items() for h in hashes}
     unseen = sorted(resumed - seen - failure_saved)
+    # per (world, outer step): every member alive at that step (its sync line) logged one hash
     mismatches = (sum(len(h) > 1 for h in sync_hashes.values())
                   + sum(len(h) > 1 for h in resume_hashes.values()) + diverged)
+    starts = defaultdict(int)  # process starts per metrics file (= per worker slot in heal mode)
+    for path in sorted(run_dir.glob("metrics-*.jsonl")):
+        starts[path.stem] = sum(r.get("kind") == "event" and r.get("event") == "start" for r in read_jsonl(path))
     summaries = final_summaries(run_dir)
     finished = (bool(summaries) and len(summaries) == summaries[0]["num_workers"]
                 and all(s["inner_steps"] == run_steps for s in summaries)
@@ -107,6 +124,14 @@ def analyze(run_dir: Path, run_steps: int) -> dict:
         "resumes_from_failure_state": len((resumed & failure_saved) - seen),
         "nonfinite_steps": nonfinite,
         "outer_steps_checked": len(sync_hashes),
+        "members_per_outer_step": {"min": min(map(len, sync_lines.values()), default=0),
+                                   "max": max(map(len, sync_lines.values()), default=0)},
+        "outer_steps_missing_a_member": sum(len(v) < max(p or 0 for p in v) for v in sync_lines.values()),
+        "heals": sum(e["event"] == "heal" for e in epochs.values()),
+        "admits": sum(e["event"] == "admit" for e in epochs.values()),
+        "epochs": sorted(epochs.values(), key=lambda e: e["time"]),
+        "live_joins": sorted(joins, key=lambda j: j["time"]),
+        "process_starts": sum(starts.values()),
         "final_eval_loss": summaries[0]["final_eval_loss"] if summaries else None,
         "final_global_hash": summaries[0]["global_hash"] if summaries else None,
         "final_workers": summaries[0]["num_workers"] if summaries else 0,
@@ -126,14 +151,27 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
     # a fault that did its job made the workers restart: a new world started before the next one
     times = [chaos["start_time"] + f["time"] for f in chaos["faults"]] + [math.inf]
     starts = [w["time"] for w in got["worlds"]]
+    changes = [e["time"] for e in got["epochs"]]  # heal mode: heal and admit epochs
     for f, begin, end in zip(chaos["faults"], times, times[1:]):
         f["restart_followed"] = any(begin < t <= end for t in starts)
+        f["heal_followed"] = any(begin < t <= end for t in changes)
+    # heal mode: every worker a fault hit restarts once (a stalled one finds itself excluded);
+    # any other start is a survivor that fell back to restarting
+    hit = sum(args.workers // args.nodes if f["kind"] == "kill_node" else 1
+              for f in scheduled if "skipped" not in f and f["kind"] != "liar")
     return {
         "faults_requested": args.faults,
         "faults_injected": len([f for f in scheduled if "skipped" not in f]),
         "fault_counts": dict(counts),
         "kills_mid_checkpoint_write": sum(bool(f.get("mid_write")) for f in scheduled),
         "faults_followed_by_restart": sum(f["restart_followed"] for f in chaos["faults"]),
+        "faults_followed_by_heal": sum(f["heal_followed"] for f in chaos["faults"]),
+        "backend": args.backend,
+        "heals": got["heals"],
+        "admits": got["admits"],
+        "live_joins": len(got["live_joins"]),
+        "worker_starts": got["process_starts"],
+        "worker_starts_beyond_faults": got["process_starts"] - args.workers - hit,
         "survived": got["finished"],
         "agent_exit_codes": chaos["exit_codes"],
         "hash_mismatches": got["hash_mismatches"],
@@ -154,6 +192,8 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
         "reference_wall_seconds": runs["reference"]["wall_seconds"] if ref else None,
         "restarts": max(0, len(got["worlds"]) - 1),
         "outer_steps_checked": got["outer_steps_checked"],
+        "members_per_outer_step": got["members_per_outer_step"],
+        "outer_steps_missing_a_member": got["outer_steps_missing_a_member"],
         "reference_survived": ref.get("finished"),
         "reference_hash_mismatches": ref.get("hash_mismatches"),
         "final_workers": got["final_workers"],
@@ -167,6 +207,7 @@ def summarize(run_root: Path, runs: dict, cfg, args, schedule: list) -> dict:
         "faults": chaos["faults"],
         "events": chaos["events"],
         "worlds": got["worlds"],
+        "epochs": got["epochs"],
         "run_dir": str(run_root),
     }
 

@@ -159,6 +159,8 @@ class HealingGroup(Group):
             result, error = self._watched(op)
             try:
                 decision = self.membership.decide(self.epoch, self._op, error is None, look_for_joiners=joiners)
+            except HealError:  # this worker's epoch was superseded without it
+                raise
             except Exception as e:  # the store is gone: nothing can be agreed any more
                 raise HealError(f"lost the membership store ({str(e)[:200]}); cannot heal") from e
             self._op += 1

@@ -228,6 +228,13 @@ class Membership:
     # -- decisions -----------------------------------------------------------------------
     def decide(self, epoch: Epoch, op: int, ok: bool, look_for_joiners: bool = False) -> Decision:
         """This member's outcome of collective `op` of `epoch`, and the one decision on it."""
+        successor = self.epoch(epoch.number + 1)
+        if successor is not None and self.me not in successor.members:
+            # (a member stopped for longer than the heartbeat timeout, e.g. the last one of its
+            # epoch, while the others formed a group without it: it must not go on alone)
+            raise HealError(f"epoch {epoch.number} was superseded by epoch {successor.number} "
+                            f"({successor.kind}, slots {[s for s, _ in successor.members]}) without this "
+                            "worker (it was silent for too long); restarting to rejoin")
         base = f"ep/{epoch.number}/op/{op}"
         record = {"nonce": self.me[1], "ok": bool(ok),
                   "pending": self.waiting(epoch, seen_beating=True) if ok and look_for_joiners else []}
