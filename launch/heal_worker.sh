@@ -16,6 +16,10 @@
 #   STORE          host:port of `python -m dilo.rendezvous_store`              (required)
 #   WORKERS        the run's worker slots (run.workers)                        (required)
 #   SLOT           this worker's slot, 0 .. WORKERS-1 (run.slot)               (required)
+#   LOCAL_WORKERS  heal workers this machine runs: each gets cores / LOCAL_WORKERS CPU threads
+#                  (LOCAL_WORLD_SIZE; run.threads overrides)                      (default 1)
+#   LOCAL_SLOT     this worker's index among them, 0 .. LOCAL_WORKERS-1: its GPU (LOCAL_RANK)
+#                                                                              (default 0)
 #   MAX_RESTARTS   restarts of this worker before giving up                    (default 100)
 #   RESTART_DELAY  seconds between a death and the restart                     (default 1)
 #   PYTHON         interpreter with dilo and torch installed
@@ -29,6 +33,12 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${STORE:?set STORE to host:port of python -m dilo.rendezvous_store}"
 : "${WORKERS:?set WORKERS to the run's number of worker slots}"
 : "${SLOT:?set SLOT to this worker's slot (0 .. WORKERS-1)}"
+# The torchrun variables dilo reads for threads and the device (not RANK/WORLD_SIZE: no torchrun world).
+export LOCAL_WORLD_SIZE="${LOCAL_WORKERS:-1}" LOCAL_RANK="${LOCAL_SLOT:-0}"
+if ! [ "$LOCAL_RANK" -ge 0 ] 2>/dev/null || ! [ "$LOCAL_RANK" -lt "$LOCAL_WORLD_SIZE" ] 2>/dev/null; then
+    echo "heal_worker: LOCAL_SLOT must be 0 .. LOCAL_WORKERS-1, got LOCAL_SLOT=$LOCAL_RANK LOCAL_WORKERS=$LOCAL_WORLD_SIZE" >&2
+    exit 2
+fi
 PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 child="" stopping=""
 trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT

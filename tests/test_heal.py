@@ -6,6 +6,7 @@ bit-identical to restart mode before the fault)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -252,6 +253,24 @@ def events(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "event"]
+
+
+def test_heal_worker_tells_each_worker_its_share_of_the_machine(tmp_path):
+    """launch/heal_worker.sh passes LOCAL_WORKERS / LOCAL_SLOT on as LOCAL_WORLD_SIZE / LOCAL_RANK
+    (dilo's CPU threads per worker and its GPU), never RANK/WORLD_SIZE, and refuses a bad slot."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"lws=$LOCAL_WORLD_SIZE lr=$LOCAL_RANK rank=${RANK-none} args=$*\"\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(STORE="127.0.0.1:1", WORKERS="4", SLOT="3", PYTHON=str(fake), LOCAL_WORKERS="2", LOCAL_SLOT="1")
+    script = str(REPO / "launch" / "heal_worker.sh")
+    out = subprocess.run(["bash", script, "--run.steps", "5"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "lws=2 lr=1 rank=none" in out.stdout and "--run.slot 3" in out.stdout
+    alone = {k: v for k, v in env.items() if k not in ("LOCAL_WORKERS", "LOCAL_SLOT")}
+    out = subprocess.run(["bash", script], env=alone, capture_output=True, text=True, timeout=30)
+    assert "lws=1 lr=0" in out.stdout
+    out = subprocess.run(["bash", script], env={**env, "LOCAL_SLOT": "2"}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "LOCAL_SLOT must be 0 .. LOCAL_WORKERS-1" in out.stderr
 
 
 @pytest.mark.e2e

@@ -222,7 +222,8 @@ class HealCluster(TorchrunCluster):
             slot = node * self.procs_per_node + local
             env = self._env()
             env.update(STORE=f"127.0.0.1:{self.port}", WORKERS=str(self.num_nodes * self.procs_per_node),
-                       SLOT=str(slot), MAX_RESTARTS="1000", RESTART_DELAY="0.5", PYTHON=sys.executable)
+                       SLOT=str(slot), LOCAL_SLOT=str(local), LOCAL_WORKERS=str(self.procs_per_node),
+                       MAX_RESTARTS="1000", RESTART_DELAY="0.5", PYTHON=sys.executable)
             log = self.log_dir / f"node{node}-slot{slot}-{self.starts[node]}.log"
             with open(log, "wb") as out:
                 self.loops[node].append(subprocess.Popen(
