@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,3 +163,30 @@ def inner_step(model, opt, worker: int, step: int) -> None:
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     opt.zero_grad()
+
+
+@contextmanager
+def swarm_trio():
+    """Three in-process swarm peers on loopback (the first bootstraps the others), sorted by
+    name and registered as one round group: yields (peers, groups); closes the peers after."""
+    from dilo.comm.swarm import SwarmGroup
+    from dilo.comm.swarm_auth import RunAuth
+
+    def peer(initial):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
+
+    peers = [peer([])]
+    try:
+        peers += [peer(peers[0].addresses[:1]) for _ in range(2)]
+        names = sorted(p.name for p in peers)
+        peers.sort(key=lambda p: p.name)
+        group_id = os.urandom(16)
+
+        async def register(p):
+            return p.rounds.mailboxes.register(group_id, 0, names)
+
+        yield peers, [p.node.run(register(p)) for p in peers]
+    finally:
+        for p in peers:
+            p.close()

@@ -42,7 +42,8 @@ def test_outer_sgd_step_matches_torch_sgd(backend):
     from dilo import codec_kernels, outer_sgd
 
     if backend == "numba" and codec_kernels.numba is None:
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed (the `fast` and `test` extras have it): "
+                    "pip install numba to run the kernel case")
     previous = codec_kernels.BACKEND
     codec_kernels.use_backend(backend)
     try:

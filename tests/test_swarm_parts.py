@@ -24,6 +24,7 @@ from dilo.comm.reaper import _serve  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_mismatch  # noqa: E402
 from dilo.comm.swarm_members import Member, View  # noqa: E402
 from dilo.config import parse_args  # noqa: E402
+from tests.helpers import swarm_trio  # noqa: E402
 
 
 # -- keys, tokens, records ----------------------------------------------------------------
@@ -202,24 +203,9 @@ def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it()
 
 # -- an exchange between in-process peers ---------------------------------------------------
 def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
-    from dilo.comm.swarm import SwarmGroup
     from dilo.comm.swarm_exchange import to_bytes_view
 
-    def peer(initial):
-        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
-                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
-
-    peers = [peer([])]
-    try:
-        peers += [peer(peers[0].addresses[:1]) for _ in range(2)]
-        names = sorted(p.name for p in peers)
-        peers.sort(key=lambda p: p.name)
-        group_id = os.urandom(16)
-
-        async def register(p):
-            return p.rounds.mailboxes.register(group_id, 0, names)
-
-        groups = [p.node.run(register(p)) for p in peers]
+    with swarm_trio() as (peers, groups):
         codec = get_codec("fp32")
         vectors = [torch.full((1000,), float(i + 1)) for i in range(3)]
         chunk = chunk_numel(1000, 3, codec.block_size)
@@ -259,9 +245,6 @@ def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
         assert results[0].dropped == 1 and results[1].dropped == 1
         assert any(f"sent {nbytes - 4} bytes in phase 1, expected {nbytes}" in problem
                    for problem in groups[0].bad_slices)
-    finally:
-        for p in peers:
-            p.close()
     time.sleep(0.1)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 
 import pytest
@@ -23,7 +22,7 @@ from dilo.config_checks import parse_slowdown
 from dilo.diloco import DiLoCo
 from dilo.rounds import RoundClock, Slowdown
 from dilo.stats import RunTotals
-from tests.helpers import Net, SMALL, adamw, inner_step, run_workers, summaries, torchrun_cmd
+from tests.helpers import Net, SMALL, adamw, inner_step, run_workers, summaries, swarm_trio, torchrun_cmd
 
 TOKENS = [100.0, 300.0, 50.0]
 
@@ -146,36 +145,15 @@ def test_a_swarm_exchange_carries_the_reports_and_weights_alike():
     """The hivemind backend's exchange (in-process peers, no training): the same weighted bytes
     as the in-process backend, and every peer learns every report."""
     pytest.importorskip("hivemind")
-    import os
-
-    from dilo.comm.swarm import SwarmGroup
-    from dilo.comm.swarm_auth import RunAuth
     from dilo.comm.swarm_exchange import average_in_group
-
-    def peer(initial):
-        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
-                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=30.0)
 
     torch.manual_seed(2)
     codec, rule = get_codec("int8", 64), Aggregate(weighting="tokens")
     vectors = [torch.randn(1000) for _ in range(3)]
     reports = [RoundReport(w, w / 10, 0.0) for w in TOKENS]
-    peers = [peer([])]
-    try:
-        peers += [peer(peers[0].addresses[:1]) for _ in range(2)]
-        names = sorted(p.name for p in peers)
-        peers.sort(key=lambda p: p.name)
-        group_id = os.urandom(16)
-
-        async def register(p):
-            return p.rounds.mailboxes.register(group_id, 0, names)
-
-        groups = [p.node.run(register(p)) for p in peers]
+    with swarm_trio() as (peers, groups):
         results = run_workers(lambda i: average_in_group(peers[i].node, groups[i], vectors[i], codec, 30.0,
                                                          pytest.fail, rule, reports[i]), 3, timeout=90)
-    finally:
-        for p in peers:
-            p.close()
     local = exchange(vectors, codec, rule, reports)
     for r in results:
         assert torch.equal(r.average, local[0].average)
