@@ -156,3 +156,17 @@ class _BlockCodec(Codec):
         buf = self._check_buf(buf, numel)
         k = self._payload_nbytes(numel)
         return buf[:k], _as(buf[k:], torch.float32)
+
+    def _decode_by_table(self, codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, numel: int,
+                         out: torch.Tensor) -> torch.Tensor:
+        """out = table[code] x its block's scale, chunk by chunk through reused buffers (the torch
+        path of the table codecs: fp4's magnitudes, int2's levels)."""
+        idx_work, val_work = self._scratch(torch.int64), self._scratch(torch.float32)
+        for el, bl in self._chunks(numel):
+            cb = _blocks(codes[el], self.block_size)
+            idx, val = idx_work[: cb.shape[0]], val_work[: cb.shape[0]]
+            idx.copy_(cb)
+            torch.index_select(table, 0, idx.view(-1), out=val.view(-1))
+            val.mul_(scale[bl, None])
+            out[el] = val.view(-1)[: el.stop - el.start]
+        return out

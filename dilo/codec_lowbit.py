@@ -99,15 +99,7 @@ class Int2(_BlockCodec):
         out = _check_out(out, torch.float32, numel)
         packed, scale = self._split(buf, numel)
         codes = torch.stack([(packed >> (2 * i)) & 3 for i in range(4)], dim=1).view(-1)[:numel]
-        idx_work, val_work = self._scratch(torch.int64), self._scratch(torch.float32)
-        for el, bl in self._chunks(numel):
-            cb = _blocks(codes[el], self.block_size)
-            idx, val = idx_work[: cb.shape[0]], val_work[: cb.shape[0]]
-            idx.copy_(cb)
-            torch.index_select(_INT2_LEVELS, 0, idx.view(-1), out=val.view(-1))
-            val.mul_(scale[bl, None])
-            out[el] = val.view(-1)[: el.stop - el.start]
-        return out
+        return self._decode_by_table(codes, _INT2_LEVELS, scale, numel, out)
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         # s/2 on the grid, |x| - 1.5s beyond it, plus the fp32 rounding of x/s and (c - 1.5)*s.

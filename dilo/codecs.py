@@ -237,15 +237,7 @@ class _Fp4(_BlockCodec):
         codec_kernels.warn_if_slow()
         packed, scale = self._split(buf, numel)
         nib = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
-        idx_work, val_work = self._scratch(torch.int64), self._scratch(torch.float32)
-        for el, bl in self._chunks(numel):
-            nb = _blocks(nib[el], self.block_size)
-            idx, val = idx_work[: nb.shape[0]], val_work[: nb.shape[0]]
-            idx.copy_(nb)
-            torch.index_select(_FP4_VALUES, 0, idx.view(-1), out=val.view(-1))
-            val.mul_(scale[bl, None])
-            out[el] = val.view(-1)[: el.stop - el.start]
-        return out
+        return self._decode_by_table(nib, _FP4_VALUES, scale, numel, out)
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         # Exactly the distance from |x| to the nearest representable magnitude, with
