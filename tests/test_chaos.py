@@ -110,6 +110,31 @@ def test_liar_fault_orders_a_lie_and_the_report_counts_poisoned_rounds(tmp_path)
     assert poisoned_rounds(tmp_path) == 2
 
 
+def test_kill_in_checkpoint_without_a_write_kills_a_worker_alive_after_the_wait(tmp_path, monkeypatch):
+    """The wait for a checkpoint write lasts up to 30 s; a worker picked before it may have been
+    restarted meanwhile (a heal worker's agent restarts it with a new pid). Killing the stale pid
+    would disrupt nothing and the schedule would wait for a heal that never comes."""
+    import random
+
+    import tools.chaos as chaos
+
+    class Restarting:
+        def __init__(self):
+            self.calls, self.killed = 0, []
+
+        def workers(self, node):
+            self.calls += 1
+            return [200] if self.calls == 1 else [201]  # pid 200 exits during the wait
+
+        def kill_worker(self, pid):
+            self.killed.append(pid)
+
+    monkeypatch.setattr(chaos, "catch_checkpoint_write", lambda run_dir, pids, deadline: None)
+    cluster = Restarting()
+    record = chaos.inject("kill_in_checkpoint", cluster, random.Random(0), tmp_path, 20.0, [0])
+    assert cluster.killed == [201] and record["pids"] == [201] and record["mid_write"] is False
+
+
 # -- the fault schedule's reading of the run (tools/chaos_timeline.py), heal and restart mode ----------
 def sync(t: float, step: int, world: str = "w1", peers: int = 4, h: str = "") -> dict:
     return {"kind": "sync", "time": t, "outer_step": step, "world": world, "peers": peers,

@@ -205,7 +205,13 @@ def inject(kind: str, cluster: Cluster, rng: random.Random, run_dir: Path, timeo
         cluster.stall(pid)
         return {"kind": kind, "node": node, "pids": [pid], "until": time.time() + timeout + 5}
     caught = catch_checkpoint_write(run_dir, {p for _, p in workers}, time.time() + 30)
-    if caught is None:  # no write seen: kill at a random moment instead, and say so
+    if caught is None:  # no write seen: kill at a random moment instead, and say so. The wait
+        # was up to 30 s: the worker picked before it may have exited and been restarted since
+        # (a new pid), so pick among the workers alive now.
+        workers = [(n, p) for n in alive for p in cluster.workers(n)]
+        if not workers:
+            return {"kind": kind, "skipped": "no live worker"}
+        node, pid = rng.choice(workers)
         cluster.kill_worker(pid)
         return {"kind": kind, "node": node, "pids": [pid], "mid_write": False}
     writer, tmp = caught
@@ -283,7 +289,8 @@ def run_once(cluster: Cluster, run_dir: Path, schedule: list[tuple[str, int]], r
             record.update(time=time.time() - start, outer_step=progress, scheduled=schedule[index][0])
             faults.append(record)
             index += 1
-            last_disruption, expect_change = time.time(), kind != "liar"
+            # a skipped fault (no live worker) changes nothing: do not wait for a heal
+            last_disruption, expect_change = time.time(), kind != "liar" and "skipped" not in record
             if kind == "kill_node":
                 rejoin_at[record["node"]] = (world, time.time() + 60)
             if kind == "stall":
