@@ -117,7 +117,8 @@ def _validate_shard(cfg) -> None:
                "model.lora_rank > 0": cfg.model.lora_rank > 0, "model.hf_config": bool(cfg.model.hf_config),
                "outer.fragments > 1": o.fragments > 1, "outer.delay > 0": o.delay > 0,
                "outer.overlap != none": o.overlap != "none", "publish.every > 0": cfg.publish.every > 0,
-               "checkpoint.init_from": bool(cfg.checkpoint.init_from)}
+               "checkpoint.init_from": bool(cfg.checkpoint.init_from),
+               "checkpoint.async (shard files are written at the boundary)": cfg.checkpoint.async_}
     found = [k for k, v in refused.items() if v]
     _require(not found, f"run.shard = fsdp does not support {'; '.join(found)} yet; change those settings "
              "or use run.shard = ddp")
