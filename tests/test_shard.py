@@ -16,15 +16,21 @@ import shutil
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dilo import checkpoint
+from dilo.comm.local import local_groups
 from dilo.config import parse_args
 from dilo.diloco import DiLoCo
-from dilo.shard_checkpoint import complete_step, manifest_file, reshard, shard_file, split_flat
+from dilo.shard_checkpoint import (
+    complete_step,
+    manifest_file,
+    reshard,
+    shard_file,
+    split_flat,
+)
 from dilo.sharded_state import LocalShards, local_chunk
-from dilo.comm.local import local_groups
-from tests.helpers import SMALL, Procs, free_port, run_workers, summaries, torchrun_cmd
+from tests.helpers import SMALL, Procs, run_workers, summaries, torchrun_cmd
 
 SHAPES = [(7, 5), (5,), (3, 4), (1, 6)]  # (1, 6): rank 1's chunk is empty, as FSDP2 cuts it
 W, S, ROUNDS, LR, MU = 2, 2, 3, 0.7, 0.9

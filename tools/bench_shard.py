@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench_islands import parse_layout, read_syncs, run_layout  # noqa: E402
+from tools.bench_islands import parse_layout, read_syncs, run_layout
 
 
 def measure(run_dir: Path) -> dict:
