@@ -49,6 +49,7 @@ class Checkpoints:
                                  outer_step=s.outer_step, workers=s.num_workers, world=self.world_id,
                                  global_hash=s.global_hash())
             return
+        shard_checkpoint.refuse_unsharded_resume(run_dir)
         # heal mode: every worker is a world of one; its rank is the one in the group (slots may have gaps)
         rank = self.world_group.rank if self.cfg.run.failover == "heal" else self.world.rank
         found = resume.resume(resume.ResumeContext(run_dir, k.resume, s.worker, self.world.num_workers,

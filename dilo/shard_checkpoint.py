@@ -118,6 +118,19 @@ def _prune(run_dir: str, worker: int, rank: int, size: int, keep: int) -> None:
             pass
 
 
+def refuse_unsharded_resume(run_dir: str) -> None:
+    """run.shard = ddp over a run.dir whose checkpoints are only sharded ones: refuse (the
+    one-file-per-worker survey would not see them and start over them)."""
+    root = checkpoint.checkpoint_root(run_dir)
+    if not root.is_dir() or any(p.name.removeprefix("worker-").removesuffix(".pt").isdigit()
+                                for p in root.glob("step-*/worker-*.pt")):
+        return
+    if any(root.glob("step-*/worker-*.shards.pt")):
+        raise ValueError(f"{root} holds sharded checkpoints (run.shard = fsdp): resume them with "
+                         "--run.shard fsdp (any run.worker_size >= 2 re-shards), or pass "
+                         "--checkpoint.resume fresh to set them aside")
+
+
 def complete_step(directory: Path) -> tuple[dict, dict[tuple[int, int], dict]] | str:
     """(worker 0's manifest, {(worker, rank): shard state}) of a step folder whose every shard
     verifies and agrees, or the reason it cannot be used."""

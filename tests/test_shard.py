@@ -25,6 +25,7 @@ from dilo.diloco import DiLoCo
 from dilo.shard_checkpoint import (
     complete_step,
     manifest_file,
+    refuse_unsharded_resume,
     reshard,
     shard_file,
     split_flat,
@@ -168,6 +169,14 @@ def test_a_step_with_a_corrupt_or_missing_shard_is_passed_over(runs, tmp_path):
     assert isinstance(complete_step(step), str)
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.read_verified(manifest_file(step, 0))
+
+
+@pytest.mark.e2e
+def test_a_ddp_run_refuses_to_resume_over_sharded_checkpoints(runs, tmp_path):
+    shutil.copytree(runs / "fsdp" / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="resume them with --run.shard fsdp"):
+        refuse_unsharded_resume(str(tmp_path))
+    refuse_unsharded_resume(str(runs / "ddp"))  # one file per worker: nothing to refuse
 
 
 @pytest.mark.e2e
