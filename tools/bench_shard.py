@@ -10,7 +10,7 @@ from every process's `sync` lines and the summaries:
 
 Per case: `outer_state_bytes` per rank (θ + outer momentum, the last sync), bytes sent per
 rank per sync, the outer step's seconds (exchange + apply + digest, median over every
-rank's syncs), the final eval loss, and whether every rank of every worker logged the same
+rank's syncs, pooled over `--repeats` interleaved rounds), the final eval loss, and whether every rank of every worker logged the same
 global hash at every outer step. `eval_vs_ddp` is the eval-loss ratio against the DDP case
 of the same layout.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_islands import parse_layout, read_syncs, run_layout
 
 
-def measure(run_dir: Path) -> dict:
+def measure(run_dirs: list[Path]) -> dict:
+    """One case over its repeats: sizes and hashes from each, times pooled, losses listed."""
+    runs = [measure_one(d) for d in run_dirs]
+    first = dict(runs[0])
+    first["outer_step_seconds_median"] = statistics.median(t for r in runs for t in r.pop("_outer_seconds"))
+    first["apply_seconds_median"] = statistics.median(t for r in runs for t in r.pop("_apply_seconds"))
+    first.pop("_outer_seconds", None)
+    first.pop("_apply_seconds", None)
+    first["repeats"] = len(runs)
+    first["final_eval_losses"] = [r["final_eval_loss"] for r in runs]
+    first["hashes_agree"] = all(r["hashes_agree"] for r in runs)
+    return first
+
+
+def measure_one(run_dir: Path) -> dict:
     syncs = read_syncs(run_dir)
     per_rank = {name: recs for name, recs in syncs.items() if recs}
     by_step: dict[int, set] = {}
@@ -44,9 +59,8 @@ def measure(run_dir: Path) -> dict:
         "outer_state_bytes_per_rank": sorted({recs[-1]["outer_state_bytes"] for recs in per_rank.values()}),
         "bytes_sent_per_rank_per_sync": statistics.median(r["bytes_sent"] for r in every),
         "intra_bytes_per_rank_per_sync": statistics.median(r["intra_bytes"] for r in every),
-        "outer_step_seconds_median": statistics.median(r["seconds"] + r["apply_seconds"] + r["digest_seconds"]
-                                                       for r in every),
-        "apply_seconds_median": statistics.median(r["apply_seconds"] for r in every),
+        "_outer_seconds": [r["seconds"] + r["apply_seconds"] + r["digest_seconds"] for r in every],
+        "_apply_seconds": [r["apply_seconds"] for r in every],
         "syncs": len(every),
         "final_eval_loss": summary["final_eval_loss"],
         "hashes_agree": all(len(h) == 1 for h in by_step.values()),
@@ -81,27 +95,39 @@ def main() -> None:
     ap.add_argument("--cases", default="2x1:ddp,2x2:ddp,2x2:fsdp,1x4:ddp,1x4:fsdp",
                     help="comma-separated WxS:shard (default: S = 1, 2, 4 with their DDP islands)")
     ap.add_argument("--steps", type=int, default=100, help="inner steps per run (default 100, H = 20)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all cases (default 1)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--out", default="runs/bench-shard.json")
     ap.add_argument("--png", default="", help="also draw the memory and eval-loss bars here")
     args, extra = ap.parse_known_args()
-    results = {}
+    cases = {}
+    for case in args.cases.split(","):
+        layout, _, shard = case.partition(":")
+        if shard not in ("ddp", "fsdp"):
+            raise SystemExit(f"--cases: {case!r} needs :ddp or :fsdp")
+        cases[case] = (*parse_layout(layout), shard)
+    results, load = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
-        for case in args.cases.split(","):
-            layout, _, shard = case.partition(":")
-            workers, size = parse_layout(layout)
-            if shard not in ("ddp", "fsdp"):
-                raise SystemExit(f"--cases: {case!r} needs :ddp or :fsdp")
-            run_dir = Path(tmp) / case.replace(":", "-")
-            run_layout(workers, size, run_dir, args.steps, ["--run.shard", shard, *extra], args.timeout)
-            results[case] = {"workers": workers, "worker_size": size, "shard": shard, **measure(run_dir)}
+        dirs: dict[str, list[Path]] = {case: [] for case in cases}
+        for rnd in range(args.repeats):  # interleaved: each round runs every case once
+            for case, (workers, size, shard) in cases.items():
+                run_dir = Path(tmp) / f"{case.replace(':', '-')}-{rnd}"
+                run_layout(workers, size, run_dir, args.steps, ["--run.shard", shard, *extra], args.timeout)
+                dirs[case].append(run_dir)
+                load.append(os.getloadavg()[0])
+                print(case, rnd, "done", flush=True)
+        for case, (workers, size, shard) in cases.items():
+            results[case] = {"workers": workers, "worker_size": size, "shard": shard, **measure(dirs[case])}
             print(case, json.dumps(results[case]), flush=True)
     for case, res in results.items():
         twin = f"{res['workers']}x{res['worker_size']}:ddp"
         if res["shard"] == "fsdp" and twin in results:
             res["eval_vs_ddp"] = res["final_eval_loss"] / results[twin]["final_eval_loss"]
     out = {"command": " ".join(["python tools/bench_shard.py", *sys.argv[1:]]), "steps": args.steps,
-           "config": "configs/tiny.toml", "results": results}
+           "config": "configs/tiny.toml", "repeats": args.repeats,
+           "machine": {"cpus": os.cpu_count(), "load_average": [min(load), statistics.median(load), max(load)],
+                       "shared": "2-core machine shared with other engineers' runs"},
+           "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     if args.png:
