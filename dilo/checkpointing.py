@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from dilo import checkpoint, resume
+from dilo import checkpoint, resume, shard_checkpoint
 from dilo.comm.protocol import Group
 from dilo.config import Config
 from dilo.metrics import Metrics
@@ -41,6 +41,15 @@ class Checkpoints:
                                  "--checkpoint.resume fresh to set them aside and start over, or "
                                  "choose another run.dir")
             return
+        if self.cfg.run.shard == "fsdp":  # one file per rank (dilo/shard_checkpoint.py)
+            how = shard_checkpoint.restore(s, self.world, self.world_group, k.resume)
+            if how is not None:
+                log.info("resumed (%s) at inner step %d, outer step %d", how, s.inner_step, s.outer_step)
+                self.metrics.log("event", event="resume", path=run_dir, how=how, step=s.inner_step,
+                                 outer_step=s.outer_step, workers=s.num_workers, world=self.world_id,
+                                 global_hash=s.global_hash())
+            return
+        shard_checkpoint.refuse_unsharded_resume(run_dir)
         # heal mode: every worker is a world of one; its rank is the one in the group (slots may have gaps)
         rank = self.world_group.rank if self.cfg.run.failover == "heal" else self.world.rank
         found = resume.resume(resume.ResumeContext(run_dir, k.resume, s.worker, self.world.num_workers,
@@ -69,6 +78,10 @@ class Checkpoints:
 
     def save(self) -> None:
         """This worker's file for the current outer step (its rank 0 writes for all its ranks)."""
+        if self.cfg.run.shard == "fsdp":  # one file per rank, then the worker's manifest
+            path = shard_checkpoint.save(self.state, self.world, self.cfg.checkpoint.keep)
+            self.metrics.log("event", event="checkpoint", path=str(path), outer_step=self.state.outer_step)
+            return
         # One file per worker: its ranks hold the same θ, inner optimizer state (DDP),
         # data position and RNG states (same seed, same ops), so rank 0's is everyone's.
         if not self.world.speaks_for_worker:
@@ -93,6 +106,10 @@ class Checkpoints:
         s, k = self.state, self.cfg.checkpoint
         log.error("exchange failed at outer step %d: %s", s.outer_step + 1, str(error)[:300])
         if not (s.diloco and k.every and k.on_failure and self.world.speaks_for_worker) or s.outer_step == 0:
+            return
+        if self.cfg.run.shard == "fsdp":
+            log.error("run.shard = fsdp writes no checkpoint after a failed exchange (each rank holds one "
+                      "chunk; its worker's ranks may be gone): resume from the last outer step's checkpoint")
             return
         boundary = s.failure_boundary()
         try:

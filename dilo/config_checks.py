@@ -24,6 +24,7 @@ LORA_TARGETS = ("qkv", "proj", "fc", "fc_out")
 """The linear layers of a dilo GPT block that `model.lora_targets` may name."""
 LORA_AGGREGATES = ("naive", "frozen_a", "exact")
 MODES = ("diloco", "ddp")
+SHARDS = ("ddp", "fsdp")
 BACKENDS = ("torch", "hivemind")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUTS = ("iid", "contiguous")
@@ -100,6 +101,27 @@ def validate(cfg) -> None:
              "fresh): resume continues a run, init_from starts a new one from its weights")
     _validate_metrics(cfg)
     _validate_continual(cfg)
+    _validate_shard(cfg)
+
+
+def _validate_shard(cfg) -> None:
+    """run.shard = fsdp: FSDP2 inside a worker, θ sharded with it (docs/islands.md, "Sharded workers")."""
+    r, o = cfg.run, cfg.outer
+    _require(r.shard in SHARDS, f"run.shard must be one of {', '.join(SHARDS)}, got {r.shard!r}")
+    if r.shard != "fsdp":
+        return
+    _require(r.mode == "diloco" and r.worker_size >= 2,
+             f"run.shard = fsdp shards a worker's model over its ranks: it needs run.mode = diloco and "
+             f"run.worker_size >= 2 (got {r.mode}, {r.worker_size}); or leave run.shard = ddp")
+    refused = {"comm.backend = hivemind (a swarm peer is one process)": cfg.comm.backend != "torch",
+               "model.lora_rank > 0": cfg.model.lora_rank > 0, "model.hf_config": bool(cfg.model.hf_config),
+               "outer.fragments > 1": o.fragments > 1, "outer.delay > 0": o.delay > 0,
+               "outer.overlap != none": o.overlap != "none", "publish.every > 0": cfg.publish.every > 0,
+               "checkpoint.init_from": bool(cfg.checkpoint.init_from),
+               "checkpoint.async (shard files are written at the boundary)": cfg.checkpoint.async_}
+    found = [k for k, v in refused.items() if v]
+    _require(not found, f"run.shard = fsdp does not support {'; '.join(found)} yet; change those settings "
+             "or use run.shard = ddp")
 
 
 def _validate_failover(cfg) -> None:

@@ -27,6 +27,8 @@ class RunConfig:
     """torch intra-op threads per process; 0 = CPU cores / local processes."""
     worker_size: int = 1
     """Processes per DiLoCo worker (e.g. 8 = a node of 8 GPUs): data-parallel inside, outer exchange between workers; must divide the world size (docs/islands.md)."""
+    shard: str = "ddp"
+    """How a worker's run.worker_size ranks train: `ddp` (each rank holds the whole model and a full θ) or `fsdp` (torch's fully_shard over the worker's ranks: each rank holds and exchanges only its own chunk of the model, θ and outer momentum; needs run.mode = diloco; docs/islands.md, "Sharded workers")."""
     slowdown: str = ""
     """Testing aid: `worker:factor[,worker:factor]` makes those workers run `factor` times slower (each inner step is followed by a sleep of factor - 1 times its duration; "1:2" = worker 1 at half speed; docs/uneven.md)."""
     failover: str = "restart"

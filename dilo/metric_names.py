@@ -47,6 +47,10 @@ FIELD_METRICS: dict[tuple[str, str], Spec] = {
         "dilo_sync_received_bytes", "counter",
         "Bytes this process received in outer exchanges, counted from the buffers on the wire.",
         True),
+    ("sync", "outer_state_bytes"): Spec(
+        "dilo_outer_state_bytes", "gauge",
+        "Host bytes of this process's outer state (θ, outer momentum, error-feedback residual); "
+        "divided by run.worker_size with run.shard = fsdp."),
     ("sync", "intra_bytes"): Spec(
         "dilo_sync_intra_worker_bytes", "counter",
         "Bytes moved between the ranks of one worker (run.worker_size > 1) in outer exchanges.",

@@ -69,6 +69,12 @@ class OuterState:
         """Outer momentum in model order (zeros for fragments not stepped yet), or None."""
         return self.global_copy.momentum()
 
+    def state_bytes(self) -> int:
+        """Host bytes of this process's outer state: θ, the outer momentum, error-feedback
+        residuals and eager copies of every fragment (÷ S per rank with run.shard = fsdp)."""
+        held = [t for f in self.fragments for t in (f.theta, f.momentum(), f.residual, f.eager_theta)]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     def global_hash(self) -> str:
         """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
         return state_digest(self.global_copy.digest_views(), self.outer_step)
@@ -148,7 +154,8 @@ class OuterState:
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
             intra_bytes=result.intra_bytes, adopted=adopted, apply_seconds=timings[0], digest_seconds=timings[1],
             skipped=skipped, clipped=len(result.clipped), reset_residuals=self._resets,
-            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped, **rounds)
+            withheld=self._withheld, rejected=result.rejected, clipped_members=result.clipped,
+            outer_state_bytes=self.state_bytes(), **rounds)
         self._withheld = self._resets = 0
         return stats
 

@@ -46,6 +46,8 @@ class SyncStats:
     """Error-feedback residuals reset to zero (non-finite, or their Δ + e was withheld)."""
     withheld: int = 0
     """This worker's own pseudo-gradients sent as "no contribution" (non-finite or out of range)."""
+    outer_state_bytes: int = 0
+    """Host bytes of this process's θ, outer momentum and error-feedback residual after the step."""
     rejected: list = field(default_factory=list, metadata={"key": None})
     """(member, reason) of the contributions this worker dropped as owner (not in the JSONL)."""
     clipped_members: list = field(default_factory=list, metadata={"key": None})

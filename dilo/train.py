@@ -138,6 +138,12 @@ class Trainer(TrainerParts):
         if batches.take_changed():
             self.eval_set = batches.eval_set(self.cfg.data.batch_size, self.cfg.data.eval_batches)
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs evaluations: the worker's rank 0, or every rank of a sharded
+        worker (run.shard = fsdp: the forward is a collective over the worker's ranks)."""
+        return self.world.speaks_for_worker or self.cfg.run.shard == "fsdp"
+
     def evaluate_all(self) -> float:
         """The eval loss, and each eval.sets loss logged as its own `eval` record (field `set`)."""
         s, device = self.state, self.world.device
@@ -209,9 +215,10 @@ class Trainer(TrainerParts):
     def after_outer_step(self, loss: torch.Tensor) -> bool:
         """Evaluation, checkpoint and the stop request at an outer boundary; True to stop."""
         cfg, s = self.cfg, self.state
-        if cfg.data.eval_every and s.outer_step % cfg.data.eval_every == 0 and self.world.speaks_for_worker:
-            self.metrics.log("eval", step=s.inner_step, outer_step=s.outer_step,
-                             eval_loss=self.evaluate_all())
+        if cfg.data.eval_every and s.outer_step % cfg.data.eval_every == 0 and self.evaluates:
+            eval_loss = self.evaluate_all()  # (run.shard = fsdp: every rank runs the sharded forward)
+            if self.world.speaks_for_worker:
+                self.metrics.log("eval", step=s.inner_step, outer_step=s.outer_step, eval_loss=eval_loss)
         due = cfg.checkpoint.every and (s.outer_step % cfg.checkpoint.every == 0 or self.at_end())
         if due:
             self.save_checkpoint(loss)
@@ -234,9 +241,9 @@ class Trainer(TrainerParts):
         # Every rank joins this gather (a collective); then only the worker's rank 0
         # evaluates and writes summary-<worker>.json.
         per_rank = worker_totals(self.world, self.state.totals.to_dict())
+        eval_loss = self.evaluate_all() if self.evaluates else None
         if not self.world.speaks_for_worker:
             return {}
-        eval_loss = self.evaluate_all()
         self.metrics.log("eval", step=self.state.inner_step, outer_step=self.state.outer_step,
                          eval_loss=eval_loss)
         summary = self.report.summary(eval_loss, per_rank, stopped, self.compute_seconds, self.loop_seconds)

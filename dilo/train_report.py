@@ -140,6 +140,8 @@ class RunReport:
             "overlap": cfg.outer.overlap,
             "error_feedback": cfg.comm.error_feedback or (diloco and cfg.comm.codec == "sparse"),  # sparse: always
             "synced_params": self.synced_params,
+            "shard": cfg.run.shard,
+            "outer_state_bytes": s.diloco.state_bytes() if s.diloco else 0,  # this process's θ + momentum (+ EF)
             "global_hash": s.global_hash(),
             "fingerprint": cfg.fingerprint(),
             "world": self.world_id,

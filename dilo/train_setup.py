@@ -12,6 +12,7 @@ import copy
 import random
 import secrets
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from dilo.checkpointing import Checkpoints
 from dilo.codecs import get_codec
 from dilo.comm.build import build_groups, worker_identity
 from dilo.comm.protocol import Group
+from dilo.comm.sharded import ShardedGroup
 from dilo.config import Config
 from dilo.data_stream import attach_swarm
 from dilo.diloco import DiLoCo
@@ -34,6 +36,7 @@ from dilo.model import param_groups
 from dilo.model_build import BuiltModel, attach_aggregation, build_model, frozen_tensors
 from dilo.publish import Publisher
 from dilo.rounds import RoundClock, Slowdown
+from dilo.sharded_state import ShardedDiLoCo, shard_model
 from dilo.train_report import LateCounts, RunReport, log, open_metrics
 from dilo.worker_state import WorkerState
 from dilo.world import World, join_world
@@ -68,6 +71,8 @@ class TrainerParts:
         random.seed(cfg.run.seed + shard)
         self.built = build_model(cfg, world.device)  # GPT or hf, with LoRA (docs/adapters.md)
         self.model = self.built.model
+        if cfg.run.shard == "fsdp":  # FSDP2 over the worker's ranks, before the optimizer sees the params
+            shard_model(self.model, world.island.intra_pg, world.device)
         if self.groups.swarm is not None and cfg.model.lora_rank:  # a joiner's base must be the donors'
             self.groups.swarm.transfer.base = base_digest(frozen_tensors(
                 self.model, [p for p in self.model.parameters() if p.requires_grad]))
@@ -140,13 +145,18 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
     diloco, ddp = None, None
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     if cfg.run.mode == "diloco":
-        diloco = DiLoCo(built.model, optimizer, inner_steps=cfg.outer.inner_steps,
+        make, model, group = DiLoCo, built.model, outer_group
+        if cfg.run.shard == "fsdp":  # θ per chunk, exchanged per chunk (dilo/sharded_state.py)
+            intra = world.island.intra_pg
+            make = partial(ShardedDiLoCo, intra_pg=intra)
+            group = ShardedGroup(outer_group.inter, intra)
+        diloco = make(model, optimizer, inner_steps=cfg.outer.inner_steps,
                         outer_lr=cfg.outer.lr, outer_momentum=cfg.outer.momentum,
                         nesterov=cfg.outer.nesterov,
                         codec=get_codec(cfg.comm.codec, cfg.comm.block_size, density=cfg.comm.density,
                                         value_bits=cfg.comm.value_bits, sparse_block=cfg.comm.sparse_block,
                                         sparse_exchange=cfg.comm.sparse_exchange),
-                        group=outer_group, block_size=cfg.comm.block_size,
+                        group=group, block_size=cfg.comm.block_size,
                         fragments=cfg.outer.fragments, delay=cfg.outer.delay,
                         alpha=cfg.outer.alpha, overlap=cfg.outer.overlap,
                         error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
@@ -154,7 +164,7 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
                         aggregate=cfg.outer.aggregate,
                         trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio, weighting=cfg.outer.weighting)
         attach_aggregation(built, cfg, diloco)
-        if world.island:  # inner steps: data-parallel over the worker's own ranks only
+        if world.island and cfg.run.shard == "ddp":  # inner steps: data-parallel over the worker's own ranks only
             ddp = DistributedDataParallel(built.model, device_ids=device_ids,
                                           process_group=world.island.intra_pg)
     elif world.world_size > 1:
