@@ -18,6 +18,11 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
    or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens),
    scored on the same eval windows (N/M x data.eval_batches).
 
+Each method at its own schedule: a variant's ARGS come after the common ones, so they override
+them for that variant alone; e.g. DiLoCo without the inner lr decay against data-parallel with it:
+`--variant "H50 no decay=--inner.min_lr_ratio 1.0"` (`ddp:NAME=ARGS` for data-parallel's own).
+`--sweep-methods ddp` sweeps data-parallel only, so DiLoCo runs just as its variants.
+
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
 `--parallel N` runs N runs at once (on an accelerator several small runs share it well;
@@ -100,9 +105,11 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
 
 
 def sweep(args, seeds: list[int]) -> list[dict]:
-    runs = [run_spec(args, "ddp", s, [], lr=lr, phase="sweep") for s in seeds for lr in args.ddp_lrs]
+    runs = [run_spec(args, "ddp", s, [], lr=lr, phase="sweep")
+            for s in seeds for lr in args.ddp_lrs] if "ddp" in args.sweep_methods else []
     runs += [run_spec(args, "diloco", s, [], H=h, codec=c, outer_lr=olr, phase="sweep")
-             for s in seeds for h in args.H for c in args.codecs for olr in args.outer_lrs]
+             for s in seeds for h in args.H for c in args.codecs for olr in args.outer_lrs
+             if "diloco" in args.sweep_methods]
     return runs
 
 
@@ -277,6 +284,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="[KIND:]NAME=ARGS",
                    help="a run with extra dilo args on every seed; KIND diloco (default: at the first H "
                         "and codec), ddp, or mN (DiLoCo with N workers, M/N x the batch each, e.g. m1)")
+    p.add_argument("--sweep-methods", default="ddp,diloco",
+                   help="comma list: which methods the sweep (and confirm) phases run (default ddp,diloco); "
+                        "'ddp' alone gives DiLoCo only its --variant runs, e.g. each at its own inner schedule "
+                        "(--inner.min_lr_ratio ...) against data-parallel at its tuned one")
     p.add_argument("--variant-outer-lr", type=float, help="outer.lr for variants (default: the config's)")
     p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
     p.add_argument("--report-only", action="store_true",
@@ -295,6 +306,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.dilo_args = ["--config", args.config, *dilo_args]
     cfg = check_config(args.dilo_args)
     args.steps = args.steps or cfg.run.steps
+    args.sweep_methods = [m for m in args.sweep_methods.split(",") if m]
+    if not args.sweep_methods or set(args.sweep_methods) - {"ddp", "diloco"}:
+        raise ToolError(f"--sweep-methods {','.join(args.sweep_methods)!r}: write a comma list of ddp and diloco")
     args.H = [int(h) for h in args.H.split(",")]
     args.codecs = args.codecs.split(",")
     args.outer_lrs, args.ddp_lrs = floats(args.outer_lrs), floats(args.ddp_lrs)
@@ -330,7 +344,7 @@ def main(argv: list[str]) -> int:
     if picture:
         require_matplotlib()
     settings = {k: getattr(args, k) for k in ("config", "workers", "steps", "H", "codecs", "outer_lrs",
-                                               "ddp_lrs", "seeds", "confirm_seeds", "variants",
+                                               "ddp_lrs", "seeds", "confirm_seeds", "sweep_methods", "variants",
                                                "variant_outer_lr", "variant_seeds", "dilo_args", "parallel")}
     settings["runs_dir"] = str(args.runs_dir)
     settings["launch"] = " ".join(train_cmd(["ARGS"], args.workers))
