@@ -205,11 +205,13 @@ def mean_ratio_curve(paired: list[tuple[dict, dict]]) -> list[list[float]]:
     return [[x, statistics.fmean(c[x] for c in curves)] for x in common]
 
 
-def aggregate(results: list[dict]) -> dict:
-    """Rows per configuration, each paired by seed with the best data-parallel setting."""
+def aggregate(results: list[dict], baseline: str | None = None) -> dict:
+    """Rows per configuration, each paired by seed with the best data-parallel sweep setting,
+    or with the configuration named `baseline` (e.g. a ddp variant at its own schedule)."""
     best = best_settings(results)
     ddp_best = best.get(("ddp",))
-    ddp_by_seed = {r["seed"]: r for r in results if ddp_best and r["config"] == ddp_best["config"]}
+    base = baseline or (ddp_best and ddp_best["config"])
+    ddp_by_seed = {r["seed"]: r for r in results if base and r["config"] == base}
     by_config: dict[str, list[dict]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
@@ -231,7 +233,7 @@ def aggregate(results: list[dict]) -> dict:
             "ddp_bytes_over_bytes": describe([d["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
                                               for r, d in paired if r["bytes_sent_per_worker"]])
             if paired and r0["kind"] == "diloco" else None})
-    return {"best_ddp": ddp_best and ddp_best["config"], "configs": rows}
+    return {"best_ddp": ddp_best and ddp_best["config"], "baseline": base, "configs": rows}
 
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
@@ -252,7 +254,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             xs, ys = zip(*row["loss_ratio_curve"])
             c.plot([x / 1e6 for x in xs], ys, marker=".", label=f"{row['config']} (n={len(row['seeds'])})")
     c.axhline(1.02, color="r", ls="--", lw=1)
-    c.set(xlabel="tokens, all workers (M)", ylabel="eval loss ÷ best data-parallel",
+    c.set(xlabel="tokens, all workers (M)", ylabel=f"eval loss ÷ {summary['baseline']}",
           title="the gap along the run (mean over paired seeds)")
     c.legend(fontsize=6)
     rows = [row for row in summary["configs"] if row["loss_ratio_to_best_ddp"]]
@@ -263,7 +265,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
            color=["k" if row["kind"] == "ddp" else "tab:blue" for row in rows])
     b.axvline(1.02, color="r", ls="--", lw=1)
     b.set_yticks(range(len(rows)), labels, fontsize=6)
-    b.set(xlabel="eval loss ÷ best data-parallel (same seed)", title="every configuration")
+    b.set(xlabel=f"eval loss ÷ {summary['baseline']} (same seed)", title="every configuration")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -288,6 +290,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="comma list: which methods the sweep (and confirm) phases run (default ddp,diloco); "
                         "'ddp' alone gives DiLoCo only its --variant runs, e.g. each at its own inner schedule "
                         "(--inner.min_lr_ratio ...) against data-parallel at its tuned one")
+    p.add_argument("--baseline", metavar="CONFIG",
+                   help="the configuration every ratio is to, paired by seed (default: the best data-parallel "
+                        "sweep setting); e.g. a ddp variant's NAME, data-parallel at its own schedule")
     p.add_argument("--variant-outer-lr", type=float, help="outer.lr for variants (default: the config's)")
     p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
     p.add_argument("--report-only", action="store_true",
@@ -329,6 +334,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if kind[:1] == "m":
             same_tokens_and_eval_set([*args.dilo_args, *extra.split()], args.workers, int(kind[1:]))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
+    known = [name for _, name, _ in args.variants] + [f"ddp lr={lr:g}" if lr is not None else "ddp"
+                                                      for lr in args.ddp_lrs]
+    if args.baseline is not None and args.baseline not in known:
+        raise ToolError(f"--baseline {args.baseline!r}: name a data-parallel sweep setting or a variant "
+                        f"({', '.join(known)})")
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
         raise ToolError("--workers must be >= 2, --parallel and --eval-points >= 1")
     if any(h < 1 or h > args.steps for h in args.H):
@@ -351,7 +361,7 @@ def main(argv: list[str]) -> int:
     results: list[dict] = []
 
     def save() -> None:
-        write_json(args.out, document("bench_tuned", settings, {**aggregate(results), "runs": results}))
+        write_json(args.out, document("bench_tuned", settings, {**aggregate(results, args.baseline), "runs": results}))
 
     # Variants need no sweep: they run alongside it, so a time limit cuts the confirmations last.
     # Sweep runs finished earlier (a cut-short sweep, continued) already name the best settings:
@@ -362,7 +372,7 @@ def main(argv: list[str]) -> int:
     done = {r["name"] for r in results}
     results += execute_all(args, [r for r in confirm(args, best_settings(results)) if r["name"] not in done])
     save()
-    summary = aggregate(results)
+    summary = aggregate(results, args.baseline)
     for row in summary["configs"]:
         ratio = row["loss_ratio_to_best_ddp"]
         print(f"{row['config']:34} n={len(row['seeds'])} eval {row['final_eval_loss']['mean']:.4f} "
