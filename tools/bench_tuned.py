@@ -376,7 +376,7 @@ def main(argv: list[str]) -> int:
     for row in summary["configs"]:
         ratio = row["loss_ratio_to_best_ddp"]
         print(f"{row['config']:34} n={len(row['seeds'])} eval {row['final_eval_loss']['mean']:.4f} "
-              f"± {row['final_eval_loss']['std']:.4f}  ÷ best ddp "
+              f"± {row['final_eval_loss']['std']:.4f}  ÷ {'baseline' if args.baseline else 'best ddp'} "
               f"{ratio['mean'] if ratio else float('nan'):.4f}{'  best' if row['best_of_family'] else ''}")
     if picture and results:
         plot(results, summary, picture)
