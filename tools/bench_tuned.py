@@ -44,10 +44,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import bench_quality  # noqa: E402
-from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
-                          run_tool, write_json)
-from tools.runs import check_config, finished, train_cmd  # noqa: E402
+from tools import bench_quality
+from tools.report import (
+    ToolError,
+    describe,
+    document,
+    png_path,
+    require_matplotlib,
+    run_tool,
+    write_json,
+)
+from tools.runs import check_config, finished, train_cmd
 
 
 def floats(text: str | None) -> list[float | None]:
@@ -246,7 +253,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             continue
         xs, ys = zip(*r["eval_curve"])
         a.plot([x / 1e6 for x in xs], ys, marker=".", label=r["config"],
-               **(dict(color="k", lw=2) if r["kind"] == "ddp" else {}))
+               **({"color": "k", "lw": 2} if r["kind"] == "ddp" else {}))
     a.set(xlabel="tokens, all workers (M)", ylabel="eval loss", title=f"best settings, seed {seed0}")
     a.legend(fontsize=6)
     for row in summary["configs"]:
