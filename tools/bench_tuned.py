@@ -45,15 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools import bench_quality
-from tools.report import (
-    ToolError,
-    describe,
-    document,
-    png_path,
-    require_matplotlib,
-    run_tool,
-    write_json,
-)
+from tools.report import ToolError, describe, document, png_path, require_matplotlib, run_tool, write_json
 from tools.runs import check_config, finished, train_cmd
 
 
