@@ -33,3 +33,23 @@ def test_ratios_are_to_the_same_seeds_core():
     rows = {r["variant"]: r for r in bench_overlap.aggregate(runs, ["core", "eager"])}
     assert rows["eager"]["ratios"] == pytest.approx([1.5, 1.1])
     assert rows["eager"]["ratio_to_core"]["median"] == pytest.approx(1.3)
+
+
+def test_pair_reports_the_ratio_to_its_own_base_of_the_same_seed():
+    args = bench_overlap.parse(["--variants", "core,c5,e5", "--variant", "c5=--outer.momentum 0.5",
+                                "--variant", "e5=--outer.overlap eager --outer.momentum 0.5", "--pair", "e5=c5"])
+    assert args.pairs == {"e5": "c5"}
+    runs = [{"variant": v, "seed": s, "args": "", "final_eval_loss": loss, "hashes_agree": True, "outer_steps": 5,
+             "bytes_sent_per_worker": 1, "peak_sync_bytes": 1}
+            for v, s, loss in [("core", 0, 2.0), ("c5", 0, 2.5), ("c5", 1, 5.0), ("e5", 0, 3.0), ("e5", 1, 5.5)]]
+    rows = {r["variant"]: r for r in bench_overlap.aggregate(runs, ["core", "c5", "e5"], args.pairs)}
+    assert rows["e5"]["pair"]["base"] == "c5"
+    assert rows["e5"]["pair"]["ratio"]["mean"] == pytest.approx((1.2 + 1.1) / 2)
+    assert rows["e5"]["ratios"] == pytest.approx([1.5])  # to core: seed 0 only
+    assert "pair" not in rows["c5"]
+
+
+@pytest.mark.parametrize("spec", ["e5", "e5=nope", "nope=core"])
+def test_bad_pairs_are_refused(spec):
+    with pytest.raises(ToolError):
+        bench_overlap.parse(["--variants", "core,e5", "--variant", "e5=--outer.overlap eager", "--pair", spec])

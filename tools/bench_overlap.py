@@ -59,6 +59,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variant names to run")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="define (or redefine) a variant: its dilo arguments; repeatable")
+    p.add_argument("--pair", action="append", default=[], metavar="VARIANT=BASE",
+                   help="also report VARIANT's ratio to BASE of the same seed (e.g. eager against core "
+                        "with the same outer optimizer); repeatable")
     p.add_argument("--seeds", default="0", help="comma list of run.seed values")
     p.add_argument("--steps", type=int, default=2000, help="inner steps per worker")
     p.add_argument("--workers", type=int, default=4)
@@ -82,6 +85,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ToolError(f"--variants: unknown {unknown}; known: {', '.join(args.defs)} (or define with --variant)")
     if "core" not in args.names:
         raise ToolError("--variants must include core (the baseline of every ratio)")
+    args.pairs = {}
+    for spec in args.pair:
+        name, sep, base = spec.partition("=")
+        if not sep or name not in args.names or base not in args.names:
+            raise ToolError(f"--pair {spec!r}: write VARIANT=BASE, both in --variants ({args.variants})")
+        args.pairs[name] = base
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.extra = [a for a in args.dilo_args if a != "--"]
     return args
@@ -115,20 +124,27 @@ def execute(args: argparse.Namespace, name: str, seed: int) -> dict:
             "eval_curve": curve}
 
 
-def aggregate(runs: list[dict], names: list[str]) -> list[dict]:
-    core = {r["seed"]: r for r in runs if r["variant"] == "core"}
+def paired_ratios(runs: list[dict], name: str, base: str) -> list[float]:
+    """name's final eval loss over base's, per seed both have."""
+    by_seed = {r["seed"]: r["final_eval_loss"] for r in runs if r["variant"] == base}
+    return [r["final_eval_loss"] / by_seed[r["seed"]] for r in runs if r["variant"] == name and r["seed"] in by_seed]
+
+
+def aggregate(runs: list[dict], names: list[str], pairs: dict[str, str] | None = None) -> list[dict]:
     rows = []
     for name in names:
         mine = [r for r in runs if r["variant"] == name]
         if not mine:
             continue
-        ratios = [r["final_eval_loss"] / core[r["seed"]]["final_eval_loss"] for r in mine if r["seed"] in core]
+        ratios = paired_ratios(runs, name, "core")
         rows.append({"variant": name, "args": mine[0]["args"], "seeds": [r["seed"] for r in mine],
                      "final_eval_loss": describe([r["final_eval_loss"] for r in mine]),
                      "ratio_to_core": describe(ratios), "ratios": ratios,
                      "hashes_agree": all(r["hashes_agree"] for r in mine), "outer_steps": mine[0]["outer_steps"],
                      "bytes_sent_per_worker": mine[0]["bytes_sent_per_worker"],
                      "peak_sync_bytes": mine[0]["peak_sync_bytes"]})
+        if name in (pairs or {}):
+            rows[-1]["pair"] = {"base": pairs[name], "ratio": describe(paired_ratios(runs, name, pairs[name]))}
     return rows
 
 
@@ -156,7 +172,7 @@ def main(argv: list[str]) -> int:
         require_matplotlib()
     names = ["core", *[n for n in args.names if n != "core"]]
     settings = {"workers": args.workers, "steps": args.steps, "seeds": args.seeds, "common_args": SMALL + args.extra,
-                "variants": {n: args.defs[n] for n in names},
+                "variants": {n: args.defs[n] for n in names}, "pairs": args.pairs,
                 "commands": {f"{n} seed={s}": " ".join(train_cmd([*run_args(args, n, s), "--run.dir", "DIR"],
                                                                  args.workers)) for s in args.seeds for n in names}}
     runs: list[dict] = []
@@ -169,11 +185,13 @@ def main(argv: list[str]) -> int:
             print(f"bench_overlap: {name:24s} seed {seed}  eval {r['final_eval_loss']:.4f}  "
                   f"ratio {r['final_eval_loss'] / base['final_eval_loss']:.4f}  hashes agree {r['hashes_agree']}  "
                   f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-            write_json(args.out, document("bench_overlap", settings, {"variants": aggregate(runs, names), "runs": runs}))
-    for row in aggregate(runs, names):
+            write_json(args.out, document("bench_overlap", settings, {"variants": aggregate(runs, names, args.pairs), "runs": runs}))
+    for row in aggregate(runs, names, args.pairs):
         ratio = row["ratio_to_core"]
+        pair = (f"  ratio to {row['pair']['base']} median {row['pair']['ratio']['median']:.4f}"
+                if "pair" in row and row["pair"]["ratio"]["n"] else "")
         print(f"{row['variant']:24s} eval {row['final_eval_loss']['median']:.4f}  ratio to core median "
-              f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}")
+              f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}{pair}")
     if picture:
         plot(runs, args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
     return 0

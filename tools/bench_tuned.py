@@ -18,6 +18,11 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
    or `mN`: DiLoCo with N workers and M/N x the batch each (m1: one worker, the same tokens),
    scored on the same eval windows (N/M x data.eval_batches).
 
+Each method at its own schedule: a variant's ARGS come after the common ones, so they override
+them for that variant alone; e.g. DiLoCo without the inner lr decay against data-parallel with it:
+`--variant "H50 no decay=--inner.min_lr_ratio 1.0"` (`ddp:NAME=ARGS` for data-parallel's own).
+`--sweep-methods ddp` sweeps data-parallel only, so DiLoCo runs just as its variants.
+
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
 `--parallel N` runs N runs at once (on an accelerator several small runs share it well;
@@ -39,10 +44,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import bench_quality  # noqa: E402
-from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
-                          run_tool, write_json)
-from tools.runs import check_config, finished, train_cmd  # noqa: E402
+from tools import bench_quality
+from tools.report import ToolError, describe, document, png_path, require_matplotlib, run_tool, write_json
+from tools.runs import check_config, finished, train_cmd
 
 
 def floats(text: str | None) -> list[float | None]:
@@ -100,9 +104,11 @@ def run_spec(args, kind: str, seed: int, extra: list[str], **fields) -> dict:
 
 
 def sweep(args, seeds: list[int]) -> list[dict]:
-    runs = [run_spec(args, "ddp", s, [], lr=lr, phase="sweep") for s in seeds for lr in args.ddp_lrs]
+    runs = [run_spec(args, "ddp", s, [], lr=lr, phase="sweep")
+            for s in seeds for lr in args.ddp_lrs] if "ddp" in args.sweep_methods else []
     runs += [run_spec(args, "diloco", s, [], H=h, codec=c, outer_lr=olr, phase="sweep")
-             for s in seeds for h in args.H for c in args.codecs for olr in args.outer_lrs]
+             for s in seeds for h in args.H for c in args.codecs for olr in args.outer_lrs
+             if "diloco" in args.sweep_methods]
     return runs
 
 
@@ -198,11 +204,13 @@ def mean_ratio_curve(paired: list[tuple[dict, dict]]) -> list[list[float]]:
     return [[x, statistics.fmean(c[x] for c in curves)] for x in common]
 
 
-def aggregate(results: list[dict]) -> dict:
-    """Rows per configuration, each paired by seed with the best data-parallel setting."""
+def aggregate(results: list[dict], baseline: str | None = None) -> dict:
+    """Rows per configuration, each paired by seed with the best data-parallel sweep setting,
+    or with the configuration named `baseline` (e.g. a ddp variant at its own schedule)."""
     best = best_settings(results)
     ddp_best = best.get(("ddp",))
-    ddp_by_seed = {r["seed"]: r for r in results if ddp_best and r["config"] == ddp_best["config"]}
+    base = baseline or (ddp_best and ddp_best["config"])
+    ddp_by_seed = {r["seed"]: r for r in results if base and r["config"] == base}
     by_config: dict[str, list[dict]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
@@ -224,7 +232,7 @@ def aggregate(results: list[dict]) -> dict:
             "ddp_bytes_over_bytes": describe([d["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
                                               for r, d in paired if r["bytes_sent_per_worker"]])
             if paired and r0["kind"] == "diloco" else None})
-    return {"best_ddp": ddp_best and ddp_best["config"], "configs": rows}
+    return {"best_ddp": ddp_best and ddp_best["config"], "baseline": base, "configs": rows}
 
 
 def plot(results: list[dict], summary: dict, path: Path) -> None:
@@ -237,7 +245,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             continue
         xs, ys = zip(*r["eval_curve"])
         a.plot([x / 1e6 for x in xs], ys, marker=".", label=r["config"],
-               **(dict(color="k", lw=2) if r["kind"] == "ddp" else {}))
+               **({"color": "k", "lw": 2} if r["kind"] == "ddp" else {}))
     a.set(xlabel="tokens, all workers (M)", ylabel="eval loss", title=f"best settings, seed {seed0}")
     a.legend(fontsize=6)
     for row in summary["configs"]:
@@ -245,7 +253,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
             xs, ys = zip(*row["loss_ratio_curve"])
             c.plot([x / 1e6 for x in xs], ys, marker=".", label=f"{row['config']} (n={len(row['seeds'])})")
     c.axhline(1.02, color="r", ls="--", lw=1)
-    c.set(xlabel="tokens, all workers (M)", ylabel="eval loss ÷ best data-parallel",
+    c.set(xlabel="tokens, all workers (M)", ylabel=f"eval loss ÷ {summary['baseline']}",
           title="the gap along the run (mean over paired seeds)")
     c.legend(fontsize=6)
     rows = [row for row in summary["configs"] if row["loss_ratio_to_best_ddp"]]
@@ -256,7 +264,7 @@ def plot(results: list[dict], summary: dict, path: Path) -> None:
            color=["k" if row["kind"] == "ddp" else "tab:blue" for row in rows])
     b.axvline(1.02, color="r", ls="--", lw=1)
     b.set_yticks(range(len(rows)), labels, fontsize=6)
-    b.set(xlabel="eval loss ÷ best data-parallel (same seed)", title="every configuration")
+    b.set(xlabel=f"eval loss ÷ {summary['baseline']} (same seed)", title="every configuration")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -277,6 +285,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="[KIND:]NAME=ARGS",
                    help="a run with extra dilo args on every seed; KIND diloco (default: at the first H "
                         "and codec), ddp, or mN (DiLoCo with N workers, M/N x the batch each, e.g. m1)")
+    p.add_argument("--sweep-methods", default="ddp,diloco",
+                   help="comma list: which methods the sweep (and confirm) phases run (default ddp,diloco); "
+                        "'ddp' alone gives DiLoCo only its --variant runs, e.g. each at its own inner schedule "
+                        "(--inner.min_lr_ratio ...) against data-parallel at its tuned one")
+    p.add_argument("--baseline", metavar="CONFIG",
+                   help="the configuration every ratio is to, paired by seed (default: the best data-parallel "
+                        "sweep setting); e.g. a ddp variant's NAME, data-parallel at its own schedule")
     p.add_argument("--variant-outer-lr", type=float, help="outer.lr for variants (default: the config's)")
     p.add_argument("--variant-lr", type=float, help="inner.lr for ddp variants (default: the config's)")
     p.add_argument("--report-only", action="store_true",
@@ -295,6 +310,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.dilo_args = ["--config", args.config, *dilo_args]
     cfg = check_config(args.dilo_args)
     args.steps = args.steps or cfg.run.steps
+    args.sweep_methods = [m for m in args.sweep_methods.split(",") if m]
+    if not args.sweep_methods or set(args.sweep_methods) - {"ddp", "diloco"}:
+        raise ToolError(f"--sweep-methods {','.join(args.sweep_methods)!r}: write a comma list of ddp and diloco")
     args.H = [int(h) for h in args.H.split(",")]
     args.codecs = args.codecs.split(",")
     args.outer_lrs, args.ddp_lrs = floats(args.outer_lrs), floats(args.ddp_lrs)
@@ -315,6 +333,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if kind[:1] == "m":
             same_tokens_and_eval_set([*args.dilo_args, *extra.split()], args.workers, int(kind[1:]))
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
+    known = [name for _, name, _ in args.variants] + [f"ddp lr={lr:g}" if lr is not None else "ddp"
+                                                      for lr in args.ddp_lrs]
+    if args.baseline is not None and args.baseline not in known:
+        raise ToolError(f"--baseline {args.baseline!r}: name a data-parallel sweep setting or a variant "
+                        f"({', '.join(known)})")
     if args.workers < 2 or args.parallel < 1 or args.eval_points < 1:
         raise ToolError("--workers must be >= 2, --parallel and --eval-points >= 1")
     if any(h < 1 or h > args.steps for h in args.H):
@@ -330,14 +353,14 @@ def main(argv: list[str]) -> int:
     if picture:
         require_matplotlib()
     settings = {k: getattr(args, k) for k in ("config", "workers", "steps", "H", "codecs", "outer_lrs",
-                                               "ddp_lrs", "seeds", "confirm_seeds", "variants",
+                                               "ddp_lrs", "seeds", "confirm_seeds", "sweep_methods", "variants",
                                                "variant_outer_lr", "variant_seeds", "dilo_args", "parallel")}
     settings["runs_dir"] = str(args.runs_dir)
     settings["launch"] = " ".join(train_cmd(["ARGS"], args.workers))
     results: list[dict] = []
 
     def save() -> None:
-        write_json(args.out, document("bench_tuned", settings, {**aggregate(results), "runs": results}))
+        write_json(args.out, document("bench_tuned", settings, {**aggregate(results, args.baseline), "runs": results}))
 
     # Variants need no sweep: they run alongside it, so a time limit cuts the confirmations last.
     # Sweep runs finished earlier (a cut-short sweep, continued) already name the best settings:
@@ -348,11 +371,11 @@ def main(argv: list[str]) -> int:
     done = {r["name"] for r in results}
     results += execute_all(args, [r for r in confirm(args, best_settings(results)) if r["name"] not in done])
     save()
-    summary = aggregate(results)
+    summary = aggregate(results, args.baseline)
     for row in summary["configs"]:
         ratio = row["loss_ratio_to_best_ddp"]
         print(f"{row['config']:34} n={len(row['seeds'])} eval {row['final_eval_loss']['mean']:.4f} "
-              f"± {row['final_eval_loss']['std']:.4f}  ÷ best ddp "
+              f"± {row['final_eval_loss']['std']:.4f}  ÷ {'baseline' if args.baseline else 'best ddp'} "
               f"{ratio['mean'] if ratio else float('nan'):.4f}{'  best' if row['best_of_family'] else ''}")
     if picture and results:
         plot(results, summary, picture)
