@@ -21,7 +21,7 @@ from torch.distributed import HashStore
 from dilo.aggregate import Aggregate
 from dilo.codecs import get_codec
 from dilo.comm.heal import HealingGroup
-from dilo.comm.membership import Epoch, HealError, Membership
+from dilo.comm.membership import Epoch, HealError, Membership, Superseded
 from dilo.comm.protocol import RoundReport
 from dilo.config import parse_args
 from tests.helpers import REPO, SMALL, free_port, run_workers, torchrun_cmd
@@ -195,9 +195,65 @@ def test_a_member_whose_epoch_was_superseded_without_it_stops_instead_of_going_o
         v = torch.ones(8)
         assert torch.equal(group.average(v, get_codec("fp32")).average, v)
         ms[1].propose(alone.number + 1, Epoch(alone.number + 1, [ms[1].me], "form", "other-world"))
-        with pytest.raises(HealError, match="superseded by epoch 1"):
+        with pytest.raises(Superseded, match="superseded by epoch 1"):
             group.average(v, get_codec("fp32"))
         group.close()
+    finally:
+        stop_all(ms)
+
+
+def test_a_stalled_member_learns_at_once_that_it_was_left_behind_and_rejoins_as_a_new_incarnation():
+    """Slot 2 is silent past the heartbeat timeout while the others exchange: they decide without
+    it and heal. Its heartbeat thread saw the gap, so its next `check_left_behind` (one per inner
+    step, a store look-up only after a stall) raises Superseded before its next collective; it
+    leaves, becomes a new incarnation (new nonce, its own heartbeat; the old one stays dead) and is
+    admitted like a restarted worker. Without a stall the check reads no store at all."""
+    store = HashStore()
+    ms = members(store, 3)
+    try:
+        e = form(ms)[0]
+        groups = [HealingGroup(m, store, e, timeout_s=3, min_workers=2) for m in ms]
+        calls = []
+        check = ms[2].store.check
+        ms[2].store = type("Counting", (), {"__getattr__": lambda _, k: getattr(store, k),
+                                            "check": lambda _, keys: calls.append(keys) or check(keys)})()
+        groups[2].check_left_behind()
+        assert not calls  # no stall seen: no store round trip
+        # "SIGSTOP" slot 2: its heartbeat thread stops beating (a gap), the others decide without it.
+        beat = ms[2].heartbeat
+        beat._stop.set()
+        beat._thread.join()
+        decisions = run_workers(lambda r: ms[r].decide(e, 0, True), 2, timeout=30)
+        assert decisions[0].survivors(e) == e.members[:2]
+        beat.stalled_at = time.monotonic()  # (what its thread notes when the process runs again)
+        # The decision alone (the heal epoch not written yet) already tells it; then the epoch.
+        with pytest.raises(Superseded, match="decided collective 0 of epoch 0 without this worker"):
+            groups[2].check_left_behind()
+        healed = ms[0].propose(1, Epoch(1, e.members[:2], "heal", e.world))
+        with pytest.raises(Superseded, match="superseded by epoch 1"):
+            groups[2].check_left_behind()
+        assert calls
+        ms[2].store = store
+        old = ms[2].me
+        groups[2].leave()
+        assert not groups[2].admitted and ms[2].me != old and ms[2].me[0] == 2 and groups[2].world_id == e.world
+        time.sleep(TIMEOUT * 1.5)
+        assert ms[0].liveness.dead(old[1]) and not ms[0].liveness.dead(ms[2].me[1])
+        found: list = []
+        t = threading.Thread(target=lambda: found.append(ms[2].join(3, 2, grace=60, may_form=False)), daemon=True)
+        t.start()
+        time.sleep(0.3)
+        seen = run_workers(lambda r: ms[r].decide(healed, 0, True, look_for_joiners=True), 2)
+        assert seen[0].joiners(healed) == [ms[2].me]  # the new incarnation, not the dead one
+        admitted = ms[0].propose(2, Epoch(2, sorted(healed.members + [ms[2].me]), "admit", e.world, [ms[2].me]))
+        t.join(10)
+        assert found and found[0].to_json() == admitted.to_json()
+        # With no live group left a rejoin does not form a world of its own: it restarts.
+        stop_all(ms)
+        with pytest.raises(HealError, match="no live group left to rejoin"):
+            Membership(store, 1, 3, timeout=TIMEOUT).join(3, 1, grace=0.0, may_form=False)
+        for g in groups:
+            g.close()
     finally:
         stop_all(ms)
 

@@ -48,6 +48,12 @@ class RunEnded(HealError):
     """The run this process waited to join ended first: nothing to do (exit 0)."""
 
 
+class Superseded(HealError):
+    """This worker's epoch went on without it (it was silent past the heartbeat timeout, e.g.
+    stopped): it must not go on alone. The trainer rejoins in-process as a new incarnation
+    (`Failover.rejoin`), exactly as a restarted worker would join."""
+
+
 @dataclass
 class Epoch:
     number: int
@@ -127,17 +133,26 @@ class Liveness:
 
 
 class Heartbeat:
-    """A daemon thread adding 1 to `hb/<nonce>` every `interval` seconds."""
+    """A daemon thread adding 1 to `hb/<nonce>` every `interval` seconds. A gap of more than
+    `stall` seconds between two beats (the process was stopped or starved) is noted in
+    `stalled_at` (this process's monotonic clock), so the trainer can ask the store at once
+    whether the group went on without it."""
 
-    def __init__(self, store, nonce: str, interval: float):
-        self.store, self.key, self.interval = store, f"hb/{nonce}", interval
+    def __init__(self, store, nonce: str, interval: float, stall: float = float("inf")):
+        self.store, self.key, self.interval, self.stall = store, f"hb/{nonce}", interval, stall
+        self.stalled_at = -float("inf")
         self.store.add(self.key, 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dilo-heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            if now - last > self.stall:
+                self.stalled_at = now
+            last = now
             try:
                 self.store.add(self.key, 1)
             except Exception as e:  # noqa: BLE001 - the store is gone: peers will see us dead
@@ -165,7 +180,30 @@ class Membership:
     # -- records -------------------------------------------------------------------------
     def start_heartbeat(self, store=None) -> None:
         """Beat on `store` (a second client: the thread must not share the main one's socket)."""
-        self.heartbeat = Heartbeat(store if store is not None else self.store, self.me[1], self.timeout / 5)
+        self.heartbeat = Heartbeat(store if store is not None else self.store, self.me[1], self.timeout / 5,
+                                   stall=self.timeout / 2)
+
+    def reincarnate(self) -> None:
+        """Become a new incarnation of this slot (a new nonce with a heartbeat of its own); the old
+        one's heartbeat stops, so the members count it dead (and never admit it)."""
+        old = self.heartbeat
+        if old is not None:
+            old.stop()
+        self.me = (self.slot, f"{self.slot}-{secrets.token_hex(6)}")
+        if old is not None:
+            self.start_heartbeat(old.store)
+
+    def left_behind(self, epoch: Epoch, op: int) -> str | None:
+        """Why the group went on without this member of `epoch`, or None: a newer epoch leaves it
+        out, or the group decided collective `op` (this member's next one) without it."""
+        successor = self.epoch(epoch.number + 1)
+        if successor is not None and self.me not in successor.members:
+            return (f"epoch {epoch.number} was superseded by epoch {successor.number} ({successor.kind}, "
+                    f"slots {[s for s, _ in successor.members]}) without this worker (it was silent for too long)")
+        base = f"ep/{epoch.number}/op/{op}"
+        if self.store.check([f"{base}/decision"]) and not self.store.check([f"{base}/{self.slot}"]):
+            return f"the group decided collective {op} of epoch {epoch.number} without this worker"
+        return None
 
     def epoch(self, number: int) -> Epoch | None:
         key = f"ep/{number}"
@@ -228,13 +266,11 @@ class Membership:
     # -- decisions -----------------------------------------------------------------------
     def decide(self, epoch: Epoch, op: int, ok: bool, look_for_joiners: bool = False) -> Decision:
         """This member's outcome of collective `op` of `epoch`, and the one decision on it."""
-        successor = self.epoch(epoch.number + 1)
-        if successor is not None and self.me not in successor.members:
+        why = self.left_behind(epoch, op)
+        if why is not None:
             # (a member stopped for longer than the heartbeat timeout, e.g. the last one of its
             # epoch, while the others formed a group without it: it must not go on alone)
-            raise HealError(f"epoch {epoch.number} was superseded by epoch {successor.number} "
-                            f"({successor.kind}, slots {[s for s, _ in successor.members]}) without this "
-                            "worker (it was silent for too long); restarting to rejoin")
+            raise Superseded(f"{why}; rejoining")
         base = f"ep/{epoch.number}/op/{op}"
         record = {"nonce": self.me[1], "ok": bool(ok),
                   "pending": self.waiting(epoch, seen_beating=True) if ok and look_for_joiners else []}
@@ -276,11 +312,12 @@ class Membership:
         return Decision({int(k): v for k, v in json.loads(raw).items()})
 
     # -- joining and forming -------------------------------------------------------------
-    def join(self, expected: int, min_workers: int, grace: float, joining: str = "") -> Epoch:
+    def join(self, expected: int, min_workers: int, grace: float, joining: str = "",
+             may_form: bool = True) -> Epoch:
         """Register and wait until an epoch lists this incarnation: admitted into a live group,
         or part of a newly formed one (every slot waiting, or `min_workers` of them for `grace`
-        seconds). Raises HealError if the world `joining` (the one this process found
-        running) ended meanwhile."""
+        seconds; without `may_form`, HealError instead). Raises RunEnded if the world `joining`
+        (the one this process found running) ended meanwhile."""
         self.register()
         first_wait = self.clock()
         while True:
@@ -290,6 +327,9 @@ class Membership:
             if latest is not None and self.me in latest.members:
                 return latest
             if latest is None or not self.alive(latest.members):
+                if not may_form:
+                    raise HealError("no live group left to rejoin; restarting (the restarted workers form a "
+                                    "new world from checkpoints)")
                 formed = self._try_form(latest, expected, min_workers, first_wait, grace)
                 if formed is not None:
                     return formed
