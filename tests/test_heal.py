@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -366,3 +367,43 @@ def test_survivors_keep_training_and_a_restarted_worker_joins(procs, tmp_path):
     heal_event = next(e for e in events(run / "metrics-0.jsonl") if e["event"] == "heal")
     before = [step for step in hashes if step < heal_event["outer_step"]]
     assert before and all(hashes[step] == reference[step] for step in before)
+
+
+@pytest.mark.e2e
+def test_a_stalled_worker_rejoins_without_a_new_process(procs, tmp_path):
+    """Slot 1 is SIGSTOPped past comm.heartbeat: the others heal without it. Resumed, it finds
+    out at its next inner step, rejoins in the same process (a `rejoin` event, how = in_process),
+    is admitted and downloads the state; every outer step has one global hash, the run finishes."""
+    args = SMALL + ["--run.steps", "600", "--outer.inner_steps", "10", "--checkpoint.every", "0",
+                    "--comm.timeout", "20", "--comm.heartbeat", "1.5",
+                    "--run.slowdown", "0:4,1:4,2:4"]  # (rounds of ~0.2 s: the run outlasts the stall)
+    port = free_port()
+    store = procs.start([sys.executable, "-m", "dilo.rendezvous_store", "--host", "127.0.0.1", "--port", str(port)],
+                        tmp_path / "store.log")
+    run = tmp_path / "heal"
+    env = {"STORE": f"127.0.0.1:{port}", "WORKERS": "3", "PYTHON": sys.executable, "RESTART_DELAY": "0.2"}
+    loops = [procs.start(["bash", str(REPO / "launch" / "heal_worker.sh"), *args, "--run.dir", str(run)],
+                         tmp_path / f"w{s}.log", env={**env, "SLOT": str(s)}) for s in range(3)]
+    deadline = time.monotonic() + 120
+    while max(sync_hashes(run, "metrics-1.jsonl"), default=0) < 3:
+        assert time.monotonic() < deadline and store.poll() is None, (tmp_path / "w1.log").read_text()[-3000:]
+        time.sleep(0.1)
+    worker = next(p for p in descendants(loops[1].pid) if "dilo.train" in Path(f"/proc/{p}/cmdline").read_text())
+    os.kill(worker, signal.SIGSTOP)
+    time.sleep(4)  # > comm.heartbeat: the others drop it
+    os.kill(worker, signal.SIGCONT)
+    for s, loop in enumerate(loops):
+        assert loop.wait(timeout=120) == 0, (tmp_path / f"w{s}.log").read_text()[-3000:]
+    starts = {s: sum(e["event"] == "start" for e in events(run / f"metrics-{s}.jsonl")) for s in range(3)}
+    assert starts == {0: 1, 1: 1, 2: 1}  # nobody restarted, slot 1 included
+    assert "slot 1 rejoins in-process" in (tmp_path / "w1.log").read_text()
+    mine = events(run / "metrics-1.jsonl")
+    assert any(e["event"] == "rejoin" and e["how"] == "in_process" for e in mine)
+    resumed = next(e for e in mine if e["event"] == "resume" and e["how"] == "live")
+    assert resumed["outer_step"] < 60 and max(sync_hashes(run, "metrics-1.jsonl")) == 60  # it trained on
+    assert any(e["event"] == "heal" and e["lost"] == [1] for e in events(run / "metrics-0.jsonl"))
+    assert any(e["event"] == "admit" and e["joined"] == [1] for e in events(run / "metrics-0.jsonl"))
+    hashes = sync_hashes(run)
+    assert sorted(hashes) == list(range(1, 61)) and all(len(h) == 1 for h in hashes.values())
+    finals = {json.loads(p.read_text())["global_hash"] for p in run.glob("summary-*.json")}
+    assert len(finals) == 1 and len(list(run.glob("summary-*.json"))) == 3
