@@ -133,6 +133,7 @@ class HealingGroup(Group):
         self._group: EpochGroup | None = None
         self._op = 0
         self._abandoned: list[tuple[threading.Thread, dict]] = []
+        self._last_check = float("inf")  # (check_left_behind: no gap before its first call)
         if epoch is not None:
             self.enter(epoch)
 
@@ -259,11 +260,15 @@ class HealingGroup(Group):
         return True
 
     def check_left_behind(self) -> None:
-        """Raise `Superseded` if the group went on without this worker. Asks the store only for
-        `membership.timeout` seconds after the heartbeat saw this process stall (a resumed
-        SIGSTOP): otherwise one attribute read, no store round trip."""
-        beat = self.membership.heartbeat
-        if beat is None or self.epoch is None or time.monotonic() - beat.stalled_at > self.membership.timeout:
+        """Raise `Superseded` if the group went on without this worker (called once per inner
+        step). Asks the store only after a stall (a resumed SIGSTOP): for `membership.timeout`
+        seconds after the heartbeat thread saw a gap between its beats, and whenever more than
+        half of it passed since the previous call (the main thread resumed first, or a long
+        boundary); otherwise it reads the clock, no store round trip."""
+        now, last = time.monotonic(), self._last_check
+        self._last_check = now
+        beat, timeout = self.membership.heartbeat, self.membership.timeout
+        if beat is None or self.epoch is None or (now - beat.stalled_at > timeout and now - last <= timeout / 2):
             return
         why = self.membership.left_behind(self.epoch, self._op)
         if why is not None:
