@@ -12,6 +12,10 @@ metrics JSONL (the same file across a restart):
   missed_rounds      outer steps the group applied without slot 1: the first outer step it
                      logs a sync for after SIGCONT, minus the last one before SIGSTOP, minus 1
   back_after_s       seconds from SIGCONT to that first committed exchange (its sync line)
+  back_on_s          seconds from SIGCONT to its `rejoin` event (in-process) or to the `start`
+                     event of its new process (restart): when it is ready to join again
+  state_after_s      seconds from SIGCONT to its `resume` event (`how = live`): admitted, and
+                     the global state downloaded from a member
   starts             `start` events of slot 1 (1: it rejoined in-process; 2: it restarted)
   how                `in_process` if slot 1 logged a `rejoin` event, else `restart`
 
@@ -92,9 +96,15 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace) -> dict:
     first = min((r for r in syncs if r["time"] > resumed_at), key=lambda r: r["time"], default=None)
     finals = {json.loads(p.read_text())["global_hash"] for p in run.glob("summary-*.json")}
     events = [r for r in rs if r["kind"] == "event"]
+
+    def after(names: tuple[str, ...], how: str | None = None) -> float | None:
+        times = [e["time"] for e in events if e["event"] in names and e["time"] > resumed_at
+                 and (how is None or e.get("how") == how)]
+        return round(min(times) - resumed_at, 2) if times else None
     return {"exit_codes": codes, "stalled_at_outer_step": before,
             "missed_rounds": None if first is None else first["outer_step"] - before - 1,
             "back_after_s": None if first is None else round(first["time"] - resumed_at, 2),
+            "back_on_s": after(("rejoin", "start")), "state_after_s": after(("resume",), "live"),
             "starts": sum(e["event"] == "start" for e in events),
             "how": "in_process" if any(e["event"] == "rejoin" for e in events) else "restart",
             "one_final_hash": len(finals) == 1 and len(list(run.glob("summary-*.json"))) == 3}
@@ -124,7 +134,7 @@ def main() -> None:
         return statistics.median(values) if values else None
     out = {"command": "python " + " ".join(sys.argv), "config": TRAIN, "steps": args.steps, "stall_s": args.stall,
            "heartbeat_s": args.heartbeat, "at_outer_step": args.at, "arms": arms, "runs": runs,
-           "median": {n: {k: median(n, k) for k in ("missed_rounds", "back_after_s")} for n in arms},
+           "median": {n: {k: median(n, k) for k in ("missed_rounds", "back_on_s", "state_after_s", "back_after_s")} for n in arms},
            "machine": "2 shared CPU cores, 3 workers with one thread each; other jobs ran too"}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["median"]))
