@@ -1,7 +1,7 @@
 """What one stall costs a heal-mode worker: rejoining in-process against a process restart.
 
     flock /work/lead/heavy.lock python tools/bench_rejoin.py --out docs/results/rejoin.json \\
-        --arm before=/work/main --arm after=. [--repeats 2] [--stall 12] [--steps 400]
+        --arm before=/work/main --arm after=. [--repeats 3] [--stall 20] [--steps 240] [--quick]
 
 Each run: `python -m dilo.rendezvous_store` and 3 workers through the arm's checkout's
 launch/heal_worker.sh (`run.failover heal`, configs/tiny.toml, one CPU thread each,
@@ -20,7 +20,8 @@ metrics JSONL (the same file across a restart):
   how                `in_process` if slot 1 logged a `rejoin` event, else `restart`
 
 and whether every summary holds the same final hash. Arms run interleaved (`--repeats`
-times); the JSON holds every run and each arm's medians. The machine has 2 cores shared
+times); the JSON holds every run and, per arm, each number's median, min and max
+(`--quick`: one repeat of a shorter run). The machine has 2 cores shared
 by the 3 workers (and by other jobs): a restart's start-up (Python, torch, the model) is
 slower here than on an idle machine.
 """
@@ -113,13 +114,16 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arm", action="append", required=True, help="NAME=CHECKOUT (its launch/heal_worker.sh runs)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=240)
     p.add_argument("--at", type=int, default=3, help="stall slot 1 once it logged this outer step")
-    p.add_argument("--stall", type=float, default=12.0, help="seconds between SIGSTOP and SIGCONT")
+    p.add_argument("--stall", type=float, default=20.0, help="seconds between SIGSTOP and SIGCONT")
     p.add_argument("--heartbeat", type=float, default=5.0, help="comm.heartbeat")
+    p.add_argument("--quick", action="store_true", help="one repeat, 160 steps, a 15 s stall")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.stall = 1, 160, 15.0
     arms = dict(a.split("=", 1) for a in args.arm)
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for rep in range(args.repeats):
@@ -129,15 +133,17 @@ def main() -> None:
             print(f"repeat {rep} {name}: {r}", flush=True)
             runs[name].append(r)
 
-    def median(name: str, key: str) -> float | None:
+    def spread(name: str, key: str) -> dict | None:
         values = [r[key] for r in runs[name] if r[key] is not None]
-        return statistics.median(values) if values else None
+        return {"n": len(values), "median": statistics.median(values), "min": min(values),
+                "max": max(values)} if values else None
     out = {"command": "python " + " ".join(sys.argv), "config": TRAIN, "steps": args.steps, "stall_s": args.stall,
            "heartbeat_s": args.heartbeat, "at_outer_step": args.at, "arms": arms, "runs": runs,
-           "median": {n: {k: median(n, k) for k in ("missed_rounds", "back_on_s", "state_after_s", "back_after_s")} for n in arms},
+           "summary": {n: {k: spread(n, k) for k in ("missed_rounds", "back_on_s", "state_after_s", "back_after_s")}
+                       for n in arms},
            "machine": "2 shared CPU cores, 3 workers with one thread each; other jobs ran too"}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out["median"]))
+    print(json.dumps(out["summary"]))
 
 
 if __name__ == "__main__":
