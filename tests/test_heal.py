@@ -219,7 +219,12 @@ def test_a_stalled_member_learns_at_once_that_it_was_left_behind_and_rejoins_as_
         ms[2].store = type("Counting", (), {"__getattr__": lambda _, k: getattr(store, k),
                                             "check": lambda _, keys: calls.append(keys) or check(keys)})()
         groups[2].check_left_behind()
+        groups[2].check_left_behind()
         assert not calls  # no stall seen: no store round trip
+        time.sleep(TIMEOUT * 0.6)  # more than heartbeat / 2 since the last call: the loop saw a gap itself
+        groups[2].check_left_behind()  # (asks the store; still a member: no error)
+        assert calls
+        calls.clear()
         # "SIGSTOP" slot 2: its heartbeat thread stops beating (a gap), the others decide without it.
         beat = ms[2].heartbeat
         beat._stop.set()
