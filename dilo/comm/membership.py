@@ -131,6 +131,10 @@ class Liveness:
         """Alive, and its counter was seen to move (a live process, not a stale record)."""
         return not self.dead(nonce) and nonce in self._moved
 
+    def note_moved(self, nonce: str) -> None:
+        """Another observer (the heartbeat thread's watch of pending workers) saw it move."""
+        self._moved.add(nonce)
+
 
 class Heartbeat:
     """A daemon thread adding 1 to `hb/<nonce>` every `interval` seconds. A gap of more than
@@ -138,8 +142,10 @@ class Heartbeat:
     `stalled_at` (this process's monotonic clock), so the trainer can ask the store at once
     whether the group went on without it."""
 
-    def __init__(self, store, nonce: str, interval: float, stall: float = float("inf")):
+    def __init__(self, store, nonce: str, interval: float, stall: float = float("inf"),
+                 on_beat: Callable[[], None] | None = None):
         self.store, self.key, self.interval, self.stall = store, f"hb/{nonce}", interval, stall
+        self.on_beat = on_beat
         self.stalled_at = -float("inf")
         self.store.add(self.key, 1)
         self._stop = threading.Event()
@@ -158,6 +164,11 @@ class Heartbeat:
             except Exception as e:  # noqa: BLE001 - the store is gone: peers will see us dead
                 log.error("heartbeat to the store failed: %s", str(e)[:200])
                 return
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception as e:  # noqa: BLE001 - a watch is an optimisation: beat on regardless
+                    log.debug("heartbeat watch failed: %s", str(e)[:200])
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,9 +190,21 @@ class Membership:
 
     # -- records -------------------------------------------------------------------------
     def start_heartbeat(self, store=None) -> None:
-        """Beat on `store` (a second client: the thread must not share the main one's socket)."""
-        self.heartbeat = Heartbeat(store if store is not None else self.store, self.me[1], self.timeout / 5,
-                                   stall=self.timeout / 2)
+        """Beat on `store` (a second client: the thread must not share the main one's socket).
+        After each beat the thread also watches the pending workers' heartbeats on it, so a
+        joiner that registered a beat or two before an exchange is already known to be alive
+        there (the exchange's decision alone sees one counter value per round: it would be
+        admitted a round later)."""
+        store = store if store is not None else self.store
+        watcher = Liveness(store, self.timeout, self.clock)
+
+        def watch_pending() -> None:
+            for slot in range(self.slots):
+                key = f"pending/{slot}"
+                nonce = store.get(key).decode() if store.check([key]) else "-"
+                if nonce not in ("-", self.me[1]) and watcher.seen_beating(nonce):
+                    self.liveness.note_moved(nonce)
+        self.heartbeat = Heartbeat(store, self.me[1], self.timeout / 5, stall=self.timeout / 2, on_beat=watch_pending)
 
     def reincarnate(self) -> None:
         """Become a new incarnation of this slot (a new nonce with a heartbeat of its own); the old
