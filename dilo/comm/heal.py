@@ -17,8 +17,7 @@ admitted at the next round boundary (dilo/failover.py), where they download the 
 state from a member.
 
 A worker the group went on without (declared dead while it was stopped) gets `Superseded`
-(at its next collective, or at its next inner step once its heartbeat saw the gap:
-`check_left_behind`) and rejoins in-process as a new incarnation (dilo/failover.py).
+(at its next collective, or at its next inner step after the stop: `check_left_behind`) and rejoins in-process as a new incarnation (dilo/failover.py).
 What cannot be healed raises `HealError` (fewer than `run.min_workers` survive, a failure
 during start-up, the store is gone): the worker exits and its launcher restarts it — the
 restart-the-world fallback.
