@@ -10,7 +10,9 @@ seconds (more than comm.heartbeat: the others drop it) and SIGCONTed. Read from 
 metrics JSONL (the same file across a restart):
 
   missed_rounds      outer steps the group applied without slot 1: the first outer step it
-                     logs a sync for after SIGCONT, minus the last one before SIGSTOP, minus 1
+                     logs a sync for after SIGCONT, minus the last one before SIGSTOP, minus 1;
+                     if it never synced again before the run ended (`came_back` false): every
+                     outer step after the last one before SIGSTOP
   back_after_s       seconds from SIGCONT to that first committed exchange (its sync line)
   back_on_s          seconds from SIGCONT to its `rejoin` event (in-process) or to the `start`
                      event of its new process (restart): when it is ready to join again
@@ -95,6 +97,8 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace) -> dict:
     syncs = [r for r in rs if r["kind"] == "sync"]
     before = max(r["outer_step"] for r in syncs if r["time"] < stopped_at)
     first = min((r for r in syncs if r["time"] > resumed_at), key=lambda r: r["time"], default=None)
+    last = max((r["outer_step"] for f in run.glob("metrics-*.jsonl") for r in records(f) if r["kind"] == "sync"),
+               default=before)
     finals = {json.loads(p.read_text())["global_hash"] for p in run.glob("summary-*.json")}
     events = [r for r in rs if r["kind"] == "event"]
 
@@ -103,7 +107,8 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace) -> dict:
                  and (how is None or e.get("how") == how)]
         return round(min(times) - resumed_at, 2) if times else None
     return {"exit_codes": codes, "stalled_at_outer_step": before,
-            "missed_rounds": None if first is None else first["outer_step"] - before - 1,
+            "came_back": first is not None,
+            "missed_rounds": last - before if first is None else first["outer_step"] - before - 1,
             "back_after_s": None if first is None else round(first["time"] - resumed_at, 2),
             "back_on_s": after(("rejoin", "start")), "state_after_s": after(("resume",), "live"),
             "starts": sum(e["event"] == "start" for e in events),
