@@ -10,6 +10,9 @@ do when the members change (docs/elastic.md, "Live failover"):
 - round boundary (`boundary`, after the outer step, the evaluation, the checkpoint and the
   stop agreement): pending joiners are admitted (a new epoch) and get the state; after a
   heal or an admission every member takes its new rank as its data shard.
+- rejoining (`rejoin`): a worker the group went on without (it was stopped past the
+  heartbeat) becomes a new incarnation in the same process, drops what is its own
+  (AdamW moments, the round's partial pseudo-gradient) and joins as in `restore`.
 - the state transfer (`transfer`) is resume.broadcast_global_state from the lowest member
   that holds the state (θ, outer momentum, step counters, data position; the joiner's
   AdamW moments and RNG start fresh), checked twice: the loaded state must hash to the
@@ -37,13 +40,13 @@ class Failover:
         self.cfg, self.group, self.world, self.state = cfg, group, world, state
         self.checkpoints, self.metrics = checkpoints, metrics
 
-    def restore(self) -> None:
+    def restore(self, may_form: bool = True) -> None:
         """Before the first step: join if needed, then the state (checkpoints or a live member)."""
         g = self.group
         if not g.admitted:
             log.info("heal: slot %d asks to join the running group", self.cfg.run.slot)
             g.enter(g.membership.join(self.cfg.run.workers, self.cfg.run.min_workers, grace=self.cfg.comm.timeout,
-                                      joining=g.world_id))
+                                      joining=g.world_id, may_form=may_form))
             # (the world it found may have ended meanwhile: then it formed or joined a new one)
             self.checkpoints.world_id = g.world_id
         if g.needs_state:
@@ -55,6 +58,21 @@ class Failover:
         g.healable = True
         g.changed = False
         self.log_events()
+
+    def rejoin(self, error: BaseException) -> None:
+        """The group went on without this worker (`Superseded`): join again without a restart.
+
+        What a restarted process would start fresh is dropped here: the inner AdamW moments,
+        and (by the transfer's load, as for any joiner) the round's partial Δ, θ, the outer
+        state, the step counters, the data position and the RNG. Its totals are kept (this
+        process's bytes and seconds)."""
+        s = self.state
+        log.warning("heal: %s; slot %d rejoins in-process as a new incarnation", str(error)[:300], self.cfg.run.slot)
+        self.metrics.log("event", event="rejoin", how="in_process", step=s.inner_step, outer_step=s.outer_step,
+                         world=self.group.world_id, error=str(error)[:300])
+        self.group.leave()
+        s.optimizer.state.clear()  # (a fresh AdamW's state: moments and step counts start again)
+        self.restore(may_form=False)  # (a world formed anew resumes from checkpoints: a restart's job)
 
     def boundary(self) -> None:
         """After a round's outer step: admit the pending joiners, re-layout after any change."""

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dilo.comm.membership import RunEnded
+from dilo.comm.membership import RunEnded, Superseded
 from dilo.comm.protocol import DivergenceError
 from dilo.config import parse_args
 from dilo.config_help import help_text, wants_help
@@ -99,7 +99,8 @@ class Trainer(TrainerParts):
             self.metrics.log("event", event="diverged", error=str(e), world=self.world_id)
             raise
         except RuntimeError as e:  # a peer died or timed out mid-exchange (heal mode: could not heal)
-            self.checkpoints.save_after_failure(e)
+            if not isinstance(e, Superseded):  # (heal mode: its state is stale, the group's is newer)
+                self.checkpoints.save_after_failure(e)
             raise
         self.take_new_shards()
         self.state.record_boundary()
@@ -157,7 +158,8 @@ class Trainer(TrainerParts):
         try:
             return self.stopper.agreed(self.groups.world)
         except RuntimeError as e:
-            self.checkpoints.save_after_failure(e)
+            if not isinstance(e, Superseded):
+                self.checkpoints.save_after_failure(e)
             raise
 
     def save_checkpoint(self, loss: torch.Tensor) -> None:
@@ -184,33 +186,47 @@ class Trainer(TrainerParts):
         if not self.at_end():
             self.rounds.begin(first=True)
         while not self.at_end() and not stopped:
-            step_start = time.perf_counter()
-            loss = self.run_inner_step()
-            self.slowdown.after_step(time.perf_counter() - step_start)  # run.slowdown (a testing aid)
-            step_seconds = time.perf_counter() - step_start
-            self.compute_seconds += step_seconds
-            self.rounds.count(step_seconds)
-            window_steps += 1
-            synced = self.outer_boundary(loss)
-            if s.inner_step % cfg.metrics.log_every == 0 or synced:
-                value = float(loss)  # the one host read of the loss, only when it is logged
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                self.metrics.log("inner", step=s.inner_step, outer_step=s.outer_step, loss=value,
-                                 lr=self.optimizer.param_groups[0]["lr"], tokens=window_steps * tokens_per_step,
-                                 tokens_per_s=tok_s)
-                self.metrics.progress(s.inner_step, loss=value, tok_per_s=tok_s, outer=s.outer_step)
+            try:
+                step_start = time.perf_counter()
+                loss = self.run_inner_step()
+                if self.failover is not None:
+                    self.failover.group.check_left_behind()  # (a store look-up only after a stall)
+                self.slowdown.after_step(time.perf_counter() - step_start)  # run.slowdown (a testing aid)
+                step_seconds = time.perf_counter() - step_start
+                self.compute_seconds += step_seconds
+                self.rounds.count(step_seconds)
+                window_steps += 1
+                synced = self.outer_boundary(loss)
+                if s.inner_step % cfg.metrics.log_every == 0 or synced:
+                    value = float(loss)  # the one host read of the loss, only when it is logged
+                    elapsed = time.perf_counter() - window_start
+                    tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    self.metrics.log("inner", step=s.inner_step, outer_step=s.outer_step, loss=value,
+                                     lr=self.optimizer.param_groups[0]["lr"], tokens=window_steps * tokens_per_step,
+                                     tokens_per_s=tok_s)
+                    self.metrics.progress(s.inner_step, loss=value, tok_per_s=tok_s, outer=s.outer_step)
+                    window_start, window_steps = time.perf_counter(), 0
+                if synced:
+                    stopped = self.after_outer_step(loss)
+                    if self.failover is not None and not stopped:
+                        self.failover.boundary()  # heal mode: admit joiners, take a changed group's layout
+                    if not stopped and not self.at_end():
+                        self.rounds.begin()  # the next round starts now (on every worker alike)
+            except Superseded as e:  # heal mode: the group went on without this worker (it was stopped)
+                self.rejoin(e)
                 window_start, window_steps = time.perf_counter(), 0
-            if synced:
-                stopped = self.after_outer_step(loss)
-                if self.failover is not None and not stopped:
-                    self.failover.boundary()  # heal mode: admit joiners, take a changed group's layout
-                if not stopped and not self.at_end():
-                    self.rounds.begin()  # the next round starts now (on every worker alike)
         self.loop_seconds = time.perf_counter() - loop_start
         if self.failover is not None and not stopped:
             self.failover.finish()
         return self.finish(stopped)
+
+    def rejoin(self, error: Superseded) -> None:
+        """Heal mode: join the running group again in this process, as a restarted worker would
+        (dilo/failover.py `rejoin`: new incarnation, admission, the state from a member)."""
+        self.failover.rejoin(error)
+        self.world_id = self.report.world_id = self.checkpoints.world_id
+        if not self.at_end():
+            self.rounds.begin(first=True)
 
     def after_outer_step(self, loss: torch.Tensor) -> bool:
         """Evaluation, checkpoint and the stop request at an outer boundary; True to stop."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from torch.distributed import HashStore
 from dilo.aggregate import Aggregate
 from dilo.codecs import get_codec
 from dilo.comm.heal import HealingGroup
-from dilo.comm.membership import Epoch, HealError, Membership
+from dilo.comm.membership import Epoch, HealError, Membership, Superseded
 from dilo.comm.protocol import RoundReport
 from dilo.config import parse_args
 from tests.helpers import REPO, SMALL, free_port, run_workers, torchrun_cmd
@@ -195,9 +196,72 @@ def test_a_member_whose_epoch_was_superseded_without_it_stops_instead_of_going_o
         v = torch.ones(8)
         assert torch.equal(group.average(v, get_codec("fp32")).average, v)
         ms[1].propose(alone.number + 1, Epoch(alone.number + 1, [ms[1].me], "form", "other-world"))
-        with pytest.raises(HealError, match="superseded by epoch 1"):
+        with pytest.raises(Superseded, match="superseded by epoch 1"):
             group.average(v, get_codec("fp32"))
         group.close()
+    finally:
+        stop_all(ms)
+
+
+def test_a_stalled_member_learns_at_once_that_it_was_left_behind_and_rejoins_as_a_new_incarnation():
+    """Slot 2 is silent past the heartbeat timeout while the others exchange: they decide without
+    it and heal. Its heartbeat thread saw the gap, so its next `check_left_behind` (one per inner
+    step, a store look-up only after a stall) raises Superseded before its next collective; it
+    leaves, becomes a new incarnation (new nonce, its own heartbeat; the old one stays dead) and is
+    admitted like a restarted worker. Without a stall the check reads no store at all."""
+    store = HashStore()
+    ms = members(store, 3)
+    try:
+        e = form(ms)[0]
+        groups = [HealingGroup(m, store, e, timeout_s=3, min_workers=2) for m in ms]
+        calls = []
+        check = ms[2].store.check
+        ms[2].store = type("Counting", (), {"__getattr__": lambda _, k: getattr(store, k),
+                                            "check": lambda _, keys: calls.append(keys) or check(keys)})()
+        groups[2].check_left_behind()
+        groups[2].check_left_behind()
+        assert not calls  # no stall seen: no store round trip
+        time.sleep(TIMEOUT * 0.6)  # more than heartbeat / 2 since the last call: the loop saw a gap itself
+        groups[2].check_left_behind()  # (asks the store; still a member: no error)
+        assert calls
+        calls.clear()
+        # "SIGSTOP" slot 2: its heartbeat thread stops beating (a gap), the others decide without it.
+        beat = ms[2].heartbeat
+        beat._stop.set()
+        beat._thread.join()
+        decisions = run_workers(lambda r: ms[r].decide(e, 0, True), 2, timeout=30)
+        assert decisions[0].survivors(e) == e.members[:2]
+        beat.stalled_at = time.monotonic()  # (what its thread notes when the process runs again)
+        # The decision alone (the heal epoch not written yet) already tells it; then the epoch.
+        with pytest.raises(Superseded, match="decided collective 0 of epoch 0 without this worker"):
+            groups[2].check_left_behind()
+        healed = ms[0].propose(1, Epoch(1, e.members[:2], "heal", e.world))
+        with pytest.raises(Superseded, match="superseded by epoch 1"):
+            groups[2].check_left_behind()
+        assert calls
+        ms[2].store = store
+        old = ms[2].me
+        groups[2].leave()
+        assert not groups[2].admitted and ms[2].me != old and ms[2].me[0] == 2 and groups[2].world_id == e.world
+        time.sleep(TIMEOUT * 1.5)
+        assert ms[0].liveness.dead(old[1])
+        found: list = []
+        t = threading.Thread(target=lambda: found.append(ms[2].join(3, 2, grace=60, may_form=False)), daemon=True)
+        t.start()
+        time.sleep(1.0)  # (some 8 beats: its own, and the members' watches of it)
+        # The first decision after it registered sees it: the members' heartbeat threads watched
+        # its counter move (their decisions alone would need two, a round apart).
+        seen = run_workers(lambda r: ms[r].decide(healed, 0, True, look_for_joiners=True), 2)
+        assert seen[0].joiners(healed) == [ms[2].me]  # the new incarnation, not the dead one
+        admitted = ms[0].propose(2, Epoch(2, sorted(healed.members + [ms[2].me]), "admit", e.world, [ms[2].me]))
+        t.join(10)
+        assert found and found[0].to_json() == admitted.to_json()
+        # With no live group left a rejoin does not form a world of its own: it restarts.
+        stop_all(ms)
+        with pytest.raises(HealError, match="no live group left to rejoin"):
+            Membership(store, 1, 3, timeout=TIMEOUT).join(3, 1, grace=0.0, may_form=False)
+        for g in groups:
+            g.close()
     finally:
         stop_all(ms)
 
@@ -273,24 +337,35 @@ def test_heal_worker_tells_each_worker_its_share_of_the_machine(tmp_path):
     assert out.returncode == 2 and "LOCAL_SLOT must be 0 .. LOCAL_WORKERS-1" in out.stderr
 
 
-@pytest.mark.e2e
-def test_survivors_keep_training_and_a_restarted_worker_joins(procs, tmp_path):
-    args = SMALL + ["--run.steps", "1000", "--outer.inner_steps", "10", "--checkpoint.every", "0",
-                    "--comm.timeout", "20", "--comm.heartbeat", "2"]
+def start_heal_run(procs, tmp_path: Path, args: list[str]) -> list:
+    """A store and 3 launch/heal_worker.sh loops (logs w<slot>.log); returns once slot 1 has
+    logged outer step 3."""
     port = free_port()
     store = procs.start([sys.executable, "-m", "dilo.rendezvous_store", "--host", "127.0.0.1", "--port", str(port)],
                         tmp_path / "store.log")
-    run = tmp_path / "heal"
+    run = Path(args[args.index("--run.dir") + 1])
     env = {"STORE": f"127.0.0.1:{port}", "WORKERS": "3", "PYTHON": sys.executable, "RESTART_DELAY": "0.2"}
-    loops = [procs.start(["bash", str(REPO / "launch" / "heal_worker.sh"), *args, "--run.dir", str(run)],
-                         tmp_path / f"w{s}.log", env={**env, "SLOT": str(s)}) for s in range(3)]
+    loops = [procs.start(["bash", str(REPO / "launch" / "heal_worker.sh"), *args], tmp_path / f"w{s}.log",
+                         env={**env, "SLOT": str(s)}) for s in range(3)]
     deadline = time.monotonic() + 120
     while max(sync_hashes(run, "metrics-1.jsonl"), default=0) < 3:
         assert time.monotonic() < deadline and store.poll() is None, (tmp_path / "w1.log").read_text()[-3000:]
         time.sleep(0.1)
-    workers = {s: [p for p in descendants(loops[s].pid) if "dilo.train" in Path(f"/proc/{p}/cmdline").read_text()]
-               for s in range(3)}
-    subprocess.run(["kill", "-9", str(workers[1][0])], check=True)
+    return loops
+
+
+def train_pid(loop) -> int:
+    """The dilo.train process a heal_worker.sh loop runs now."""
+    return next(p for p in descendants(loop.pid) if "dilo.train" in Path(f"/proc/{p}/cmdline").read_text())
+
+
+@pytest.mark.e2e
+def test_survivors_keep_training_and_a_restarted_worker_joins(procs, tmp_path):
+    args = SMALL + ["--run.steps", "1000", "--outer.inner_steps", "10", "--checkpoint.every", "0",
+                    "--comm.timeout", "20", "--comm.heartbeat", "2"]
+    run = tmp_path / "heal"
+    loops = start_heal_run(procs, tmp_path, args + ["--run.dir", str(run)])
+    subprocess.run(["kill", "-9", str(train_pid(loops[1]))], check=True)
     for s, loop in enumerate(loops):
         assert loop.wait(timeout=120) == 0, (tmp_path / f"w{s}.log").read_text()[-3000:]
     # Survivors never restarted (one start each); slot 1 started twice and downloaded the state.
@@ -310,3 +385,34 @@ def test_survivors_keep_training_and_a_restarted_worker_joins(procs, tmp_path):
     heal_event = next(e for e in events(run / "metrics-0.jsonl") if e["event"] == "heal")
     before = [step for step in hashes if step < heal_event["outer_step"]]
     assert before and all(hashes[step] == reference[step] for step in before)
+
+
+@pytest.mark.e2e
+def test_a_stalled_worker_rejoins_without_a_new_process(procs, tmp_path):
+    """Slot 1 is SIGSTOPped past comm.heartbeat: the others heal without it. Resumed, it finds
+    out at its next inner step, rejoins in the same process (a `rejoin` event, how = in_process),
+    is admitted and downloads the state; every outer step has one global hash, the run finishes."""
+    args = SMALL + ["--run.steps", "800", "--outer.inner_steps", "10", "--checkpoint.every", "0",
+                    "--comm.timeout", "20", "--comm.heartbeat", "1.5",
+                    "--run.slowdown", "0:4,1:4,2:4"]  # (rounds of ~0.2 s: the run outlasts the stall)
+    run = tmp_path / "heal"
+    loops = start_heal_run(procs, tmp_path, args + ["--run.dir", str(run)])
+    worker = train_pid(loops[1])
+    os.kill(worker, signal.SIGSTOP)
+    time.sleep(4)  # > comm.heartbeat: the others drop it
+    os.kill(worker, signal.SIGCONT)
+    for s, loop in enumerate(loops):
+        assert loop.wait(timeout=120) == 0, (tmp_path / f"w{s}.log").read_text()[-3000:]
+    starts = {s: sum(e["event"] == "start" for e in events(run / f"metrics-{s}.jsonl")) for s in range(3)}
+    assert starts == {0: 1, 1: 1, 2: 1}  # nobody restarted, slot 1 included
+    assert "slot 1 rejoins in-process" in (tmp_path / "w1.log").read_text()
+    mine = events(run / "metrics-1.jsonl")
+    assert any(e["event"] == "rejoin" and e["how"] == "in_process" for e in mine)
+    resumed = next(e for e in mine if e["event"] == "resume" and e["how"] == "live")
+    assert resumed["outer_step"] < 80 and max(sync_hashes(run, "metrics-1.jsonl")) == 80  # it trained on
+    assert any(e["event"] == "heal" and e["lost"] == [1] for e in events(run / "metrics-0.jsonl"))
+    assert any(e["event"] == "admit" and e["joined"] == [1] for e in events(run / "metrics-0.jsonl"))
+    hashes = sync_hashes(run)
+    assert sorted(hashes) == list(range(1, 81)) and all(len(h) == 1 for h in hashes.values())
+    finals = {json.loads(p.read_text())["global_hash"] for p in run.glob("summary-*.json")}
+    assert len(finals) == 1 and len(list(run.glob("summary-*.json"))) == 3

@@ -16,9 +16,11 @@ outer step the others did not. Pending joiners are seen in the exchanges' decisi
 admitted at the next round boundary (dilo/failover.py), where they download the global
 state from a member.
 
-What cannot be healed raises `HealError` (fewer than `run.min_workers` survive, this
-worker was declared dead while it was stopped, a failure during start-up, the store is
-gone): the worker exits and its launcher restarts it — the restart-the-world fallback.
+A worker the group went on without (declared dead while it was stopped) gets `Superseded`
+(at its next collective, or at its next inner step after the stop: `check_left_behind`) and rejoins in-process as a new incarnation (dilo/failover.py).
+What cannot be healed raises `HealError` (fewer than `run.min_workers` survive, a failure
+during start-up, the store is gone): the worker exits and its launcher restarts it — the
+restart-the-world fallback.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import gc
 import logging
 import pickle
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
@@ -35,7 +38,7 @@ import torch.distributed as dist
 
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
-from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded
+from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded, Superseded
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
                                 RoundReport, two_phase_average)
@@ -129,6 +132,7 @@ class HealingGroup(Group):
         self._group: EpochGroup | None = None
         self._op = 0
         self._abandoned: list[tuple[threading.Thread, dict]] = []
+        self._last_check = float("inf")  # (check_left_behind: no gap before its first call)
         if epoch is not None:
             self.enter(epoch)
 
@@ -221,8 +225,8 @@ class HealingGroup(Group):
         lost = [m for m in old.members if m not in survivors]
         why = f" ({str(error)[:160]})" if error is not None else ""
         if self.membership.me not in survivors:
-            raise HealError(f"the group went on without this worker (it was silent for more than "
-                            f"{self.membership.timeout:g} s){why}; restarting to rejoin")
+            raise Superseded(f"the group went on without this worker (it was silent for more than "
+                             f"{self.membership.timeout:g} s){why}; rejoining")
         if not self.healable:
             raise HealError(f"a collective failed during start-up{why}; restarting the world")
         if len(survivors) < self.min_workers:
@@ -253,6 +257,32 @@ class HealingGroup(Group):
         self.enter(stands)
         self.changed = True
         return True
+
+    def check_left_behind(self) -> None:
+        """Raise `Superseded` if the group went on without this worker (called once per inner
+        step). Asks the store only after a stall (a resumed SIGSTOP): for `membership.timeout`
+        seconds after the heartbeat thread saw a gap between its beats, and whenever more than
+        half of it passed since the previous call (the main thread resumed first, or a long
+        boundary); otherwise it reads the clock, no store round trip."""
+        now, last = time.monotonic(), self._last_check
+        self._last_check = now
+        beat, timeout = self.membership.heartbeat, self.membership.timeout
+        if beat is None or self.epoch is None or (now - beat.stalled_at > timeout and now - last <= timeout / 2):
+            return
+        why = self.membership.left_behind(self.epoch, self._op)
+        if why is not None:
+            raise Superseded(f"{why}; rejoining")
+
+    def leave(self) -> None:
+        """Drop this worker's epoch and become a new incarnation that is not admitted yet (it
+        joins like a restarted worker: `Failover.restore`)."""
+        latest = self.membership.latest()
+        self._drop_group()
+        self.membership.reincarnate()
+        self.epoch, self._op, self.joiners = None, 0, []
+        self.healable = self.changed = False
+        self.world_id = latest.world if latest is not None else self.world_id
+        self.rank, self.size = 0, self.membership.slots
 
     def state_received(self) -> None:
         """Every member holds the global state now (the transfer committed)."""

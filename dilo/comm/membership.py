@@ -48,6 +48,12 @@ class RunEnded(HealError):
     """The run this process waited to join ended first: nothing to do (exit 0)."""
 
 
+class Superseded(HealError):
+    """This worker's epoch went on without it (it was silent past the heartbeat timeout, e.g.
+    stopped): it must not go on alone. The trainer rejoins in-process as a new incarnation
+    (`Failover.rejoin`), exactly as a restarted worker would join."""
+
+
 @dataclass
 class Epoch:
     number: int
@@ -125,24 +131,44 @@ class Liveness:
         """Alive, and its counter was seen to move (a live process, not a stale record)."""
         return not self.dead(nonce) and nonce in self._moved
 
+    def note_moved(self, nonce: str) -> None:
+        """Another observer (the heartbeat thread's watch of pending workers) saw it move."""
+        self._moved.add(nonce)
+
 
 class Heartbeat:
-    """A daemon thread adding 1 to `hb/<nonce>` every `interval` seconds."""
+    """A daemon thread adding 1 to `hb/<nonce>` every `interval` seconds. A gap of more than
+    `stall` seconds between two beats (the process was stopped or starved) is noted in
+    `stalled_at` (this process's monotonic clock), so the trainer can ask the store at once
+    whether the group went on without it."""
 
-    def __init__(self, store, nonce: str, interval: float):
-        self.store, self.key, self.interval = store, f"hb/{nonce}", interval
+    def __init__(self, store, nonce: str, interval: float, stall: float = float("inf"),
+                 on_beat: Callable[[], None] | None = None):
+        self.store, self.key, self.interval, self.stall = store, f"hb/{nonce}", interval, stall
+        self.on_beat = on_beat
+        self.stalled_at = -float("inf")
         self.store.add(self.key, 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dilo-heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            if now - last > self.stall:
+                self.stalled_at = now
+            last = now
             try:
                 self.store.add(self.key, 1)
             except Exception as e:  # noqa: BLE001 - the store is gone: peers will see us dead
                 log.error("heartbeat to the store failed: %s", str(e)[:200])
                 return
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception as e:  # noqa: BLE001 - a watch is an optimisation: beat on regardless
+                    log.debug("heartbeat watch failed: %s", str(e)[:200])
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,8 +190,43 @@ class Membership:
 
     # -- records -------------------------------------------------------------------------
     def start_heartbeat(self, store=None) -> None:
-        """Beat on `store` (a second client: the thread must not share the main one's socket)."""
-        self.heartbeat = Heartbeat(store if store is not None else self.store, self.me[1], self.timeout / 5)
+        """Beat on `store` (a second client: the thread must not share the main one's socket).
+        After each beat the thread also watches the pending workers' heartbeats on it, so a
+        joiner that registered a beat or two before an exchange is already known to be alive
+        there (the exchange's decision alone sees one counter value per round: it would be
+        admitted a round later)."""
+        store = store if store is not None else self.store
+        watcher = Liveness(store, self.timeout, self.clock)
+
+        def watch_pending() -> None:
+            for slot in range(self.slots):
+                key = f"pending/{slot}"
+                nonce = store.get(key).decode() if store.check([key]) else "-"
+                if nonce not in ("-", self.me[1]) and watcher.seen_beating(nonce):
+                    self.liveness.note_moved(nonce)
+        self.heartbeat = Heartbeat(store, self.me[1], self.timeout / 5, stall=self.timeout / 2, on_beat=watch_pending)
+
+    def reincarnate(self) -> None:
+        """Become a new incarnation of this slot (a new nonce with a heartbeat of its own); the old
+        one's heartbeat stops, so the members count it dead (and never admit it)."""
+        old = self.heartbeat
+        if old is not None:
+            old.stop()
+        self.me = (self.slot, f"{self.slot}-{secrets.token_hex(6)}")
+        if old is not None:
+            self.start_heartbeat(old.store)
+
+    def left_behind(self, epoch: Epoch, op: int) -> str | None:
+        """Why the group went on without this member of `epoch`, or None: a newer epoch leaves it
+        out, or the group decided collective `op` (this member's next one) without it."""
+        successor = self.epoch(epoch.number + 1)
+        if successor is not None and self.me not in successor.members:
+            return (f"epoch {epoch.number} was superseded by epoch {successor.number} ({successor.kind}, "
+                    f"slots {[s for s, _ in successor.members]}) without this worker (it was silent for too long)")
+        base = f"ep/{epoch.number}/op/{op}"
+        if self.store.check([f"{base}/decision"]) and not self.store.check([f"{base}/{self.slot}"]):
+            return f"the group decided collective {op} of epoch {epoch.number} without this worker"
+        return None
 
     def epoch(self, number: int) -> Epoch | None:
         key = f"ep/{number}"
@@ -228,13 +289,11 @@ class Membership:
     # -- decisions -----------------------------------------------------------------------
     def decide(self, epoch: Epoch, op: int, ok: bool, look_for_joiners: bool = False) -> Decision:
         """This member's outcome of collective `op` of `epoch`, and the one decision on it."""
-        successor = self.epoch(epoch.number + 1)
-        if successor is not None and self.me not in successor.members:
+        why = self.left_behind(epoch, op)
+        if why is not None:
             # (a member stopped for longer than the heartbeat timeout, e.g. the last one of its
             # epoch, while the others formed a group without it: it must not go on alone)
-            raise HealError(f"epoch {epoch.number} was superseded by epoch {successor.number} "
-                            f"({successor.kind}, slots {[s for s, _ in successor.members]}) without this "
-                            "worker (it was silent for too long); restarting to rejoin")
+            raise Superseded(f"{why}; rejoining")
         base = f"ep/{epoch.number}/op/{op}"
         record = {"nonce": self.me[1], "ok": bool(ok),
                   "pending": self.waiting(epoch, seen_beating=True) if ok and look_for_joiners else []}
@@ -276,11 +335,12 @@ class Membership:
         return Decision({int(k): v for k, v in json.loads(raw).items()})
 
     # -- joining and forming -------------------------------------------------------------
-    def join(self, expected: int, min_workers: int, grace: float, joining: str = "") -> Epoch:
+    def join(self, expected: int, min_workers: int, grace: float, joining: str = "",
+             may_form: bool = True) -> Epoch:
         """Register and wait until an epoch lists this incarnation: admitted into a live group,
         or part of a newly formed one (every slot waiting, or `min_workers` of them for `grace`
-        seconds). Raises HealError if the world `joining` (the one this process found
-        running) ended meanwhile."""
+        seconds; without `may_form`, HealError instead). Raises RunEnded if the world `joining`
+        (the one this process found running) ended meanwhile."""
         self.register()
         first_wait = self.clock()
         while True:
@@ -290,6 +350,9 @@ class Membership:
             if latest is not None and self.me in latest.members:
                 return latest
             if latest is None or not self.alive(latest.members):
+                if not may_form:
+                    raise HealError("no live group left to rejoin; restarting (the restarted workers form a "
+                                    "new world from checkpoints)")
                 formed = self._try_form(latest, expected, min_workers, first_wait, grace)
                 if formed is not None:
                     return formed
