@@ -35,6 +35,7 @@ import torch
 
 from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
+from dilo.reduce_kernels import fused_contribution
 
 
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
@@ -322,13 +323,21 @@ def two_phase_average(
     weights = token_weights([r[0] for r in reports]) if aggregate.weighting == "tokens" and reports else None
     # Decode the contributions in member order; mean and clip add each one as it comes, so
     # they reuse one chunk; the sorting rules keep the chunk's valid contributions together.
-    if aggregate.name in ("mean", "clip"):
+    # fp32's contributions are their received bytes; int8 and fp4 are screened and summed
+    # straight from their bytes (dilo/reduce_kernels.py); the sum is a reused chunk.
+    if aggregate.name in ("mean", "clip") and codec.lossless and codec.name == "fp32":
+        def decode(member: int) -> torch.Tensor:
+            return recv[member, :nbytes].view(torch.float32)
+    elif aggregate.name in ("mean", "clip"):
         def decode(member: int) -> torch.Tensor:
             return codec.decode(recv[member, :nbytes], chunk, out=scratch)
     else:
         def decode(member: int) -> torch.Tensor:
             return codec.decode(recv[member, :nbytes], chunk)
-    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights)
+    kernels = fused_contribution(codec)
+    fused = None if kernels is None else (*kernels, lambda member: recv[member, :nbytes])
+    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights,
+                                      total=bufs.get("sum", chunk, torch.float32), fused=fused)
     accepted = len(screened.accepted)
     # -- end of the owner's rule
     encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
