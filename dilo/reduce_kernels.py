@@ -70,7 +70,8 @@ def add_into(total: torch.Tensor, part: torch.Tensor, first: bool) -> None:
 def fused_contribution(codec):
     """(screen, add) for `codec`'s encoded bytes when a one-pass kernel exists, else None.
 
-    ``screen(buf, numel)`` is True when every decoded value is finite; ``add(buf, total,
+    ``screen(buf, numel, count=numel)`` is True when the first `count` decoded values are
+    finite (the blocks they lie in: a chunk's zero padding is not looked at); ``add(buf, total,
     first)`` adds the decoded values into ``total`` as `add_into` would add `codec.decode`'s
     output. Only scaled codecs (no finite limit to check) and only with numba.
     """
@@ -78,10 +79,11 @@ def fused_contribution(codec):
         return None
     name, block = getattr(codec, "name", None), getattr(codec, "block_size", None)
     if name == "int8":
-        return (lambda buf, n: bool(_int8_finite(_np(buf), n, block)),
+        return (lambda buf, n, count=None: bool(_int8_finite(_np(buf), n, n if count is None else count, block)),
                 lambda buf, total, first: _int8_add(_np(buf), _np(total), block, first))
     if name == "fp4":
-        return (lambda buf, n: bool(_fp4_finite(_np(buf), (n + 1) // 2, -(-n // block))),
+        return (lambda buf, n, count=None: bool(_fp4_finite(_np(buf), (n + 1) // 2,
+                                                            -(-(n if count is None else count) // block))),
                 lambda buf, total, first: _fp4_add(_np(buf), _np(total), block, first, _VALUES))
     return None
 
@@ -115,12 +117,12 @@ if numba is not None:
         return abs(v) < np.float32(np.inf)
 
     @_kernel
-    def _int8_finite(buf, n, block_size):
-        q = buf[:n].view(np.int8)
+    def _int8_finite(buf, n, count, block_size):
+        q = buf[:count].view(np.int8)
         cell = np.zeros(1, np.float32)
         cell_bytes = cell.view(np.uint8)
         big = np.float32(128)
-        for blk, start in enumerate(range(0, n, block_size)):
+        for blk, start in enumerate(range(0, count, block_size)):
             scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
             if not _finite32(scale):
                 return False

@@ -15,6 +15,8 @@ import torch
 from dilo import codec_kernels, reduce_kernels
 from dilo.aggregate import MEAN, codec_limit, why_unsendable
 from dilo.codecs import get_codec
+from dilo.comm.local import local_groups
+from tests.helpers import run_workers
 
 pytestmark = pytest.mark.skipif(codec_kernels.numba is None, reason="numba not installed: no kernels to compare")
 
@@ -162,3 +164,25 @@ def test_reduce_fused_and_reused_sum_match_the_torch_path(name):
     assert screened.rejected == screened2.rejected
     assert [m for m, _ in screened.rejected] == [2]
     np.testing.assert_array_equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("name", ["int8", "fp4", "bf16"])
+@pytest.mark.parametrize("bad", ["none", "one_member", "every_member_of_a_chunk"])
+def test_exchange_reports_the_averages_finiteness_from_its_bytes(name, bad):
+    """`ExchangeResult.finite` (int8/fp4: read off the gathered scales) agrees with a pass over
+    the average, with a padded last chunk and with a chunk no member sent finite values for."""
+    size, numel = 3, 1000  # chunks of 384 with blocks of 64: the last one is padded
+    codec = get_codec(name, 64)
+    rng = np.random.default_rng(5)
+    vectors = [torch.tensor(rng.standard_normal(numel).astype(np.float32)) for _ in range(size)]
+    if bad == "one_member":
+        vectors[1][500] = np.nan
+    elif bad == "every_member_of_a_chunk":
+        for v in vectors:
+            v[900] = np.inf
+    groups = local_groups(size)
+    results = run_workers(lambda r: groups[r].average(vectors[r], codec), size)
+    for res in results:
+        expected = bool(torch.isfinite(res.average).all())
+        assert res.finite in ((None,) if name == "bf16" else (expected,))
+    assert bool(torch.isfinite(results[0].average).all()) == (bad != "every_member_of_a_chunk")
