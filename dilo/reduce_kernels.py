@@ -143,12 +143,8 @@ if numba is not None:
         for blk, start in enumerate(range(0, n, block_size)):
             scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
             qb, tb = q[start : start + block_size], total[start : start + block_size]
-            if first:
-                for i in range(qb.size):
-                    tb[i] = zero + np.float32(qb[i]) * scale
-            else:
-                for i in range(qb.size):
-                    tb[i] = tb[i] + np.float32(qb[i]) * scale
+            for i in range(qb.size):  # (the loop-invariant `first` is hoisted by LLVM)
+                tb[i] = (zero if first else tb[i]) + np.float32(qb[i]) * scale
 
     @_kernel
     def _fp4_finite(buf, payload, blocks):
@@ -168,27 +164,19 @@ if numba is not None:
         table = np.empty(16, np.float32)
         zero = np.float32(0)
         for blk, start in enumerate(range(0, n, block_size)):
-            stop = min(start + block_size, n)
             scale = _get_scale(buf, payload + 4 * blk, cell, cell_bytes)
             for c in range(16):
                 table[c] = values[c] * scale
-            i = start
-            if i % 2 == 1:
-                total[i] = (zero if first else total[i]) + table[buf[i // 2] >> 4]
-                i += 1
-            pairs = (stop - i) // 2
-            bb = buf[i // 2 : i // 2 + pairs]
-            tb = total[i : i + 2 * pairs]
-            if first:
-                for j in range(pairs):
+            tb = total[start : start + block_size]
+            done = 0
+            if start % 2 == 0:  # whole bytes: element 2j is byte j's low nibble, 2j + 1 its high one
+                bb = buf[start >> 1 : (start >> 1) + tb.size // 2]
+                for j in range(bb.size):
                     byte = bb[j]
-                    tb[2 * j] = zero + table[byte & 15]
-                    tb[2 * j + 1] = zero + table[byte >> 4]
-            else:
-                for j in range(pairs):
-                    byte = bb[j]
-                    tb[2 * j] = tb[2 * j] + table[byte & 15]
-                    tb[2 * j + 1] = tb[2 * j + 1] + table[byte >> 4]
-            i += 2 * pairs
-            if i < stop:
-                total[i] = (zero if first else total[i]) + table[buf[i // 2] & 15]
+                    tb[2 * j] = (zero if first else tb[2 * j]) + table[byte & 15]
+                    tb[2 * j + 1] = (zero if first else tb[2 * j + 1]) + table[byte >> 4]
+                done = 2 * bb.size
+            for k in range(done, tb.size):  # an odd start (odd block sizes), an odd last element
+                i = start + k
+                code = (buf[i >> 1] >> ((i & 1) << 2)) & 15
+                tb[k] = (zero if first else tb[k]) + table[code]
