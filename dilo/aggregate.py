@@ -47,8 +47,8 @@ from typing import Callable
 
 import torch
 
-from dilo.codec_kernels import all_finite
 from dilo.options import AGGREGATES, WEIGHTINGS
+from dilo.reduce_kernels import add_into, max_abs
 
 NO_CONTRIBUTION = float("nan")
 """The value of every element a worker sends when it has no valid pseudo-gradient."""
@@ -61,11 +61,12 @@ def codec_limit(codec) -> float | None:
 
 
 def why_unsendable(x: torch.Tensor, codec) -> str | None:
-    """Why `x` must not be encoded with `codec` (None: it may)."""
-    if not all_finite(x):
+    """Why `x` must not be encoded with `codec` (None: it may). One pass over `x` (max |x|)."""
+    largest = max_abs(x)
+    if not largest < math.inf:
         return "not finite"
     limit = codec_limit(codec)
-    if limit is not None and x.numel() and x.abs().max().item() >= limit:
+    if limit is not None and largest >= limit:
         return f"out of the {codec.name} codec's finite range (|x| >= {limit:g})"
     return None
 
@@ -119,19 +120,39 @@ class Aggregate:
                 float(torch.tensor(1.0 if n <= cap else cap / n, dtype=torch.float64).float()) for n in norms]
 
     def reduce(self, decode: Callable[[int], torch.Tensor], size: int, chunk: int, limit: float | None,
-               norms: list[float] | None = None,
-               weights: list[float] | None = None) -> tuple[torch.Tensor, Screened]:
+               norms: list[float] | None = None, weights: list[float] | None = None, *,
+               total: torch.Tensor | None = None,
+               fused: tuple[Callable, Callable, Callable[[int], torch.Tensor]] | None = None,
+               ) -> tuple[torch.Tensor, Screened]:
         """The owner's result for one chunk; `decode(m)` is member m's decoded contribution;
         `weights`: the members' r_i (`token_weights`) with outer.weighting = tokens.
 
         mean and clip decode one member at a time (bounded memory, as before issue 13); the
-        sorting rules hold the valid contributions of the chunk together."""
+        sorting rules hold the valid contributions of the chunk together. `total`: a reused
+        fp32 chunk for mean's and clip's sum, which becomes the result (divided in place).
+        `fused`: (screen, add, encoded) of `reduce_kernels.fused_contribution` and member m's
+        bytes, for plain mean: each contribution screened and added from its bytes (the same
+        float operations as decode, check, add)."""
         if weights is not None and self.name not in ("mean", "clip"):
             raise ValueError(f"weighted contributions need outer.aggregate = mean or clip, not {self.name}")
         screened = Screened(factors=self.clip_factors(norms) if self.needs_norms else [])
-        total = torch.zeros(chunk, dtype=torch.float32) if self.name in ("mean", "clip") else None
-        valid = []
+        summed = self.name in ("mean", "clip")
+        if summed and total is None:
+            total = torch.empty(chunk, dtype=torch.float32)
+        if self.name != "mean" or weights is not None:
+            fused = None
+        valid, first = [], True  # first: the sum is still 0 (the next add is 0 + part)
         for m in range(size):  # member order: the same sum on every owner
+            if fused is not None:
+                screen, add, encoded = fused
+                raw = encoded(m)
+                if not screen(raw, chunk):
+                    screened.rejected.append((m, "non-finite"))
+                    continue
+                screened.accepted.append(m)
+                add(raw, total, first)
+                first = False
+                continue
             part = decode(m)
             reason = self._invalid(part, limit, norms[m] if norms is not None else None)
             if reason is None and weights is not None and not weights[m] > 0:
@@ -143,17 +164,16 @@ class Aggregate:
             scale = screened.factors[m] if self.name == "clip" and screened.factors[m] < 1.0 else 1.0
             if weights is not None:
                 scale *= weights[m]
-            if total is None:
+            if not summed:
                 valid.append(part)
-            elif scale != 1.0:
-                total += part * scale
-            else:
-                total += part
+                continue
+            add_into(total, part * scale if scale != 1.0 else part, first)
+            first = False
         n = len(screened.accepted)
         if n == 0:
-            return torch.full((chunk,), NO_CONTRIBUTION), screened
-        if total is not None:
-            return total / (n if weights is None else sum(weights[m] for m in screened.accepted)), screened
+            return (torch.full((chunk,), NO_CONTRIBUTION) if total is None else total.fill_(NO_CONTRIBUTION)), screened
+        if summed:
+            return total.div_(n if weights is None else sum(weights[m] for m in screened.accepted)), screened
         values = torch.stack(valid).sort(dim=0).values
         if self.name == "median":
             mid = n // 2
@@ -166,9 +186,10 @@ class Aggregate:
 
     def _invalid(self, part: torch.Tensor, limit: float | None, reported: float | None) -> str | None:
         """Why the owner drops this contribution (None: it is valid)."""
-        if not all_finite(part):
+        largest = max_abs(part)  # one pass: finiteness and the limit
+        if not largest < math.inf:
             return "non-finite"
-        if limit is not None and part.numel() and part.abs().max().item() >= limit:
+        if limit is not None and largest >= limit:
             return f"saturated (a value at the codec's limit {limit:g})"
         if self.needs_norms:
             norm = part.norm().item()

@@ -67,7 +67,7 @@ class Round:
 # handed back is adopted before a checkpoint is written (`DiLoCo.settle`). A field added
 # to ExchangeResult is saved; checkpoints without it load its default.
 _RESULT_KEYS = {"seconds": "exchange_seconds"}
-_NOT_SAVED = ("adopted", "rejected", "clipped")  # (who was dropped/clipped: logged when it ran)
+_NOT_SAVED = ("adopted", "rejected", "clipped", "finite")  # (logged when it ran; finite: checked again)
 
 
 def round_state(rnd: Round) -> dict:

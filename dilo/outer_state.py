@@ -106,7 +106,8 @@ class OuterState:
                     hook=None) -> tuple[int, tuple[int, int], bool]:
         """Fragment f's outer step with a round's average: (1 if skipped, the hook's bytes,
         whether θ_p was also written into the live model; `write_live`, dilo/outer_sgd.py)."""
-        if not codec_kernels.all_finite(result.average):
+        finite = result.finite if result.finite is not None else codec_kernels.all_finite(result.average)
+        if not finite:
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
             # every worker alike (the average is identical everywhere).
             # outer_step still advances (round numbers, schedules and checkpoints stay aligned).

@@ -11,7 +11,10 @@ the ratio op / copy is taken within that pair, and the JSON reports the median a
 spread of both the seconds and the ratios over `--repeats` rounds.
 
 Operations: `encode` (`codec.encode(x, out=buf)`), `decode` (`codec.decode(buf, n,
-out=y)`) for every codec, and `finite` (`codec_kernels.all_finite(x)`). `path` says
+out=y)`) for every codec, `finite` (`codec_kernels.all_finite(x)`), `max_abs`
+(`reduce_kernels.max_abs(x)`: finiteness and a cast codec's limit in one pass), and for
+int8/fp4 `owner_add`: one contribution into the owner's fp32 sum (numba: screened and
+added from its bytes; torch: decode, `all_finite`, `add_`). `path` says
 which implementation ran: `numba` (dilo/codec_kernels.py) or `torch` (the code dilo
 runs without numba; int8 and fp4 are measured on both, the cast codecs, int2 and sparse
 (density 0.02, 2-bit values, blocks of 4096: its defaults) have only the torch one). Both
@@ -39,7 +42,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from dilo import codec_kernels  # noqa: E402
+from dilo import codec_kernels, reduce_kernels  # noqa: E402
 from dilo.codecs import CODEC_NAMES, get_codec  # noqa: E402
 from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
                           run_tool, write_json)
@@ -84,16 +87,30 @@ def timed(fn) -> float:
 def operations(n: int, x: torch.Tensor, block_size: int, paths: list[str]):
     """(codec, op, path, callable) for every measured operation at size n."""
     ops = []
-    y = torch.empty(n, dtype=torch.float32)
+    y, total = torch.empty(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)
     for name in CODEC_NAMES:
         codec = get_codec(name, block_size)
         buf = torch.empty(codec.encoded_nbytes(n), dtype=torch.uint8)
         for path in paths if name in KERNEL_CODECS else ["torch"]:
             ops.append((name, "encode", path, lambda c=codec, b=buf: c.encode(x, out=b)))
             ops.append((name, "decode", path, lambda c=codec, b=buf: c.decode(b, n, out=y)))
+            if name in KERNEL_CODECS:  # after encode: buf holds real bytes
+                ops.append((name, "owner_add", path, _owner_add(codec, buf, n, y, total, path)))
     for path in paths:
         ops.append(("-", "finite", path, lambda: codec_kernels.all_finite(x)))
+        ops.append(("-", "max_abs", path, lambda: reduce_kernels.max_abs(x)))
     return ops
+
+
+def _owner_add(codec, buf: torch.Tensor, n: int, y: torch.Tensor, total: torch.Tensor, path: str):
+    """One contribution into the owner's sum: numba screens and adds from the bytes
+    (dilo/reduce_kernels.py); torch decodes, checks finiteness, then adds (the path before)."""
+    if path == "numba":  # (the backend is selected when the op runs)
+        def fused():
+            screen, add = reduce_kernels.fused_contribution(codec)
+            return screen(buf, n) and add(buf, total, False)
+        return fused
+    return lambda: (codec.decode(buf, n, out=y), codec_kernels.all_finite(y), total.add_(y))
 
 
 def same_bytes(x: torch.Tensor, block_size: int) -> bool | None:

@@ -197,12 +197,13 @@ def _plot(doc: dict, png: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, style in zip(doc, ("--", ":", "-", "-.")):
+    codecs = sorted({r["codec"] for label in doc for r in doc[label].get("rows", [])})
+    for label, style in zip(doc, ("--", ":", "-.", (0, (1, 3)), "-")):
         rows = doc[label].get("rows", [])
-        for i, codec in enumerate(sorted({r["codec"] for r in rows})):
+        for codec in sorted({r["codec"] for r in rows}):  # one colour per codec in every label
             pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=f"C{i}",
-                    label=f"{codec} ({label})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style, marker="o",
+                    color=f"C{codecs.index(codec)}", label=f"{codec} ({label})")
     ax.axhline(1.5, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")

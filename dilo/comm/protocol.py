@@ -35,6 +35,7 @@ import torch
 
 from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
+from dilo.reduce_kernels import fused_contribution
 
 
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
@@ -137,6 +138,9 @@ class ExchangeResult:
     reports: list = field(default_factory=list)
     """(tokens, steps, ready_seconds) of every member's `RoundReport`, member order, as this
     member received them as an owner; empty when the members sent none."""
+    finite: bool | None = None
+    """Whether every element of `average` is finite, when the exchange read it off the gathered
+    bytes (int8/fp4 scales: `reduce_kernels.fused_contribution`); None: not known, check it."""
     adopted: GlobalState | None = None
     """Open-membership backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
@@ -322,18 +326,30 @@ def two_phase_average(
     weights = token_weights([r[0] for r in reports]) if aggregate.weighting == "tokens" and reports else None
     # Decode the contributions in member order; mean and clip add each one as it comes, so
     # they reuse one chunk; the sorting rules keep the chunk's valid contributions together.
-    if aggregate.name in ("mean", "clip"):
+    # fp32's contributions are their received bytes; int8 and fp4 are screened and summed
+    # straight from their bytes (dilo/reduce_kernels.py); the sum is a reused chunk.
+    if aggregate.name in ("mean", "clip") and codec.lossless and codec.name == "fp32":
+        def decode(member: int) -> torch.Tensor:
+            return recv[member, :nbytes].view(torch.float32)
+    elif aggregate.name in ("mean", "clip"):
         def decode(member: int) -> torch.Tensor:
             return codec.decode(recv[member, :nbytes], chunk, out=scratch)
     else:
         def decode(member: int) -> torch.Tensor:
             return codec.decode(recv[member, :nbytes], chunk)
-    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights)
+    kernels = fused_contribution(codec)
+    fused = None if kernels is None else (*kernels, lambda member: recv[member, :nbytes])
+    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights,
+                                      total=bufs.get("sum", chunk, torch.float32), fused=fused)
     accepted = len(screened.accepted)
     # -- end of the owner's rule
     encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
 
     gathered = all_gather(encoded).view(size, nbytes)
+    # int8/fp4: the average is finite exactly when every block scale of its real elements is
+    # (and no int8 product overflows): read off the bytes instead of a pass over the result.
+    finite = None if kernels is None else all(
+        kernels[0](gathered[m], chunk, min(chunk, numel - m * chunk)) for m in range(size) if m * chunk < numel)
     average = torch.empty(numel, dtype=torch.float32) if out is None else _check_out(out, numel)
     codec_error, owner_error = 0.0, None
     for member in range(size):
@@ -359,7 +375,8 @@ def two_phase_average(
     return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
                           dropped=size - accepted, codec_error=codec_error, owner_error=owner_error,
                           rejected=screened.rejected,
-                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports)
+                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports,
+                          finite=finite)
 
 
 def _check_out(out: torch.Tensor, numel: int) -> torch.Tensor:
