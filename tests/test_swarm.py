@@ -241,7 +241,7 @@ def test_peer_killed_mid_exchange_survivors_agree(swarm):
     a, a_dir = swarm.start("a", *steps)
     b, b_dir = swarm.start("b", *steps, initial=a_dir)
     c, c_dir = swarm.start("c", *steps, initial=a_dir, kill_at="4:2")
-    assert finish(c) == -signal.SIGKILL
+    assert finish(c) == -signal.SIGKILL, swarm.log("c")[-3000:]  # (it must die by its own hook, not fail)
     assert [finish(a), finish(b)] == [0, 0], swarm.log("a")[-3000:] + swarm.log("b")[-3000:]
     found = summaries(a_dir) + summaries(b_dir)
     assert len({s["global_hash"] for s in found}) == 1 and all(s["outer_steps"] == 12 for s in found)
