@@ -18,7 +18,7 @@ from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
 from tests.helpers import run_workers
 
-pytestmark = pytest.mark.skipif(codec_kernels.numba is None, reason="numba not installed: no kernels to compare")
+pytestmark = pytest.mark.skipif(codec_kernels.numba is None, reason="numba not installed, so there are no kernels to compare with the torch path; `pip install -e .[test]` (or `pip install numba`) runs these tests")
 
 
 def _f32(values) -> torch.Tensor:
