@@ -170,7 +170,7 @@ def test_three_peers_train_and_a_fourth_joins_mid_run(swarm):
     assert rcs == [0, 0, 0, 0], swarm.log("d")[-3000:]
 
     found = [s for run_dir in (a_dir, b_dir, c_dir, d_dir) for s in summaries(run_dir)]
-    assert len(found) == 4 and len({s["global_hash"] for s in found}) == 1
+    assert len(found) == 4 and len({s["global_hash"] for s in found}) == 1, agreement_report([a_dir, b_dir, c_dir, d_dir])
     assert all(s["outer_steps"] == 100 and s["inner_steps"] == 500 for s in found)
     joined = [r for r in records(d_dir, "event") if r.get("event") == "swarm"][0]
     assert joined["joined"] and joined["outer_step"] >= 1 and joined["download"]["bytes"] > 0
@@ -200,7 +200,7 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
                  "--outer.delay", "1", "--comm.codec", "fp4", "--comm.error_feedback", "true",
                  "--run.steps", "600", "--peers.min_peers", "2"]
     (a_dir, b_dir, c_dir), found = two_peers_then_a_joiner(swarm, streaming)
-    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1
+    assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1, agreement_report([a_dir, b_dir, c_dir])
     # 600 steps x P / H = 200 fragment rounds, + 1: the drain sends fragment 1's last steps
     assert all(s["outer_steps"] == 201 and s["inner_steps"] == 600 and s["fragments"] == 2 for s in found)
     joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]
