@@ -358,7 +358,8 @@ class DiLoCo(OuterState):
         for frag in self.fragments:
             if frag.last_snapshot_step <= frag.last_merge_step < self.inner_step:
                 self._start_round(frag.index, report)
-        if self._drain(stats):
+        # (then the rounds a state adopted at the end had in flight: fetched, never run here)
+        if self._drain(stats) or (self.in_flight.fetch_owed(self.outer_step, self.schedule) and self._drain(stats)):
             return stats
         for frag in self.fragments:
             frag.write_live(frag.theta.detach())

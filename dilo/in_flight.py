@@ -99,6 +99,10 @@ class RoundsInFlight:
         self._hash_checks: list[tuple[tuple[int, str], Handle]] = []
         self._generation = 0
         self._superseded = -1
+        self.owed_until = 0
+        """Exchanges numbered below this were in flight at the last adopted state: a member
+        that ran none of its own after them (it adopted at the end of the run) takes them
+        with `fetch_owed`."""
 
     def __len__(self) -> int:
         return len(self.rounds)
@@ -128,6 +132,7 @@ class RoundsInFlight:
         started): supersede every round, fetch the n = min(P, in_flight) rounds in flight at
         that state (P, except at the start and the end of the run); returns n."""
         self.supersede()
+        self.owed_until = outer_step + in_flight
         missed = min(schedule.round_lag, in_flight)
         for number in range(outer_step, outer_step + missed):
             self.fetch(number, *schedule.missed_round(number))
@@ -138,7 +143,19 @@ class RoundsInFlight:
         adopted a state): its result comes from the members that ran it, on the exchange
         thread, in order."""
         job = self._job(lambda: (self.group.round_result(number), None))
-        self.rounds.append(Round(fragment, started, self._runner.submit(job), None, 0.0))
+        handle = self._runner.submit(job) if self._runner else run_inline(job)
+        self.rounds.append(Round(fragment, started, handle, None, 0.0))
+
+    def fetch_owed(self, outer_step: int, schedule: Schedule) -> int:
+        """At the end of the run, after the drain: fetch the exchanges from `outer_step` (the
+        member's, rounds in flight counted) to `owed_until` − 1, which a donor had in flight
+        when it exported the state this member adopted last, and which this member neither
+        fetched nor ran itself (it had no progress left to send); returns how many. Without
+        them the member would end outer steps short of the others, on another state."""
+        owed = range(outer_step + len(self.rounds), self.owed_until)
+        for number in owed:
+            self.fetch(number, *schedule.missed_round(number))
+        return len(owed)
 
     def _job(self, call: Callable[[], tuple]) -> Callable[[], tuple | None]:
         """`call` (an exchange: (result, mean buffers)) as a job of the current generation,

@@ -224,3 +224,62 @@ def test_a_state_exported_in_the_middle_of_a_boundary_gives_a_joiner_the_same_ru
     run(joiner, model2, opt2, 1, joiner.inner_step, STEPS)
     assert ledger.fetched == [state.outer_step, state.outer_step + 1]
     assert joiner.outer_step == first.outer_step and joiner.global_hash() == first.global_hash()
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_a_state_adopted_at_the_end_without_overlap_ends_on_the_swarms_final_state(delay):
+    """Without overlap (no results are cached, a member runs every round it can itself), a
+    member that falls behind in the last regular round adopts a state a donor exported during
+    its final drain: outer step N − 1 with the drain round still in flight. The member has no
+    progress left to send, so it runs no round of its own; it must still take that round
+    (its result, or the newer state) and end on outer step N with everyone's hash, not one
+    short (seen once as a flaky tests/test_swarm.py::
+    test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner: the joiner ended on
+    another hash)."""
+    from types import SimpleNamespace
+
+    from dilo.config import Config
+    from dilo.rounds import RoundClock
+    from dilo.train import Trainer
+    from dilo.worker_state import WorkerState
+
+    ledger = Ledger()
+    ledger.states = {}
+
+    def make_none(group):
+        model = Net()
+        opt = adamw(model)
+        return DiLoCo(model, opt, inner_steps=H, group=group, codec="int8", fragments=2, overlap="none",
+                      delay=delay, outer_momentum=0.5), model, opt
+
+    first, model, opt = make_none(FakeSwarm(ledger))
+    first.group.confirm = lambda outer_step, digest: (FakeSwarm.confirm(first.group, outer_step, digest),
+                                                       ledger.states.setdefault(outer_step, first.export_state()))[0]
+    run(first, model, opt, 0, 0, STEPS)
+    final = first.outer_step
+    assert final == STEPS * 2 // H + 1  # the drain sends fragment 1's last steps as round N − 1
+    exported = ledger.states[final - 1]
+    newer = GlobalState(exported.outer_step, exported.tensors, in_flight=1)  # the drain round in flight
+
+    class BehindAtTheEnd(FakeSwarm):
+        def average(self, flat, codec, round=None):
+            if round.number == final - 2:  # the last regular round went on without this member
+                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
+            return super().average(flat, codec, round)
+
+    late, model2, opt2 = make_none(BehindAtTheEnd(ledger))
+    cfg = Config()
+    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.delay = STEPS, H, 2, delay
+    trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
+    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
+    trainer.state = WorkerState(cfg, 1, 2, model2, opt2, SimpleNamespace(state_dict=dict), late)
+    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
+    synced = []
+    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
+    while not trainer.at_end():
+        inner_step(model2, opt2, 1, trainer.state.inner_step)
+        trainer.state.inner_step += 1
+        trainer.outer_boundary(torch.zeros(()))
+    assert any(s.adopted and s.outer_step == final - 1 for s in synced)
+    assert ledger.fetched == [final - 1]  # the drain round's result, taken instead of run
+    assert late.outer_step == final and late.global_hash() == first.global_hash()
