@@ -201,8 +201,10 @@ def test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner(swarm):
                  "--run.steps", "600", "--peers.min_peers", "2"]
     (a_dir, b_dir, c_dir), found = two_peers_then_a_joiner(swarm, streaming)
     assert len(found) == 3 and len({s["global_hash"] for s in found}) == 1, agreement_report([a_dir, b_dir, c_dir])
-    # 600 steps x P / H = 200 fragment rounds, + 1: the drain sends fragment 1's last steps
-    assert all(s["outer_steps"] == 201 and s["inner_steps"] == 600 and s["fragments"] == 2 for s in found)
+    # 600 steps x P / H = 200 fragment rounds, + 1: the drain sends fragment 1's last steps. A
+    # peer left behind in the last rounds adopts the final state and stands at its place in the
+    # schedule, 201 x H / P = 603 inner steps (seen in repeated runs), the others at 600.
+    assert all(s["outer_steps"] == 201 and s["inner_steps"] in (600, 603) and s["fragments"] == 2 for s in found)
     joined = [r for r in records(c_dir, "event") if r.get("event") == "swarm"][0]
     assert joined["joined"] and joined["outer_step"] >= 1
     assert {r["fragment"] for r in records(c_dir, "sync")} == {0, 1}
