@@ -201,6 +201,40 @@ def test_a_bad_round_result_is_refused_and_counted_and_the_next_peer_serves_it()
             p.close()
 
 
+def test_without_overlap_a_missed_round_is_taken_as_the_newer_state():
+    """Without overlap (round_lag 0) no peer keeps results: a peer that adopted a state at the
+    end of the run, with the donor's drain round in flight, asks for that round (DiLoCo's
+    flush, RoundsInFlight.fetch_owed) and gets the swarm's newer state, checked, instead."""
+    from dilo.comm.protocol import GlobalState
+    from dilo.comm.swarm import SwarmGroup
+
+    counted = []
+
+    def peer(initial, count=None):
+        return SwarmGroup(auth=RunAuth(b"k" * 20), settings={}, initial=initial,
+                          listen=["/ip4/127.0.0.1/tcp/0"], announce=[], timeout=20.0, count=count)
+
+    final = GlobalState(4, {"params": torch.arange(6, dtype=torch.float32)})
+    fetcher = peer([], count=lambda name, value=1.0, **labels: counted.append((name, labels)))
+    donor = None
+    try:
+        donor = peer(fetcher.addresses[:1])
+        donor.holder = donor.transfer.holder = type("Holder", (), {"export_state": lambda self: final})()
+        donor.members.me.update(round=3, key="k", step=4, digest=final.digest(), training=True, pending=False)
+        donor.rounds.position.step = 4  # it went past round 3 (the drain round), and holds no results
+        fetcher.members.me.update(round=3, key="k", step=3, digest="old", training=True, pending=False)
+        for p in (fetcher, donor):
+            p.node.run(p.members.start(), timeout=30)
+        result = fetcher.round_result(3)
+        assert result.adopted is not None and result.adopted.outer_step == 4
+        assert torch.equal(result.adopted.tensors["params"], final.tensors["params"])
+        assert ("state_downloads", {"reason": "missed_round"}) in counted
+    finally:
+        for p in (fetcher, donor):
+            if p is not None:
+                p.close()
+
+
 # -- an exchange between in-process peers ---------------------------------------------------
 def test_wrong_size_contribution_is_dropped_and_the_round_goes_on():
     from dilo.comm.swarm_exchange import to_bytes_view
