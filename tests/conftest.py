@@ -20,6 +20,11 @@ import pytest
 from tests.helpers import Procs
 from tools import netsim
 
+# Run in the background, the suite starts with SIGINT ignored, and its children would inherit
+# that (only caught signals are reset by exec): tests that press Ctrl-C on a run need it caught.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A child command starts a multi-process run when one of its words is one of these modules
 # (python -m ...), a torchrun executable, or one of these tools' scripts; `dilo.cli` counts
 # unless it is given no command or only asked for help or its version.
