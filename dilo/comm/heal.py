@@ -41,7 +41,8 @@ from dilo.codecs import Codec
 from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded, Superseded
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport, two_phase_average)
+                                RoundReport)
+from dilo.comm.two_phase import two_phase_average
 
 if TYPE_CHECKING:
     from dilo.config import Config
@@ -77,13 +78,17 @@ class EpochGroup(Group):
         self.pg._allgather_base(out, buf).wait()
         return out
 
+    owner_error_on_request = True
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # (sparse: token weighting is refused with it, config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report)
+                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
+                                 owner_error=owner_error)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         if self.pg is not None:
@@ -289,11 +294,15 @@ class HealingGroup(Group):
         self.epoch.joined = []
 
     # -- Group -----------------------------------------------------------------------------
+    owner_error_on_request = True
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if not self.admitted or self.needs_state:  # (DiLoCo's start-up average of the buffers)
             return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
-        return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report),
+        return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report,
+                                                owner_error=owner_error),
                             joiners=True)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:

@@ -18,7 +18,8 @@ from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport, two_phase_average)
+                                RoundReport)
+from dilo.comm.two_phase import two_phase_average
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -59,16 +60,17 @@ class TorchGroup(Group):
         return out
 
     average_out = True  # (the gather exchange returns its own tensor: `out` is a permission)
+    owner_error_on_request = True
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
-                out: torch.Tensor | None = None) -> ExchangeResult:
+                out: torch.Tensor | None = None, owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
-                                 out=out)
+                                 out=out, owner_error=owner_error)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
