@@ -34,9 +34,9 @@ class _Rendezvous:
 
 
 class LocalGroup(Group):
-    def __init__(self, rendezvous: _Rendezvous, rank: int):
+    def __init__(self, rendezvous: _Rendezvous, rank: int, pieces: int = 1):
         self._rv = rendezvous
-        self.rank = rank
+        self.rank, self.pieces = rank, pieces
         self.size = rendezvous.size
 
     def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ class LocalGroup(Group):
             return gather_average(flat, codec, self.rank, self.size, self._all_gather,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 aggregate=aggregate or self.aggregate, report=report, owner_error=owner_error)
+                                 aggregate=aggregate or self.aggregate, report=report, owner_error=owner_error,
+                                 pieces=self.pieces)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])
@@ -65,6 +66,7 @@ class LocalGroup(Group):
         return self._rv.exchange(self.rank, obj)
 
 
-def local_groups(size: int, timeout_s: float = 60.0) -> list[LocalGroup]:
+def local_groups(size: int, timeout_s: float = 60.0, pieces: int = 1) -> list[LocalGroup]:
+    """`pieces`: `comm.pieces` of their two-phase exchange (collectives in order, one at a time)."""
     rv = _Rendezvous(size, timeout_s)
-    return [LocalGroup(rv, rank) for rank in range(size)]
+    return [LocalGroup(rv, rank, pieces) for rank in range(size)]

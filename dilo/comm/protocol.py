@@ -166,6 +166,9 @@ class Group(ABC):
     """True when `average` also takes `out=`: a contiguous fp32 CPU tensor of `flat`'s size
     (it may be `flat` itself) that the average is written into, so a caller done with
     `flat` holds one model-sized vector through the exchange, not two."""
+    pieces: int = 1
+    """Pieces per owner chunk of the two-phase exchange (`comm.pieces`, dilo/comm/two_phase.py):
+    the same average for any value; groups that run `two_phase_average` pass it on."""
     owner_error_on_request: bool = False
     """True when `average` takes `owner_error=` and fills `ExchangeResult.owner_error` only when
     it is true (`owner_error_keyword`); a group without it may always fill it."""
