@@ -183,3 +183,46 @@ def test_comm_pieces_is_checked():
     for bad in ("0", "65"):
         with pytest.raises(ValueError, match=r"comm.pieces must be an integer in \[1, 64\]"):
             parse_args([*base, "--comm.pieces", bad])
+
+
+@pytest.mark.parametrize("owner_feedback", [False, True])
+def test_diloco_is_bit_identical_for_any_pieces_and_asks_for_the_owner_error_only_with_owner_feedback(
+        owner_feedback, monkeypatch):
+    """fp4 with error feedback (and owner feedback): θ after every outer step and the residuals are
+    the same bytes with K = 1 and K = 3; the exchange hands back the owner error only when
+    comm.owner_feedback reads it."""
+    from dilo import DiLoCo
+    from dilo.comm.local import LocalGroup
+    from tests.helpers import Net, adamw, inner_step
+
+    seen = []
+    average = LocalGroup.average
+
+    def spy(self, flat, codec, *args, **named):
+        res = average(self, flat, codec, *args, **named)
+        seen.append((named.get("owner_error", False), res.owner_error is not None))
+        return res
+    monkeypatch.setattr(LocalGroup, "average", spy)
+    workers, H = 3, 3
+
+    def run(pieces):
+        groups = local_groups(workers, pieces=pieces)
+        built = [Net() for _ in range(workers)]  # (torch.manual_seed is global: built before the threads)
+
+        def worker(w):
+            model, opt = built[w], adamw(built[w])
+            d = DiLoCo(model, opt, inner_steps=H, codec=get_codec("fp4", 16), group=groups[w],
+                       error_feedback=True, owner_feedback=owner_feedback)
+            thetas = []
+            for s in range(H * 3):
+                inner_step(model, opt, w, s)
+                if d.step() is not None:
+                    thetas.append(d.global_params.clone())
+            return thetas, d.fragments[0].residual.clone()
+        return run_workers(worker, workers)
+
+    one, three = run(1), run(3)
+    for (ta, ra), (tb, rb) in zip(one, three):
+        assert len(ta) == 3 and all(torch.equal(a, b) for a, b in zip(ta, tb))
+        assert torch.equal(ra, rb)
+    assert seen and set(seen) == {(owner_feedback, owner_feedback)}
