@@ -26,7 +26,7 @@ AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 "auto" picks `default_aggregate(open_membership)`."""
 WEIGHTINGS = ("equal", "tokens")
 """`outer.weighting` / `weighting=`: how the owner weights the members' Δ (docs/uneven.md)."""
-EXCHANGE_PIECES = 4
+EXCHANGE_PIECES = 8
 """`comm.pieces`' default: pieces per owner chunk of the two-phase exchange (dilo/comm/two_phase.py),
 chosen by measurement (docs/results.md, issue 12's fourth pass)."""
 MAX_PIECES = 64
