@@ -93,10 +93,11 @@ def two_phase_average(
     `posts`: (all-to-all, all-gather) as `Post`s that return before the bytes have moved
     (default: the blocking ones, run at once); every member posts them in the same order.
 
-    Memory: each piece is encoded straight into its slice of the send buffer and decoded
-    straight into the result (only a short last chunk goes through a padded scratch
-    chunk); the owner sums the contributions into one reused chunk. The bytes are the
-    same as encoding a zero-padded copy of `flat` piece by piece.
+    Memory: each piece is encoded straight into its slices of the send buffer (which holds
+    two pieces' slices: 2/K of a whole send) and decoded straight into the result (only a
+    short last chunk goes through a padded scratch chunk); the owner sums the contributions
+    into one reused chunk. The bytes are the same as encoding a zero-padded copy of `flat`
+    piece by piece.
 
     With `report`, each phase-1 slice of the first piece is its bytes then the report's 24 bytes.
     `out`: where the average is written (may be `flat`: phase 1 has read it by then).
@@ -131,12 +132,21 @@ def two_phase_average(
 
     as_is = codec.lossless and numel == chunk * size and report is None and count == 1
     # (fp32's encoding is the bytes themselves)
-    send = flat.view(torch.uint8) if as_is else bufs.get("send", off1[-1], torch.uint8)
+    # Two pieces at most are in phase 1's flight (piece k is waited for before piece k + 2 is
+    # encoded): their send slices alternate between two halves of one buffer.
+    region = size * max(slots)
+    send = flat.view(torch.uint8) if as_is else bufs.get("send", region * min(count, 2), torch.uint8)
+
+    def outgoing(k: int) -> torch.Tensor:
+        """Piece k's phase-1 bytes (all owners' slices)."""
+        if as_is:
+            return send[off1[k]:off1[k + 1]]
+        return send[(k % 2) * region:(k % 2) * region + off1[k + 1] - off1[k]]
     recv = bufs.get("recv", off1[-1], torch.uint8)
 
     def encode_piece(k: int) -> torch.Tensor:
         """Piece k's phase-1 slices, one row per owner (encoded unless `send` is `flat` itself)."""
-        rows = send[off1[k]:off1[k + 1]].view(size, slots[k])
+        rows = outgoing(k).view(size, slots[k])
         if not as_is:
             lo, n = bounds[k]
             for member in range(size):
@@ -148,7 +158,7 @@ def two_phase_average(
     first = encode_piece(0)
     # -- the owner's rule (dilo/aggregate.py; issue 13): clip first gathers every member's norm
     norms = exchange_norms(first, codec, chunk, all_gather) if aggregate.needs_norms else None
-    waits = [post_a2a(send[off1[0]:off1[1]], recv[off1[0]:off1[1]])]
+    waits = [post_a2a(outgoing(0), recv[off1[0]:off1[1]])]
     kernels = fused_contribution(codec)
     summed = aggregate.name in ("mean", "clip")
     total = bufs.get("sum", chunk, torch.float32)
@@ -187,7 +197,7 @@ def two_phase_average(
     for k in range(count):
         if k + 1 < count:  # piece k + 1 goes on the wire while piece k arrives and is summed
             encode_piece(k + 1)
-            waits.append(post_a2a(send[off1[k + 1]:off1[k + 2]], recv[off1[k + 1]:off1[k + 2]]))
+            waits.append(post_a2a(outgoing(k + 1), recv[off1[k + 1]:off1[k + 2]]))
         got = waits[k]().view(size, slots[k])
         arrived.append(got)
         if k == 0:
