@@ -186,11 +186,9 @@ class Aggregate:
 
     def _invalid(self, part: torch.Tensor, limit: float | None, reported: float | None) -> str | None:
         """Why the owner drops this contribution (None: it is valid)."""
-        largest = max_abs(part)  # one pass: finiteness and the limit
-        if not largest < math.inf:
-            return "non-finite"
-        if limit is not None and largest >= limit:
-            return f"saturated (a value at the codec's limit {limit:g})"
+        reason = _invalid_values(part, limit)
+        if reason is not None:
+            return reason
         if self.needs_norms:
             norm = part.norm().item()
             if not reported == reported or norm > reported * (1 + 1e-4) + 1e-30:
@@ -199,6 +197,85 @@ class Aggregate:
 
 
 MEAN = Aggregate()
+
+
+def _invalid_values(part: torch.Tensor, limit: float | None) -> str | None:
+    """"non-finite" or "saturated (...)" for a contribution's values, None when they are valid."""
+    largest = max_abs(part)  # one pass: finiteness and the limit
+    if not largest < math.inf:
+        return "non-finite"
+    if limit is not None and largest >= limit:
+        return f"saturated (a value at the codec's limit {limit:g})"
+    return None
+
+
+def _strength(reason: str) -> int:
+    """Which reason a whole-chunk check finds first: non-finite, then saturated, then no tokens."""
+    return 0 if reason == "non-finite" else 2 if reason == "no tokens in the round" else 1
+
+
+class MeanByPieces:
+    """`mean` (equal or token weights) of one owner chunk, reduced piece by piece as the pieces
+    arrive (dilo/comm/two_phase.py, `comm.pieces`): per element the same fp32 operations, in the
+    same member order, as `Aggregate.reduce` over the whole chunk.
+
+    A contribution is dropped whole when any of its pieces is invalid, with the reason a check of
+    the whole chunk gives (non-finite before saturated before no tokens). A piece is summed with
+    the contributions valid so far; when a later piece drops a contribution an earlier piece
+    counted, `redo` is set and the caller sums every piece again (`again`, then `piece` for each,
+    with the same arguments) before any result leaves."""
+
+    def __init__(self, size: int, limit: float | None, weights: list[float] | None, total: torch.Tensor,
+                 fused: tuple[Callable, Callable] | None):
+        self.size, self.limit, self.weights, self.total = size, limit, weights, total
+        self.fused = fused if weights is None else None  # (screen, add): plain mean only, as `reduce`
+        self.reasons: dict[int, str] = {}
+        self.redo = False
+        self._summed: set[int] = set()
+
+    def piece(self, lo: int, n: int, decode: Callable[[int], torch.Tensor],
+              encoded: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Elements [lo, lo + n) of the result, written into `total`; `decode(m)`: member m's
+        decoded piece, `encoded(m)`: its bytes (for the fused kernels)."""
+        out, first = self.total[lo:lo + n], True
+        for m in range(self.size):  # member order: the same sum on every owner
+            if self.fused is not None:
+                raw = encoded(m)
+                reason = None if self.fused[0](raw, n) else "non-finite"
+            else:
+                part = decode(m)
+                reason = _invalid_values(part, self.limit)
+            if reason is None and self.weights is not None and not self.weights[m] > 0:
+                reason = "no tokens in the round"
+            if reason is not None:
+                self._drop(m, reason)
+                continue
+            if m in self.reasons:  # dropped for another piece
+                continue
+            self._summed.add(m)
+            if self.fused is not None:
+                self.fused[1](raw, out, first)
+            else:
+                scale = 1.0 if self.weights is None else self.weights[m]
+                add_into(out, part * scale if scale != 1.0 else part, first)
+            first = False
+        accepted = self.screened().accepted
+        if not accepted:
+            return out.fill_(NO_CONTRIBUTION)
+        return out.div_(len(accepted) if self.weights is None else sum(self.weights[m] for m in accepted))
+
+    def again(self) -> None:
+        """Before summing every piece again with the contributions dropped by now left out."""
+        self.redo, self._summed = False, set()
+
+    def screened(self) -> Screened:
+        return Screened(accepted=[m for m in range(self.size) if m not in self.reasons],
+                        rejected=[(m, self.reasons[m]) for m in sorted(self.reasons)])
+
+    def _drop(self, m: int, reason: str) -> None:
+        self.redo = self.redo or m in self._summed
+        if m not in self.reasons or _strength(reason) < _strength(self.reasons[m]):
+            self.reasons[m] = reason
 
 
 def token_weights(tokens: list[float]) -> list[float]:

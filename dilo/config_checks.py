@@ -17,6 +17,7 @@ from dilo.options import (
     check_aggregate,
     check_outer_options,
     check_owner_feedback,
+    check_pieces,
     check_sparse_options,
 )
 
@@ -86,6 +87,7 @@ def validate(cfg) -> None:
     _require(c.codec in CODEC_NAMES, f"comm.codec must be one of {', '.join(CODEC_NAMES)}, got {c.codec!r}")
     _require(c.block_size >= 1, f"comm.block_size must be >= 1, got {c.block_size}")
     check_sparse_options(c.density, c.value_bits, c.sparse_block, c.sparse_exchange)
+    check_pieces(c.pieces)
     _require(not (c.codec == "sparse" and c.sparse_exchange == "gather" and c.backend == "hivemind"),
              "comm.codec = sparse needs comm.backend = torch: its exchange is an all-gather of every "
              "worker's sparse bytes (dilo/comm/gather.py), which the swarm's rounds (per-chunk owners "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dilo.options import EXCHANGE_PIECES
+
 
 @dataclass
 class RunConfig:
@@ -197,6 +199,10 @@ class CommConfig:
     """comm.codec = sparse: `gather` (every worker decodes every worker's bytes: exact, bytes grow
     with the workers) or `two_phase` (owners re-sparsify their chunk's mean: bytes flat in the
     workers; pair it with comm.owner_feedback). docs/codecs.md."""
+    pieces: int = EXCHANGE_PIECES
+    """Pieces per owner chunk of the two-phase exchange (1..64): piece j + 1 is encoded, summed or
+    decoded while piece j is on the wire; the same bytes and θ for any value (1 = no pipelining;
+    the swarm runs 1). docs/design.md."""
     timeout: float = 600.0
     """Seconds a collective may take before the worker gives up."""
     store: str = ""

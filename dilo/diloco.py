@@ -59,7 +59,7 @@ import torch.nn as nn
 from dilo import outer_sgd
 from dilo.aggregate import MEAN, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup
+from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup, owner_error_keyword
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
@@ -249,6 +249,7 @@ class DiLoCo(OuterState):
             named["report"] = report
         if reuse:
             named["out"] = wire
+        named.update(owner_error_keyword(self.group, self.owner_feedback and frag.residual is not None))  # its loss
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)

@@ -26,6 +26,17 @@ AGGREGATES = ("mean", "trimmed_mean", "median", "clip")
 "auto" picks `default_aggregate(open_membership)`."""
 WEIGHTINGS = ("equal", "tokens")
 """`outer.weighting` / `weighting=`: how the owner weights the members' Δ (docs/uneven.md)."""
+EXCHANGE_PIECES = 8
+"""`comm.pieces`' default: pieces per owner chunk of the two-phase exchange (dilo/comm/two_phase.py),
+chosen by measurement (docs/results.md, issue 12's fourth pass)."""
+MAX_PIECES = 64
+
+
+def check_pieces(pieces: int) -> None:
+    """Raise ValueError unless `pieces` is a valid `comm.pieces`."""
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or not 1 <= pieces <= MAX_PIECES:
+        raise ValueError(f"comm.pieces must be an integer in [1, {MAX_PIECES}] (pieces per owner chunk the "
+                         f"two-phase exchange pipelines; 1 = none), got {pieces!r}")
 
 
 def default_aggregate(open_membership: bool) -> str:

@@ -226,9 +226,9 @@ def decoded(x: torch.Tensor, b: int, density: float, vb: int) -> torch.Tensor:
     return torch.from_numpy(ref_sparse_decode(ref_sparse(x.numpy(), b, density, vb), n, b, density, vb))
 
 
-def exchange(xs: list[torch.Tensor], codec, aggregate=None):
+def exchange(xs: list[torch.Tensor], codec, aggregate=None, **named):
     groups = local_groups(len(xs))
-    return run_workers(lambda r: groups[r].average(xs[r], codec, aggregate=aggregate), len(xs))
+    return run_workers(lambda r: groups[r].average(xs[r], codec, aggregate=aggregate, **named), len(xs))
 
 
 @pytest.mark.parametrize("members,numel", [(2, 1000), (3, 64 * 7 + 5), (4, 64 * 16), (4, 30)])
@@ -509,7 +509,7 @@ def test_sparse_two_phase_reencodes_each_owners_mean_once():
     b, members, numel = 64, 3, 64 * 10 + 7
     codec = get_codec("sparse", density=0.1, value_bits=4, sparse_block=b, sparse_exchange="two_phase")
     xs = [sample(numel, seed=40 + m) for m in range(members)]
-    results = exchange(xs, codec)
+    results = exchange(xs, codec, owner_error=True)
     chunk = math.ceil(math.ceil(numel / members) / b) * b
     expected = torch.zeros(chunk * members)
     for j in range(members):

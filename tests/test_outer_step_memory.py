@@ -16,7 +16,8 @@ import torch
 
 from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
-from dilo.comm.protocol import ExchangeBuffers, state_digest, two_phase_average
+from dilo.comm.protocol import ExchangeBuffers, state_digest
+from dilo.comm.two_phase import two_phase_average
 from dilo.fragments import Fragment
 from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, read_pieces
 

@@ -19,7 +19,8 @@ import hivemind  # noqa: E402,F401  (installed by the test extra)
 from hivemind.dht.validation import DHTRecord  # noqa: E402
 
 from dilo.codecs import get_codec  # noqa: E402
-from dilo.comm.protocol import chunk_numel, two_phase_average  # noqa: E402
+from dilo.comm.protocol import chunk_numel  # noqa: E402
+from dilo.comm.two_phase import two_phase_average  # noqa: E402
 from dilo.comm.reaper import _serve  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_mismatch  # noqa: E402
 from dilo.comm.swarm_members import Member, View  # noqa: E402

@@ -178,14 +178,14 @@ def test_exchange_theory_matches_dilo(members, numel):
 
 def test_bench_comm_summary_of_a_shared_loopback():
     """On one namespace every member reads the same lo counter: totals are split per member."""
-    args = Namespace(workers=2, repeats=2, codecs=["fp32"], params=3000, block_size=256)
+    args = Namespace(workers=2, repeats=2, codecs=["fp32"], params=3000, block_size=256, pieces=[1])
     minimum = bench_comm.exchange_min_bytes("fp32", 3000, 2, 256)
     assert minimum == 2 * 1 * 1500 * 4
 
     def rep(seconds, tx):
         return {"seconds": seconds, "wire_tx": tx, "wire_rx": tx, "bytes_sent": minimum}
     workers = [{"barrier": [rep(0.001, 100)] * 2,
-                "exchanges": {"fp32": [rep(0.1 + rank, 100 + 2 * minimum + 20)] * 2},
+                "exchanges": {"fp32@1": [rep(0.1 + rank, 100 + 2 * minimum + 20)] * 2},
                 "download": [rep(0.2, 100 + 24_000)] * 2,
                 "raw_tcp": [rep(0.05, 100 + 2 * minimum)] * 2} for rank in range(2)]
     exchange, download, raw = bench_comm.summarize("loopback", "torch", workers, args)
@@ -195,7 +195,8 @@ def test_bench_comm_summary_of_a_shared_loopback():
     assert exchange["seconds"]["median"] == 1.1  # the slowest member
     assert exchange["seconds_over_ideal"] is None  # no rate, no ideal
     assert download["wire_bytes"]["median"] == 24_000 and download["wire_over_min"] == 1.0
-    workers[1]["exchanges"]["fp32"][0] = {**rep(0.1, 0), "bytes_sent": 7}
+    assert exchange["pieces"] == 1
+    workers[1]["exchanges"]["fp32@1"][0] = {**rep(0.1, 0), "bytes_sent": 7}
     with pytest.raises(report.ToolError, match="two-phase formula"):
         bench_comm.summarize("loopback", "torch", workers, args)
 

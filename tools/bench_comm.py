@@ -2,13 +2,15 @@
 
     python tools/bench_comm.py --quick --out runs/bench/comm.json
     python tools/bench_comm.py --workers 4 --rates loopback,1gbit,100mbit,20mbit --out comm.json
+    python tools/bench_comm.py --params 10000000 --codecs int8,fp4 --rates 1gbit --pieces 1,4 --out comm.json
 
 For each link setting the tool builds a simulated network (tools/netsim.py: `loopback`
 = all workers in one namespace on an unlimited loopback; a rate = one namespace per
 worker, each with its own link of that rate), starts one worker process per member and
 has them run, per codec, `--repeats` timed outer exchanges of a P-element fp32 vector
 through the backend's dilo `Group.average` (the product's code path: the two-phase
-exchange). Reported per codec, against theory:
+exchange; with `--pieces 1,4` each codec once per `comm.pieces` value, the values
+interleaved repeat by repeat). Reported per codec (and pieces), against theory:
 
 - bytes: the payload dilo puts on the wire (`ExchangeResult.bytes_sent`), the bytes the
   interface counted (TCP/IP headers, gloo framing and ACKs included; a barrier's own
@@ -48,6 +50,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from dilo.codecs import CODEC_NAMES, get_codec  # noqa: E402
+from dilo.options import EXCHANGE_PIECES, check_pieces  # noqa: E402
 from tools import netsim  # noqa: E402
 from tools.report import (ToolError, describe, document, png_path, require_matplotlib,  # noqa: E402
                           run_tool, write_json)
@@ -131,16 +134,21 @@ def worker(args: argparse.Namespace) -> int:
 
     for _ in range(args.repeats):
         out["barrier"].append(measured(lambda: None))
+    pieces = [int(k) for k in str(args.pieces).split(",")]
     for name in args.codecs.split(","):
         codec = get_codec(name, args.block_size)
-        backend.group.average(flat, codec)  # warm-up: connections, allocations
-        runs = []
-        for _ in range(args.repeats):
-            def exchange() -> dict:
-                res = backend.group.average(flat, codec)
-                return {"bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}
-            runs.append(measured(exchange))
-        out["exchanges"][name] = runs
+        for k in pieces:
+            backend.group.pieces = k
+            backend.group.average(flat, codec)  # warm-up: connections, allocations
+            out["exchanges"][f"{name}@{k}"] = []
+        for _ in range(args.repeats):  # the pieces values interleaved: the same machine load for each
+            for k in pieces:
+                backend.group.pieces = k
+
+                def exchange() -> dict:
+                    res = backend.group.average(flat, codec)
+                    return {"bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}
+                out["exchanges"][f"{name}@{k}"].append(measured(exchange))
     per_peer = exchange_min_bytes("fp32", args.params, args.world, args.block_size) // (args.world - 1)
     mesh.exchange(per_peer)  # warm-up: TCP windows
     for _ in range(args.repeats):
@@ -172,6 +180,7 @@ def measure_link(rate: str, args: argparse.Namespace, backend: str, tmp: Path) -
                    "--port", str(PORT), "--iface", net.interface(host), "--params", str(args.params),
                    "--addrs", ",".join(net.address(0 if hosts == 1 else r) for r in range(args.workers)),
                    "--codecs", ",".join(args.codecs), "--repeats", str(args.repeats),
+                   "--pieces", ",".join(map(str, args.pieces)),
                    "--block-size", str(args.block_size), "--timeout", str(args.timeout),
                    "--result", str(results[-1])]
             with open(logs[-1], "wb") as f:
@@ -213,18 +222,19 @@ def summarize(rate: str, backend: str, workers: list[dict], args: argparse.Names
            **timing(lambda w: w["raw_tcp"], raw_min)}
     raw_seconds_per_byte = raw["seconds"]["median"] / raw_min
     rows = []
-    for codec in args.codecs:
+    for codec, k in ((c, k) for c in args.codecs for k in args.pieces):
         minimum = exchange_min_bytes(codec, args.params, n, args.block_size)
         payload = exchange_payload_bytes(codec, args.params, n, args.block_size)
-        sent = {w["exchanges"][codec][r]["bytes_sent"] for w in workers for r in range(reps)}
+        key = f"{codec}@{k}"
+        sent = {w["exchanges"][key][r]["bytes_sent"] for w in workers for r in range(reps)}
         if sent != {payload}:
-            raise ToolError(f"{codec}: dilo reported {sorted(sent)} bytes sent per member, the "
+            raise ToolError(f"{codec}, pieces {k}: dilo reported {sorted(sent)} bytes sent per member, the "
                             f"two-phase formula says {payload}; the exchange changed")
-        wire = describe(wire_bytes(None, "wire_tx", lambda w: w["exchanges"][codec]))
-        rows.append({**base, "what": "exchange", "codec": codec, "min_bytes": minimum,
+        wire = describe(wire_bytes(None, "wire_tx", lambda w: w["exchanges"][key]))
+        rows.append({**base, "what": "exchange", "codec": codec, "pieces": k, "min_bytes": minimum,
                      "payload_bytes": payload, "wire_bytes": wire,
                      "payload_over_min": payload / minimum, "wire_over_min": wire["median"] / minimum,
-                     **timing(lambda w: w["exchanges"][codec], minimum)})
+                     **timing(lambda w: w["exchanges"][key], minimum)})
         rows[-1]["seconds_over_raw_tcp"] = rows[-1]["seconds"]["median"] / (raw_seconds_per_byte * minimum)
     # The download: member 0 -> member n-1 only. Shared lo: its total is the transfer.
     state_bytes = 8 * args.params
@@ -247,10 +257,10 @@ def add_loopback_split(rows: list[dict]) -> None:
     link should add about bytes/rate on top. `seconds_over_loopback_plus_ideal` near 1
     means the link is used at its rate and the rest is local compute.
     """
-    local = {(r["backend"], r["what"], r["codec"]): r["seconds"]["median"]
+    local = {(r["backend"], r["what"], r["codec"], r.get("pieces")): r["seconds"]["median"]
              for r in rows if r["rate_bps"] is None}
     for r in rows:
-        base = local.get((r["backend"], r["what"], r["codec"]))
+        base = local.get((r["backend"], r["what"], r["codec"], r.get("pieces")))
         if r["ideal_seconds"] and base is not None:
             r["loopback_seconds"] = base
             r["seconds_over_loopback_plus_ideal"] = r["seconds"]["median"] / (base + r["ideal_seconds"])
@@ -280,7 +290,7 @@ def plot(rows: list[dict], path: Path) -> None:
           ylabel="measured seconds (median)", title="exchange time vs bytes/rate")
     a.legend(fontsize=7, ncol=2)
     ex = [r for r in rows if r["what"] == "exchange"]
-    names = [f"{r['codec']} {r['rate']}" for r in ex]
+    names = [f"{r['codec']}" + (f" K={r['pieces']}" if "pieces" in r else "") + f" {r['rate']}" for r in ex]
     b.bar(range(len(ex)), [r["wire_over_min"] for r in ex], color="tab:blue", label="wire / minimum")
     b.scatter(range(len(ex)), [r["payload_over_min"] for r in ex], color="k", zorder=3,
               label="dilo payload / minimum")
@@ -333,6 +343,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rates", help="comma list: loopback and/or rates like 1gbit,100mbit,20mbit")
     p.add_argument("--repeats", type=int, help="timed exchanges per codec (default 5)")
     p.add_argument("--block-size", type=int, default=256, help="int8/fp4/int2 block size")
+    p.add_argument("--pieces", default=str(EXCHANGE_PIECES),
+                   help=f"comma list of comm.pieces values, each measured (default {EXCHANGE_PIECES})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per link setting")
     p.add_argument("--out", default="runs/bench/comm.json", help="JSON output")
     p.add_argument("--png", help="picture (default: --out with .png; '' for none)")
@@ -352,6 +364,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.codecs = (args.codecs or ("fp32,int8,fp4" if quick else ",".join(CODEC_NAMES))).split(",")
     args.rates = (args.rates or ("loopback,100mbit" if quick else "loopback,1gbit,100mbit,20mbit")).split(",")
     args.backends = args.backends.split(",")
+    try:
+        args.pieces = [int(k) for k in args.pieces.split(",")]
+        for k in args.pieces:
+            check_pieces(k)
+    except ValueError as e:
+        raise ToolError(f"--pieces {args.pieces}: {e}") from None
     for c in args.codecs:
         if c not in CODEC_NAMES:
             raise ToolError(f"--codecs: unknown codec {c!r}; choose from {', '.join(CODEC_NAMES)}")
@@ -383,7 +401,7 @@ def main(argv: list[str]) -> int:
         require_matplotlib()  # fail now, not after minutes of measuring
     rows: list[dict] = []
     settings = {k: getattr(args, k) for k in ("params", "workers", "codecs", "backends", "rates",
-                                              "repeats", "block_size")}
+                                              "repeats", "block_size", "pieces")}
     with tempfile.TemporaryDirectory(prefix="bench_comm-") as tmp:
         for backend in args.backends:
             for rate in args.rates:
@@ -397,7 +415,7 @@ def main(argv: list[str]) -> int:
     write_json(args.out, document("bench_comm", settings, rows))
     for r in rows:
         ratio = r["seconds_over_ideal"]["median"] if r["seconds_over_ideal"] else math.nan
-        print(f"{r['backend']:6} {r['rate']:9} {r['what']:8} {r['codec']:5} "
+        print(f"{r['backend']:6} {r['rate']:9} {r['what']:8} {r['codec']:5} K={r.get('pieces', '-')!s:2} "
               f"min {r['min_bytes'] / 1e6:8.3f} MB  wire/min {r['wire_over_min']:.3f}  "
               f"{r['seconds']['median']:.3f} s  s/ideal {ratio:.2f}  "
               f"s/raw_tcp {r.get('seconds_over_raw_tcp', math.nan):.2f}  "

@@ -85,6 +85,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
             noise = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
             group = TorchGroup()
+            if args.pieces is not None:  # comm.pieces (a checkout before it has no such attribute to read)
+                group.pieces = args.pieces
             d = DiLoCo(model, opt, inner_steps=1, codec=name, group=group)
 
             def move():
@@ -246,6 +248,7 @@ def main() -> None:
     p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=[10**6, 10**7, 10**8])
     p.add_argument("--codecs", type=lambda s: s.split(","), default=["fp32", "bf16", "fp16", "int8", "fp4"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pieces", type=int, help="comm.pieces of the exchange (default: the checkout's default)")
     p.add_argument("--digest", action="store_true", help="also time sha256 vs blake3 over θ + momentum")
     p.add_argument("--profile", action="store_true", help="print rank 0's cProfile of the timed steps")
     p.add_argument("--out", default=None)
@@ -277,7 +280,7 @@ def main() -> None:
                 proc.kill()
                 proc.join()
     entry = {"command": " ".join(sys.argv), "repo": args.repo, "ranks": args.ranks,
-             "repeats": args.repeats, "rows": rows,
+             "repeats": args.repeats, "pieces": args.pieces, "rows": rows,
              "note": "2-core machine shared with other jobs; ranks run one thread each"}
     if args.digest:
         entry["digest"] = _digest_times(args.sizes, args.repeats)

@@ -110,10 +110,10 @@ def _outer_group(cfg: Config, world: World, swarm: SwarmGroup | None) -> Group:
         if world.world_size == 1:
             return SoloGroup()
         timeout = datetime.timedelta(seconds=cfg.comm.timeout)
-        return TorchGroup(dist.new_group(backend="gloo", timeout=timeout))
+        return TorchGroup(dist.new_group(backend="gloo", timeout=timeout), pieces=cfg.comm.pieces)
     island = world.island
     if overlapped:
         island = join_islands(world.worker_size)  # a second set: DDP keeps the first
     # Local rank r exchanges slice r with local rank r of every other worker.
-    inter = TorchGroup(island.slice_pg) if world.num_workers > 1 else SoloGroup()
+    inter = TorchGroup(island.slice_pg, pieces=cfg.comm.pieces) if world.num_workers > 1 else SoloGroup()
     return HierarchicalGroup(inter, island.intra_pg)

@@ -41,7 +41,8 @@ from dilo.codecs import Codec
 from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded, Superseded
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport, two_phase_average)
+                                RoundReport)
+from dilo.comm.two_phase import started, two_phase_average
 
 if TYPE_CHECKING:
     from dilo.config import Config
@@ -77,13 +78,25 @@ class EpochGroup(Group):
         self.pg._allgather_base(out, buf).wait()
         return out
 
+    def _posts(self):
+        """(all-to-all, all-gather) that return before their bytes have moved (`two_phase.Post`)."""
+        if self.pg is None:
+            return None
+        pg = self.pg
+        return (lambda buf, out: started(pg.alltoall_base(out, buf, [], []), out),
+                lambda buf, out: started(pg._allgather_base(out, buf), out))
+
+    owner_error_on_request = True
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # (sparse: token weighting is refused with it, config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report)
+                                 buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
+                                 owner_error=owner_error, pieces=self.pieces, posts=self._posts())
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         if self.pg is not None:
@@ -153,6 +166,7 @@ class HealingGroup(Group):
 
     def group_of(self, epoch: Epoch) -> EpochGroup:
         group = EpochGroup(self.store, epoch, self.membership.me, self.timeout_s)
+        group.pieces = self.pieces
         group.aggregate = self.aggregate
         return group
 
@@ -289,11 +303,15 @@ class HealingGroup(Group):
         self.epoch.joined = []
 
     # -- Group -----------------------------------------------------------------------------
+    owner_error_on_request = True
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if not self.admitted or self.needs_state:  # (DiLoCo's start-up average of the buffers)
             return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
-        return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report),
+        return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report,
+                                                owner_error=owner_error),
                             joiners=True)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
@@ -362,6 +380,7 @@ def connect(cfg: Config, world: World) -> HealingGroup:
         epoch = membership.join(cfg.run.workers, cfg.run.min_workers, grace=cfg.comm.timeout)
         log.info("heal: epoch %d formed by slots %s", epoch.number, [m[0] for m in epoch.members])
         group = HealingGroup(membership, store, epoch, cfg.comm.timeout, cfg.run.min_workers)
+    group.pieces = cfg.comm.pieces  # (each epoch's group takes it at its first collective)
     follow(world, group)
     return group
 

@@ -13,7 +13,8 @@ import torch
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.gather import gather_average
-from dilo.comm.protocol import ExchangeResult, Group, RoundId, RoundReport, two_phase_average
+from dilo.comm.protocol import ExchangeResult, Group, RoundId, RoundReport
+from dilo.comm.two_phase import two_phase_average
 
 
 class _Rendezvous:
@@ -33,9 +34,9 @@ class _Rendezvous:
 
 
 class LocalGroup(Group):
-    def __init__(self, rendezvous: _Rendezvous, rank: int):
+    def __init__(self, rendezvous: _Rendezvous, rank: int, pieces: int = 1):
         self._rv = rendezvous
-        self.rank = rank
+        self.rank, self.pieces = rank, pieces
         self.size = rendezvous.size
 
     def _all_to_all(self, buf: torch.Tensor) -> torch.Tensor:
@@ -46,13 +47,17 @@ class LocalGroup(Group):
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         return torch.cat(self._rv.exchange(self.rank, buf.clone()))
 
+    owner_error_on_request = True
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
-                                 aggregate=aggregate or self.aggregate, report=report)
+                                 aggregate=aggregate or self.aggregate, report=report, owner_error=owner_error,
+                                 pieces=self.pieces)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])
@@ -61,6 +66,7 @@ class LocalGroup(Group):
         return self._rv.exchange(self.rank, obj)
 
 
-def local_groups(size: int, timeout_s: float = 60.0) -> list[LocalGroup]:
+def local_groups(size: int, timeout_s: float = 60.0, pieces: int = 1) -> list[LocalGroup]:
+    """`pieces`: `comm.pieces` of their two-phase exchange (collectives in order, one at a time)."""
     rv = _Rendezvous(size, timeout_s)
-    return [LocalGroup(rv, rank) for rank in range(size)]
+    return [LocalGroup(rv, rank, pieces) for rank in range(size)]

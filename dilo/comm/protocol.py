@@ -25,17 +25,15 @@ global state stays bit-identical with any codec, lossy or not.
 from __future__ import annotations
 
 import math
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import blake3
 import torch
 
-from dilo.aggregate import MEAN, Aggregate, codec_limit, exchange_norms, token_weights
+from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
-from dilo.reduce_kernels import fused_contribution
 
 
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
@@ -133,8 +131,9 @@ class ExchangeResult:
     """Bytes this member received from the other processes of its own worker (fast
     intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
     owner_error: tuple[int, torch.Tensor] | None = None
-    """Two-phase exchange of a lossy codec: (offset, mean − decode(encode(mean))) of the chunk this
-    member owned, the part of the average its re-encode lost (`outer.owner_feedback`); None else."""
+    """Two-phase exchange of a lossy codec, when the caller asked for it (`owner_error=True`):
+    (offset, mean − decode(encode(mean))) of the chunk this member owned, the part of the average
+    its re-encode lost (`comm.owner_feedback`); None else."""
     reports: list = field(default_factory=list)
     """(tokens, steps, ready_seconds) of every member's `RoundReport`, member order, as this
     member received them as an owner; empty when the members sent none."""
@@ -167,6 +166,12 @@ class Group(ABC):
     """True when `average` also takes `out=`: a contiguous fp32 CPU tensor of `flat`'s size
     (it may be `flat` itself) that the average is written into, so a caller done with
     `flat` holds one model-sized vector through the exchange, not two."""
+    pieces: int = 1
+    """Pieces per owner chunk of the two-phase exchange (`comm.pieces`, dilo/comm/two_phase.py):
+    the same average for any value; groups that run `two_phase_average` pass it on."""
+    owner_error_on_request: bool = False
+    """True when `average` takes `owner_error=` and fills `ExchangeResult.owner_error` only when
+    it is true (`owner_error_keyword`); a group without it may always fill it."""
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
@@ -179,6 +184,8 @@ class Group(ABC):
         exchange all pass one or all pass none); the weights of `outer.weighting = tokens`.
 
         Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
+        A group with `owner_error_on_request` also takes `owner_error: bool = False`: compute the
+        owner's re-encode loss (`ExchangeResult.owner_error`) only when true.
         """
 
     def round_result(self, number: int) -> ExchangeResult:
@@ -242,6 +249,12 @@ class SoloGroup(Group):
         return [obj]
 
 
+def owner_error_keyword(group: Group, wanted: bool) -> dict:
+    """`average`'s keywords asking `group` for the owner error: none when not `wanted` or when
+    the group does not take the keyword (it then decides itself, as before the keyword)."""
+    return {"owner_error": True} if wanted and getattr(group, "owner_error_on_request", False) else {}
+
+
 def chunk_numel(numel: int, size: int, block_size: int) -> int:
     """Elements per owner chunk: equal chunks, each a whole number of codec blocks."""
     per_member = math.ceil(numel / size)
@@ -263,135 +276,6 @@ class ExchangeBuffers:
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             buf = self._bufs[name] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
-
-
-def two_phase_average(
-    flat: torch.Tensor,
-    codec: Codec,
-    rank: int,
-    size: int,
-    all_to_all: Callable[[torch.Tensor], torch.Tensor],
-    all_gather: Callable[[torch.Tensor], torch.Tensor],
-    buffers: ExchangeBuffers | None = None,
-    aggregate: Aggregate = MEAN,
-    report: RoundReport | None = None,
-    out: torch.Tensor | None = None,
-) -> ExchangeResult:
-    """The exchange described in the module docstring over two byte collectives.
-
-    `all_to_all(buf)` takes `size` equal byte slices (slice j for member j) and returns
-    `size` equal slices (slice i from member i); `all_gather(buf)` returns the
-    concatenation of every member's `buf` in member order. Both are blocking and must not
-    keep `buf` past their return (it is reused from `buffers` by the next exchange).
-
-    Memory: each chunk is encoded straight into its slice of the send buffer and decoded
-    straight into the result (only a short last chunk goes through a padded scratch
-    chunk); the owner decodes each contribution into one reused chunk. The bytes are the
-    same as encoding a zero-padded copy of `flat` chunk by chunk.
-
-    With `report`, each phase-1 slice is the chunk's bytes then the report's 24 bytes.
-    `out`: where the average is written (may be `flat`: phase 1 has read it by then).
-    """
-    start = time.perf_counter()
-    bufs = buffers if buffers is not None else ExchangeBuffers()
-    flat = flat.contiguous()
-    numel = flat.numel()
-    chunk = chunk_numel(numel, size, codec.block_size)
-    nbytes = codec.encoded_nbytes(chunk)
-    scratch = bufs.get("chunk", chunk, torch.float32)
-
-    def piece(member: int) -> torch.Tensor:
-        """Member's chunk of `flat`, zero-padded in `scratch` when it runs past the end."""
-        lo = member * chunk
-        if lo + chunk <= numel:
-            return flat[lo:lo + chunk]
-        scratch.zero_()
-        if lo < numel:
-            scratch[:numel - lo].copy_(flat[lo:])
-        return scratch
-
-    slot = nbytes + (RoundReport.NBYTES if report is not None else 0)  # one phase-1 slice
-    if codec.lossless and numel == chunk * size and report is None:  # fp32's encoding is the bytes themselves
-        send = flat.view(torch.uint8)
-    else:
-        send = bufs.get("send", slot * size, torch.uint8)
-        for member in range(size):
-            codec.encode(piece(member), out=send[member * slot:member * slot + nbytes])
-        if report is not None:
-            send.view(size, slot)[:, nbytes:] = _report_bytes(report)
-    # -- the owner's rule (dilo/aggregate.py; issue 13): clip first gathers every member's norm
-    norms = exchange_norms(send.view(size, slot), codec, chunk, all_gather) if aggregate.needs_norms else None
-    recv = all_to_all(send).view(size, slot)
-    reports = [] if report is None else [_as_tuple(r) for r in map(_report_from, recv[:, nbytes:])]
-    weights = token_weights([r[0] for r in reports]) if aggregate.weighting == "tokens" and reports else None
-    # Decode the contributions in member order; mean and clip add each one as it comes, so
-    # they reuse one chunk; the sorting rules keep the chunk's valid contributions together.
-    # fp32's contributions are their received bytes; int8 and fp4 are screened and summed
-    # straight from their bytes (dilo/reduce_kernels.py); the sum is a reused chunk.
-    if aggregate.name in ("mean", "clip") and codec.lossless and codec.name == "fp32":
-        def decode(member: int) -> torch.Tensor:
-            return recv[member, :nbytes].view(torch.float32)
-    elif aggregate.name in ("mean", "clip"):
-        def decode(member: int) -> torch.Tensor:
-            return codec.decode(recv[member, :nbytes], chunk, out=scratch)
-    else:
-        def decode(member: int) -> torch.Tensor:
-            return codec.decode(recv[member, :nbytes], chunk)
-    kernels = fused_contribution(codec)
-    fused = None if kernels is None else (*kernels, lambda member: recv[member, :nbytes])
-    mean, screened = aggregate.reduce(decode, size, chunk, codec_limit(codec), norms, weights,
-                                      total=bufs.get("sum", chunk, torch.float32), fused=fused)
-    accepted = len(screened.accepted)
-    # -- end of the owner's rule
-    encoded = codec.encode(mean, out=bufs.get("encoded", nbytes, torch.uint8))
-
-    gathered = all_gather(encoded).view(size, nbytes)
-    # int8/fp4: the average is finite exactly when every block scale of its real elements is
-    # (and no int8 product overflows): read off the bytes instead of a pass over the result.
-    finite = None if kernels is None else all(
-        kernels[0](gathered[m], chunk, min(chunk, numel - m * chunk)) for m in range(size) if m * chunk < numel)
-    average = torch.empty(numel, dtype=torch.float32) if out is None else _check_out(out, numel)
-    codec_error, owner_error = 0.0, None
-    for member in range(size):
-        lo = member * chunk
-        whole = lo + chunk <= numel
-        dst = codec.decode(gathered[member], chunk, out=average[lo:lo + chunk] if whole else scratch)
-        if not whole and lo < numel:
-            average[lo:].copy_(dst[:numel - lo])
-        if member == rank:  # the owner's own bytes decoded: its codec error, no extra decode
-            norm = mean.norm().item()
-            # mean − dst is the owner error a lossy codec hands back (fresh: results outlive the
-            # exchange); a lossless codec's goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
-            err = torch.sub(mean, dst, out=None if not codec.lossless else bufs.get("error", chunk, torch.float32))
-            codec_error = err.norm().item() / norm if norm > 0 else 0.0
-            if not codec.lossless and lo < numel:
-                owner_error = (lo, err[:min(chunk, numel - lo)])
-    # Counted from the buffers themselves: what leaves for other members in each phase
-    # (a member's own slice never touches the wire), and symmetrically what arrives.
-    sent = (send.numel() - slot) + encoded.numel() * (size - 1)
-    received = (recv.numel() - slot) + (gathered.numel() - encoded.numel())
-    if norms is not None:  # clip's one fp32 per member
-        sent, received = sent + 4 * (size - 1), received + 4 * (size - 1)
-    return ExchangeResult(average, sent, received, size, time.perf_counter() - start,
-                          dropped=size - accepted, codec_error=codec_error, owner_error=owner_error,
-                          rejected=screened.rejected,
-                          clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports,
-                          finite=finite)
-
-
-def _check_out(out: torch.Tensor, numel: int) -> torch.Tensor:
-    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != numel:
-        raise ValueError(f"out= must be a contiguous fp32 CPU tensor of {numel} elements, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    return out.view(-1)
-
-
-def _report_bytes(report: RoundReport) -> torch.Tensor:
-    return torch.tensor([report.tokens, report.steps, report.ready_seconds], dtype=torch.float64).view(torch.uint8)
-
-
-def _report_from(raw: torch.Tensor) -> RoundReport:
-    return RoundReport(*raw.clone().view(torch.float64).tolist())
 
 
 def _as_tuple(report: RoundReport) -> tuple[float, float, float]:

@@ -16,7 +16,7 @@ import torch
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.hierarchical import HierarchicalGroup
-from dilo.comm.protocol import ExchangeResult, RoundId, RoundReport
+from dilo.comm.protocol import ExchangeResult, RoundId, RoundReport, owner_error_keyword
 
 
 class ShardedGroup(HierarchicalGroup):
@@ -30,9 +30,11 @@ class ShardedGroup(HierarchicalGroup):
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
-                **named) -> ExchangeResult:
+                out: torch.Tensor | None = None, owner_error: bool = False) -> ExchangeResult:
         start = time.perf_counter()
-        res = self.inter.average(flat, codec, round, aggregate, report, **named)
+        named = {"out": out} if out is not None else {}
+        res = self.inter.average(flat, codec, round, aggregate, report, **named,
+                                 **owner_error_keyword(self.inter, owner_error))
         res.seconds = time.perf_counter() - start
         return res
 

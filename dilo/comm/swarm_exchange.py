@@ -26,7 +26,8 @@ import torch
 
 from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeResult, RoundReport, chunk_numel, two_phase_average
+from dilo.comm.protocol import ExchangeResult, RoundReport, chunk_numel
+from dilo.comm.two_phase import two_phase_average
 from dilo.comm.swarm_auth import AuthError
 from dilo.comm.swarm_node import PeerUnreachable, RemoteError, SwarmNode
 
@@ -289,10 +290,12 @@ class Mailboxes:
 
 def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec: Codec, timeout: float,
                      on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN,
-                     report: RoundReport | None = None) -> ExchangeResult:
+                     report: RoundReport | None = None, owner_error: bool = True) -> ExchangeResult:
     """The two-phase average among `group` (training thread; the collectives run on the loop).
     Raises ExchangeFailed when the round cannot complete here: nothing is applied then.
-    With `report`, phase-1 slices carry it (24 bytes more; a bad slice's report reads NaN tokens)."""
+    With `report`, phase-1 slices carry it (24 bytes more; a bad slice's report reads NaN tokens).
+    `owner_error` (`two_phase_average`): true by default, since `SwarmGroup.average` does not
+    take the keyword yet; the owner error costs one subtraction into a fresh chunk."""
     chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
     nbytes = codec.encoded_nbytes(chunk)
     poison = codec.encode(torch.full((chunk,), float("nan"))).numpy().tobytes()
@@ -314,7 +317,7 @@ def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec
         return collective(2, [to_bytes_view(buf)] * group.size)
 
     return two_phase_average(flat, codec, group.rank, group.size, all_to_all, all_gather, aggregate=aggregate,
-                             report=report)
+                             report=report, owner_error=owner_error)
 
 
 class Refusals:

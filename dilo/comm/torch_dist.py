@@ -18,7 +18,9 @@ from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport, two_phase_average)
+                                RoundReport)
+from dilo.comm.two_phase import started, two_phase_average
+from dilo.options import EXCHANGE_PIECES, check_pieces
 
 # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -40,10 +42,11 @@ def init_default_group(timeout_s: float, use_cuda: bool) -> None:
 class TorchGroup(Group):
     """All ranks of a torch.distributed process group (the default one if `pg` is None)."""
 
-    def __init__(self, pg: dist.ProcessGroup | None = None):
+    def __init__(self, pg: dist.ProcessGroup | None = None, pieces: int = EXCHANGE_PIECES):
         if not dist.is_initialized():
             raise RuntimeError("TorchGroup needs an initialised torch.distributed process group")
-        self.pg = pg
+        check_pieces(pieces)
+        self.pg, self.pieces = pg, pieces
         self.rank = dist.get_rank(pg)
         self.size = dist.get_world_size(pg)
         self._buffers = ExchangeBuffers()  # reused by every exchange: no model-sized allocation per step
@@ -58,17 +61,25 @@ class TorchGroup(Group):
         all_gather_single(out, buf, group=self.pg)
         return out
 
+    def _post_all_to_all(self, buf: torch.Tensor, out: torch.Tensor):
+        return started(dist.all_to_all_single(out, buf, group=self.pg, async_op=True), out)
+
+    def _post_all_gather(self, buf: torch.Tensor, out: torch.Tensor):
+        return started(all_gather_single(out, buf, group=self.pg, async_op=True), out)
+
     average_out = True  # (the gather exchange returns its own tensor: `out` is a permission)
+    owner_error_on_request = True
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
-                out: torch.Tensor | None = None) -> ExchangeResult:
+                out: torch.Tensor | None = None, owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
-                                 out=out)
+                                 out=out, owner_error=owner_error, pieces=self.pieces,
+                                 posts=(self._post_all_to_all, self._post_all_gather))
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)
