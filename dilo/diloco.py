@@ -242,9 +242,8 @@ class DiLoCo(OuterState):
         if why is not None:  # never encode it: send the no-contribution marker (dilo/aggregate.py)
             wire, sent = self._withhold(f, sent, why)
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
-        named = {}
-        if self.group.open_membership:  # exchange number = outer step + exchanges in flight
-            named["round"] = RoundId(self.outer_step + len(self.in_flight), self._digest())
+        named = {"round": RoundId(self.outer_step + len(self.in_flight), self._digest())} \
+            if self.group.open_membership else {}  # exchange number = outer step + exchanges in flight
         if report is not None:  # only rounds that report (time/token rounds, token weighting)
             named["report"] = report
         if reuse:

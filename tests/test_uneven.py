@@ -158,6 +158,7 @@ def test_a_swarm_exchange_carries_the_reports_and_weights_alike():
     for r in results:
         assert torch.equal(r.average, local[0].average)
         assert r.reports == [(w, w / 10, 0.0) for w in TOKENS]
+        assert r.owner_error is None  # made only when comm.owner_feedback asks (SwarmGroup passes it)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -81,6 +81,7 @@ MAX_ATTEMPTS = 8
 
 class SwarmGroup(Group):
     open_membership = True
+    owner_error_on_request = True
 
     def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
                  announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,
@@ -188,7 +189,8 @@ class SwarmGroup(Group):
 
     # -- rounds --------------------------------------------------------------------------
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         if round is None:
             raise TypeError("a swarm matches exchanges by their RoundId: pass round=")
         t, key = round.number, round.base
@@ -224,17 +226,16 @@ class SwarmGroup(Group):
                 return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
             group = outcome.group
             try:
-                result = self._exchange(group, flat, codec, aggregate or self.aggregate, report)
-            except ExchangeFailed as e:
+                result = self._exchange(group, flat, codec, aggregate or self.aggregate, report, owner_error)
+            except BaseException as e:
                 self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
+                if not isinstance(e, ExchangeFailed):
+                    raise
                 self.count("partial_rounds")
                 log.warning("round %d: exchange among %d peers failed (%s); nothing applied, retrying "
                             "with the live peers", t, group.size, e)
                 suspects |= e.peers - {self.name}
                 continue
-            except BaseException:
-                self.node.run(self.rounds.close_group(group, "aborted"), timeout=30)
-                raise
             self.node.run(self.rounds.close_group(group, "done"), timeout=30)
             self.rank, self.size = group.rank, group.size
             self._pending = False
@@ -254,8 +255,7 @@ class SwarmGroup(Group):
         return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
 
     def take_agreed(self) -> list | None:
-        """data.watch: the [name, size] files the last round's group agreed on (once; None after
-        an adoption, whose state carries its own manifest)."""
+        """data.watch: the [name, size] files the last round's group agreed on, once (None after an adoption)."""
         agreed, self._agreed = self._agreed, None
         return agreed
 
@@ -282,8 +282,7 @@ class SwarmGroup(Group):
 
     def round_result(self, number: int) -> ExchangeResult:
         """A round that was in flight when this peer adopted a state (it joined, or resynced)."""
-        fetched = self._fetch_result(number, None)
-        if fetched is not None:
+        if (fetched := self._fetch_result(number, None)) is not None:
             return fetched
         state = self.node.run(self.transfer.catch_up(number, "resync", self.lag), timeout=self.timeout + 120)
         if state is None:
@@ -296,14 +295,15 @@ class SwarmGroup(Group):
         return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=state)
 
     def _exchange(self, group: Exchange, flat: torch.Tensor, codec: Codec, aggregate: Aggregate,
-                  report: RoundReport | None = None) -> ExchangeResult:
+                  report: RoundReport | None = None, owner_error: bool = False) -> ExchangeResult:
         def dropped(problem: str) -> None:
             log.warning("round %d: dropped a contribution: %s", group.t, problem)
             self.count("rejected_contributions", reason="wrong_size")
 
         self._active = group
         try:
-            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate, report)
+            result = average_in_group(self.node, group, flat, codec, self.timeout, dropped, aggregate, report,
+                                      owner_error)
             result.rejected = [(group.peers[m], why) for m, why in result.rejected]  # name the peers
             return result
         finally:

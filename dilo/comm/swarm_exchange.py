@@ -290,12 +290,11 @@ class Mailboxes:
 
 def average_in_group(node: SwarmNode, group: Exchange, flat: torch.Tensor, codec: Codec, timeout: float,
                      on_bad_slice: Callable[[str], None], aggregate: Aggregate = MEAN,
-                     report: RoundReport | None = None, owner_error: bool = True) -> ExchangeResult:
+                     report: RoundReport | None = None, owner_error: bool = False) -> ExchangeResult:
     """The two-phase average among `group` (training thread; the collectives run on the loop).
     Raises ExchangeFailed when the round cannot complete here: nothing is applied then.
     With `report`, phase-1 slices carry it (24 bytes more; a bad slice's report reads NaN tokens).
-    `owner_error` (`two_phase_average`): true by default, since `SwarmGroup.average` does not
-    take the keyword yet; the owner error costs one subtraction into a fresh chunk."""
+    `owner_error` (`two_phase_average`): compute the owner error (comm.owner_feedback asks)."""
     chunk = chunk_numel(flat.numel(), group.size, codec.block_size)
     nbytes = codec.encoded_nbytes(chunk)
     poison = codec.encode(torch.full((chunk,), float("nan"))).numpy().tobytes()
