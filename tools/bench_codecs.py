@@ -18,7 +18,7 @@ out=y)`) for every codec, `finite` (`codec_kernels.all_finite(x)`), `max_abs`
 int8/fp4 `owner_add`: one contribution into the owner's fp32 sum (numba: screened and
 added from its bytes; torch: decode, `all_finite`, `add_`). `path` says
 which implementation ran: `numba` (dilo/codec_kernels.py for int8/fp4,
-dilo/lowbit_kernels.py for int2/sparse) or `torch` (the code dilo runs without numba;
+dilo/int2_kernels.py and dilo/sparse_kernels.py for int2/sparse) or `torch` (the code dilo runs without numba;
 int8, fp4, int2 and sparse (density 0.02, 2-bit values, blocks of 4096: its defaults) are
 measured on both, the cast codecs have only the torch one). Both paths' bytes, encoded and
 decoded, are compared at every size (`same_bytes`). `--codecs` picks the codecs (the
