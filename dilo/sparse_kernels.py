@@ -27,6 +27,9 @@ __all__ = ["sparse_decode_range", "sparse_encode"]
 
 _NAN_BITS = 0x7FC00000
 _INF_BITS = 0x7F800000
+_CTZ = np.zeros(256, np.int64)  # trailing zeros of a one-bit byte
+for _i in range(8):
+    _CTZ[1 << _i] = _i
 
 if codec_kernels.numba is not None:
     from numba import njit
@@ -41,34 +44,7 @@ if codec_kernels.numba is not None:
         return c
 
     @_kernel
-    def _select(a, c, target):
-        """The ``target``-th smallest (from 0) of ``a[:c]`` (reorders it): 3-way quickselect."""
-        lo, hi = 0, c - 1
-        while lo < hi:
-            p0, p1, p2 = a[lo], a[(lo + hi) // 2], a[hi]
-            pivot = max(min(p0, p1), min(max(p0, p1), p2))  # the median of three
-            lt, i, gt = lo, lo, hi
-            while i <= gt:
-                v = a[i]
-                if v < pivot:
-                    a[i], a[lt] = a[lt], v
-                    lt += 1
-                    i += 1
-                elif v > pivot:
-                    a[i], a[gt] = a[gt], v
-                    gt -= 1
-                else:
-                    i += 1
-            if target < lt:
-                hi = lt - 1
-            elif target > gt:
-                lo = gt + 1
-            else:
-                return pivot
-        return a[target]
-
-    @_kernel
-    def _top_k(u, r, k, guess, cand, cand_idx, work, idx):
+    def _top_k(u, r, k, guess, cand, cand_idx, idx):
         """Indices (increasing, into ``idx``) of the k largest of the non-negative int32
         ``u[:r]``, ties to the lower index; returns the k-th largest value ``t``.
 
@@ -76,19 +52,29 @@ if codec_kernels.numba is not None:
         elements ``>=`` a bound a little under it, lowered (by factors of 4, to 0 at worst)
         until at least k are; every chosen element is a candidate, and the candidates keep
         the order of their indices."""
-        g = max(np.int32(0), guess - np.int32(1 << 21))  # about 0.84 x guess
+        g = max(np.int32(0), guess - np.int32(1 << 19))  # about 0.96 x guess
         c = _count_ge(u, r, g)
+        drop = np.int32(1 << 21)  # then about 0.84 x, 0.5 x, and by factors of 4
         while c < k:
-            g = max(np.int32(0), g - np.int32(2 << 23))
+            g = max(np.int32(0), g - drop)
             c = _count_ge(u, r, g)
+            drop = np.int32(min(2 << 23, 4 * drop))
         c = 0
+        top = np.int32(0)
         for i in range(r):  # taken rarely: a predicted branch beats a branchless store
             if u[i] >= g:
                 cand[c] = u[i]
                 cand_idx[c] = i
+                top = max(top, u[i])
                 c += 1
-        work[:c] = cand[:c]
-        t = _select(work, c, c - k)
+        lo, hi = np.int64(g), np.int64(top) + 1  # at least k at or above lo, fewer at or above hi
+        while hi - lo > 1:  # bisection on the bit patterns: counts vectorize, swaps do not
+            mid = (lo + hi) >> 1
+            if _count_ge(cand, c, mid) >= k:
+                lo = mid
+            else:
+                hi = mid
+        t = np.int32(lo)
         need = k - _count_ge(cand, c, t + 1)  # ties at t to take, lowest indices first
         j = 0
         for i in range(c):
@@ -101,16 +87,19 @@ if codec_kernels.numba is not None:
 
     @_kernel
     def _put_bits(out, base, pos, value, nbits):
-        for t in range(nbits):
-            if (value >> t) & 1:
-                p = pos + t
-                out[base + (p >> 3)] |= np.uint8(1 << (p & 7))
+        """OR the ``nbits`` low bits of ``value`` into ``out`` at bit ``pos`` past byte ``base``."""
+        v = (np.int64(value) & ((np.int64(1) << nbits) - 1)) << (pos & 7)
+        b = base + (pos >> 3)
+        while v:  # only bytes that get a set bit: all within the block's bytes
+            out[b] |= np.uint8(v & 0xFF)
+            v >>= 8
+            b += 1
 
     @_kernel
     def _sparse_encode(bits, out, scales, block_size, k, low, vb, full_nbytes):
         n = bits.size
         u = np.empty(block_size, np.int32)
-        cand, work = np.empty(block_size, np.int32), np.empty(block_size, np.int32)
+        cand = np.empty(block_size, np.int32)
         cand_idx = np.empty(block_size, np.int64)
         t = np.int32(_INF_BITS)  # the previous block's k-th largest key: the next one's first guess
         idx = np.empty(k, np.int64)
@@ -131,7 +120,7 @@ if codec_kernels.numba is not None:
                 u[i] = v
             kept = min(k, r)
             if r >= k:
-                t = _top_k(u, r, k, t, cand, cand_idx, work, idx)
+                t = _top_k(u, r, k, t, cand, cand_idx, idx)
             else:  # every element, then zero padding (which sets m to 0, or NaN)
                 for i in range(r):
                     idx[i] = i
@@ -177,11 +166,12 @@ if codec_kernels.numba is not None:
 
     @_kernel
     def _get_bits(buf, base, pos, nbits):
+        """The ``nbits`` bits at bit ``pos`` past byte ``base`` (within the block's bytes)."""
+        first = base + (pos >> 3)
         v = np.int64(0)
-        for t in range(nbits):
-            p = pos + t
-            v |= np.int64((buf[base + (p >> 3)] >> (p & 7)) & 1) << t
-        return v
+        for t in range(((pos & 7) + nbits + 7) >> 3):
+            v |= np.int64(buf[first + t]) << (8 * t)
+        return (v >> (pos & 7)) & ((np.int64(1) << nbits) - 1)
 
     @_kernel
     def _sparse_decode(buf, scales, out, numel, lo, hi, block_size, k, low, vb, full_nbytes):
@@ -198,11 +188,16 @@ if codec_kernels.numba is not None:
             upper = kept + ((r - 1) >> low) + 1
             base = blk * full_nbytes
             c = 0
-            for p in range(upper):
-                if (buf[base + (p >> 3)] >> (p & 7)) & 1:
+            for q in range((upper + 7) >> 3):  # the unary bitmap, a set bit at a time
+                byte = np.int64(buf[base + q])
+                if 8 * q + 8 > upper:
+                    byte &= (1 << (upper - 8 * q)) - 1
+                while byte:
+                    p = 8 * q + _CTZ[byte & -byte]
                     if c < kept:
                         idx[c] = (p - c) << low
                     c += 1
+                    byte &= byte - 1
             if c != kept:
                 return -1 - blk
             m, s = scales[2 * blk], scales[2 * blk + 1]
