@@ -114,74 +114,94 @@ if codec_kernels.numba is not None:
             total += acc[t]
         return total
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _block_sum(x, start, stop, block_size, lanes, sq, acc):
+        """sum(x[start:stop]**2) in fp64 as torch sums the zero-padded block."""
+        xb, tail = x[start:stop], sq[stop - start:]  # (slices indexed from 0: no wraparound
+        for i in range(xb.size):  # check, so the loops vectorize) x**2 exactly (fits a float64)
+            v = np.float64(xb[i])
+            sq[i] = v * v
+        for i in range(tail.size):
+            tail[i] = 0.0
+        # (inlined: with the usual 4 lanes a constant, its loops unroll)
+        return _sumsq(sq, 4, acc) if lanes == 4 else _sumsq(sq, lanes, acc)
+
     @_kernel
     def _int2_scales(x, sums, scales, block_size, lanes):
         """Every block's sum of squares (fp64) and scale; returns how many sums are NaN."""
         n = x.size
-        acc = np.zeros(16 * lanes, np.float64)
-        sq = np.empty(block_size, np.float64)
+        acc, sq = np.zeros(16 * lanes, np.float64), np.empty(block_size, np.float64)
         nans = 0
         for blk, start in enumerate(range(0, n, block_size)):
-            xb = x[start:min(start + block_size, n)]
-            for i in range(xb.size):  # x**2 exactly (a float32 squared fits a float64)
-                v = np.float64(xb[i])
-                sq[i] = v * v
-            for i in range(xb.size, block_size):
-                sq[i] = 0.0
-            # (inlined: with the usual 4 lanes a constant, its loops unroll)
-            total = _sumsq(sq, 4, acc) if lanes == 4 else _sumsq(sq, lanes, acc)
-            if total != total:
-                nans += 1
+            total = _block_sum(x, start, min(start + block_size, n), block_size, lanes, sq, acc)
+            nans += total != total
             sums[blk] = total
             scales[blk] = np.float32(np.sqrt(total / block_size))
         return nans
 
     @_kernel
-    def _int2_codes(x, scales, out, block_size):
-        """2-bit codes of every block, given its scale, packed 4 to a byte into ``out``."""
+    def _block_codes(x, start, stop, s, codes, out):
+        """The 2-bit codes of x[start:stop] given its block's scale ``s``, into the packed ``out``."""
         n = x.size
-        codes = np.empty(block_size + 4, np.uint8)
         lo, hi, zero, one, two = np.float32(-2), np.float32(1), np.float32(0), np.float32(1), np.float32(2)
+        divisor = s if s > 0 else one
+        head = start % 4  # codes of the byte a previous block began
+        xb, cb = x[start:stop], codes[head:head + stop - start]
+        for i in range(xb.size):
+            w = xb[i] / divisor
+            w = zero if w != w else np.floor(w)
+            w = lo if w < lo else w
+            w = hi if w > hi else w
+            cb[i] = np.uint8(w + two)
+        m = head + stop - start
+        if stop == n:  # padding codes are 0
+            while m % 4:
+                codes[m] = 0
+                m += 1
+        first = start // 4
+        full_from = 0
+        if head:
+            byte = np.int64(out[first])
+            for i in range(head, min(4, m)):
+                byte |= np.int64(codes[i]) << (2 * i)
+            out[first] = np.uint8(byte)
+            full_from = 4
+            first += 1
+        if m <= full_from:
+            return
+        whole = (m - full_from) // 4
+        ob, cw = out[first:first + whole], codes[full_from:full_from + 4 * whole]
+        for j in range(ob.size):
+            ob[j] = cw[4 * j] | (cw[4 * j + 1] << 2) | (cw[4 * j + 2] << 4) | (cw[4 * j + 3] << 6)
+        rest = m - full_from - 4 * whole
+        if rest > 0:  # the start of a byte the next block ends
+            byte = np.int64(0)
+            for i in range(rest):
+                byte |= np.int64(codes[full_from + 4 * whole + i]) << (2 * i)
+            out[first + whole] = np.uint8(byte)
+
+    @_kernel
+    def _int2_codes(x, scales, out, block_size):
+        """Codes of every block, given its scale (torch's, when the sum order is not reproduced)."""
+        codes = np.empty(block_size + 4, np.uint8)
+        for blk, start in enumerate(range(0, x.size, block_size)):
+            _block_codes(x, start, min(start + block_size, x.size), scales[blk], codes, out)
+
+    @_kernel
+    def _int2_encode(x, scales, out, block_size, lanes):
+        """Scale and codes block by block (x is read from memory once); returns how many
+        blocks summed to NaN (their scales are torch's to set, their codes do not depend on it)."""
+        n = x.size
+        acc, sq = np.zeros(16 * lanes, np.float64), np.empty(block_size, np.float64)
+        codes = np.empty(block_size + 4, np.uint8)
+        nans = 0
         for blk, start in enumerate(range(0, n, block_size)):
             stop = min(start + block_size, n)
-            s = scales[blk]
-            divisor = s if s > 0 else one
-            head = start % 4  # codes of the byte a previous block began
-            xb = x[start:stop]
-            cb = codes[head:head + xb.size]
-            for i in range(xb.size):
-                w = xb[i] / divisor
-                w = zero if w != w else np.floor(w)
-                w = lo if w < lo else w
-                w = hi if w > hi else w
-                cb[i] = np.uint8(w + two)
-            m = head + xb.size
-            if stop == n:  # padding codes are 0
-                while m % 4:
-                    codes[m] = 0
-                    m += 1
-            first = start // 4
-            full_from = 0
-            if head:
-                byte = np.int64(out[first])
-                for i in range(head, min(4, m)):
-                    byte |= np.int64(codes[i]) << (2 * i)
-                out[first] = np.uint8(byte)
-                full_from = 4
-                first += 1
-            if m <= full_from:
-                continue
-            whole = (m - full_from) // 4
-            ob = out[first:first + whole]
-            cw = codes[full_from:full_from + 4 * whole]
-            for j in range(whole):
-                ob[j] = cw[4 * j] | (cw[4 * j + 1] << 2) | (cw[4 * j + 2] << 4) | (cw[4 * j + 3] << 6)
-            rest = m - full_from - 4 * whole
-            if rest > 0:  # the start of a byte the next block ends
-                byte = np.int64(0)
-                for i in range(rest):
-                    byte |= np.int64(codes[full_from + 4 * whole + i]) << (2 * i)
-                out[first + whole] = np.uint8(byte)
+            total = _block_sum(x, start, stop, block_size, lanes, sq, acc)
+            nans += total != total
+            scales[blk] = np.float32(np.sqrt(total / block_size))
+            _block_codes(x, start, stop, scales[blk], codes, out)
+        return nans
 
     @_kernel
     def _int2_decode(packed, scales, out, block_size, levels):
@@ -245,15 +265,14 @@ def int2_encode(codec, x: torch.Tensor, out: torch.Tensor) -> None:
     blocks = codec._num_blocks(n)
     scales = np.empty(blocks, np.float32)
     lanes = _torch_lanes(b)
-    nans = _int2_scales(_np(x), np.empty(blocks, np.float64), scales, b, lanes) if lanes else -1
     t = torch.from_numpy(scales)
-    if nans < 0:  # torch's own reduction, chunk by chunk as the torch path
+    if not lanes:  # torch's own reduction, chunk by chunk as the torch path, then the codes
         for el, bl in codec._chunks(n):
             t[bl] = codec._scale(_blocks(x[el], b)).view(-1)
-    elif nans:  # the NaN blocks' payloads, as torch's order of operands leaves them
-        for blk in np.flatnonzero(np.isnan(scales)).tolist():
+        _int2_codes(_np(x), scales, _np(out[:payload]), b)
+    elif _int2_encode(_np(x), scales, _np(out[:payload]), b, lanes):
+        for blk in np.flatnonzero(np.isnan(scales)).tolist():  # torch's NaN payloads
             t[blk] = codec._scale(_blocks(x[blk * b:(blk + 1) * b], b)).view(())
-    _int2_codes(_np(x), scales, _np(out[:payload]), b)
     out[payload:] = t.view(torch.uint8)
 
 

@@ -180,10 +180,11 @@ if codec_kernels.numba is not None:
         levels = 1 << (vb - 1)
         top = np.float32(levels - 1)
         idx = np.empty(k, np.int64)
-        out[:] = 0
         for blk in range(lo // block_size, (hi + block_size - 1) // block_size):
             start = blk * block_size
             r = min(block_size, numel - start)
+            a, z = max(lo, start), min(hi, start + r)
+            out[a - lo:z - lo] = 0  # block by block: its values land in cache, not in memory
             kept = min(k, r)
             upper = kept + ((r - 1) >> low) + 1
             base = blk * full_nbytes
