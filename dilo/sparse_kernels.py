@@ -61,12 +61,12 @@ if codec_kernels.numba is not None:
             drop = np.int32(min(2 << 23, 4 * drop))
         c = 0
         top = np.int32(0)
-        for i in range(r):  # taken rarely: a predicted branch beats a branchless store
-            if u[i] >= g:
-                cand[c] = u[i]
-                cand_idx[c] = i
-                top = max(top, u[i])
-                c += 1
+        for i in range(r):  # branchless: write every element, keep it when it counts
+            v = u[i]
+            cand[c] = v
+            cand_idx[c] = i
+            c += v >= g
+            top = max(top, v)
         lo, hi = np.int64(g), np.int64(top) + 1  # at least k at or above lo, fewer at or above hi
         while hi - lo > 1:  # bisection on the bit patterns: counts vectorize, swaps do not
             mid = (lo + hi) >> 1
@@ -99,8 +99,8 @@ if codec_kernels.numba is not None:
     def _sparse_encode(bits, out, scales, block_size, k, low, vb, full_nbytes):
         n = bits.size
         u = np.empty(block_size, np.int32)
-        cand = np.empty(block_size, np.int32)
-        cand_idx = np.empty(block_size, np.int64)
+        cand = np.empty(block_size + 1, np.int32)  # (+1: the branchless gather writes one past)
+        cand_idx = np.empty(block_size + 1, np.int64)
         t = np.int32(_INF_BITS)  # the previous block's k-th largest key: the next one's first guess
         idx = np.empty(k, np.int64)
         fld = np.empty(k, np.int64)
