@@ -20,7 +20,8 @@ Byte layouts, for ``n`` elements, scales fp32 in native (little-endian) byte ord
 - ``sparse`` (SparseLoCo-style top-k): blocks of ``b`` elements (``comm.sparse_block``);
   each keeps ``k = max(1, floor(density * b + 0.5))`` entries (a last, short block of
   ``r`` elements keeps ``k' = min(k, r)``): the ``k`` largest ``|x|``, ties to the lower
-  index (NaN counts as +inf). A block's payload is a little-endian bit string (bit ``i``
+  index (NaN counts as +inf, and +inf as the largest finite float: ``nan_to_num``).
+  A block's payload is a little-endian bit string (bit ``i``
   is bit ``i % 8`` of byte ``i // 8``), zero-padded to whole bytes. Its kept offsets
   ``o_0 < ... < o_{k'-1}`` (within the block) are Elias–Fano coded with
   ``l = bit_length(b // k) - 1`` low bits: first a bitmap of ``k' + ((r - 1) >> l) + 1``
@@ -42,8 +43,9 @@ Byte layouts, for ``n`` elements, scales fp32 in native (little-endian) byte ord
 The sparse codec is exchanged by all-gather (``exchange = "gather"``, dilo/comm/gather.py):
 an owner's mean of M sparse vectors is up to M times denser and could not be re-encoded
 at the same density without a second loss. Both codecs run in torch (vectorized per
-chunk of whole blocks); tests/test_codec_lowbit.py checks them against a plain-Python
-reference of the rules above.
+chunk of whole blocks) and, when numba is installed, as one-pass kernels
+(dilo/int2_kernels.py, dilo/sparse_kernels.py) that give the same bytes; tests/test_codec_lowbit.py checks them
+against a plain-Python reference of the rules above.
 """
 
 from __future__ import annotations
@@ -55,7 +57,16 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from dilo.codec_base import _CHUNK_NUMEL, Codec, _as, _BlockCodec, _blocks, _check_input, _check_out
+from dilo import codec_kernels, int2_kernels, sparse_kernels
+from dilo.codec_base import (
+    _CHUNK_NUMEL,
+    Codec,
+    _as,
+    _BlockCodec,
+    _blocks,
+    _check_input,
+    _check_out,
+)
 from dilo.options import check_sparse_options
 
 __all__ = ["Int2", "Sparse"]
@@ -78,6 +89,10 @@ class Int2(_BlockCodec):
         x = _check_input(x)
         n = x.numel()
         out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
+        if codec_kernels.BACKEND == "numba":
+            int2_kernels.int2_encode(self, x, out)
+            return out
+        codec_kernels.warn_if_slow()
         codes = torch.zeros(self._payload_nbytes(n) * 4, dtype=torch.uint8)
         scales = torch.empty(self._num_blocks(n), dtype=torch.float32)
         work = self._scratch(torch.float32)
@@ -97,6 +112,10 @@ class Int2(_BlockCodec):
 
     def decode(self, buf: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         out = _check_out(out, torch.float32, numel)
+        if codec_kernels.BACKEND == "numba":
+            int2_kernels.int2_decode(self, buf, numel, out)
+            return out
+        codec_kernels.warn_if_slow()
         packed, scale = self._split(buf, numel)
         codes = torch.stack([(packed >> (2 * i)) & 3 for i in range(4)], dim=1).view(-1)[:numel]
         return self._decode_by_table(codes, _INT2_LEVELS, scale, numel, out)
@@ -202,6 +221,10 @@ class Sparse(Codec):
         x = _check_input(x)
         n, b, k = x.numel(), self.block_size, self.keep
         out = _check_out(out, torch.uint8, self.encoded_nbytes(n))
+        if codec_kernels.BACKEND == "numba":
+            sparse_kernels.sparse_encode(self, x, out)
+            return out
+        codec_kernels.warn_if_slow()
         blocks, payload = self._layout(n)
         scales = torch.empty(blocks, 2, dtype=torch.float32)
         full = self._block_nbytes(b)
@@ -246,6 +269,10 @@ class Sparse(Codec):
             raise ValueError(f"decode_range needs a block-aligned lo and lo <= hi <= {numel}, got [{lo}, {hi})")
         buf = self._check_buf(buf, numel)
         out = _check_out(out, torch.float32, hi - lo)
+        if codec_kernels.BACKEND == "numba":
+            sparse_kernels.sparse_decode_range(self, buf, numel, lo, hi, out)
+            return out
+        codec_kernels.warn_if_slow()
         b, levels = self.block_size, 1 << (self.value_bits - 1)
         blocks, payload = self._layout(numel)
         scales = _as(buf[payload:], torch.float32).view(blocks, 2)

@@ -2,6 +2,8 @@
 
     python tools/bench_codecs.py --out docs/results/codecs.json --png docs/img/codecs.png
     python tools/bench_codecs.py --quick --out runs/bench/codecs.json
+    python tools/bench_codecs.py --codecs int2,sparse --sizes 16M,64M --repeats 5 \
+        --out docs/results/codecs_i12e.json --png docs/img/codecs_i12e.png
 
 Single thread (`torch.set_num_threads(1)`; the numba kernels are single-threaded). For
 each size the fp32 input `x` (random normal, scaled like a pseudo-gradient) and every
@@ -15,10 +17,12 @@ out=y)`) for every codec, `finite` (`codec_kernels.all_finite(x)`), `max_abs`
 (`reduce_kernels.max_abs(x)`: finiteness and a cast codec's limit in one pass), and for
 int8/fp4 `owner_add`: one contribution into the owner's fp32 sum (numba: screened and
 added from its bytes; torch: decode, `all_finite`, `add_`). `path` says
-which implementation ran: `numba` (dilo/codec_kernels.py) or `torch` (the code dilo
-runs without numba; int8 and fp4 are measured on both, the cast codecs, int2 and sparse
-(density 0.02, 2-bit values, blocks of 4096: its defaults) have only the torch one). Both
-paths' bytes are compared at every size (`same_bytes`).
+which implementation ran: `numba` (dilo/codec_kernels.py for int8/fp4,
+dilo/int2_kernels.py and dilo/sparse_kernels.py for int2/sparse) or `torch` (the code dilo runs without numba;
+int8, fp4, int2 and sparse (density 0.02, 2-bit values, blocks of 4096: its defaults) are
+measured on both, the cast codecs have only the torch one). Both paths' bytes, encoded and
+decoded, are compared at every size (`same_bytes`). `--codecs` picks the codecs (the
+`finite` and `max_abs` rows come with every run).
 
 `--startup` (on by default when numba is installed) times, in fresh processes, what
 the kernels add to a process start: compiling them with an empty cache (`cold`) and
@@ -48,7 +52,8 @@ from tools.report import (ToolError, describe, document, png_path, require_matpl
                           run_tool, write_json)
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_CODECS = ("int8", "fp4")
+KERNEL_CODECS = ("int8", "fp4", "int2", "sparse")
+OWNER_ADD_CODECS = ("int8", "fp4")  # those with a fused owner-side add (dilo/reduce_kernels.py)
 # What a fresh process pays for the kernels: import, then the first call of each one.
 STARTUP_PROBE = """
 import json, time
@@ -59,7 +64,7 @@ from dilo import codec_kernels
 from dilo.codecs import get_codec
 t2 = time.perf_counter()
 x = torch.randn(1000)
-for name in ("int8", "fp4"):
+for name in ("int8", "fp4", "int2", "sparse"):
     c = get_codec(name)
     c.decode(c.encode(x), 1000)
 codec_kernels.all_finite(x)
@@ -84,17 +89,17 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def operations(n: int, x: torch.Tensor, block_size: int, paths: list[str]):
+def operations(n: int, x: torch.Tensor, args: argparse.Namespace, paths: list[str]):
     """(codec, op, path, callable) for every measured operation at size n."""
-    ops = []
+    ops, block_size = [], args.block_size
     y, total = torch.empty(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)
-    for name in CODEC_NAMES:
+    for name in args.codecs:
         codec = get_codec(name, block_size)
         buf = torch.empty(codec.encoded_nbytes(n), dtype=torch.uint8)
         for path in paths if name in KERNEL_CODECS else ["torch"]:
             ops.append((name, "encode", path, lambda c=codec, b=buf: c.encode(x, out=b)))
             ops.append((name, "decode", path, lambda c=codec, b=buf: c.decode(b, n, out=y)))
-            if name in KERNEL_CODECS:  # after encode: buf holds real bytes
+            if name in OWNER_ADD_CODECS:  # after encode: buf holds real bytes
                 ops.append((name, "owner_add", path, _owner_add(codec, buf, n, y, total, path)))
     for path in paths:
         ops.append(("-", "finite", path, lambda: codec_kernels.all_finite(x)))
@@ -113,13 +118,13 @@ def _owner_add(codec, buf: torch.Tensor, n: int, y: torch.Tensor, total: torch.T
     return lambda: (codec.decode(buf, n, out=y), codec_kernels.all_finite(y), total.add_(y))
 
 
-def same_bytes(x: torch.Tensor, block_size: int) -> bool | None:
-    if "numba" not in available_paths():
+def same_bytes(x: torch.Tensor, block_size: int, codecs: list[str]) -> bool | None:
+    if "numba" not in available_paths() or not set(codecs) & set(KERNEL_CODECS):
         return None
     results = []
     for path in ("numba", "torch"):
         codec_kernels.use_backend(path)
-        for name in KERNEL_CODECS:
+        for name in (c for c in codecs if c in KERNEL_CODECS):
             codec = get_codec(name, block_size)
             buf = codec.encode(x)
             results.append((path, name, buf, codec.decode(buf, x.numel()).view(torch.int32)))
@@ -137,8 +142,8 @@ def measure_size(n: int, args: argparse.Namespace) -> list[dict]:
     x = torch.randn(n, generator=gen) * 1e-3
     dst = torch.empty_like(x)
     paths = available_paths()
-    agree = same_bytes(x, args.block_size)
-    ops = operations(n, x, args.block_size, paths)
+    agree = same_bytes(x, args.block_size, args.codecs)
+    ops = operations(n, x, args, paths)
     samples = {(c, o, p): {"s": [], "copy_s": [], "ratio": []} for c, o, p, _ in ops}
     for _ in range(args.warmup):
         for codec, op, path, fn in ops:
@@ -223,7 +228,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default="1M,16M,64M", help="element counts, comma-separated")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per size")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per size")
-    p.add_argument("--block-size", type=int, default=256, help="int8/fp4 block size")
+    p.add_argument("--block-size", type=int, default=256, help="int8/fp4/int2 block size")
+    p.add_argument("--codecs", default=",".join(CODEC_NAMES), help="codecs to measure, comma-separated")
     p.add_argument("--startup", choices=("auto", "on", "off"), default="auto",
                    help="time the kernels' compile in fresh processes (auto: when numba is installed)")
     p.add_argument("--quick", action="store_true", help="sizes 1M,4M, 3 repeats, no startup")
@@ -234,6 +240,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.repeats, args.startup = "1M,4M", 3, "off"
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = [c for c in args.codecs if c not in CODEC_NAMES]
+    if unknown or not args.codecs:
+        raise ToolError(f"--codecs: {', '.join(unknown) or 'none given'}; choose from {', '.join(CODEC_NAMES)}")
     if args.repeats < 1 or args.block_size < 1 or not args.sizes:
         raise ToolError("--repeats and --block-size must be >= 1 and --sizes non-empty")
     return args
@@ -246,7 +256,7 @@ def main(argv: list[str]) -> int:
         require_matplotlib()
     torch.set_num_threads(1)
     settings = {"sizes": args.sizes, "repeats": args.repeats, "warmup": args.warmup,
-                "block_size": args.block_size, "threads": 1, "note": args.note,
+                "block_size": args.block_size, "codecs": args.codecs, "threads": 1, "note": args.note,
                 "numba": codec_kernels.NUMBA_VERSION, "paths": available_paths()}
     startup = None
     if args.startup == "on" or (args.startup == "auto" and codec_kernels.numba is not None):
