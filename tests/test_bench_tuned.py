@@ -33,7 +33,21 @@ def test_the_default_sweep_runs_both_methods():
     assert sorted({r["kind"] for r in bench_tuned.sweep(args, args.seeds)}) == ["ddp", "diloco"]
 
 
-@pytest.mark.parametrize("methods", ["", "ddp,single"])
+def test_sweep_methods_none_runs_the_variants_alone_on_their_seeds():
+    args = bench_tuned.parse([*SMALL, "--sweep-methods", "none", "--seeds", "2",
+                              "--variant", "decay0=--inner.min_lr_ratio 0.0",
+                              "--variant", "ddp:ddp decay0=--inner.lr 4e-3 --inner.min_lr_ratio 0.0",
+                              "--baseline", "ddp decay0"])
+    assert bench_tuned.sweep(args, args.seeds) == []
+    assert bench_tuned.confirm(args, bench_tuned.best_settings([])) == []
+    runs = {r["config"]: check_config(r["args"]) for r in bench_tuned.variants(args)}
+    assert {(c.run.mode, c.run.seed, c.inner.min_lr_ratio) for c in runs.values()} == {("diloco", 2, 0.0),
+                                                                                      ("ddp", 2, 0.0)}
+    with pytest.raises(ToolError, match="--variant"):
+        bench_tuned.parse([*SMALL, "--sweep-methods", "none"])
+
+
+@pytest.mark.parametrize("methods", ["", "ddp,single", "none,ddp"])
 def test_bad_sweep_methods_are_refused(methods):
     with pytest.raises(ToolError):
         bench_tuned.parse([*SMALL, "--sweep-methods", methods])

@@ -21,7 +21,8 @@ CLI runs (`torchrun -m dilo.train`, read back from their summaries), in three ph
 Each method at its own schedule: a variant's ARGS come after the common ones, so they override
 them for that variant alone; e.g. DiLoCo without the inner lr decay against data-parallel with it:
 `--variant "H50 no decay=--inner.min_lr_ratio 1.0"` (`ddp:NAME=ARGS` for data-parallel's own).
-`--sweep-methods ddp` sweeps data-parallel only, so DiLoCo runs just as its variants.
+`--sweep-methods ddp` sweeps data-parallel only, so DiLoCo runs just as its variants; `none` runs
+the variants alone (e.g. more seeds of a best-vs-best pair, paired with `--baseline`).
 
 Reported per configuration: final eval loss over seeds (mean, std, min, max), bytes per
 worker, and the loss and bytes ratios to the best data-parallel setting, paired by seed.
@@ -288,7 +289,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep-methods", default="ddp,diloco",
                    help="comma list: which methods the sweep (and confirm) phases run (default ddp,diloco); "
                         "'ddp' alone gives DiLoCo only its --variant runs, e.g. each at its own inner schedule "
-                        "(--inner.min_lr_ratio ...) against data-parallel at its tuned one")
+                        "(--inner.min_lr_ratio ...) against data-parallel at its tuned one; 'none': only the "
+                        "--variant runs (name the data-parallel one with --baseline), e.g. more seeds of a "
+                        "best-vs-best pair")
     p.add_argument("--baseline", metavar="CONFIG",
                    help="the configuration every ratio is to, paired by seed (default: the best data-parallel "
                         "sweep setting); e.g. a ddp variant's NAME, data-parallel at its own schedule")
@@ -311,8 +314,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     cfg = check_config(args.dilo_args)
     args.steps = args.steps or cfg.run.steps
     args.sweep_methods = [m for m in args.sweep_methods.split(",") if m]
-    if not args.sweep_methods or set(args.sweep_methods) - {"ddp", "diloco"}:
-        raise ToolError(f"--sweep-methods {','.join(args.sweep_methods)!r}: write a comma list of ddp and diloco")
+    if args.sweep_methods == ["none"]:
+        args.sweep_methods = []
+    elif not args.sweep_methods or set(args.sweep_methods) - {"ddp", "diloco"}:
+        raise ToolError(f"--sweep-methods {','.join(args.sweep_methods)!r}: write a comma list of ddp and "
+                        "diloco, or none (variants only)")
     args.H = [int(h) for h in args.H.split(",")]
     args.codecs = args.codecs.split(",")
     args.outer_lrs, args.ddp_lrs = floats(args.outer_lrs), floats(args.ddp_lrs)
@@ -335,6 +341,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         check_config([*args.dilo_args, *extra.split()])  # a bad variant fails now, not after the sweep
     known = [name for _, name, _ in args.variants] + [f"ddp lr={lr:g}" if lr is not None else "ddp"
                                                       for lr in args.ddp_lrs]
+    if not args.sweep_methods and not args.variants:
+        raise ToolError("--sweep-methods none runs only the --variant runs: give at least one --variant")
     if args.baseline is not None and args.baseline not in known:
         raise ToolError(f"--baseline {args.baseline!r}: name a data-parallel sweep setting or a variant "
                         f"({', '.join(known)})")
