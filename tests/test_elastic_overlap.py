@@ -91,6 +91,34 @@ def make(ledger: Ledger, overlap: str, join: GlobalState | None = None, group: G
     return diloco, model, opt
 
 
+def train_to_the_end(late: DiLoCo, model, opt, **outer) -> list:
+    """Trainer.run's loop around `late` (its inner step replaced by the test's): the trainer's
+    outer-step boundary and its drain at the end, without a world around it; `outer`: the
+    config's outer.* keys that `late` was built with. Returns the sync stats."""
+    from types import SimpleNamespace
+
+    from dilo.config import Config
+    from dilo.rounds import RoundClock
+    from dilo.train import Trainer
+    from dilo.worker_state import WorkerState
+
+    cfg = Config()
+    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments = STEPS, H, 2
+    for key, value in outer.items():
+        setattr(cfg.outer, key, value)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
+    trainer.state = WorkerState(cfg, 1, 2, model, opt, SimpleNamespace(state_dict=dict), late)
+    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
+    synced = []
+    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
+    while not trainer.at_end():
+        inner_step(model, opt, 1, trainer.state.inner_step)
+        trainer.state.inner_step += 1
+        trainer.outer_boundary(torch.zeros(()))
+    return synced
+
+
 @pytest.mark.parametrize("overlap", ["none", "delayed", "eager"])
 @pytest.mark.parametrize("join_at", [14, 25, 30])
 def test_a_member_that_adopts_mid_run_fetches_the_rounds_in_flight_and_agrees(overlap, join_at):
@@ -149,13 +177,6 @@ def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
     fetched with it must still be applied, or the member ends one outer step short, with
     another final hash than every other peer (seen once as a flaky
     tests/test_swarm.py::test_overlapped_swarm_admits_a_joiner_that_fetches_the_rounds_in_flight)."""
-    from types import SimpleNamespace
-
-    from dilo.config import Config
-    from dilo.rounds import RoundClock
-    from dilo.train import Trainer
-    from dilo.worker_state import WorkerState
-
     ledger = Ledger()
     ledger.states = {}
     first, model, opt = make(ledger, "eager")
@@ -168,18 +189,7 @@ def test_a_state_adopted_at_the_end_of_the_run_is_drained_before_the_run_ends():
 
     # the others went on to the end without this member
     late, model2, opt2 = make(ledger, "eager", group=Behind(ledger, final - 6, newer))
-    cfg = Config()
-    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.overlap = STEPS, H, 2, "eager"
-    trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
-    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
-    trainer.state = WorkerState(cfg, 1, 2, model2, opt2, SimpleNamespace(state_dict=dict), late)
-    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
-    synced = []
-    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
-    while not trainer.at_end():  # Trainer.run's loop, its inner step replaced by the test's
-        inner_step(model2, opt2, 1, trainer.state.inner_step)
-        trainer.state.inner_step += 1
-        trainer.outer_boundary(torch.zeros(()))
+    synced = train_to_the_end(late, model2, opt2, overlap="eager")
     assert any(s.adopted and s.outer_step == final - 1 for s in synced)
     assert len(late.in_flight) == 0 and ledger.fetched[-1] == final - 1
     assert late.outer_step == final and late.global_hash() == first.global_hash()
@@ -236,13 +246,6 @@ def test_a_state_adopted_at_the_end_without_overlap_ends_on_the_swarms_final_sta
     short (seen once as a flaky tests/test_swarm.py::
     test_streaming_swarm_with_fp4_and_error_feedback_admits_a_joiner: the joiner ended on
     another hash)."""
-    from types import SimpleNamespace
-
-    from dilo.config import Config
-    from dilo.rounds import RoundClock
-    from dilo.train import Trainer
-    from dilo.worker_state import WorkerState
-
     ledger = Ledger()
     ledger.states = {}
 
@@ -260,26 +263,9 @@ def test_a_state_adopted_at_the_end_without_overlap_ends_on_the_swarms_final_sta
     assert final == STEPS * 2 // H + 1  # the drain sends fragment 1's last steps as round N − 1
     exported = ledger.states[final - 1]
     newer = GlobalState(exported.outer_step, exported.tensors, in_flight=1)  # the drain round in flight
-
-    class BehindAtTheEnd(FakeSwarm):
-        def average(self, flat, codec, round=None):
-            if round.number == final - 2:  # the last regular round went on without this member
-                return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=newer)
-            return super().average(flat, codec, round)
-
-    late, model2, opt2 = make_none(BehindAtTheEnd(ledger))
-    cfg = Config()
-    cfg.run.steps, cfg.outer.inner_steps, cfg.outer.fragments, cfg.outer.delay = STEPS, H, 2, delay
-    trainer = Trainer.__new__(Trainer)  # the loop's outer-step boundary, without a world around it
-    trainer.cfg, trainer.diloco, trainer.groups = cfg, late, SimpleNamespace(swarm=None)
-    trainer.state = WorkerState(cfg, 1, 2, model2, opt2, SimpleNamespace(state_dict=dict), late)
-    trainer.rounds = RoundClock(cfg, None, trainer.state.totals)
-    synced = []
-    trainer.report = SimpleNamespace(sync=lambda stats, loss: synced.append(stats))
-    while not trainer.at_end():
-        inner_step(model2, opt2, 1, trainer.state.inner_step)
-        trainer.state.inner_step += 1
-        trainer.outer_boundary(torch.zeros(()))
+    # the last regular round went on without this member
+    late, model2, opt2 = make_none(Behind(ledger, final - 2, newer))
+    synced = train_to_the_end(late, model2, opt2, delay=delay)
     assert any(s.adopted and s.outer_step == final - 1 for s in synced)
     assert ledger.fetched == [final - 1]  # the drain round's result, taken instead of run
     assert late.outer_step == final and late.global_hash() == first.global_hash()
