@@ -20,7 +20,10 @@ import torch
 from dilo import codec_kernels, int2_kernels
 from dilo.codecs import get_codec
 
-pytestmark = pytest.mark.skipif(codec_kernels.numba is None, reason="numba not installed: no kernels to compare")
+pytestmark = pytest.mark.skipif(
+    codec_kernels.numba is None,
+    reason="numba not installed, so there are no kernels to compare with the torch path; "
+           "`pip install -e .[test]` (or `pip install numba`) runs these tests")
 
 NEG_NAN = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
 ODD_NAN = np.array([0x7FC01234], np.uint32).view(np.float32)[0]
