@@ -235,7 +235,8 @@ class Group(ABC):
 
 
 class SoloGroup(Group):
-    """A lone worker: its pseudo-gradient is the average, exactly, with no wire."""
+    """A lone worker: its pseudo-gradient is the average, exactly, with no wire (it encodes
+    nothing: asked for the owner error, it hands back `nothing_lost()`)."""
 
     rank, size = 0, 1
 
