@@ -59,7 +59,7 @@ import torch.nn as nn
 from dilo import outer_sgd
 from dilo.aggregate import MEAN, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
-from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup, owner_error_keyword
+from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup, checked_owner_error
 from dilo.fragments import Fragment, Schedule, assign_fragments
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
@@ -248,12 +248,12 @@ class DiLoCo(OuterState):
             named["report"] = report
         if reuse:
             named["out"] = wire
-        named.update(owner_error_keyword(self.group, self.owner_feedback and frag.residual is not None))  # its loss
+        named["owner_error"] = self.owner_feedback and frag.residual is not None  # the owners' re-encode loss
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
             mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
-            return result, mean_buffers
+            return (checked_owner_error(self.group, result) if named["owner_error"] else result), mean_buffers
 
         self.in_flight.start(f, self.inner_step, exchange, sent, pseudo_grad.norm().item())
         frag.last_snapshot_step = self.inner_step

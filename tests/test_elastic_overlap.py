@@ -39,7 +39,7 @@ class FakeSwarm(Group):
     def bind(self, state):
         return self.join
 
-    def average(self, flat, codec, round: RoundId | None = None) -> ExchangeResult:
+    def average(self, flat, codec, round: RoundId | None = None, owner_error: bool = False) -> ExchangeResult:
         assert self.ledger.keys.setdefault(round.number, round.base) == round.base, \
             f"round {round.number} started from another state"
         average = self.ledger.results.setdefault(round.number, codec.decode(codec.encode(flat), flat.numel()))
@@ -77,7 +77,7 @@ class Behind(FakeSwarm):
         super().__init__(ledger)
         self.number, self.newer = number, newer
 
-    def average(self, flat, codec, round=None):
+    def average(self, flat, codec, round=None, owner_error=False):
         if round.number == self.number:
             return ExchangeResult(torch.empty(0), 0, 0, 1, 0.0, adopted=self.newer)
         return super().average(flat, codec, round)

@@ -122,7 +122,7 @@ class SlowGroup(Group):
         self.rank, self.size = inner.rank, inner.size
         self.threads: set[int] = set()
 
-    def average(self, flat, codec):
+    def average(self, flat, codec, owner_error=False):
         self.threads.add(threading.get_ident())
         time.sleep(self.seconds)
         return self.inner.average(flat, codec)

@@ -32,7 +32,7 @@ import torch
 
 from dilo.aggregate import MEAN, Aggregate, codec_limit
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeBuffers, ExchangeResult, chunk_numel
+from dilo.comm.protocol import ExchangeBuffers, ExchangeResult, chunk_numel, nothing_lost
 
 
 def gather_average(
@@ -43,12 +43,14 @@ def gather_average(
     all_gather: Callable[[torch.Tensor], torch.Tensor],
     buffers: ExchangeBuffers | None = None,
     aggregate: Aggregate = MEAN,
+    owner_error: bool = False,
 ) -> ExchangeResult:
     """The exchange in the module docstring over one byte collective.
 
     `all_gather(buf)` returns the concatenation of every member's `buf` in member order (it
     must not keep `buf`: it is reused by the next exchange). The codec must offer
     `decode_range(buf, numel, lo, hi, out=)` (elements [lo, hi) of its decode).
+    `owner_error` (`Group.average`): no owner re-encodes anything, so `nothing_lost()`.
     """
     start = time.perf_counter()
     bufs = buffers if buffers is not None else ExchangeBuffers()
@@ -85,4 +87,5 @@ def gather_average(
     factors = aggregate.clip_factors(norms) if norms is not None else []
     return ExchangeResult(average, wire, wire, size, time.perf_counter() - start,
                           dropped=len(own.rejected) if own else 0, rejected=own.rejected if own else [],
-                          clipped=[(m, c) for m, c in enumerate(factors) if c < 1.0])
+                          clipped=[(m, c) for m, c in enumerate(factors) if c < 1.0],
+                          owner_error=nothing_lost() if owner_error else None)

@@ -41,7 +41,7 @@ from dilo.codecs import Codec
 from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded, Superseded
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport)
+                                RoundReport, nothing_lost)
 from dilo.comm.two_phase import started, two_phase_average
 
 if TYPE_CHECKING:
@@ -86,14 +86,12 @@ class EpochGroup(Group):
         return (lambda buf, out: started(pg.alltoall_base(out, buf, [], []), out),
                 lambda buf, out: started(pg._allgather_base(out, buf), out))
 
-    owner_error_on_request = True
-
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
                 owner_error: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # (sparse: token weighting is refused with it, config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
-                                  aggregate=aggregate or self.aggregate)
+                                  aggregate=aggregate or self.aggregate, owner_error=owner_error)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
                                  owner_error=owner_error, pieces=self.pieces, posts=self._posts())
@@ -303,13 +301,11 @@ class HealingGroup(Group):
         self.epoch.joined = []
 
     # -- Group -----------------------------------------------------------------------------
-    owner_error_on_request = True
-
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
                 owner_error: bool = False) -> ExchangeResult:
         if not self.admitted or self.needs_state:  # (DiLoCo's start-up average of the buffers)
-            return ExchangeResult(flat.clone(), 0, 0, 1, 0.0)
+            return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, owner_error=nothing_lost() if owner_error else None)
         return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report,
                                                 owner_error=owner_error),
                             joiners=True)

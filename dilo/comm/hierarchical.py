@@ -51,8 +51,7 @@ import torch.distributed as dist
 
 from dilo.aggregate import MEAN, Aggregate
 from dilo.codecs import Codec
-from dilo.comm.protocol import (DivergenceError, ExchangeResult, GlobalState, Group, RoundId, RoundReport, SharedState,
-                                owner_error_keyword)
+from dilo.comm.protocol import DivergenceError, ExchangeResult, GlobalState, Group, RoundId, RoundReport, SharedState
 from dilo.comm.torch_dist import all_gather_single
 
 
@@ -191,17 +190,18 @@ class HierarchicalGroup(Group):
         if self.inter is not None:
             self.inter.aggregate = rule
 
-    owner_error_on_request = True
-
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
                 owner_error: bool = False) -> ExchangeResult:
+        if owner_error:  # (before any collective: every rank of every worker refuses alike)
+            raise ValueError("HierarchicalGroup cannot fill ExchangeResult.owner_error: comm.owner_feedback does "
+                             "not reach islands yet (their exchanging ranks do not hand the owner's error to the "
+                             "worker's other processes); set comm.owner_feedback = false or run.worker_size = 1")
         start = time.perf_counter()
         numel = flat.numel()
-        asked = owner_error_keyword(self.inter, owner_error)  # (None: a non-leader rank)
         if self.sliced:
             part, length = self._slice(flat, codec.block_size if codec.exchange == "gather" else 1)
-            res = self.inter.average(part, codec, round, aggregate, report, **asked)
+            res = self.inter.average(part, codec, round, aggregate, report)
             average = self._intra_gather(res.average)[:numel]
             intra_bytes = (self.local_size - 1) * length * average.element_size()
             return ExchangeResult(average, res.bytes_sent, res.bytes_received, res.num_peers,
@@ -209,7 +209,7 @@ class HierarchicalGroup(Group):
                                   codec_error=res.codec_error, intra_bytes=intra_bytes,
                                   rejected=res.rejected, clipped=res.clipped, reports=res.reports)
         # leader: local rank 0 exchanges the whole vector, then hands it to its worker.
-        return self._share_result(self.inter.average(flat, codec, round, aggregate, report, **asked)
+        return self._share_result(self.inter.average(flat, codec, round, aggregate, report)
                                   if self.local_rank == 0 else None,
                                   start)
 

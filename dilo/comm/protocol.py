@@ -131,9 +131,9 @@ class ExchangeResult:
     """Bytes this member received from the other processes of its own worker (fast
     intra-worker links, see comm/hierarchical.py); not part of bytes_received."""
     owner_error: tuple[int, torch.Tensor] | None = None
-    """Two-phase exchange of a lossy codec, when the caller asked for it (`owner_error=True`):
-    (offset, mean − decode(encode(mean))) of the chunk this member owned, the part of the average
-    its re-encode lost (`comm.owner_feedback`); None else."""
+    """When the caller asked for it (`average(owner_error=True)`, `comm.owner_feedback`): (offset,
+    mean − decode(encode(mean))) of the chunk this member owned, the part of the average its
+    re-encode lost; an empty tensor when it re-encoded nothing (`nothing_lost`). None when not asked."""
     reports: list = field(default_factory=list)
     """(tokens, steps, ready_seconds) of every member's `RoundReport`, member order, as this
     member received them as an owner; empty when the members sent none."""
@@ -169,13 +169,11 @@ class Group(ABC):
     pieces: int = 1
     """Pieces per owner chunk of the two-phase exchange (`comm.pieces`, dilo/comm/two_phase.py):
     the same average for any value; groups that run `two_phase_average` pass it on."""
-    owner_error_on_request: bool = False
-    """True when `average` takes `owner_error=` and fills `ExchangeResult.owner_error` only when
-    it is true (`owner_error_keyword`); a group without it may always fill it."""
 
     @abstractmethod
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
         """Mean of `flat` over the members, bit-identical everywhere.
 
         `aggregate`: the owners' rule for this call (default `self.aggregate`; DiLoCo passes
@@ -184,8 +182,11 @@ class Group(ABC):
         exchange all pass one or all pass none); the weights of `outer.weighting = tokens`.
 
         Fixed groups match calls by their order and ignore `round`; open-membership groups need it.
-        A group with `owner_error_on_request` also takes `owner_error: bool = False`: compute the
-        owner's re-encode loss (`ExchangeResult.owner_error`) only when true.
+        `owner_error`: when true the group MUST fill `ExchangeResult.owner_error` for the chunk
+        this member owns (`nothing_lost()` when it re-encoded nothing: one member, an all-gather
+        exchange, a result taken from other members; a result that hands back `adopted` carries
+        none); when false it leaves it None. DiLoCo asks with `comm.owner_feedback` and raises
+        on a result without it (`checked_owner_error`): owner feedback never runs silently without.
         """
 
     def round_result(self, number: int) -> ExchangeResult:
@@ -234,13 +235,15 @@ class Group(ABC):
 
 
 class SoloGroup(Group):
-    """A lone worker: its pseudo-gradient is the average, exactly, with no wire."""
+    """A lone worker: its pseudo-gradient is the average, exactly, with no wire (it encodes
+    nothing: asked for the owner error, it hands back `nothing_lost()`)."""
 
     rank, size = 0, 1
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
-                aggregate: Aggregate | None = None, report: RoundReport | None = None) -> ExchangeResult:
-        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=[] if report is None else [_as_tuple(report)])
+                aggregate: Aggregate | None = None, report: RoundReport | None = None,
+                owner_error: bool = False) -> ExchangeResult:
+        return alone(flat, report, owner_error)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         pass
@@ -249,10 +252,29 @@ class SoloGroup(Group):
         return [obj]
 
 
-def owner_error_keyword(group: Group, wanted: bool) -> dict:
-    """`average`'s keywords asking `group` for the owner error: none when not `wanted` or when
-    the group does not take the keyword (it then decides itself, as before the keyword)."""
-    return {"owner_error": True} if wanted and getattr(group, "owner_error_on_request", False) else {}
+def alone(flat: torch.Tensor, report: RoundReport | None, owner_error: bool) -> ExchangeResult:
+    """The result of a member that averages with nobody (SoloGroup; a swarm round no other peer
+    joined): its own vector, exactly. It encodes nothing, so its owner error (when asked) is
+    `nothing_lost()`."""
+    return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=[] if report is None else [_as_tuple(report)],
+                          owner_error=nothing_lost() if owner_error else None)
+
+
+def nothing_lost() -> tuple[int, torch.Tensor]:
+    """`ExchangeResult.owner_error` of a member that re-encoded nothing: an empty error (adds nothing)."""
+    return 0, torch.empty(0, dtype=torch.float32)
+
+
+def checked_owner_error(group: Group, result: ExchangeResult) -> ExchangeResult:
+    """`result` of `group.average(owner_error=True)`; raise where the group broke the contract (no
+    owner error, no adopted state). DiLoCo checks after the round's last collective: no member is
+    left waiting in one."""
+    if result.owner_error is None and result.adopted is None:
+        raise ValueError(f"{type(group).__name__}.average(owner_error=True) returned no ExchangeResult.owner_error: "
+                         "with comm.owner_feedback a Group must fill it with (offset, mean − decode(encode(mean))) of "
+                         "the chunk this member owns, or nothing_lost() when it re-encoded nothing (dilo/comm/"
+                         "protocol.py, docs/design.md); fill it in the group, or set comm.owner_feedback = false")
+    return result
 
 
 def chunk_numel(numel: int, size: int, block_size: int) -> int:

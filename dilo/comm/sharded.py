@@ -16,7 +16,7 @@ import torch
 from dilo.aggregate import Aggregate
 from dilo.codecs import Codec
 from dilo.comm.hierarchical import HierarchicalGroup
-from dilo.comm.protocol import ExchangeResult, RoundId, RoundReport, owner_error_keyword
+from dilo.comm.protocol import ExchangeResult, RoundId, RoundReport
 
 
 class ShardedGroup(HierarchicalGroup):
@@ -33,8 +33,7 @@ class ShardedGroup(HierarchicalGroup):
                 out: torch.Tensor | None = None, owner_error: bool = False) -> ExchangeResult:
         start = time.perf_counter()
         named = {"out": out} if out is not None else {}
-        res = self.inter.average(flat, codec, round, aggregate, report, **named,
-                                 **owner_error_keyword(self.inter, owner_error))
+        res = self.inter.average(flat, codec, round, aggregate, report, owner_error=owner_error, **named)
         res.seconds = time.perf_counter() - start
         return res
 

@@ -54,7 +54,8 @@ if importlib.util.find_spec("hivemind") is None:  # checked without importing it
 from dilo import atomic_write  # noqa: E402
 from dilo.aggregate import Aggregate  # noqa: E402
 from dilo.codecs import Codec  # noqa: E402
-from dilo.comm.protocol import ExchangeResult, GlobalState, Group, RoundId, RoundReport, SharedState  # noqa: E402
+from dilo.comm.protocol import (ExchangeResult, GlobalState, Group, RoundId, RoundReport, SharedState,  # noqa: E402
+                                alone, nothing_lost)
 from dilo.comm.swarm_admission import Admission  # noqa: E402
 from dilo.comm.swarm_auth import RunAuth, load_key, settings_fingerprint  # noqa: E402
 from dilo.comm.swarm_exchange import Exchange, ExchangeFailed, Refusals, average_in_group  # noqa: E402
@@ -81,7 +82,6 @@ MAX_ATTEMPTS = 8
 
 class SwarmGroup(Group):
     open_membership = True
-    owner_error_on_request = True
 
     def __init__(self, *, auth: RunAuth, settings: dict, initial: list[str], listen: list[str],
                  announce: list[str], identity_file: str = "", min_peers: int = 1, heartbeat: float = 2.0,
@@ -203,7 +203,7 @@ class SwarmGroup(Group):
             # With overlap the round's result is all this peer needs, unless the others are more
             # than P rounds ahead: then it takes their newest state, or it would stay behind.
             if outcome.kind == "behind" and self.lag and outcome.ahead - t <= self.lag:
-                fetched = self._fetch_result(t, key)
+                fetched = self._fetch_result(t, key, owner_error)
                 if fetched is not None:
                     return fetched
             if outcome.kind in ("behind", "resync"):
@@ -223,7 +223,7 @@ class SwarmGroup(Group):
                 log.info("round %d: no other peer is in the round; applying this peer's own Δ", t)
                 self._agreed = offer and offer["files"]
                 self._finished(t, key, flat.clone(), 1)
-                return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
+                return alone(flat, report, owner_error)
             group = outcome.group
             try:
                 result = self._exchange(group, flat, codec, aggregate or self.aggregate, report, owner_error)
@@ -252,7 +252,7 @@ class SwarmGroup(Group):
         self.count("solo_rounds")
         self._finished(t, key, flat.clone(), 1)
         self._agreed = offer and offer["files"]
-        return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, reports=_own(report))
+        return alone(flat, report, owner_error)
 
     def take_agreed(self) -> list | None:
         """data.watch: the [name, size] files the last round's group agreed on, once (None after an adoption)."""
@@ -263,8 +263,8 @@ class SwarmGroup(Group):
         if self.lag:  # (without overlap confirm() moves the peer on, and nobody fetches results)
             self.node.run(self.results.finished_round(t, key, average, num_peers), timeout=30)
 
-    def _fetch_result(self, t: int, key: str | None) -> ExchangeResult | None:
-        """Round t's result from a peer that ran it (overlap only; see the module docstring)."""
+    def _fetch_result(self, t: int, key: str | None, owner_error: bool = False) -> ExchangeResult | None:
+        """Round t's result from a peer that ran it (overlap only; module docstring): it re-encoded nothing."""
         start = time.perf_counter()
         got = self.node.run(self.results.fetch(t, key, self.timeout), timeout=self.timeout + 60)
         for problem in self.results.bad_results:
@@ -278,7 +278,8 @@ class SwarmGroup(Group):
         self.count("round_results_fetched")
         log.info("round %d: took the result of %d peers (%.1f MB) instead of an exchange", t, num_peers,
                  nbytes / 1e6)
-        return ExchangeResult(average, 0, nbytes, num_peers, time.perf_counter() - start)
+        return ExchangeResult(average, 0, nbytes, num_peers, time.perf_counter() - start,
+                              owner_error=nothing_lost() if owner_error else None)
 
     def round_result(self, number: int) -> ExchangeResult:
         """A round that was in flight when this peer adopted a state (it joined, or resynced)."""
@@ -366,8 +367,3 @@ class SwarmGroup(Group):
 
     def all_gather_object(self, obj: object) -> list:
         raise RuntimeError("a swarm has no fixed ranks: members compare digests through confirm()")
-
-
-def _own(report: RoundReport | None) -> list:
-    """A round run alone: its only report is this peer's."""
-    return [] if report is None else [(float(report.tokens), float(report.steps), float(report.ready_seconds))]

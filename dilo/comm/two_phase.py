@@ -102,7 +102,8 @@ def two_phase_average(
     With `report`, each phase-1 slice of the first piece is its bytes then the report's 24 bytes.
     `out`: where the average is written (may be `flat`: phase 1 has read it by then).
     `owner_error`: hand back the owner's re-encode loss (`ExchangeResult.owner_error`, a fresh
-    chunk); without it the difference behind `codec_error` goes to a reused chunk.
+    chunk: zeros for a lossless codec, empty for a member that owns no element of `flat`);
+    without it the difference behind `codec_error` goes to a reused chunk.
     `pieces`: K of the module docstring (`comm.pieces`); the same average for any K.
     """
     start = time.perf_counter()
@@ -223,10 +224,9 @@ def two_phase_average(
     # int8/fp4: the average is finite exactly when every block scale of its real elements is
     # (and no int8 product overflows): read off the bytes instead of a pass over the result.
     finite = None if kernels is None else True
-    handed = owner_error and not codec.lossless
-    # mean − dst is the owner error a lossy codec hands back when asked (fresh: results outlive
-    # the exchange); else it goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
-    errors = torch.empty(chunk, dtype=torch.float32) if handed else bufs.get("error", chunk, torch.float32)
+    # mean − dst is the owner error handed back when asked (fresh: results outlive the exchange);
+    # else it goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
+    errors = torch.empty(chunk, dtype=torch.float32) if owner_error else bufs.get("error", chunk, torch.float32)
     mean_sq = error_sq = 0.0  # the owner's ‖mean‖² and ‖mean − dst‖², summed over its pieces
     for k in range(count):
         lo, n = bounds[k]
@@ -245,7 +245,7 @@ def two_phase_average(
     # (one piece: sqrt(x²) is x exactly for an fp32 x, so codec_error has the bits of the whole chunk's)
     codec_error = math.sqrt(error_sq) / math.sqrt(mean_sq) if mean_sq > 0 else 0.0
     mine = rank * chunk
-    loss = (mine, errors[:min(chunk, numel - mine)]) if handed and mine < numel else None
+    loss = (min(mine, numel), errors[:max(0, min(chunk, numel - mine))]) if owner_error else None
     # Counted from the buffers themselves: what leaves for other members in each phase
     # (a member's own slice never touches the wire), and symmetrically what arrives.
     sent = received = (size - 1) * (sum(slots) + off2[-1])
