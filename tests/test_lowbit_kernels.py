@@ -74,8 +74,10 @@ def both_paths(codec, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("n,b", [(1, 8), (7, 3), (1000, 7), (4096 + 50, 256), (3000, 64), (5000, 1000)])
+@pytest.mark.parametrize("n,b", [(1, 8), (7, 3), (1000, 7), (4096 + 50, 256), (3000, 64), (5000, 1000),
+                                 (256 * 7, 256), (16 * 33 + 4, 16), (200 * 6 + 1, 200), (1024 * 3, 1024)])
 def test_int2_kernel_is_the_torch_path(case, n, b):
+    """(b = 16, 64, 256: the usual case's kernel for the whole blocks, then the general one.)"""
     both_paths(get_codec("int2", b), make(case, n, seed=n + b))
 
 
@@ -118,7 +120,19 @@ def test_sparse_kernel_refuses_a_malformed_payload():
         codec.decode(extra, 256)
 
 
-@pytest.mark.parametrize("b", [3, 8, 64, 256, 1000, 4096])
+def test_int2_usual_case_takes_the_vector_kernel():
+    """The default block size on this torch runs _int2_encode16 (its sums in <4 x double>)."""
+    b = get_codec("int2").block_size
+    assert int2_kernels._fast(b, int2_kernels._torch_lanes(b))
+    x = make("random", 4 * b, seed=8).numpy()
+    sums = np.empty(4, np.float64)
+    int2_kernels._int2_scales(x, sums, np.empty(4, np.float32), b, 4)
+    scales, out = np.empty(4, np.float32), np.empty(b, np.uint8)
+    assert int2_kernels._int2_encode16(x, scales, out, b) == 0
+    assert np.array_equal(scales, np.sqrt(sums / b).astype(np.float32))
+
+
+@pytest.mark.parametrize("b", [3, 8, 16, 64, 200, 256, 1000, 4096])
 def test_int2_scales_add_in_torchs_order(b):
     """The kernel's fp64 sums of squares are torch's bit for bit (the order it reproduces)."""
     int2_kernels._lanes.pop(b, None)
