@@ -32,9 +32,22 @@ for _i in range(8):
     _CTZ[1 << _i] = _i
 
 if codec_kernels.numba is not None:
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
 
     _kernel = njit(cache=True, nogil=True)
+
+    @intrinsic
+    def _ctz(typingctx, word):
+        """Trailing zero bits of a non-zero uint64 (LLVM's cttz: one instruction)."""
+        if word != types.uint64:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.cttz(args[0], ir.IntType(1)(1))
+
+        return types.uint64(types.uint64), codegen
 
     @_kernel
     def _count_ge(u, r, g):
@@ -44,29 +57,60 @@ if codec_kernels.numba is not None:
         return c
 
     @_kernel
-    def _top_k(u, r, k, guess, cand, cand_idx, idx):
-        """Indices (increasing, into ``idx``) of the k largest of the non-negative int32
-        ``u[:r]``, ties to the lower index; returns the k-th largest value ``t``.
+    def _flag_ge(u, r, g, flags):
+        """flags[i] = u[i] >= g for i < r; returns how many are set (one pass that vectorizes)."""
+        c = 0
+        for i in range(r):
+            f = u[i] >= g
+            flags[i] = f
+            c += f
+        return c
 
-        ``guess`` (the previous block's ``t``) only sets the work: the candidates are the
-        elements ``>=`` a bound a little under it, lowered (by factors of 4, to 0 at worst)
-        until at least k are; every chosen element is a candidate, and the candidates keep
-        the order of their indices."""
-        g = max(np.int32(0), guess - np.int32(1 << 19))  # about 0.96 x guess
-        c = _count_ge(u, r, g)
-        drop = np.int32(1 << 21)  # then about 0.84 x, 0.5 x, and by factors of 4
-        while c < k:
-            g = max(np.int32(0), g - drop)
-            c = _count_ge(u, r, g)
-            drop = np.int32(min(2 << 23, 4 * drop))
+    @njit(cache=True, nogil=True, inline="always")
+    def _keys(xb, r, g, u, flags):
+        """The torch path's key ``|x|.nan_to_num(nan=inf)`` of the int32 bits ``xb[:r]`` (inf
+        becomes the largest finite float) into ``u``, and flags[i] = u[i] >= g, in one pass
+        that vectorizes; returns (how many flags are set, the largest key)."""
         c = 0
         top = np.int32(0)
-        for i in range(r):  # branchless: write every element, keep it when it counts
-            v = u[i]
-            cand[c] = v
-            cand_idx[c] = i
-            c += v >= g
+        for i in range(r):
+            v = xb[i] & np.int32(0x7FFFFFFF)
+            v = np.int32(_INF_BITS) if v > _INF_BITS else (np.int32(_INF_BITS - 1) if v == _INF_BITS else v)
+            u[i] = v
+            f = v >= g
+            flags[i] = f
+            c += f
             top = max(top, v)
+        return c, top
+
+    @_kernel
+    def _top_k(u, r, k, g, c, top, flags, cand, cand_idx, idx):
+        """Indices (increasing, into ``idx``) of the k largest of the non-negative int32
+        ``u[:r]`` (whose largest is ``top``), ties to the lower index; returns the k-th
+        largest value ``t``.
+
+        ``flags`` marks the ``c`` elements ``>= g``, the candidates; g is a bound a little
+        under the previous block's t, lowered here (by factors of 4, to 0 at worst) until at
+        least k are: every chosen element is a candidate, and the candidates keep the order
+        of their indices. They are gathered a set flag at a time from 8 flags (one uint64
+        of ``flags``) at a time, skipping the empty words: at 2% density most are."""
+        drop = np.int32(1 << 21)  # about 0.84 x, 0.5 x, then by factors of 4
+        while c < k:
+            g = max(np.int32(0), g - drop)
+            c = _flag_ge(u, r, g, flags)
+            drop = np.int32(min(2 << 23, 4 * drop))
+        for i in range(r, (r + 7) // 8 * 8):  # (the last word's padding)
+            flags[i] = 0
+        words = flags.view(np.uint64)
+        c = 0
+        for w in range((r + 7) // 8):
+            word = words[w]
+            while word:  # flags are 0 or 1: bit 8j is flag 8w + j
+                i = 8 * w + np.int64(_ctz(word) >> np.uint64(3))
+                cand[c] = u[i]
+                cand_idx[c] = i
+                c += 1
+                word &= word - np.uint64(1)
         lo, hi = np.int64(g), np.int64(top) + 1  # at least k at or above lo, fewer at or above hi
         while hi - lo > 1:  # bisection on the bit patterns: counts vectorize, swaps do not
             mid = (lo + hi) >> 1
@@ -85,7 +129,7 @@ if codec_kernels.numba is not None:
                 j += 1
         return t
 
-    @_kernel
+    @njit(cache=True, nogil=True, inline="always")
     def _put_bits(out, base, pos, value, nbits):
         """OR the ``nbits`` low bits of ``value`` into ``out`` at bit ``pos`` past byte ``base``."""
         v = (np.int64(value) & ((np.int64(1) << nbits) - 1)) << (pos & 7)
@@ -99,8 +143,9 @@ if codec_kernels.numba is not None:
     def _sparse_encode(bits, out, scales, block_size, k, low, vb, full_nbytes):
         n = bits.size
         u = np.empty(block_size, np.int32)
-        cand = np.empty(block_size + 1, np.int32)  # (+1: the branchless gather writes one past)
-        cand_idx = np.empty(block_size + 1, np.int64)
+        cand = np.empty(block_size, np.int32)
+        cand_idx = np.empty(block_size, np.int64)
+        flags = np.empty((block_size + 7) // 8 * 8, np.uint8)
         t = np.int32(_INF_BITS)  # the previous block's k-th largest key: the next one's first guess
         idx = np.empty(k, np.int64)
         fld = np.empty(k, np.int64)
@@ -114,13 +159,11 @@ if codec_kernels.numba is not None:
             stop = min(start + block_size, n)
             r = stop - start
             xb = bits[start:stop]
-            for i in range(r):  # the torch path's key |x|.nan_to_num(nan=inf): inf -> the largest float
-                v = xb[i] & np.int32(0x7FFFFFFF)
-                v = np.int32(_INF_BITS) if v > _INF_BITS else (np.int32(_INF_BITS - 1) if v == _INF_BITS else v)
-                u[i] = v
+            g = max(np.int32(0), t - np.int32(1 << 19))  # about 0.96 x the previous block's t
+            c, high = _keys(xb, r, g, u, flags)
             kept = min(k, r)
             if r >= k:
-                t = _top_k(u, r, k, t, cand, cand_idx, idx)
+                t = _top_k(u, r, k, g, c, high, flags, cand, cand_idx, idx)
             else:  # every element, then zero padding (which sets m to 0, or NaN)
                 for i in range(r):
                     idx[i] = i

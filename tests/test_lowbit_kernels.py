@@ -89,6 +89,8 @@ def test_int2_kernel_is_the_torch_path(case, n, b):
     (70, 64, 0.5, 2),  # last block of 6 < k = 32: padding kept, m = 0
     (300, 16, 1.0, 4),  # every entry kept
     (500, 128, 0.001, 2),  # k = 1
+    (1000, 100, 0.05, 2),  # blocks that are not whole words of 8 flags
+    (333, 13, 0.3, 4),
 ])
 def test_sparse_kernel_is_the_torch_path(case, n, b, density, vb):
     codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
