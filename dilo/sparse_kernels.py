@@ -138,12 +138,10 @@ if codec_kernels.numba is not None:
         for i in range(c):
             top = max(top, cand[i])
         lo, hi = g, top  # the largest lo with at least k candidates >= lo, by bisection
-        while lo < hi:  # on the bit patterns: counts vectorize, swaps do not
+        while lo < hi:  # on the bit patterns: counts vectorize; selects, not branches
             mid = np.int32(lo + ((hi - lo + 1) >> 1))
-            if _count_ge(cand, c, mid) >= k:
-                lo = mid
-            else:
-                hi = np.int32(mid - 1)
+            enough = _count_ge(cand, c, mid) >= k
+            lo, hi = (mid if enough else lo), (hi if enough else np.int32(mid - 1))
         t = np.int32(lo)
         need = k - _count_ge(cand, c, np.int32(t + 1))  # ties at t to take, lowest offsets first
         j = 0
