@@ -14,8 +14,9 @@ the same; every fp32 operation of the quantizer is the torch path's, in its orde
 Where the time goes: the block is read once, 16 keys a step, and the candidates (about
 k + 30 of 4096 at 2%) are appended with LLVM's vector compress (``_gather16``, IR written
 here: numba has no SIMD types; under AVX512 one ``vpcompressd`` per array, elsewhere LLVM's
-generic expansion); ``t`` is bisected on the candidates, the chosen taken without branches,
-and the offsets' low bits and the value fields are written through a 64-bit accumulator.
+generic expansion); ``t`` is bisected on the candidates, 16 compares and a popcount a step
+(``_count16``), the chosen taken without branches, and the offsets' low bits and the value
+fields are written through a 64-bit accumulator.
 
 Without numba (``codec_kernels.BACKEND == "torch"``) dilo/codec_lowbit.py runs its torch
 code and says so once in the log (``codec_kernels.warn_if_slow``), as int8 and fp4 do.
@@ -88,6 +89,37 @@ if codec_kernels.numba is not None:
 
         return types.intp(bits, types.intp, types.int32, types.int32, cand, cand_idx, types.intp), codegen
 
+    @intrinsic
+    def _count16(typingctx, cand, start, g):
+        """How many of the 16 int32 ``cand[start:start + 16]`` are ``>= g``: one vector compare
+        and a popcount (a plain loop over ~100 candidates would run most of them in its scalar
+        remainder). No bounds check: the caller's."""
+        if not (isinstance(cand, types.Array) and cand.dtype == types.int32 and cand.ndim == 1
+                and cand.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            acand, begin, bound = args
+            i16, i32 = ir.IntType(16), ir.IntType(32)
+            v16 = ir.VectorType(i32, 16)
+            data = context.make_array(signature.args[0])(context, builder, acand).data
+            v = builder.load(builder.bitcast(builder.gep(data, [begin]), v16.as_pointer()), align=4)
+            one = builder.insert_element(ir.Constant(v16, ir.Undefined), bound, i32(0))
+            splat = builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+            mask = builder.bitcast(builder.icmp_signed(">=", v, splat), i16)
+            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+            return builder.zext(builder.call(popcount, [mask]), ir.IntType(64))
+
+        return types.int64(cand, types.intp, types.int32), codegen
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _count_ge16(cand, c16, g):
+        """How many of ``cand[:c16]`` (c16 a multiple of 16) are ``>= g``."""
+        n = 0
+        for i in range(0, c16, 16):
+            n += _count16(cand, i, g)
+        return n
+
     @njit(cache=True, nogil=True, inline="always")
     def _key(v):
         """The torch path's key ``|x|.nan_to_num(nan=inf)`` on int32 bits: NaN -> inf, inf -> the
@@ -111,13 +143,6 @@ if codec_kernels.numba is not None:
         return c
 
     @_kernel
-    def _count_ge(u, r, g):
-        c = 0
-        for i in range(r):
-            c += u[i] >= g
-        return c
-
-    @_kernel
     def _top_k(bits, start, r, k, guess, cand, cand_idx, idx):
         """Offsets (increasing, into ``idx``, which has room for k + 1) of the k largest keys
         of ``bits[start:start + r]``, ties to the lower offset; returns the k-th largest
@@ -137,13 +162,16 @@ if codec_kernels.numba is not None:
         top = g
         for i in range(c):
             top = max(top, cand[i])
+        c16 = (c + 15) // 16 * 16
+        for i in range(c, c16):  # (padding below every bound: keys are >= 0)
+            cand[i] = -1
         lo, hi = g, top  # the largest lo with at least k candidates >= lo, by bisection
-        while lo < hi:  # on the bit patterns: counts vectorize; selects, not branches
+        while lo < hi:  # on the bit patterns: 16 counts a step; selects, not branches
             mid = np.int32(lo + ((hi - lo + 1) >> 1))
-            enough = _count_ge(cand, c, mid) >= k
+            enough = _count_ge16(cand, c16, mid) >= k
             lo, hi = (mid if enough else lo), (hi if enough else np.int32(mid - 1))
         t = np.int32(lo)
-        need = k - _count_ge(cand, c, np.int32(t + 1))  # ties at t to take, lowest offsets first
+        need = k - _count_ge16(cand, c16, np.int32(t + 1))  # ties at t to take, lowest offsets first
         j = 0
         for i in range(c):  # branchless: write every offset, keep the chosen
             v = cand[i]
