@@ -46,46 +46,61 @@ if codec_kernels.numba is not None:
 
     _kernel = njit(cache=True, nogil=True)
 
+    _V16 = ir.VectorType(ir.IntType(32), 16)
+
+    def _is_int32_vector(*arrays):
+        return all(isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1 and a.layout == "C"
+                   for a in arrays)
+
+    class _IR16:
+        """LLVM IR on 16 int32 lanes for the intrinsics below (numba has no SIMD types)."""
+
+        def __init__(self, context, builder, signature, args):
+            self.context, self.b, self.sig, self.args = context, builder, signature, args
+
+        def ptr(self, k, i):
+            """Pointer to 16 int32 of array argument ``k`` from element ``i`` (no bounds check)."""
+            data = self.context.make_array(self.sig.args[k])(self.context, self.b, self.args[k]).data
+            return self.b.bitcast(self.b.gep(data, [i]), _V16.as_pointer())
+
+        def splat(self, value):
+            one = self.b.insert_element(ir.Constant(_V16, ir.Undefined), value, ir.IntType(32)(0))
+            return self.b.shuffle_vector(one, ir.Constant(_V16, ir.Undefined), ir.Constant(_V16, [0] * 16))
+
+        def popcount(self, mask, count):
+            """count + the set lanes of ``mask``."""
+            i16 = ir.IntType(16)
+            fn = cgutils.get_or_insert_function(self.b.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+            return self.b.add(count, self.b.zext(self.b.call(fn, [self.b.bitcast(mask, i16)]), count.type))
+
+        def append(self, values, mask, k, count):
+            """The lanes of ``values`` that ``mask`` sets, in order, to array argument ``k`` from
+            element ``count`` (16 elements of room needed): LLVM's vector compress, one
+            vpcompressd under AVX512, a generic expansion elsewhere."""
+            fn = cgutils.get_or_insert_function(self.b.module, ir.FunctionType(_V16, [_V16, mask.type, _V16]),
+                                                "llvm.experimental.vector.compress.v16i32")
+            self.b.store(self.b.call(fn, [values, mask, ir.Constant(_V16, ir.Undefined)]), self.ptr(k, count),
+                         align=4)
+
     @intrinsic
     def _gather16(typingctx, bits, start, first, g, cand, cand_idx, c):
-        """The keys of the 16 int32 bit patterns ``bits[start:start + 16]`` (``_key``); those
+        """The keys (``_key``) of the 16 int32 bit patterns ``bits[start:start + 16]``; those
         ``>= g`` are appended in order to ``cand[c:]``, their offsets ``first + i`` to
-        ``cand_idx[c:]`` (both need 16 elements of room there); returns the new count.
-        LLVM's vector compress: one instruction per array under AVX512 (vpcompressd), a
-        generic expansion elsewhere. No bounds check: the caller's."""
-        for a in (bits, cand, cand_idx):
-            if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1 and a.layout == "C"):
-                return None
+        ``cand_idx[c:]`` (both need 16 elements of room there); returns the new count."""
+        if not _is_int32_vector(bits, cand, cand_idx):
+            return None
 
         def codegen(context, builder, signature, args):
-            abits, begin, off, bound, acand, aidx, count = args
-            i32 = ir.IntType(32)
-            v16 = ir.VectorType(i32, 16)
-
-            def splat(value):
-                one = builder.insert_element(ir.Constant(v16, ir.Undefined), value, i32(0))
-                return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
-
-            def at(k, ary, i):
-                data = context.make_array(signature.args[k])(context, builder, ary).data
-                return builder.bitcast(builder.gep(data, [i]), v16.as_pointer())
-
-            a = builder.and_(builder.load(at(0, abits, begin), align=4), ir.Constant(v16, [0x7FFFFFFF] * 16))
-            inf = ir.Constant(v16, [_INF_BITS] * 16)
+            v = _IR16(context, builder, signature, args)
+            a = builder.and_(builder.load(v.ptr(0, args[1]), align=4), ir.Constant(_V16, [0x7FFFFFFF] * 16))
+            inf = ir.Constant(_V16, [_INF_BITS] * 16)
             key = builder.select(builder.icmp_signed(">", a, inf), inf,
                                  builder.select(builder.icmp_signed("==", a, inf),
-                                                ir.Constant(v16, [_INF_BITS - 1] * 16), a))
-            mask = builder.icmp_signed(">=", key, splat(bound))
-            mod = builder.module
-            compress = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(v16, [v16, mask.type, v16]), "llvm.experimental.vector.compress.v16i32")
-            undef = ir.Constant(v16, ir.Undefined)
-            offsets = builder.add(splat(off), ir.Constant(v16, list(range(16))))
-            builder.store(builder.call(compress, [key, mask, undef]), at(4, acand, count), align=4)
-            builder.store(builder.call(compress, [offsets, mask, undef]), at(5, aidx, count), align=4)
-            i16 = ir.IntType(16)
-            popcount = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
-            return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, i16)]), count.type))
+                                                ir.Constant(_V16, [_INF_BITS - 1] * 16), a))
+            mask = builder.icmp_signed(">=", key, v.splat(args[3]))
+            v.append(key, mask, 4, args[6])
+            v.append(builder.add(v.splat(args[2]), ir.Constant(_V16, list(range(16)))), mask, 5, args[6])
+            return v.popcount(mask, args[6])
 
         return types.intp(bits, types.intp, types.int32, types.int32, cand, cand_idx, types.intp), codegen
 
@@ -93,24 +108,31 @@ if codec_kernels.numba is not None:
     def _count16(typingctx, cand, start, g):
         """How many of the 16 int32 ``cand[start:start + 16]`` are ``>= g``: one vector compare
         and a popcount (a plain loop over ~100 candidates would run most of them in its scalar
-        remainder). No bounds check: the caller's."""
-        if not (isinstance(cand, types.Array) and cand.dtype == types.int32 and cand.ndim == 1
-                and cand.layout == "C"):
+        remainder)."""
+        if not _is_int32_vector(cand):
             return None
 
         def codegen(context, builder, signature, args):
-            acand, begin, bound = args
-            i16, i32 = ir.IntType(16), ir.IntType(32)
-            v16 = ir.VectorType(i32, 16)
-            data = context.make_array(signature.args[0])(context, builder, acand).data
-            v = builder.load(builder.bitcast(builder.gep(data, [begin]), v16.as_pointer()), align=4)
-            one = builder.insert_element(ir.Constant(v16, ir.Undefined), bound, i32(0))
-            splat = builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
-            mask = builder.bitcast(builder.icmp_signed(">=", v, splat), i16)
-            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
-            return builder.zext(builder.call(popcount, [mask]), ir.IntType(64))
+            v = _IR16(context, builder, signature, args)
+            mask = builder.icmp_signed(">=", builder.load(v.ptr(0, args[1]), align=4), v.splat(args[2]))
+            return v.popcount(mask, ir.IntType(64)(0))
 
         return types.int64(cand, types.intp, types.int32), codegen
+
+    @intrinsic
+    def _keep16(typingctx, cand, cand_idx, start, t, idx, j):
+        """Append to ``idx[j:]`` (16 elements of room) the offsets ``cand_idx[start:start + 16]``
+        whose keys ``cand[...]`` are ``>= t``, in order; returns the new count."""
+        if not _is_int32_vector(cand, cand_idx, idx):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = _IR16(context, builder, signature, args)
+            mask = builder.icmp_signed(">=", builder.load(v.ptr(0, args[2]), align=4), v.splat(args[3]))
+            v.append(builder.load(v.ptr(1, args[2]), align=4), mask, 4, args[5])
+            return v.popcount(mask, args[5])
+
+        return types.intp(cand, cand_idx, types.intp, types.int32, idx, types.intp), codegen
 
     @njit(cache=True, nogil=True, inline="always")
     def _count_ge16(cand, c16, g):
@@ -144,7 +166,7 @@ if codec_kernels.numba is not None:
 
     @_kernel
     def _top_k(bits, start, r, k, guess, cand, cand_idx, idx):
-        """Offsets (increasing, into ``idx``, which has room for k + 1) of the k largest keys
+        """Offsets (increasing, into ``idx``, which has room for k + 16) of the k largest keys
         of ``bits[start:start + r]``, ties to the lower offset; returns the k-th largest
         key ``t``.
 
@@ -171,6 +193,11 @@ if codec_kernels.numba is not None:
             enough = _count_ge16(cand, c16, mid) >= k
             lo, hi = (mid if enough else lo), (hi if enough else np.int32(mid - 1))
         t = np.int32(lo)
+        if _count_ge16(cand, c16, t) == k:  # every tie at t is kept (the usual case)
+            j = 0
+            for i in range(0, c16, 16):
+                j = _keep16(cand, cand_idx, i, t, idx, j)
+            return t
         need = k - _count_ge16(cand, c16, np.int32(t + 1))  # ties at t to take, lowest offsets first
         j = 0
         for i in range(c):  # branchless: write every offset, keep the chosen
@@ -209,7 +236,7 @@ if codec_kernels.numba is not None:
         cand = np.empty(block_size + 16, np.int32)  # (+16: a vector store past the last kept)
         cand_idx = np.empty(block_size + 16, np.int32)
         t = np.int32(_INF_BITS)  # the previous block's k-th largest key: the next one's first guess
-        idx = np.empty(k + 1, np.int64)  # (+1: the branchless choice writes one past)
+        idx = np.empty(k + 16, np.int32)  # (+16: the choice writes a vector past the last)
         fld = np.empty(k, np.int64)
         mag = np.empty(k, np.float32)
         cell = np.zeros(1, np.float32)
