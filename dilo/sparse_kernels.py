@@ -237,8 +237,10 @@ if codec_kernels.numba is not None:
         cand_idx = np.empty(block_size + 16, np.int32)
         t = np.int32(_INF_BITS)  # the previous block's k-th largest key: the next one's first guess
         idx = np.empty(k + 16, np.int32)  # (+16: the choice writes a vector past the last)
-        fld = np.empty(k, np.int64)
-        mag = np.empty(k, np.float32)
+        fld = np.empty(k, np.int32)
+        raw = np.empty(k, np.int32)  # the kept elements' bits, their |x| bits, and |x|
+        absb = np.empty(k, np.int32)
+        mag = absb.view(np.float32)
         cell = np.zeros(1, np.float32)
         cell_bits = cell.view(np.int32)
         levels = 1 << (vb - 1)
@@ -256,13 +258,13 @@ if codec_kernels.numba is not None:
                     idx[i] = i
             # kept magnitudes; max/min with any NaN give the canonical NaN (as torch)
             hmax, hmin = np.int32(0), np.int32(0x7FFFFFFF)
-            nan = False
             for j in range(kept):
-                a = xb[idx[j]] & np.int32(0x7FFFFFFF)
-                nan |= a > _INF_BITS
+                v = xb[idx[j]]
+                raw[j] = v
+                a = v & np.int32(0x7FFFFFFF)
+                absb[j] = a
                 hmax, hmin = max(hmax, a), min(hmin, a)
-                cell_bits[0] = a
-                mag[j] = cell[0]
+            nan = hmax > _INF_BITS
             if r < k:
                 hmin = np.int32(0)
             cell_bits[0] = np.int32(_NAN_BITS) if nan else hmax
@@ -270,17 +272,16 @@ if codec_kernels.numba is not None:
             cell_bits[0] = np.int32(_NAN_BITS) if nan else hmin
             m = cell[0]
             step = (s - m) / top
-            ok = step > 0
-            for j in range(kept):
-                q = 0
-                if ok:
+            for j in range(kept):  # sign: x < 0 as a float (not -0.0, not a NaN)
+                a = absb[j]
+                fld[j] = np.int32((raw[j] < 0) & (a != 0) & (a <= _INF_BITS))
+            if step > 0:  # (loops without branches: they vectorize)
+                for j in range(kept):
                     w = np.floor((mag[j] - m) / step + half)
                     w = zero if w != w else w
                     w = zero if w < zero else w
                     w = top if w > top else w
-                    q = np.int64(w)
-                cell_bits[0] = xb[idx[j]]
-                fld[j] = (np.int64(1) if cell[0] < zero else np.int64(0)) | (q << 1)
+                    fld[j] |= np.int32(w) << 1
             upper = kept + ((r - 1) >> low) + 1
             total = upper + kept * (low + vb)
             nbytes = (total + 7) // 8
