@@ -3,8 +3,9 @@
 Each case encodes with both paths and compares the bytes, then decodes both paths' bytes
 with both paths and compares the bit patterns (NaN payloads included). The inputs are
 the edge cases of the formats: zeros and -0.0, exact ties, subnormals, ±inf, NaN of
-either sign and another payload, all-equal blocks, a short last block, and the density
-edge cases of sparse (one kept entry, every entry kept, a last block shorter than k).
+either sign and another payload, all-equal blocks, a short last block, magnitudes that
+fall steeply from block to block, and the density edge cases of sparse (one kept entry,
+every entry kept, a last block shorter than k).
 tests/test_codec_lowbit.py checks the default path (these kernels, when numba is
 installed) against a plain-Python reference of the formats.
 """
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 NEG_NAN = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
 ODD_NAN = np.array([0x7FC01234], np.uint32).view(np.float32)[0]
-CASES = ["random", "zeros", "ties", "equal", "subnormal", "inf", "nan", "huge"]
+CASES = ["random", "zeros", "ties", "equal", "subnormal", "inf", "nan", "huge", "falling"]
 
 
 def make(case: str, n: int, seed: int) -> torch.Tensor:
@@ -53,6 +54,8 @@ def make(case: str, n: int, seed: int) -> torch.Tensor:
         x[5::41] = float("inf")
     elif case == "huge":
         x *= 1e36
+    elif case == "falling":  # each block far below the last: sparse lowers its first bound
+        x = torch.randn(n, generator=g) * torch.logspace(20, -30, n)
     return x
 
 
