@@ -13,6 +13,10 @@ installed) against a plain-Python reference of the formats.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +172,22 @@ def test_torch_path_is_announced_once(monkeypatch, caplog, name):
             codec.decode(codec.encode(x), x.numel())
     msgs = [r.getMessage() for r in caplog.records if "codec kernels" in r.getMessage()]
     assert len(msgs) == 1 and "numba not installed" in msgs[0]
+
+
+AVX2 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,"
+        "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu,features", [("haswell", AVX2), ("generic", "")])
+def test_kernels_compiled_without_avx512_are_the_torch_path(tmp_path, cpu, features):
+    """The vector intrinsics (int2's <4 x double> sums, sparse's vector compress and
+    popcounts) compiled for a CPU without AVX512 (LLVM's generic expansions, sparse's
+    skip of empty steps) give the same bytes: this file's comparisons in a child process
+    whose numba targets that CPU, with its own cache."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow",
+         "-k", "kernel_is_the_torch_path or usual_case or torchs_order"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
