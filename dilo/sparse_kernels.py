@@ -13,10 +13,11 @@ the same; every fp32 operation of the quantizer is the torch path's, in its orde
 
 Where the time goes: the block is read once, 16 keys a step, and the candidates (about
 k + 30 of 4096 at 2%) are appended with LLVM's vector compress (``_gather16``, IR written
-here: numba has no SIMD types; under AVX512 one ``vpcompressd`` per array, elsewhere LLVM's
-generic expansion); ``t`` is bisected on the candidates, 16 compares and a popcount a step
-(``_count16``), the chosen taken without branches, and the offsets' low bits and the value
-fields are written through a 64-bit accumulator.
+here: numba has no SIMD types; under AVX512 one ``vpcompressd`` per array, elsewhere
+LLVM's generic expansion, ~16 scalar stores, so there steps with no candidate skip it);
+``t`` is bisected on the candidates, 16 compares and a popcount a step (``_count16``),
+the chosen are taken without branches, and the offsets' low bits and the value fields
+are written through a 64-bit accumulator.
 
 Without numba (``codec_kernels.BACKEND == "torch"``) dilo/codec_lowbit.py runs its torch
 code and says so once in the log (``codec_kernels.warn_if_slow``), as int8 and fp4 do.

@@ -189,5 +189,6 @@ def test_kernels_compiled_without_avx512_are_the_torch_path(tmp_path, cpu, featu
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow",
          "-k", "kernel_is_the_torch_path or usual_case or torchs_order"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+        check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
