@@ -20,6 +20,16 @@ take their scales from torch. A block whose sum is NaN gets its scale from torch
 (which NaN payload survives depends on the order of operands in each add); its codes
 do not depend on it (it divides by 1).
 
+The usual case (4 lanes; ``b`` a multiple of 16 up to 256, as the default 256, so one
+level step covers a block) has its own kernel, ``_int2_encode16``: its 16 accumulators
+are four ``<4 x double>`` values in LLVM IR written here (``_sumsq16``, no fast-math
+flags: no FMA, no reordering), which stay in registers. numba keeps an array of
+accumulators in memory (a store and a reload per row of 16), and its SLP vectorizer,
+which would pack 16 scalar accumulators, is off by default (numba PR #8852). The same
+first-use check runs through ``_sumsq16``. The codes of a whole block go into a scratch
+row, then four at a time from one uint32 into a byte (little-endian machines; others
+take the general kernel).
+
 Without numba (``codec_kernels.BACKEND == "torch"``) dilo/codec_lowbit.py runs its torch
 code and says so once in the log (``codec_kernels.warn_if_slow``), as int8 and fp4 do.
 """
@@ -27,6 +37,7 @@ code and says so once in the log (``codec_kernels.warn_if_slow``), as int8 and f
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import torch
@@ -41,11 +52,45 @@ log = logging.getLogger(__name__)
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: a row this long may be summed by several threads
 _INT2_LEVELS = np.array([-1.5, -0.5, 0.5, 1.5], dtype=np.float32)
 _lanes: dict[int, int] = {}  # block size -> lanes of torch's fp64 sum that match it (0: none)
+_LITTLE = sys.byteorder == "little"  # whole blocks pack 4 codes from one uint32 (byte 0 lowest)
 
 if codec_kernels.numba is not None:
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
     _kernel = njit(cache=True, nogil=True)
+
+    @intrinsic
+    def _sumsq16(typingctx, x, start, rows):
+        """sum(x[start:start + 16 rows]**2) in fp64 in torch's order for rows <= 16 (one level
+        step): accumulator j (lanes 4j..4j+3 of each row of 16) is a <4 x double>; then
+        ((acc0 + acc1) + acc2) + acc3, then its lanes in order. No bounds check: the caller's."""
+        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1
+                and x.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ary, first, count = args
+            data = context.make_array(signature.args[0])(context, builder, ary).data
+            f4, d4 = ir.VectorType(ir.FloatType(), 4), ir.VectorType(ir.DoubleType(), 4)
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(d4, [0.0] * 4)) for _ in range(4)]
+            with cgutils.for_range(builder, count) as loop:  # (no fast-math flags: no FMA, no reorder)
+                row = builder.gep(data, [builder.add(first, builder.mul(loop.index, count.type(16)))])
+                for j in range(4):
+                    ptr = builder.bitcast(builder.gep(row, [count.type(4 * j)]), f4.as_pointer())
+                    v = builder.fpext(builder.load(ptr, align=4), d4)
+                    builder.store(builder.fadd(builder.load(acc[j]), builder.fmul(v, v)), acc[j])
+            lanes = builder.load(acc[0])
+            for j in range(1, 4):
+                lanes = builder.fadd(lanes, builder.load(acc[j]))
+            total = ir.Constant(ir.DoubleType(), 0.0)
+            for t in range(4):
+                total = builder.fadd(total, builder.extract_element(lanes, ir.IntType(32)(t)))
+            return total
+
+        return types.float64(x, types.intp, types.intp), codegen
 
     @_kernel
     def _ceil_log2(n):
@@ -117,6 +162,8 @@ if codec_kernels.numba is not None:
     @njit(cache=True, nogil=True, inline="always")
     def _block_sum(x, start, stop, block_size, lanes, sq, acc):
         """sum(x[start:stop]**2) in fp64 as torch sums the zero-padded block."""
+        if lanes == 4 and block_size % 16 == 0 and block_size <= 256 and stop - start == block_size:
+            return _sumsq16(x, start, block_size // 16)  # the usual case: vectors in registers
         xb, tail = x[start:stop], sq[stop - start:]  # (slices indexed from 0: no wraparound
         for i in range(xb.size):  # check, so the loops vectorize) x**2 exactly (fits a float64)
             v = np.float64(xb[i])
@@ -180,12 +227,43 @@ if codec_kernels.numba is not None:
                 byte |= np.int64(codes[full_from + 4 * whole + i]) << (2 * i)
             out[first + whole] = np.uint8(byte)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _code(v, divisor):
+        """clamp(floor(v / divisor), -2, 1) + 2, NaN as 0 (fp32, as _block_codes)."""
+        w = v / divisor
+        w = np.float32(0) if w != w else np.floor(w)
+        w = np.float32(-2) if w < np.float32(-2) else w
+        w = np.float32(1) if w > np.float32(1) else w
+        return np.uint8(w + np.float32(2))
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _whole_codes(x, start, block_size, s, codes, words, out):
+        """_block_codes for a whole block with ``block_size % 4 == 0`` (it starts a byte) on a
+        little-endian machine: the codes into ``codes`` (a loop that vectorizes), then each
+        uint32 ``words[j]`` of it (codes 4j..4j+3, byte 0 lowest) shifted into one byte."""
+        divisor = s if s > 0 else np.float32(1)
+        xb = x[start:start + block_size]
+        for i in range(block_size):
+            codes[i] = _code(xb[i], divisor)
+        ob = out[start // 4:(start + block_size) // 4]
+        for j in range(ob.size):
+            u = words[j]
+            u |= u >> 6  # code 4j+1 to bits 2-3, 4j+3 to bits 18-19
+            u |= u >> 12  # codes 4j+2, 4j+3 to bits 4-7
+            ob[j] = np.uint8(u & 0xFF)
+
     @_kernel
-    def _int2_codes(x, scales, out, block_size):
+    def _int2_codes(x, scales, out, block_size, little):
         """Codes of every block, given its scale (torch's, when the sum order is not reproduced)."""
         codes = np.empty(block_size + 4, np.uint8)
+        words = codes[:block_size // 4 * 4].view(np.uint32)
+        whole = little and block_size % 4 == 0
         for blk, start in enumerate(range(0, x.size, block_size)):
-            _block_codes(x, start, min(start + block_size, x.size), scales[blk], codes, out)
+            stop = min(start + block_size, x.size)
+            if whole and stop - start == block_size:
+                _whole_codes(x, start, block_size, scales[blk], codes, words, out)
+            else:
+                _block_codes(x, start, stop, scales[blk], codes, out)
 
     @_kernel
     def _int2_encode(x, scales, out, block_size, lanes):
@@ -201,6 +279,22 @@ if codec_kernels.numba is not None:
             nans += total != total
             scales[blk] = np.float32(np.sqrt(total / block_size))
             _block_codes(x, start, stop, scales[blk], codes, out)
+        return nans
+
+    @_kernel
+    def _int2_encode16(x, scales, out, block_size):
+        """_int2_encode for the whole blocks of the usual case (``_fast``): the sum in vector
+        registers, the codes as whole bytes."""
+        codes = np.empty(block_size, np.uint8)
+        words = codes.view(np.uint32)
+        nans = 0
+        for blk in range(x.size // block_size):
+            start = blk * block_size
+            total = _sumsq16(x, start, block_size // 16)
+            nans += total != total
+            s = np.float32(np.sqrt(total / block_size))
+            scales[blk] = s
+            _whole_codes(x, start, block_size, s, codes, words, out)
         return nans
 
     @_kernel
@@ -258,6 +352,12 @@ def _torch_lanes(block_size: int) -> int:
     return _lanes[block_size]
 
 
+def _fast(block_size: int, lanes: int) -> bool:
+    """The usual case, _int2_encode16's: torch's 4 lanes, one level step per block (b <= 256)
+    of whole rows of 16, and a little-endian machine (4 codes from one uint32, byte 0 lowest)."""
+    return lanes == 4 and block_size % 16 == 0 and block_size <= 256 and _LITTLE
+
+
 def int2_encode(codec, x: torch.Tensor, out: torch.Tensor) -> None:
     """Encode contiguous fp32 ``x`` into ``out`` (checked by the codec) as ``codec`` (Int2) does."""
     n, b = x.numel(), codec.block_size
@@ -269,10 +369,16 @@ def int2_encode(codec, x: torch.Tensor, out: torch.Tensor) -> None:
     if not lanes:  # torch's own reduction, chunk by chunk as the torch path, then the codes
         for el, bl in codec._chunks(n):
             t[bl] = codec._scale(_blocks(x[el], b)).view(-1)
-        _int2_codes(_np(x), scales, _np(out[:payload]), b)
-    elif _int2_encode(_np(x), scales, _np(out[:payload]), b, lanes):
-        for blk in np.flatnonzero(np.isnan(scales)).tolist():  # torch's NaN payloads
-            t[blk] = codec._scale(_blocks(x[blk * b:(blk + 1) * b], b)).view(())
+        _int2_codes(_np(x), scales, _np(out[:payload]), b, _LITTLE)
+    else:
+        whole = n // b if _fast(b, lanes) else 0  # whole blocks of the usual case, then the rest
+        nans = _int2_encode16(_np(x[:whole * b]), scales, _np(out[:whole * b // 4]), b) if whole else 0
+        if whole < blocks:
+            nans += _int2_encode(_np(x[whole * b:]), scales[whole:], _np(out[whole * b // 4:payload]),
+                                 b, lanes)
+        if nans:
+            for blk in np.flatnonzero(np.isnan(scales)).tolist():  # torch's NaN payloads
+                t[blk] = codec._scale(_blocks(x[blk * b:(blk + 1) * b], b)).view(())
     out[payload:] = t.view(torch.uint8)
 
 

@@ -3,8 +3,9 @@
 Each case encodes with both paths and compares the bytes, then decodes both paths' bytes
 with both paths and compares the bit patterns (NaN payloads included). The inputs are
 the edge cases of the formats: zeros and -0.0, exact ties, subnormals, ±inf, NaN of
-either sign and another payload, all-equal blocks, a short last block, and the density
-edge cases of sparse (one kept entry, every entry kept, a last block shorter than k).
+either sign and another payload, all-equal blocks, a short last block, magnitudes that
+fall steeply from block to block, and the density edge cases of sparse (one kept entry,
+every entry kept, a last block shorter than k).
 tests/test_codec_lowbit.py checks the default path (these kernels, when numba is
 installed) against a plain-Python reference of the formats.
 """
@@ -12,6 +13,10 @@ installed) against a plain-Python reference of the formats.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 NEG_NAN = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
 ODD_NAN = np.array([0x7FC01234], np.uint32).view(np.float32)[0]
-CASES = ["random", "zeros", "ties", "equal", "subnormal", "inf", "nan", "huge"]
+CASES = ["random", "zeros", "ties", "equal", "subnormal", "inf", "nan", "huge", "falling"]
 
 
 def make(case: str, n: int, seed: int) -> torch.Tensor:
@@ -53,6 +58,8 @@ def make(case: str, n: int, seed: int) -> torch.Tensor:
         x[5::41] = float("inf")
     elif case == "huge":
         x *= 1e36
+    elif case == "falling":  # each block far below the last: sparse lowers its first bound
+        x = torch.randn(n, generator=g) * torch.logspace(20, -30, n)
     return x
 
 
@@ -74,8 +81,10 @@ def both_paths(codec, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("n,b", [(1, 8), (7, 3), (1000, 7), (4096 + 50, 256), (3000, 64), (5000, 1000)])
+@pytest.mark.parametrize("n,b", [(1, 8), (7, 3), (1000, 7), (4096 + 50, 256), (3000, 64), (5000, 1000),
+                                 (256 * 7, 256), (16 * 33 + 4, 16), (200 * 6 + 1, 200), (1024 * 3, 1024)])
 def test_int2_kernel_is_the_torch_path(case, n, b):
+    """(b = 16, 64, 256: the usual case's kernel for the whole blocks, then the general one.)"""
     both_paths(get_codec("int2", b), make(case, n, seed=n + b))
 
 
@@ -87,6 +96,8 @@ def test_int2_kernel_is_the_torch_path(case, n, b):
     (70, 64, 0.5, 2),  # last block of 6 < k = 32: padding kept, m = 0
     (300, 16, 1.0, 4),  # every entry kept
     (500, 128, 0.001, 2),  # k = 1
+    (1000, 100, 0.05, 2),  # blocks that are not whole words of 8 flags
+    (333, 13, 0.3, 4),
 ])
 def test_sparse_kernel_is_the_torch_path(case, n, b, density, vb):
     codec = get_codec("sparse", density=density, value_bits=vb, sparse_block=b)
@@ -118,7 +129,19 @@ def test_sparse_kernel_refuses_a_malformed_payload():
         codec.decode(extra, 256)
 
 
-@pytest.mark.parametrize("b", [3, 8, 64, 256, 1000, 4096])
+def test_int2_usual_case_takes_the_vector_kernel():
+    """The default block size on this torch runs _int2_encode16 (its sums in <4 x double>)."""
+    b = get_codec("int2").block_size
+    assert int2_kernels._fast(b, int2_kernels._torch_lanes(b))
+    x = make("random", 4 * b, seed=8).numpy()
+    sums = np.empty(4, np.float64)
+    int2_kernels._int2_scales(x, sums, np.empty(4, np.float32), b, 4)
+    scales, out = np.empty(4, np.float32), np.empty(b, np.uint8)
+    assert int2_kernels._int2_encode16(x, scales, out, b) == 0
+    assert np.array_equal(scales, np.sqrt(sums / b).astype(np.float32))
+
+
+@pytest.mark.parametrize("b", [3, 8, 16, 64, 200, 256, 1000, 4096])
 def test_int2_scales_add_in_torchs_order(b):
     """The kernel's fp64 sums of squares are torch's bit for bit (the order it reproduces)."""
     int2_kernels._lanes.pop(b, None)
@@ -149,3 +172,23 @@ def test_torch_path_is_announced_once(monkeypatch, caplog, name):
             codec.decode(codec.encode(x), x.numel())
     msgs = [r.getMessage() for r in caplog.records if "codec kernels" in r.getMessage()]
     assert len(msgs) == 1 and "numba not installed" in msgs[0]
+
+
+AVX2 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,"
+        "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu,features", [("haswell", AVX2), ("generic", "")])
+def test_kernels_compiled_without_avx512_are_the_torch_path(tmp_path, cpu, features):
+    """The vector intrinsics (int2's <4 x double> sums, sparse's vector compress and
+    popcounts) compiled for a CPU without AVX512 (LLVM's generic expansions, sparse's
+    skip of empty steps) give the same bytes: this file's comparisons in a child process
+    whose numba targets that CPU, with its own cache."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow",
+         "-k", "kernel_is_the_torch_path or usual_case or torchs_order"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+        check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
