@@ -18,6 +18,9 @@ def test_variants_parse_and_build_valid_dilo_arguments():
     assert cfg.outer.inner_steps == 10 and cfg.data.eval_every == 10  # 100 inner steps / H
     for name in bench_overlap.VARIANTS:
         check_config(bench_overlap.run_args(args, name, 0))
+    args = bench_overlap.parse(["--variants", "core,e", "--variant", "e=--outer.overlap eager --data.eval_every 1"])
+    assert check_config(bench_overlap.run_args(args, "e", 0)).data.eval_every == 1  # a variant overrides
+    assert check_config(bench_overlap.run_args(args, "core", 0)).data.eval_every == 5  # 100 inner steps / 20
 
 
 @pytest.mark.parametrize("argv", [["--variants", "eager"], ["--variants", "core,nope"], ["--variant", "bad"]])

@@ -101,9 +101,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_args(args: argparse.Namespace, name: str, seed: int) -> list[str]:
-    return [*SMALL, *args.extra, *shlex.split(args.defs[name]), "--run.seed", str(seed),
-            "--run.steps", str(args.steps),
-            "--data.eval_every", str(max(1, args.eval_every // int(_value(SMALL + args.extra, "--outer.inner_steps"))))]
+    """A variant's dilo arguments come after the common ones and --eval-every's, so it may override them
+    (e.g. `--data.eval_every 1` to see every round)."""
+    every = max(1, args.eval_every // int(_value(SMALL + args.extra, "--outer.inner_steps")))
+    return [*SMALL, *args.extra, "--data.eval_every", str(every), *shlex.split(args.defs[name]),
+            "--run.seed", str(seed), "--run.steps", str(args.steps)]
 
 
 def _value(argv: list[str], key: str) -> str:
