@@ -198,9 +198,10 @@ _MEASURED = {"delayed": "2.1x core DiLoCo's eval loss", "eager": "1.7x"}
 OVERLAP_MIN_INNER_STEPS = 100
 """`outer.inner_steps` below which dilo warns that `outer.overlap delayed|eager` costs quality even inside
 the lr bound: the staleness of one round (docs/streaming.md, "Staleness against H")."""
-_EAGER_BY_H = "1.18x at H = 20, 1.095x at H = 50 (both 6000 inner steps), 1.052x at H = 100 (12000)"
+_EAGER_BY_H = ("1.18x at H = 20, 1.095x at H = 50 (6000 inner steps; 1.063x at 12000), "
+               "1.052x at H = 100 (12000)")
 """Eager ÷ core DiLoCo's final eval loss, 4 workers, both with Nesterov 0.5 at lr 0.7 (inside the bound), seed 0
-(docs/results/overlap_6000.json, overlap_6000_h50.json, overlap_12000_h100.json)."""
+(docs/results/overlap_6000.json, overlap_6000_h50.json, overlap_12000_h50.json, overlap_12000_h100.json)."""
 
 
 def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum: float,
@@ -219,10 +220,11 @@ def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum:
         missing = "all" if overlap == "delayed" else f"{members - 1}/{members}"
         found.append(f"outer.overlap = {overlap} with {members} workers and outer.inner_steps {inner_steps}: "
                      f"every round starts without {missing} of the last round's averaged progress, which "
-                     f"costs quality even inside the lr bound, the more the shorter the rounds (eager ÷ core "
-                     f"DiLoCo's eval loss, 4 workers: {_EAGER_BY_H}; docs/streaming.md); use outer.inner_steps "
-                     f">= {OVERLAP_MIN_INNER_STEPS}, or outer.overlap none with outer.fragments and outer.delay "
-                     "(streaming: the exchange runs τ steps behind compute)")
+                     f"costs quality even inside the lr bound, the more the shorter the rounds and the run "
+                     f"(eager ÷ core DiLoCo's eval loss, 4 workers: {_EAGER_BY_H}; docs/streaming.md); to hide "
+                     "exchanges without a round of staleness use outer.overlap none with outer.fragments and "
+                     "outer.delay (Streaming DiLoCo: each exchange runs behind τ inner steps), or use "
+                     f"outer.inner_steps >= {OVERLAP_MIN_INNER_STEPS}, where the cost was smallest")
     return ". Also: ".join(found) or None
 
 
