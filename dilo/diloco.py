@@ -177,8 +177,8 @@ class DiLoCo(OuterState):
         self.error_feedback = error_feedback
         self.owner_feedback = owner_feedback
         self.group = group if group is not None else default_group()
-        if (unstable := overlap_warning(overlap, self.group.size, outer_lr, outer_momentum, nesterov)) is not None:
-            log.warning(unstable)
+        if caution := overlap_warning(overlap, self.group.size, outer_lr, outer_momentum, nesterov, inner_steps):
+            log.warning(caution)
         self.aggregate = owners_rule(self.group, aggregate, trim, clip_ratio, weighting, inner_steps)
         self.group.aggregate = self.aggregate  # the owners' rule (dilo/aggregate.py)
         self.check_hashes = check_hashes

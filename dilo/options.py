@@ -195,16 +195,37 @@ _MEASURED = {"delayed": "2.1x core DiLoCo's eval loss", "eager": "1.7x"}
 """What the unstable setting cost (docs/results/overlap.json: lr 0.7, Nesterov 0.9, M = 4, 100 outer steps)."""
 
 
+OVERLAP_MIN_INNER_STEPS = 100
+"""`outer.inner_steps` below which dilo warns that `outer.overlap delayed|eager` costs quality even inside
+the lr bound: the staleness of one round (docs/streaming.md, "Staleness against H")."""
+_EAGER_BY_H = ("1.18x at H = 20, 1.095x at H = 50 (6000 inner steps; 1.063x at 12000), "
+               "1.052x at H = 100 (12000)")
+"""Eager ÷ core DiLoCo's final eval loss, 4 workers, both with Nesterov 0.5 at lr 0.7 (inside the bound), seed 0
+(docs/results/overlap_6000.json, overlap_6000_h50.json, overlap_12000_h50.json, overlap_12000_h100.json)."""
+
+
 def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum: float,
-                    nesterov: bool) -> str | None:
-    """The warning for an overlap mode whose outer lr is past `overlap_max_stable_lr`, or None."""
+                    nesterov: bool, inner_steps: int | None = None) -> str | None:
+    """The warning for an overlap mode whose outer lr is past `overlap_max_stable_lr`, and (given
+    `inner_steps`) for one whose rounds are shorter than `OVERLAP_MIN_INNER_STEPS`; None if neither."""
+    found = []
     limit = overlap_max_stable_lr(overlap, members, outer_momentum, nesterov)
-    if outer_lr <= limit:
-        return None
-    return (f"outer.overlap = {overlap} with {members} workers, outer.lr {outer_lr:g} and "
-            f"{'Nesterov ' if nesterov else ''}momentum {outer_momentum:g}: the one-round delay makes the "
-            f"outer iteration oscillate unless outer.lr <= {limit:.2f} (docs/streaming.md; measured at lr 0.7, "
-            f"momentum 0.9, 4 workers: {_MEASURED[overlap]} after 100 outer steps); lower outer.lr or outer.momentum")
+    if outer_lr > limit:
+        found.append(f"outer.overlap = {overlap} with {members} workers, outer.lr {outer_lr:g} and "
+                     f"{'Nesterov ' if nesterov else ''}momentum {outer_momentum:g}: the one-round delay makes the "
+                     f"outer iteration oscillate unless outer.lr <= {limit:.2f} (docs/streaming.md; measured at "
+                     f"lr 0.7, momentum 0.9, 4 workers: {_MEASURED[overlap]} after 100 outer steps); lower "
+                     "outer.lr or outer.momentum")
+    if overlap in ("delayed", "eager") and members > 1 and inner_steps and inner_steps < OVERLAP_MIN_INNER_STEPS:
+        missing = "all" if overlap == "delayed" else f"{members - 1}/{members}"
+        found.append(f"outer.overlap = {overlap} with {members} workers and outer.inner_steps {inner_steps}: "
+                     f"every round starts without {missing} of the last round's averaged progress, which "
+                     f"costs quality even inside the lr bound, the more the shorter the rounds and the run "
+                     f"(eager ÷ core DiLoCo's eval loss, 4 workers: {_EAGER_BY_H}; docs/streaming.md); to hide "
+                     "exchanges without a round of staleness use outer.overlap none with outer.fragments and "
+                     "outer.delay (Streaming DiLoCo: each exchange runs behind τ inner steps), or use "
+                     f"outer.inner_steps >= {OVERLAP_MIN_INNER_STEPS}, where the cost was smallest")
+    return ". Also: ".join(found) or None
 
 
 def _stable_cubic(k: float, mu: float, nesterov: bool, a: float) -> bool:

@@ -18,6 +18,9 @@ def test_variants_parse_and_build_valid_dilo_arguments():
     assert cfg.outer.inner_steps == 10 and cfg.data.eval_every == 10  # 100 inner steps / H
     for name in bench_overlap.VARIANTS:
         check_config(bench_overlap.run_args(args, name, 0))
+    args = bench_overlap.parse(["--variants", "core,e", "--variant", "e=--outer.overlap eager --data.eval_every 1"])
+    assert check_config(bench_overlap.run_args(args, "e", 0)).data.eval_every == 1  # a variant overrides
+    assert check_config(bench_overlap.run_args(args, "core", 0)).data.eval_every == 5  # 100 inner steps / 20
 
 
 @pytest.mark.parametrize("argv", [["--variants", "eager"], ["--variants", "core,nope"], ["--variant", "bad"]])
@@ -53,3 +56,17 @@ def test_pair_reports_the_ratio_to_its_own_base_of_the_same_seed():
 def test_bad_pairs_are_refused(spec):
     with pytest.raises(ToolError):
         bench_overlap.parse(["--variants", "core,e5", "--variant", "e5=--outer.overlap eager", "--pair", spec])
+
+
+def test_ratio_curve_interpolates_the_base_at_the_variants_steps():
+    def run(v, s, curve):
+        return {"variant": v, "seed": s, "args": "", "final_eval_loss": curve[-1][1], "hashes_agree": True,
+                "outer_steps": 5, "bytes_sent_per_worker": 1, "peak_sync_bytes": 1, "eval_curve": curve}
+    runs = [run("core", 0, [[100, 4.0], [200, 2.0], [200, 2.0]]), run("core", 1, [[100, 2.0], [200, 1.0]]),
+            run("eager", 0, [[150, 6.0], [200, 2.2]]), run("eager", 1, [[150, 3.0], [200, 1.0]]),
+            run("eager", 2, [[150, 9.0]])]  # seed 2 has no core: left out
+    rows = {r["variant"]: r for r in bench_overlap.aggregate(runs, ["core", "eager"])}
+    # seed 0: 6 / 3 = 2, 2.2 / 2 = 1.1; seed 1: 3 / 1.5 = 2, 1 / 1 = 1
+    assert [x for x, _ in rows["eager"]["ratio_curve"]] == [150, 200]
+    assert [r for _, r in rows["eager"]["ratio_curve"]] == pytest.approx([2.0, 1.05])
+    assert rows["core"]["ratio_curve"] == [[100, 1.0], [200, 1.0]]

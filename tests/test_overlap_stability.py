@@ -7,12 +7,17 @@ numpy, independently of the closed-form Jury test that dilo uses.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import pytest
+from torch import nn
 
-from dilo.options import overlap_max_stable_lr, overlap_warning
+from dilo import DiLoCo
+from dilo.comm.local import local_groups
+from dilo.options import OVERLAP_MIN_INNER_STEPS, overlap_max_stable_lr, overlap_warning
+from tests.helpers import adamw, run_workers
 
 
 def spectral_radius(lr: float, c: float, mu: float, nesterov: bool, fresh: float) -> float:
@@ -54,3 +59,32 @@ def test_known_values_and_warning():
     text = overlap_warning("eager", 4, 0.7, 0.9, True)
     assert "outer.lr <= 0.42" in text and "outer.overlap = eager" in text
     assert overlap_warning("none", 4, 5.0, 0.9, True) is None
+
+
+def test_short_rounds_warn_about_staleness_inside_the_bound():
+    # Nesterov 0.5 at lr 0.7 is inside eager's bound at M = 4 (0.77); at H < 100 the staleness still cost
+    # 5-18 % (docs/streaming.md), so the warning names outer.inner_steps and the alternative.
+    text = overlap_warning("eager", 4, 0.7, 0.5, True, inner_steps=20)
+    assert "outer.inner_steps 20" in text and f"outer.inner_steps >= {OVERLAP_MIN_INNER_STEPS}" in text
+    assert "3/4 of the last round" in text and "oscillate" not in text
+    assert "without all of the last round" in overlap_warning("delayed", 2, 0.1, 0.5, True, inner_steps=50)
+    for quiet in [("eager", 4, 0.7, 0.5, True, OVERLAP_MIN_INNER_STEPS), ("eager", 1, 0.7, 0.5, True, 20),
+                  ("none", 4, 0.7, 0.9, True, 20), ("eager", 4, 0.7, 0.5, True, None)]:
+        assert overlap_warning(*quiet) is None, quiet
+    both = overlap_warning("eager", 4, 0.7, 0.9, True, inner_steps=20)  # past the bound, and short rounds
+    assert "outer.lr <= 0.42" in both and ". Also: outer.overlap = eager with 4 workers and outer.inner_steps 20" in both
+
+
+@pytest.mark.parametrize("inner_steps,warns", [(20, True), (OVERLAP_MIN_INNER_STEPS, False)])
+def test_diloco_warns_once_per_worker_at_start(inner_steps, warns, caplog):
+    groups = local_groups(2)
+
+    def worker(rank: int) -> None:
+        model = nn.Linear(4, 2)
+        diloco = DiLoCo(model, adamw(model), inner_steps=inner_steps, outer_lr=0.7, outer_momentum=0.5,
+                        group=groups[rank], overlap="eager")
+        diloco.close()
+
+    with caplog.at_level(logging.WARNING, logger="dilo"):
+        run_workers(worker, 2)
+    assert caplog.text.count("outer.overlap = eager with 2 workers and outer.inner_steps") == (2 if warns else 0)

@@ -12,7 +12,10 @@ time, and the tool reads its summary-*.json and metrics-0.jsonl. The common argu
 SMALL below (a shrunk tiny.toml: CPU minutes per run) plus whatever follows `--`.
 Reported per variant: every seed's final eval loss, its ratio to the core run of the same
 seed, their median, whether every worker ended on the same global hash, bytes, hidden
-sync time; the PNG shows eval loss against inner steps (seed of --plot-seed).
+sync time, and the ratio along the run (`ratio_curve`: each eval point over its base's
+eval loss interpolated at the same inner step, mean over seeds; the base is the --pair
+base, else core); the PNG shows eval loss and that ratio against inner steps (seed of
+--plot-seed).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.bench_tuned import mean_ratio_curve
 from tools.report import (
     ToolError,
     describe,
@@ -97,9 +101,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_args(args: argparse.Namespace, name: str, seed: int) -> list[str]:
-    return [*SMALL, *args.extra, *shlex.split(args.defs[name]), "--run.seed", str(seed),
-            "--run.steps", str(args.steps),
-            "--data.eval_every", str(max(1, args.eval_every // int(_value(SMALL + args.extra, "--outer.inner_steps"))))]
+    """A variant's dilo arguments come after the common ones and --eval-every's, so it may override them
+    (e.g. `--data.eval_every 1` to see every round)."""
+    every = max(1, args.eval_every // int(_value(SMALL + args.extra, "--outer.inner_steps")))
+    return [*SMALL, *args.extra, "--data.eval_every", str(every), *shlex.split(args.defs[name]),
+            "--run.seed", str(seed), "--run.steps", str(args.steps)]
 
 
 def _value(argv: list[str], key: str) -> str:
@@ -145,21 +151,42 @@ def aggregate(runs: list[dict], names: list[str], pairs: dict[str, str] | None =
                      "peak_sync_bytes": mine[0]["peak_sync_bytes"]})
         if name in (pairs or {}):
             rows[-1]["pair"] = {"base": pairs[name], "ratio": describe(paired_ratios(runs, name, pairs[name]))}
+        rows[-1]["ratio_curve"] = curve_to_base(runs, name, (pairs or {}).get(name, "core"))
     return rows
 
 
-def plot(runs: list[dict], seed: int, path: Path) -> None:
+def curve_to_base(runs: list[dict], name: str, base: str) -> list[list[float]]:
+    """[inner step, name's eval loss ÷ base's at that step] along the run, mean over the seeds both have
+    (an overlapped run evaluates at other steps than core: the base is interpolated)."""
+    bases = {r["seed"]: r for r in runs if r["variant"] == base}
+    return mean_ratio_curve([(r, bases[r["seed"]]) for r in runs
+                             if r["variant"] == name and r["seed"] in bases and r.get("eval_curve")])
+
+
+def plot(runs: list[dict], rows: list[dict], seed: int, path: Path) -> None:
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, rax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {row["variant"]: cycle[i % len(cycle)] for i, row in enumerate(rows)}
     for r in runs:
         if r["seed"] == seed and r["eval_curve"]:
             steps, losses = zip(*r["eval_curve"])
-            ax.plot(steps, losses, label=r["variant"], lw=1.2)
+            ax.plot(steps, losses, label=r["variant"], lw=1.2, color=color.get(r["variant"]))
     ax.set_xlabel("inner steps per worker")
     ax.set_ylabel("eval loss")
     ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
     ax.set_title(f"overlapped outer steps vs core DiLoCo (seed {seed})")
     ax.legend(fontsize=7)
+    for row in rows:
+        base = row.get("pair", {}).get("base", "core")
+        if row["variant"] != base and row["ratio_curve"]:
+            steps, ratios = zip(*row["ratio_curve"])
+            rax.plot(steps, ratios, marker=".", lw=1.2, label=f"{row['variant']} ÷ {base}", color=color[row["variant"]])
+    rax.axhline(1.03, color="grey", ls="--", lw=0.8, label="1.03")
+    rax.set_xlabel("inner steps per worker")
+    rax.set_ylabel("eval loss ÷ base's at the same step")
+    rax.set_title("ratio along the run (mean over seeds)")
+    rax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -193,7 +220,7 @@ def main(argv: list[str]) -> int:
         print(f"{row['variant']:24s} eval {row['final_eval_loss']['median']:.4f}  ratio to core median "
               f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}{pair}")
     if picture:
-        plot(runs, args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
+        plot(runs, aggregate(runs, names, args.pairs), args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
     return 0
 
 
