@@ -41,7 +41,7 @@ from dilo.codecs import Codec
 from dilo.comm.membership import Epoch, HealError, Member, Membership, RunEnded, Superseded
 from dilo.comm.gather import gather_average
 from dilo.comm.protocol import (DivergenceError, ExchangeBuffers, ExchangeResult, GlobalState, Group, RoundId,
-                                RoundReport, nothing_lost)
+                                RoundReport, alone)
 from dilo.comm.two_phase import started, two_phase_average
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ class HealingGroup(Group):
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
                 owner_error: bool = False) -> ExchangeResult:
         if not self.admitted or self.needs_state:  # (DiLoCo's start-up average of the buffers)
-            return ExchangeResult(flat.clone(), 0, 0, 1, 0.0, owner_error=nothing_lost() if owner_error else None)
+            return alone(flat, report, owner_error)
         return self.guarded(lambda g: g.average(flat, codec, aggregate=aggregate or self.aggregate, report=report,
                                                 owner_error=owner_error),
                             joiners=True)
