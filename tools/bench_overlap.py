@@ -213,14 +213,15 @@ def main(argv: list[str]) -> int:
                   f"ratio {r['final_eval_loss'] / base['final_eval_loss']:.4f}  hashes agree {r['hashes_agree']}  "
                   f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
             write_json(args.out, document("bench_overlap", settings, {"variants": aggregate(runs, names, args.pairs), "runs": runs}))
-    for row in aggregate(runs, names, args.pairs):
+    rows = aggregate(runs, names, args.pairs)
+    for row in rows:
         ratio = row["ratio_to_core"]
         pair = (f"  ratio to {row['pair']['base']} median {row['pair']['ratio']['median']:.4f}"
                 if "pair" in row and row["pair"]["ratio"]["n"] else "")
         print(f"{row['variant']:24s} eval {row['final_eval_loss']['median']:.4f}  ratio to core median "
               f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}{pair}")
     if picture:
-        plot(runs, aggregate(runs, names, args.pairs), args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
+        plot(runs, rows, args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
     return 0
 
 
