@@ -20,6 +20,13 @@ Exactness, operation by operation, as the torch path does it:
   sign bit is set when ``x <= -t_1``.
 - decoding multiplies in fp32 (fp4: the 16 products ``value * s`` per block).
 
+`sub_with_max_abs` and `sub_with_sumsq` form a difference ``a - b`` (torch.sub's bytes) and,
+in the same pass, what the outer step logs or checks of it (max |d|, sums of squares), so
+no extra pass over the vector is made for a statistic. Their sums of squares are logged
+figures, never hashed or sent: summed in fp64, each block of 4096 elements in the order the
+compiler vectorizes, then the blocks in order (more accurate than torch.norm's fp32 sum,
+which overflows past 1.8e19, but not its bits).
+
 numba is an optional extra (``pip install -e '.[fast]'``). Without it, ``BACKEND`` is
 ``"torch"``, ``dilo.codecs`` runs its torch implementation, and the first use says so
 once in the log: never a silent fallback. ``DILO_CODEC_KERNELS=torch`` in the
@@ -29,12 +36,14 @@ environment, or ``use_backend("torch")``, forces the torch path (tests compare b
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
 import torch
 
-__all__ = ["BACKEND", "NUMBA_VERSION", "all_finite", "use_backend", "warn_if_slow"]
+__all__ = ["BACKEND", "NUMBA_VERSION", "all_finite", "sub_with_max_abs", "sub_with_sumsq", "use_backend",
+           "warn_if_slow"]
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +273,71 @@ if numba is not None:
             if i < stop:
                 out[i] = table[buf[i // 2] & 15]
 
+    _STAT_BLOCK = 4096
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def _block_sumsq(x):
+        """Σ x² of a cache-hot block in fp64, vectorized (reassociated: a logged figure only)."""
+        s = np.float64(0)
+        for i in range(x.size):
+            v = np.float64(x[i])
+            s += v * v
+        return s
+
+    @_kernel
+    def _sub_max_abs(a, b, out, out_bits):
+        m, total = np.int32(0), np.float64(0)
+        for start in range(0, a.size, _STAT_BLOCK):
+            stop = min(start + _STAT_BLOCK, a.size)
+            ab, bb, ob, ib = a[start:stop], b[start:stop], out[start:stop], out_bits[start:stop]
+            for i in range(ab.size):
+                ob[i] = ab[i] - bb[i]
+            for i in range(ib.size):
+                m = max(m, np.int32(ib[i] & np.int32(0x7FFFFFFF)))
+            total += _block_sumsq(ob)
+        return m, total
+
+    @_kernel
+    def _sub_sumsq(a, b, out):
+        sq_a, sq_out = np.float64(0), np.float64(0)
+        for start in range(0, a.size, _STAT_BLOCK):
+            stop = min(start + _STAT_BLOCK, a.size)
+            ab, bb, ob = a[start:stop], b[start:stop], out[start:stop]
+            for i in range(ab.size):
+                ob[i] = ab[i] - bb[i]
+            sq_a += _block_sumsq(ab)
+            sq_out += _block_sumsq(ob)
+        return sq_a, sq_out
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    return BACKEND == "numba" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                      for t in tensors)
+
+
+def sub_with_max_abs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+    """``out = a - b`` (fp32, torch.sub's bytes) and, from the same pass, (max |out|: NaN if any
+    element is NaN, inf if any is ±inf, as `reduce_kernels.max_abs`; the sum of squares of out,
+    see the module docstring). None (nothing done) unless all three are contiguous fp32 CPU
+    tensors of one size and the numba kernels run: the caller then runs torch."""
+    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+        return None
+    on = _np(out).reshape(-1)
+    bits, sumsq = _sub_max_abs(_np(a).reshape(-1), _np(b).reshape(-1), on, on.view(np.int32))
+    return (math.nan if bits > 0x7F800000 else float(np.array(bits, np.int32).view(np.float32))), float(sumsq)
+
+
+def sub_with_sumsq(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+    """``out = a - b`` (torch.sub's bytes) and (Σ a², Σ out²) from the same pass (module
+    docstring); None when `sub_with_max_abs` would be."""
+    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+        return None
+    sq_a, sq_out = _sub_sumsq(_np(a).reshape(-1), _np(b).reshape(-1), _np(out).reshape(-1))
+    return float(sq_a), float(sq_out)
 
 
 def int8_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
