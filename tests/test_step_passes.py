@@ -136,7 +136,7 @@ def test_codec_error_and_owner_error_against_reference(codec, pieces, backend):
         groups = local_groups(members)
         xs = [_values(10_000 + 37, 30 + r) for r in range(members)]
 
-        def run(r, groups=groups, xs=xs, codec=codec):
+        def run(r, groups=groups, xs=xs, codec=codec, members=members):
             g = groups[r]
             return two_phase_average(xs[r], _codec(codec), r, members, g._all_to_all, g._all_gather,
                                      owner_error=True, pieces=pieces)
