@@ -23,10 +23,11 @@ for the wire or the other ranks) and `cpu_passes` that ÷ the CPU time of one `c
 the fp32 vector on the same rank: the step's local work in memcpy passes, a figure that
 does not depend on how many ranks share the cores.
 
-`--digest` also times hashing θ and the momentum (2 × size fp32) with sha256 and blake3
-in the parent process. Results from `--label` runs are merged into `--out` under that
-label, so before and after share one file and one picture. The machine may be shared:
-ratios are taken within one run.
+`--digest` also times hashing θ and the momentum (2 × size fp32) with sha256, blake3 (one
+thread and all cores) and the checkout's `state_digest` with torch at 1 and 2 threads (the
+digest value is kept with each, to show it is one value), in the parent process. Results
+from `--label` runs are merged into `--out` under that label, so before and after share one
+file and one picture. The machine may be shared: ratios are taken within one run.
 """
 
 from __future__ import annotations
@@ -164,8 +165,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
+def _digest_times(sizes: list[int], repeats: int, repo: str) -> list[dict]:
+    """Wall seconds (median) of hashing θ + momentum (2 × size fp32) per algorithm, in this process."""
+    sys.path.insert(0, repo)
     import numpy as np
+    import torch
+
+    from dilo.comm.protocol import state_digest
 
     try:
         import blake3
@@ -179,6 +185,11 @@ def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
         if blake3 is not None:
             algos["blake3"] = lambda: blake3.blake3(view).hexdigest()
             algos["blake3_threads"] = lambda: blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
+        # the run's own digest (dilo.comm.protocol.state_digest, θ and momentum as two tensors)
+        # with torch at 1 and 2 threads: it hashes with torch's thread count, the same value
+        halves = [torch.from_numpy(data[:numel]), torch.from_numpy(data[numel:])]
+        for threads in (1, 2):
+            algos[f"state_digest_{threads}t"] = lambda t=threads: (torch.set_num_threads(t), state_digest(halves, 1))
         algos["memcpy"] = lambda: np.copyto(out, data)
         out = np.empty_like(data)
         for name, fn in algos.items():
@@ -188,6 +199,8 @@ def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
                 fn()
                 times.append(time.perf_counter() - t0)
             rows.append({"numel_hashed": 2 * numel, "algo": name, "seconds": statistics.median(times)})
+            if name.startswith("state_digest"):
+                rows[-1]["digest"] = fn()[1]
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -283,7 +296,7 @@ def main() -> None:
              "repeats": args.repeats, "pieces": args.pieces, "rows": rows,
              "note": "2-core machine shared with other jobs; ranks run one thread each"}
     if args.digest:
-        entry["digest"] = _digest_times(args.sizes, args.repeats)
+        entry["digest"] = _digest_times(args.sizes, args.repeats, args.repo)
     if args.out:
         doc = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
         old = doc.get(args.label, {})
