@@ -51,7 +51,8 @@ def backend():
 @needs_numba
 @pytest.mark.parametrize("n", [1, 7, 4096, 4097, 3 * 4096 + 5, 100_003])
 @pytest.mark.parametrize("special", [None, math.inf, -math.inf, math.nan])
-def test_sub_with_max_abs_is_torch_sub_and_max_abs(n, special):
+def test_sub_with_max_abs_is_torch_sub_and_max_abs(n, special, backend):
+    backend("numba")
     a = _values(n, 1, _EDGE[: max(0, n - 3)])
     b = _values(n, 2, _EDGE[::-1][: max(0, n - 3)])
     if special is not None:
@@ -69,7 +70,8 @@ def test_sub_with_max_abs_is_torch_sub_and_max_abs(n, special):
 
 @needs_numba
 @pytest.mark.parametrize("n", [1, 4096, 4097, 100_003])
-def test_sub_with_sumsq_is_torch_sub_and_its_norms(n):
+def test_sub_with_sumsq_is_torch_sub_and_its_norms(n, backend):
+    backend("numba")
     mean, dst = _values(n, 3, _EDGE[: max(0, n - 3)]), _values(n, 4)
     errors = torch.empty(n)
     sq_mean, sq_err = codec_kernels.sub_with_sumsq(mean, dst, errors)

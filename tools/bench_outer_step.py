@@ -197,7 +197,7 @@ def _digest_times(sizes: list[int], repeats: int, repo: str) -> list[dict]:
         # with torch at 1 and 2 threads: it hashes with torch's thread count, the same value
         halves = [torch.from_numpy(data[:numel]), torch.from_numpy(data[numel:])]
         for threads in (1, 2):
-            algos[f"state_digest_{threads}t"] = lambda t=threads: (torch.set_num_threads(t), state_digest(halves, 1))
+            algos[f"state_digest_{threads}t"] = lambda t=threads, h=halves: (torch.set_num_threads(t), state_digest(h, 1))
         algos["memcpy"] = lambda: np.copyto(out, data)
         out = np.empty_like(data)
         for name, fn in algos.items():
