@@ -24,8 +24,10 @@ Exactness, operation by operation, as the torch path does it:
 in the same pass, what the outer step logs or checks of it (max |d|, sums of squares), so
 no extra pass over the vector is made for a statistic. Their sums of squares are logged
 figures, never hashed or sent: summed in fp64, each block of 4096 elements in the order the
-compiler vectorizes, then the blocks in order (more accurate than torch.norm's fp32 sum,
-which overflows past 1.8e19, but not its bits).
+compiler vectorizes, then the blocks' sums (more accurate than torch.norm's fp32 sum, which
+overflows past 1.8e19, but not its bits). With torch at T > 1 threads they run on T slices
+of whole blocks (the kernels release the GIL), so Δ forms as fast as torch's parallel
+`sub` did, and the sums are the same for any T.
 
 numba is an optional extra (``pip install -e '.[fast]'``). Without it, ``BACKEND`` is
 ``"torch"``, ``dilo.codecs`` runs its torch implementation, and the first use says so
@@ -38,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -60,6 +63,10 @@ if os.environ.get("DILO_CODEC_KERNELS", "") == "torch":
     BACKEND = "torch"
 
 _warned = False
+_STAT_BLOCK = 4096  # elements per partial sum of squares (sub_with_max_abs, sub_with_sumsq)
+_PARALLEL_MIN = 1 << 20  # elements below which those kernels run on the calling thread only
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; a forked child starts its own
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def use_backend(name: str) -> None:
@@ -273,8 +280,6 @@ if numba is not None:
             if i < stop:
                 out[i] = table[buf[i // 2] & 15]
 
-    _STAT_BLOCK = 4096
-
     @njit(cache=True, nogil=True, fastmath={"reassoc"})
     def _block_sumsq(x):
         """Σ x² of a cache-hot block in fp64, vectorized (reassociated: a logged figure only)."""
@@ -285,29 +290,28 @@ if numba is not None:
         return s
 
     @_kernel
-    def _sub_max_abs(a, b, out, out_bits):
-        m, total = np.int32(0), np.float64(0)
-        for start in range(0, a.size, _STAT_BLOCK):
+    def _sub_max_abs(a, b, out, out_bits, sums):
+        """out = a - b; sums[k] = Σ out² of block k; returns max |out|'s bits (NaN above inf's)."""
+        m = np.int32(0)
+        for blk, start in enumerate(range(0, a.size, _STAT_BLOCK)):
             stop = min(start + _STAT_BLOCK, a.size)
             ab, bb, ob, ib = a[start:stop], b[start:stop], out[start:stop], out_bits[start:stop]
             for i in range(ab.size):
                 ob[i] = ab[i] - bb[i]
             for i in range(ib.size):
                 m = max(m, np.int32(ib[i] & np.int32(0x7FFFFFFF)))
-            total += _block_sumsq(ob)
-        return m, total
+            sums[blk] = _block_sumsq(ob)
+        return m
 
     @_kernel
-    def _sub_sumsq(a, b, out):
-        sq_a, sq_out = np.float64(0), np.float64(0)
-        for start in range(0, a.size, _STAT_BLOCK):
+    def _sub_sumsq(a, b, out, sums_a, sums_out):
+        for blk, start in enumerate(range(0, a.size, _STAT_BLOCK)):
             stop = min(start + _STAT_BLOCK, a.size)
             ab, bb, ob = a[start:stop], b[start:stop], out[start:stop]
             for i in range(ab.size):
                 ob[i] = ab[i] - bb[i]
-            sq_a += _block_sumsq(ab)
-            sq_out += _block_sumsq(ob)
-        return sq_a, sq_out
+            sums_a[blk] = _block_sumsq(ab)
+            sums_out[blk] = _block_sumsq(ob)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -319,16 +323,38 @@ def _fast(*tensors: torch.Tensor) -> bool:
                                       for t in tensors)
 
 
+def _in_slices(n: int, run) -> list:
+    """`run(lo, hi)` over [0, n) in slices of whole 4096-element blocks, on torch's thread count
+    (the kernels release the GIL: a worker with several cores forms Δ as fast as torch's
+    parallel ops did); one call below 1M elements or with one thread. Results in slice order."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or n < _PARALLEL_MIN:
+        return [run(0, n)]
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dilo-kernels")
+    per_thread = -(-n // threads)
+    step = -(-per_thread // _STAT_BLOCK) * _STAT_BLOCK
+    return list(_POOLS[threads].map(lambda lo: run(lo, min(lo + step, n)), range(0, n, step)))
+
+
+def _flat(*tensors: torch.Tensor) -> list[np.ndarray]:
+    return [_np(t).reshape(-1) for t in tensors]
+
+
 def sub_with_max_abs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
     """``out = a - b`` (fp32, torch.sub's bytes) and, from the same pass, (max |out|: NaN if any
     element is NaN, inf if any is ±inf, as `reduce_kernels.max_abs`; the sum of squares of out,
-    see the module docstring). None (nothing done) unless all three are contiguous fp32 CPU
-    tensors of one size and the numba kernels run: the caller then runs torch."""
+    see the module docstring: per block, so the same value on any number of threads). None
+    (nothing done) unless all three are contiguous fp32 CPU tensors of one size and the numba
+    kernels run: the caller then runs torch."""
     if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
         return None
-    on = _np(out).reshape(-1)
-    bits, sumsq = _sub_max_abs(_np(a).reshape(-1), _np(b).reshape(-1), on, on.view(np.int32))
-    return (math.nan if bits > 0x7F800000 else float(np.array(bits, np.int32).view(np.float32))), float(sumsq)
+    an, bn, on = _flat(a, b, out)
+    sums = np.empty(-(-on.size // _STAT_BLOCK))
+    bits = max(_in_slices(on.size, lambda lo, hi: _sub_max_abs(
+        an[lo:hi], bn[lo:hi], on[lo:hi], on[lo:hi].view(np.int32), sums[lo // _STAT_BLOCK:])), default=0)
+    largest = math.nan if bits > 0x7F800000 else float(np.array(bits, np.int32).view(np.float32))
+    return largest, float(sums.sum())
 
 
 def sub_with_sumsq(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
@@ -336,8 +362,11 @@ def sub_with_sumsq(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple
     docstring); None when `sub_with_max_abs` would be."""
     if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
         return None
-    sq_a, sq_out = _sub_sumsq(_np(a).reshape(-1), _np(b).reshape(-1), _np(out).reshape(-1))
-    return float(sq_a), float(sq_out)
+    an, bn, on = _flat(a, b, out)
+    sums = np.empty((2, -(-on.size // _STAT_BLOCK)))
+    _in_slices(on.size, lambda lo, hi: _sub_sumsq(an[lo:hi], bn[lo:hi], on[lo:hi], sums[0, lo // _STAT_BLOCK:],
+                                                   sums[1, lo // _STAT_BLOCK:]))
+    return float(sums[0].sum()), float(sums[1].sum())
 
 
 def int8_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:

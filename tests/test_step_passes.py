@@ -200,3 +200,26 @@ def test_diloco_kernels_and_torch_path_reach_the_same_state(codec, backend):
         assert torch.equal(theta, theta_t) and torch.equal(mom, mom_t)
         assert [h for h, _ in st] == [h for h, _ in st_t]
         assert [n for _, n in st] == pytest.approx([n for _, n in st_t], rel=1e-5)
+
+
+@needs_numba
+def test_kernels_on_several_threads_give_the_same_bits_and_sums(backend):
+    """Sliced over torch's threads (whole 4096-element blocks each), the difference has the same
+    bits and max |d|, the sums of squares the same value, as on one thread."""
+    backend("numba")
+    n = (1 << 20) * 3 + 4099
+    a, b = _values(n, 50, _EDGE), _values(n, 51)
+    before, got = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, errors = torch.empty(n), torch.empty(n)
+            got.append((codec_kernels.sub_with_max_abs(a, b, out), codec_kernels.sub_with_sumsq(a, b, errors),
+                        out.numpy().view(np.uint32).copy(), errors.numpy().view(np.uint32).copy()))
+    finally:
+        torch.set_num_threads(before)
+    want = (a - b).numpy().view(np.uint32)
+    for stats, sums, out, errors in got:
+        assert (stats, sums) == got[0][:2]
+        assert np.array_equal(out, want) and np.array_equal(errors, want)
+    assert got[0][0][0] == max_abs(a - b)
