@@ -208,11 +208,11 @@ class Fragment:
         own share `fresh_own` replaces the stale one in the round's `average` (None: no round
         was due). A round fetched after a join had no own share (`stale_own` None): the
         average stands for it."""
+        usable = average is not None and codec_kernels.all_finite(average)  # (one pass, asked once)
         if stale_own is None:
-            stale_own = average if average is not None and torch.isfinite(average).all() \
-                else torch.zeros_like(fresh_own)
+            stale_own = average if usable else torch.zeros_like(fresh_own)
         proxy = (fresh_own - stale_own) / members
-        if average is not None and torch.isfinite(average).all():
+        if usable:
             proxy += average
         self._sgd_step(self.eager_theta, self.eager_outer, proxy)
 

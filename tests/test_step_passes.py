@@ -223,3 +223,32 @@ def test_kernels_on_several_threads_give_the_same_bits_and_sums(backend):
         assert (stats, sums) == got[0][:2]
         assert np.array_equal(out, want) and np.array_equal(errors, want)
     assert got[0][0][0] == max_abs(a - b)
+
+
+@pytest.mark.parametrize("case", ["finite", "nan", "inf", "none", "no_stale", "no_stale_nan"])
+def test_eager_step_asks_finiteness_once_with_the_same_bits(case):
+    """The eager copy's step (overlap = eager) checks the average's finiteness with one pass
+    (codec_kernels.all_finite) instead of two `torch.isfinite(...).all()`: the same θ bits
+    as the statement written with torch (docs/streaming.md's Δ̃)."""
+    n, members = 5000, 3
+    params = [torch.nn.Parameter(_values(n, 60))]
+    frag = Fragment(0, params, 0.7, 0.9, True, eager=True, error_feedback=False)
+    fresh, stale = _values(n, 61) * 1e-2, _values(n, 62) * 1e-2
+    average = None if case == "none" else _values(n, 63) * 1e-2
+    if case in ("nan", "no_stale_nan"):
+        average[17] = math.nan
+    if case == "inf":
+        average[4000] = -math.inf
+    if case.startswith("no_stale"):
+        stale = None
+    ref = torch.nn.Parameter(frag.eager_theta.detach().clone())
+    opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    ok = average is not None and bool(torch.isfinite(average).all())
+    own = stale if stale is not None else (average if ok else torch.zeros(n))
+    proxy = (fresh - own) / members
+    if ok:
+        proxy = proxy + average
+    ref.grad = proxy
+    opt.step()
+    frag.eager_step(fresh, stale, average, members)
+    assert np.array_equal(frag.eager_theta.detach().numpy().view(np.uint32), ref.detach().numpy().view(np.uint32))
