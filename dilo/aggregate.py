@@ -60,9 +60,10 @@ def codec_limit(codec) -> float | None:
     return None if limit is None or codec.lossless else float(limit)
 
 
-def why_unsendable(x: torch.Tensor, codec) -> str | None:
-    """Why `x` must not be encoded with `codec` (None: it may). One pass over `x` (max |x|)."""
-    largest = max_abs(x)
+def why_unsendable(x: torch.Tensor, codec, largest: float | None = None) -> str | None:
+    """Why `x` must not be encoded with `codec` (None: it may). One pass over `x` (max |x|), none
+    when the caller knows `largest` = `max_abs(x)` already (from the pass that formed `x`)."""
+    largest = max_abs(x) if largest is None else largest
     if not largest < math.inf:
         return "not finite"
     limit = codec_limit(codec)

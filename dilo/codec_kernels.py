@@ -20,6 +20,15 @@ Exactness, operation by operation, as the torch path does it:
   sign bit is set when ``x <= -t_1``.
 - decoding multiplies in fp32 (fp4: the 16 products ``value * s`` per block).
 
+`sub_with_max_abs` and `sub_with_sumsq` form a difference ``a - b`` (torch.sub's bytes) and,
+in the same pass, what the outer step logs or checks of it (max |d|, sums of squares), so
+no extra pass over the vector is made for a statistic. Their sums of squares are logged
+figures, never hashed or sent: summed in fp64, each block of 4096 elements in the order the
+compiler vectorizes, then the blocks' sums (more accurate than torch.norm's fp32 sum, which
+overflows past 1.8e19, but not its bits). With torch at T > 1 threads they run on T slices
+of whole blocks (the kernels release the GIL), so Δ forms as fast as torch's parallel
+`sub` did, and the sums are the same for any T.
+
 numba is an optional extra (``pip install -e '.[fast]'``). Without it, ``BACKEND`` is
 ``"torch"``, ``dilo.codecs`` runs its torch implementation, and the first use says so
 once in the log: never a silent fallback. ``DILO_CODEC_KERNELS=torch`` in the
@@ -29,12 +38,15 @@ environment, or ``use_backend("torch")``, forces the torch path (tests compare b
 from __future__ import annotations
 
 import logging
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-__all__ = ["BACKEND", "NUMBA_VERSION", "all_finite", "use_backend", "warn_if_slow"]
+__all__ = ["BACKEND", "NUMBA_VERSION", "all_finite", "sub_with_max_abs", "sub_with_sumsq", "use_backend",
+           "warn_if_slow"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,10 @@ if os.environ.get("DILO_CODEC_KERNELS", "") == "torch":
     BACKEND = "torch"
 
 _warned = False
+_STAT_BLOCK = 4096  # elements per partial sum of squares (sub_with_max_abs, sub_with_sumsq)
+_PARALLEL_MIN = 1 << 20  # elements below which those kernels run on the calling thread only
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; a forked child starts its own
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def use_backend(name: str) -> None:
@@ -264,9 +280,93 @@ if numba is not None:
             if i < stop:
                 out[i] = table[buf[i // 2] & 15]
 
+    @njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def _block_sumsq(x):
+        """Σ x² of a cache-hot block in fp64, vectorized (reassociated: a logged figure only)."""
+        s = np.float64(0)
+        for i in range(x.size):
+            v = np.float64(x[i])
+            s += v * v
+        return s
+
+    @_kernel
+    def _sub_max_abs(a, b, out, out_bits, sums):
+        """out = a - b; sums[k] = Σ out² of block k; returns max |out|'s bits (NaN above inf's)."""
+        m = np.int32(0)
+        for blk, start in enumerate(range(0, a.size, _STAT_BLOCK)):
+            stop = min(start + _STAT_BLOCK, a.size)
+            ab, bb, ob, ib = a[start:stop], b[start:stop], out[start:stop], out_bits[start:stop]
+            for i in range(ab.size):
+                ob[i] = ab[i] - bb[i]
+            for i in range(ib.size):
+                m = max(m, np.int32(ib[i] & np.int32(0x7FFFFFFF)))
+            sums[blk] = _block_sumsq(ob)
+        return m
+
+    @_kernel
+    def _sub_sumsq(a, b, out, sums_a, sums_out):
+        for blk, start in enumerate(range(0, a.size, _STAT_BLOCK)):
+            stop = min(start + _STAT_BLOCK, a.size)
+            ab, bb, ob = a[start:stop], b[start:stop], out[start:stop]
+            for i in range(ab.size):
+                ob[i] = ab[i] - bb[i]
+            sums_a[blk] = _block_sumsq(ab)
+            sums_out[blk] = _block_sumsq(ob)
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    return BACKEND == "numba" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                      for t in tensors)
+
+
+def _in_slices(n: int, run) -> list:
+    """`run(lo, hi)` over [0, n) in slices of whole 4096-element blocks, on torch's thread count
+    (the kernels release the GIL: a worker with several cores forms Δ as fast as torch's
+    parallel ops did); one call below 1M elements or with one thread. Results in slice order."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or n < _PARALLEL_MIN:
+        return [run(0, n)]
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dilo-kernels")
+    per_thread = -(-n // threads)
+    step = -(-per_thread // _STAT_BLOCK) * _STAT_BLOCK
+    return list(_POOLS[threads].map(lambda lo: run(lo, min(lo + step, n)), range(0, n, step)))
+
+
+def _flat(*tensors: torch.Tensor) -> list[np.ndarray]:
+    return [_np(t).reshape(-1) for t in tensors]
+
+
+def sub_with_max_abs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+    """``out = a - b`` (fp32, torch.sub's bytes) and, from the same pass, (max |out|: NaN if any
+    element is NaN, inf if any is ±inf, as `reduce_kernels.max_abs`; the sum of squares of out,
+    see the module docstring: per block, so the same value on any number of threads). None
+    (nothing done) unless all three are contiguous fp32 CPU tensors of one size and the numba
+    kernels run: the caller then runs torch."""
+    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+        return None
+    an, bn, on = _flat(a, b, out)
+    sums = np.empty(-(-on.size // _STAT_BLOCK))
+    bits = max(_in_slices(on.size, lambda lo, hi: _sub_max_abs(
+        an[lo:hi], bn[lo:hi], on[lo:hi], on[lo:hi].view(np.int32), sums[lo // _STAT_BLOCK:])), default=0)
+    largest = math.nan if bits > 0x7F800000 else float(np.array(bits, np.int32).view(np.float32))
+    return largest, float(sums.sum())
+
+
+def sub_with_sumsq(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+    """``out = a - b`` (torch.sub's bytes) and (Σ a², Σ out²) from the same pass (module
+    docstring); None when `sub_with_max_abs` would be."""
+    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+        return None
+    an, bn, on = _flat(a, b, out)
+    sums = np.empty((2, -(-on.size // _STAT_BLOCK)))
+    _in_slices(on.size, lambda lo, hi: _sub_sumsq(an[lo:hi], bn[lo:hi], on[lo:hi], sums[0, lo // _STAT_BLOCK:],
+                                                   sums[1, lo // _STAT_BLOCK:]))
+    return float(sums[0].sum()), float(sums[1].sum())
 
 
 def int8_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:

@@ -236,9 +236,9 @@ class DiLoCo(OuterState):
         # in one reused buffer, and a group that can writes the average over it (`average_out`).
         reuse = self.overlap == "none" and self.group.average_out
         pseudo_grad = frag.pseudo_gradient(reuse)
-        sent = frag.compensate(pseudo_grad, self.codec)
-        wire = sent
-        why = why_unsendable(sent, self.codec) if self.group.size > 1 or self.group.open_membership else None
+        wire = sent = frag.compensate(pseudo_grad, self.codec)
+        why = why_unsendable(sent, self.codec, frag.delta_max_abs if sent is pseudo_grad else None) \
+            if self.group.size > 1 or self.group.open_membership else None
         if why is not None:  # never encode it: send the no-contribution marker (dilo/aggregate.py)
             wire, sent = self._withhold(f, sent, why)
         buffers = flatten_fp32(self.buffers) if self.buffers and self.group.size > 1 else None
@@ -255,7 +255,7 @@ class DiLoCo(OuterState):
             mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
             return (checked_owner_error(self.group, result) if named["owner_error"] else result), mean_buffers
 
-        self.in_flight.start(f, self.inner_step, exchange, sent, pseudo_grad.norm().item())
+        self.in_flight.start(f, self.inner_step, exchange, sent, frag.delta_norm)
         frag.last_snapshot_step = self.inner_step
 
     @torch.no_grad()

@@ -19,6 +19,8 @@ eager copy (overlap = eager) and the error-feedback residual (error_feedback).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -113,6 +115,10 @@ class Fragment:
             self.eager_outer = torch.optim.SGD([self.eager_theta], **self._sgd)
         self.residual = torch.zeros(self.numel) if error_feedback else None
         self._delta: torch.Tensor | None = None  # pseudo_gradient(reuse=True)'s buffer
+        self.delta_max_abs: float | None = None
+        """max |Δ| of the last `pseudo_gradient`, from its pass (None: unknown, the torch path ran)."""
+        self.delta_norm = 0.0
+        """‖Δ‖ of the last `pseudo_gradient` (logged; the kernel's sum, dilo/codec_kernels.py)."""
         self.ef_decay = ef_decay
         """β: what is kept is decayed before it is sent again (1: kept whole)."""
         self.last_merge_step = 0
@@ -128,14 +134,24 @@ class Fragment:
     def pseudo_gradient(self, reuse: bool = False) -> torch.Tensor:
         """Δ = ϑ − live (flat fp32), formed piece by piece: no concatenated copy of the live
         parameters (the same bytes as ``start_point - read_live()``). `reuse`: in the
-        fragment's one buffer, kept between rounds (the caller is done with the last Δ)."""
+        fragment's one buffer, kept between rounds (the caller is done with the last Δ). Sets
+        `delta_max_abs` and `delta_norm`, from the same pass when the kernel runs."""
         start = self.start_point
         if reuse and self._delta is None:
             self._delta = torch.empty(self.numel, dtype=torch.float32)
         delta = self._delta if reuse else torch.empty(self.numel, dtype=torch.float32)
+        largest, sumsq = 0.0, 0.0  # max |Δ| and Σ Δ², from the same pass when the kernel runs
         for offset, live in read_pieces(self.params):
             end = offset + live.numel()
-            torch.sub(start[offset:end], live, out=delta[offset:end])
+            got = codec_kernels.sub_with_max_abs(start[offset:end], live, delta[offset:end])
+            if got is None:
+                torch.sub(start[offset:end], live, out=delta[offset:end])
+                largest = sumsq = None
+            elif largest is not None:
+                largest = math.nan if math.isnan(got[0]) or math.isnan(largest) else max(largest, got[0])
+                sumsq += got[1]
+        self.delta_max_abs = largest
+        self.delta_norm = math.sqrt(sumsq) if sumsq is not None else delta.norm().item()
         return delta
 
     def write_live(self, flat: torch.Tensor) -> None:
@@ -192,11 +208,11 @@ class Fragment:
         own share `fresh_own` replaces the stale one in the round's `average` (None: no round
         was due). A round fetched after a join had no own share (`stale_own` None): the
         average stands for it."""
+        usable = average is not None and codec_kernels.all_finite(average)  # (one pass, asked once)
         if stale_own is None:
-            stale_own = average if average is not None and torch.isfinite(average).all() \
-                else torch.zeros_like(fresh_own)
+            stale_own = average if usable else torch.zeros_like(fresh_own)
         proxy = (fresh_own - stale_own) / members
-        if average is not None and torch.isfinite(average).all():
+        if usable:
             proxy += average
         self._sgd_step(self.eager_theta, self.eager_outer, proxy)
 

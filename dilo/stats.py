@@ -23,7 +23,11 @@ class SyncStats:
     global_hash: str
     dropped: int
     codec_error: float
+    """‖mean − decode(encode(mean))‖ / ‖mean‖ over the chunk this worker owns (sums of squares in
+    fp64, from the pass that forms the difference: dilo/codec_kernels.py)."""
     pseudo_grad_norm: float
+    """‖Δ_m‖ of this worker's pseudo-gradient (fp64 sum of squares from the pass that forms Δ;
+    torch's norm without numba)."""
     fragment: int = 0
     seconds_exposed: float = 0.0
     """Part of `seconds` the training loop spent waiting for the exchange."""

@@ -21,12 +21,15 @@ the step, minus `VmRSS` before it) in fp32 model copies (4 bytes × size).
 `cpu_s` is rank 0's main-thread CPU time of the step (the compute, without the waiting
 for the wire or the other ranks) and `cpu_passes` that ÷ the CPU time of one `copy_` of
 the fp32 vector on the same rank: the step's local work in memcpy passes, a figure that
-does not depend on how many ranks share the cores.
+does not depend on how many ranks share the cores. `--profile` profiles rank 0's timed
+steps with cProfile on the same main-thread CPU clock and keeps its top functions in the
+row: CPU seconds per step and memcpy passes each.
 
-`--digest` also times hashing θ and the momentum (2 × size fp32) with sha256 and blake3
-in the parent process. Results from `--label` runs are merged into `--out` under that
-label, so before and after share one file and one picture. The machine may be shared:
-ratios are taken within one run.
+`--digest` also times hashing θ and the momentum (2 × size fp32) with sha256, blake3 (one
+thread and all cores) and the checkout's `state_digest` with torch at 1 and 2 threads (the
+digest value is kept with each, to show it is one value), in the parent process. Results
+from `--label` runs are merged into `--out` under that label, so before and after share one
+file and one picture. The machine may be shared: ratios are taken within one run.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
             prof = None
             if args.profile and rank == 0:
                 import cProfile
-                prof = cProfile.Profile()
+                prof = cProfile.Profile(time.thread_time)  # CPU time: a rank descheduled by the others costs nothing
             for _ in range(args.repeats):
                 move()
                 dist.barrier()
@@ -122,6 +125,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                 import pstats
                 print(f"--- rank 0, {name}, {numel} params, {args.repeats} steps", flush=True)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+                top = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])[:14]
+                profile = [{"function": f"{Path(file).name}:{line}({fn})" if line else fn,
+                            "calls_per_step": calls / args.repeats, "cpu_s_per_step": tt / args.repeats}
+                           for (file, line, fn), (_, calls, tt, _, _) in top]
             # The floor: the same bytes, pre-encoded, through the same two collectives.
             codec = get_codec(name)
             chunk = chunk_numel(numel, args.ranks, codec.block_size)
@@ -154,6 +161,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                        # and of one copy_ of the fp32 vector: the step's cost in memcpy passes
                        "cpu_s": statistics.median(cpu), "memcpy_cpu_s": statistics.median(copies[1:]),
                        "cpu_passes": statistics.median(cpu) / statistics.median(copies[1:])}
+                if prof is not None:  # each function's own CPU per step, also in memcpy passes
+                    row["profile"] = [dict(p, passes=p["cpu_s_per_step"] / row["memcpy_cpu_s"]) for p in profile]
                 print(json.dumps(row), flush=True)
                 results.append(row)
             d.close()
@@ -164,8 +173,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
+def _digest_times(sizes: list[int], repeats: int, repo: str) -> list[dict]:
+    """Wall seconds (median) of hashing θ + momentum (2 × size fp32) per algorithm, in this process."""
+    sys.path.insert(0, repo)
     import numpy as np
+    import torch
+
+    from dilo.comm.protocol import state_digest
 
     try:
         import blake3
@@ -179,6 +193,11 @@ def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
         if blake3 is not None:
             algos["blake3"] = lambda: blake3.blake3(view).hexdigest()
             algos["blake3_threads"] = lambda: blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
+        # the run's own digest (dilo.comm.protocol.state_digest, θ and momentum as two tensors)
+        # with torch at 1 and 2 threads: it hashes with torch's thread count, the same value
+        halves = [torch.from_numpy(data[:numel]), torch.from_numpy(data[numel:])]
+        for threads in (1, 2):
+            algos[f"state_digest_{threads}t"] = lambda t=threads, h=halves: (torch.set_num_threads(t), state_digest(h, 1))
         algos["memcpy"] = lambda: np.copyto(out, data)
         out = np.empty_like(data)
         for name, fn in algos.items():
@@ -188,6 +207,8 @@ def _digest_times(sizes: list[int], repeats: int) -> list[dict]:
                 fn()
                 times.append(time.perf_counter() - t0)
             rows.append({"numel_hashed": 2 * numel, "algo": name, "seconds": statistics.median(times)})
+            if name.startswith("state_digest"):
+                rows[-1]["digest"] = fn()[1]
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -250,7 +271,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pieces", type=int, help="comm.pieces of the exchange (default: the checkout's default)")
     p.add_argument("--digest", action="store_true", help="also time sha256 vs blake3 over θ + momentum")
-    p.add_argument("--profile", action="store_true", help="print rank 0's cProfile of the timed steps")
+    p.add_argument("--profile", action="store_true", help="print rank 0's cProfile (main-thread CPU time) of the timed steps; "
+                   "its top functions also go into the JSON row (`profile`)")
     p.add_argument("--out", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--table", metavar="JSON", help="print a markdown table of an earlier --out and exit")
@@ -283,7 +305,7 @@ def main() -> None:
              "repeats": args.repeats, "pieces": args.pieces, "rows": rows,
              "note": "2-core machine shared with other jobs; ranks run one thread each"}
     if args.digest:
-        entry["digest"] = _digest_times(args.sizes, args.repeats)
+        entry["digest"] = _digest_times(args.sizes, args.repeats, args.repo)
     if args.out:
         doc = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
         old = doc.get(args.label, {})

@@ -39,8 +39,10 @@ from dilo.codecs import Codec
 def state_digest(tensors: list[torch.Tensor], outer_step: int) -> str:
     """Hex BLAKE3 (32 bytes) over the tensors' bytes in order, then the outer step (8 bytes,
     little-endian). BLAKE3 is a cryptographic hash (a swarm verifies downloaded states with
-    it) and, one thread, measured 3.8× faster than sha256 here (docs/results.md)."""
-    h = blake3.blake3()
+    it) and, one thread, measured 3.8× faster than sha256 here (docs/results.md). It hashes
+    with as many threads as torch runs (`run.threads`): BLAKE3's tree gives the same digest
+    for any number of threads (docs/results.md, the seventh pass)."""
+    h = blake3.blake3(max_threads=max(1, torch.get_num_threads()))
     for t in tensors:
         h.update(memoryview(t.detach().contiguous().numpy()).cast("B"))  # the bytes, not a copy
     h.update(outer_step.to_bytes(8, "little"))

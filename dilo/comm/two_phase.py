@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from dilo import codec_kernels
 from dilo.aggregate import MEAN, Aggregate, MeanByPieces, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
 from dilo.comm.protocol import ExchangeBuffers, ExchangeResult, RoundReport, _as_tuple, chunk_numel
@@ -240,9 +241,8 @@ def two_phase_average(
             if not whole and a < numel:
                 average[a:].copy_(dst[:numel - a])
             if member == rank:  # the owner's own bytes decoded: its codec error, no extra decode
-                mean_sq += means[k].norm().item() ** 2
-                error_sq += torch.sub(means[k], dst, out=errors[lo:lo + n]).norm().item() ** 2
-    # (one piece: sqrt(x²) is x exactly for an fp32 x, so codec_error has the bits of the whole chunk's)
+                sq = _error_sums(means[k], dst, errors[lo:lo + n])
+                mean_sq, error_sq = mean_sq + sq[0], error_sq + sq[1]
     codec_error = math.sqrt(error_sq) / math.sqrt(mean_sq) if mean_sq > 0 else 0.0
     mine = rank * chunk
     loss = (min(mine, numel), errors[:max(0, min(chunk, numel - mine))]) if owner_error else None
@@ -256,6 +256,15 @@ def two_phase_average(
                           rejected=screened.rejected,
                           clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports,
                           finite=finite)
+
+
+def _error_sums(mean: torch.Tensor, dst: torch.Tensor, errors: torch.Tensor) -> tuple[float, float]:
+    """errors ← mean − dst (the owner's re-encode loss) and (‖mean‖², ‖errors‖²): one pass with
+    the kernel (codec_kernels.sub_with_sumsq, a logged figure's sums), else torch's three."""
+    got = codec_kernels.sub_with_sumsq(mean, dst, errors)
+    if got is not None:
+        return got
+    return mean.norm().item() ** 2, torch.sub(mean, dst, out=errors).norm().item() ** 2
 
 
 def _check_out(out: torch.Tensor, numel: int) -> torch.Tensor:
