@@ -209,8 +209,9 @@ OVERLAP_DAMPED_SHARE = 0.85
 rings: its stiffest directions decay by only a few % per round, so the noise of every round adds up
 in them and the run ends at a random phase of the swing (docs/streaming.md, "Eager's outer lr")."""
 _DAMPED = ("eager ÷ core DiLoCo with the same optimizer, 4 workers, H = 100, 120 outer steps, Nesterov 0.5, bound "
-           "0.77: 1.052x at lr 0.7 (0.91 of the bound), 1.018x at 0.6 (0.78), 1.029x at 0.5, 1.056x at 0.4; seed 0")
-"""The measurement behind the warning (docs/results/overlap_12000_h100_lr.json)."""
+           "0.77: 1.052x at lr 0.7 (0.91 of the bound; seed 0), 1.026x at 0.6 (0.78), 1.031x at 0.5 (seeds 0-2), "
+           "1.056x at 0.4 (seed 0)")
+"""The measurement behind the warning (docs/results/overlap_12000_h100_lr.json, overlap_12000_h100_seeds.json)."""
 
 
 def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum: float,
