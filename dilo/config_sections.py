@@ -154,8 +154,10 @@ class OuterConfig:
     hidden behind round t+1) or `eager` (delayed, and the live model restarts from a local
     outer step that uses the fresh own Δ in place of the stale own share). With Nesterov 0.9 both
     oscillate past an outer lr bound (eager: 0.77 at 2 workers, 0.42 at 4; delayed: 0.25), and
-    dilo warns: lower outer.lr or outer.momentum. Inside the bound the round of staleness still costs
-    quality, less with longer rounds (eager ÷ core with 4 workers: 1.18x at H = 20, 1.05x at H = 100);
+    dilo warns: lower outer.lr or outer.momentum; it also warns within 0.85 of the bound, where the
+    outer iteration is stable but barely damped (eager, 4 workers, H = 100, Nesterov 0.5: 1.05x core
+    at lr 0.7, 1.03x at 0.6). Inside the bound the round of staleness still costs quality, less with
+    longer rounds (eager ÷ core with 4 workers: 1.18x at H = 20, 1.05x at H = 100 at lr 0.7);
     dilo warns below outer.inner_steps 100 (docs/streaming.md)."""
     lora_aggregate: str = "naive"
     """With model.lora_rank > 0: `naive` (average A and B separately: inexact), `frozen_a` (A fixed from the seed, only B trained and exchanged: exact) or `exact` (fold the residual of the mean of the B·A products into the frozen base after every outer step; docs/adapters.md)."""

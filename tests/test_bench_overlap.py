@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tools import bench_overlap
@@ -70,3 +71,20 @@ def test_ratio_curve_interpolates_the_base_at_the_variants_steps():
     assert [x for x, _ in rows["eager"]["ratio_curve"]] == [150, 200]
     assert [r for _, r in rows["eager"]["ratio_curve"]] == pytest.approx([2.0, 1.05])
     assert rows["core"]["ratio_curve"] == [[100, 1.0], [200, 1.0]]
+
+
+def test_swing_is_the_late_evaluations_spread_around_their_running_mean_and_the_end_jump():
+    # evaluations every 100 steps up to 9900, the last quarter (7500..9900) alternating ±0.01 around 2.0,
+    # then the final one at 10000 (2.1: the flush); the first three quarters are ignored
+    curve = [[step, 3.0 - step / 10000] for step in range(100, 7500, 100)]
+    curve += [[step, 2.0 + (0.01 if step % 200 else -0.01)] for step in range(7500, 10000, 100)] + [[10000, 2.1]]
+    run = {"final_eval_loss": 2.1, "eval_curve": curve}
+    got = bench_overlap.swing(run)
+    late = [loss for step, loss in curve if 7500 <= step < 10000]
+    residuals = [late[i] - sum(late[i - 3:i + 4]) / 7 for i in range(3, len(late) - 3)]
+    assert len(late) == 25 and got[0] == pytest.approx(float(np.std(residuals))) and 0.008 < got[0] < 0.012
+    assert got[1] == pytest.approx(2.1 / late[-1])
+    assert bench_overlap.swing({"final_eval_loss": 1.0, "eval_curve": [[100, 1.0], [200, 1.0]]}) is None
+    rows = bench_overlap.aggregate([{"variant": "core", "seed": 0, "args": "", "hashes_agree": True, "outer_steps": 5,
+                                     "bytes_sent_per_worker": 1, "peak_sync_bytes": 1, **run}], ["core"])
+    assert rows[0]["swing"]["median"] == pytest.approx(got[0]) and rows[0]["end_jump"]["median"] == pytest.approx(got[1])

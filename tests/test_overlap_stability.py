@@ -16,7 +16,12 @@ from torch import nn
 
 from dilo import DiLoCo
 from dilo.comm.local import local_groups
-from dilo.options import OVERLAP_MIN_INNER_STEPS, overlap_max_stable_lr, overlap_warning
+from dilo.options import (
+    OVERLAP_DAMPED_SHARE,
+    OVERLAP_MIN_INNER_STEPS,
+    overlap_max_stable_lr,
+    overlap_warning,
+)
 from tests.helpers import adamw, run_workers
 
 
@@ -54,8 +59,8 @@ def test_known_values_and_warning():
     assert overlap_max_stable_lr("eager", 2, 0.9, True) > 0.7 > overlap_max_stable_lr("eager", 4, 0.9, True)
     assert overlap_max_stable_lr("delayed", 2, 0.9, True) < 0.3
     assert overlap_max_stable_lr("none", 4, 0.9, True) == math.inf
-    assert overlap_warning("eager", 2, 0.7, 0.9, True) is None
-    assert overlap_warning("delayed", 4, 0.2, 0.9, True) is None
+    assert overlap_warning("eager", 2, 0.5, 0.9, True) is None
+    assert overlap_warning("delayed", 4, 0.15, 0.9, True) is None
     text = overlap_warning("eager", 4, 0.7, 0.9, True)
     assert "outer.lr <= 0.42" in text and "outer.overlap = eager" in text
     assert overlap_warning("none", 4, 5.0, 0.9, True) is None
@@ -68,11 +73,28 @@ def test_short_rounds_warn_about_staleness_inside_the_bound():
     assert "outer.inner_steps 20" in text and f"outer.inner_steps >= {OVERLAP_MIN_INNER_STEPS}" in text
     assert "3/4 of the last round" in text and "oscillate" not in text
     assert "without all of the last round" in overlap_warning("delayed", 2, 0.1, 0.5, True, inner_steps=50)
-    for quiet in [("eager", 4, 0.7, 0.5, True, OVERLAP_MIN_INNER_STEPS), ("eager", 1, 0.7, 0.5, True, 20),
-                  ("none", 4, 0.7, 0.9, True, 20), ("eager", 4, 0.7, 0.5, True, None)]:
+    for quiet in [("eager", 4, 0.5, 0.5, True, OVERLAP_MIN_INNER_STEPS), ("eager", 1, 0.7, 0.5, True, 20),
+                  ("none", 4, 0.7, 0.9, True, 20), ("eager", 4, 0.5, 0.5, True, None)]:
         assert overlap_warning(*quiet) is None, quiet
     both = overlap_warning("eager", 4, 0.7, 0.9, True, inner_steps=20)  # past the bound, and short rounds
     assert "outer.lr <= 0.42" in both and ". Also: outer.overlap = eager with 4 workers and outer.inner_steps 20" in both
+
+
+def test_barely_damped_inside_the_bound_warns_with_the_lr_to_use():
+    # Nesterov 0.5 at M = 4: bound 0.77. lr 0.7 (0.91 of it) rang and ended 1.052x core; lr 0.6 (0.78) 1.018x.
+    limit = overlap_max_stable_lr("eager", 4, 0.5, True)
+    assert 0.6 < OVERLAP_DAMPED_SHARE * limit < 0.7 < limit
+    # the damping behind it: the stiffest direction (c = 1) keeps 96 % of a swing per round at lr 0.7, 85 % at 0.5
+    assert spectral_radius(0.7, 1.0, 0.5, True, 0.25) > 0.95
+    assert spectral_radius(0.5, 1.0, 0.5, True, 0.25) < 0.9
+    text = overlap_warning("eager", 4, 0.7, 0.5, True, inner_steps=OVERLAP_MIN_INNER_STEPS)
+    assert "barely damped" in text and f"outer.lr <= {OVERLAP_DAMPED_SHARE * limit:.2f}" in text
+    assert "oscillate unless" not in text  # inside the bound: not the divergence warning
+    assert overlap_warning("eager", 4, 0.6, 0.5, True, inner_steps=OVERLAP_MIN_INNER_STEPS) is None
+    assert "barely damped" in overlap_warning("delayed", 4, 0.5, 0.5, True)  # delayed's bound at μ 0.5: 0.56
+    assert overlap_warning("none", 4, 0.7, 0.5, True) is None
+    past = overlap_warning("eager", 4, 0.7, 0.9, True)
+    assert "oscillate unless" in past and "barely damped" not in past  # past the bound: that warning only
 
 
 @pytest.mark.parametrize("inner_steps,warns", [(20, True), (OVERLAP_MIN_INNER_STEPS, False)])

@@ -152,7 +152,26 @@ def aggregate(runs: list[dict], names: list[str], pairs: dict[str, str] | None =
         if name in (pairs or {}):
             rows[-1]["pair"] = {"base": pairs[name], "ratio": describe(paired_ratios(runs, name, pairs[name]))}
         rows[-1]["ratio_curve"] = curve_to_base(runs, name, (pairs or {}).get(name, "core"))
+        swings = [got for got in map(swing, mine) if got is not None]
+        if swings:  # (only with an evaluation every round or so: --eval-every ≈ outer.inner_steps)
+            rows[-1]["swing"] = describe([sw for sw, _ in swings])
+            rows[-1]["end_jump"] = describe([jump for _, jump in swings])
     return rows
+
+
+def swing(run: dict) -> tuple[float, float] | None:
+    """How much a run's eval loss swings from round to round, and what its end costs: the standard
+    deviation of the evaluations over the run's last quarter (the final one excluded) around their
+    centered 7-point mean, and the final eval loss ÷ the last evaluation before the end (the
+    flush: an overlapped run ends on the shared θ, not on the live model it evaluated during the
+    run). None with fewer than 15 evaluations in that quarter."""
+    end = max(step for step, _ in run["eval_curve"]) if run.get("eval_curve") else 0
+    late = [loss for step, loss in run.get("eval_curve", []) if 0.75 * end <= step < end]
+    if len(late) < 15:
+        return None
+    residuals = [late[i] - sum(late[i - 3:i + 4]) / 7 for i in range(3, len(late) - 3)]
+    mean = sum(residuals) / len(residuals)
+    return (sum((r - mean) ** 2 for r in residuals) / len(residuals)) ** 0.5, run["final_eval_loss"] / late[-1]
 
 
 def curve_to_base(runs: list[dict], name: str, base: str) -> list[list[float]]:
@@ -218,8 +237,10 @@ def main(argv: list[str]) -> int:
         ratio = row["ratio_to_core"]
         pair = (f"  ratio to {row['pair']['base']} median {row['pair']['ratio']['median']:.4f}"
                 if "pair" in row and row["pair"]["ratio"]["n"] else "")
+        swung = (f"  swing {row['swing']['median']:.4f}  end ÷ last eval {row['end_jump']['median']:.4f}"
+                 if "swing" in row else "")
         print(f"{row['variant']:24s} eval {row['final_eval_loss']['median']:.4f}  ratio to core median "
-              f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}{pair}")
+              f"{ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}]  n={ratio['n']}{pair}{swung}")
     if picture:
         plot(runs, rows, args.plot_seed if args.plot_seed is not None else args.seeds[0], picture)
     return 0
