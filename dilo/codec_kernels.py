@@ -319,8 +319,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
-    return BACKEND == "numba" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                                      for t in tensors)
+    """The numba kernels run, and the tensors are contiguous fp32 CPU tensors of one size."""
+    return BACKEND == "numba" and len({t.numel() for t in tensors}) == 1 and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def _in_slices(n: int, run) -> list:
@@ -347,7 +348,7 @@ def sub_with_max_abs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tup
     see the module docstring: per block, so the same value on any number of threads). None
     (nothing done) unless all three are contiguous fp32 CPU tensors of one size and the numba
     kernels run: the caller then runs torch."""
-    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+    if not _fast(a, b, out):
         return None
     an, bn, on = _flat(a, b, out)
     sums = np.empty(-(-on.size // _STAT_BLOCK))
@@ -360,7 +361,7 @@ def sub_with_max_abs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tup
 def sub_with_sumsq(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
     """``out = a - b`` (torch.sub's bytes) and (Σ a², Σ out²) from the same pass (module
     docstring); None when `sub_with_max_abs` would be."""
-    if a.numel() != b.numel() or a.numel() != out.numel() or not _fast(a, b, out):
+    if not _fast(a, b, out):
         return None
     an, bn, on = _flat(a, b, out)
     sums = np.empty((2, -(-on.size // _STAT_BLOCK)))

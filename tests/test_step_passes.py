@@ -22,8 +22,9 @@ from dilo.fragments import Fragment
 from dilo.reduce_kernels import max_abs
 from tests.helpers import Net, adamw, inner_step, run_workers
 
-needs_numba = pytest.mark.skipif(codec_kernels.numba is None, reason="numba not installed: no kernel to compare "
-                                 "with the torch path (`pip install -e .[test]` or `pip install numba`)")
+NO_NUMBA = ("numba not installed: no kernel to compare with the torch path (`pip install -e .[test]` or "
+            "`pip install numba` re-enables it)")
+needs_numba = pytest.mark.skipif(codec_kernels.numba is None, reason=NO_NUMBA)
 
 
 def _values(n: int, seed: int, specials: tuple = ()) -> torch.Tensor:
@@ -94,7 +95,7 @@ def test_pseudo_gradient_statistics(kernels, backend):
     """Δ is `θ − live` bit for bit on either path; max |Δ| is `max_abs(Δ)` (NaN wins over any
     piece); ‖Δ‖ is torch's norm on the torch path, the kernel's fp64-summed one otherwise."""
     if kernels == "numba" and codec_kernels.numba is None:
-        pytest.skip("numba not installed")
+        pytest.skip(NO_NUMBA)
     backend(kernels)
     params = [torch.nn.Parameter(_values(n, 10 + n)) for n in (5000, 3, 9000)]
     frag = Fragment(0, params, 0.7, 0.9, True, eager=False, error_feedback=False)
@@ -175,7 +176,7 @@ def test_diloco_kernels_and_torch_path_reach_the_same_state(codec, backend):
     """Two in-process workers, three outer steps: θ, momentum and the digest are the same bits
     with the fused kernels as on the torch path; the logged ‖Δ‖ agrees to fp32 precision."""
     if codec_kernels.numba is None:
-        pytest.skip("numba not installed")
+        pytest.skip(NO_NUMBA)
     out = {}
     for kernels in ("numba", "torch"):
         backend(kernels)
