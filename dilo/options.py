@@ -210,8 +210,10 @@ rings: its stiffest directions decay by only a few % per round, so the noise of 
 in them and the run ends at a random phase of the swing (docs/streaming.md, "Eager's outer lr")."""
 _DAMPED = ("eager ÷ core DiLoCo with the same optimizer, 4 workers, H = 100, 120 outer steps, Nesterov 0.5, bound "
            "0.77: 1.052x at lr 0.7 (0.91 of the bound; seed 0), 1.026x at 0.6 (0.78), 1.031x at 0.5 (seeds 0-2), "
-           "1.056x at 0.4 (seed 0)")
-"""The measurement behind the warning (docs/results/overlap_12000_h100_lr.json, overlap_12000_h100_seeds.json)."""
+           "1.056x at 0.4 (seed 0); 2 workers, Nesterov 0.9, bound 0.78, 240 outer steps, ÷ core at lr 0.7: "
+           "1.011x at lr 0.4 (0.51 of the bound), 1.030x at 0.5 (seeds 0-2)")
+"""The measurement behind the warning (docs/results/overlap_12000_h100_lr.json, overlap_12000_h100_seeds.json,
+overlap_24000_h100_m2.json)."""
 
 
 def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum: float,
@@ -231,7 +233,8 @@ def overlap_warning(overlap: str, members: int, outer_lr: float, outer_momentum:
         found.append(f"outer.overlap = {overlap} with {members} workers, {optimizer}: stable (bound {limit:.2f}) "
                      f"but barely damped, so the outer iteration swings from round to round and the final model "
                      f"lands anywhere on the swing ({_DAMPED}; docs/streaming.md); use outer.lr <= "
-                     f"{OVERLAP_DAMPED_SHARE * limit:.2f} (about 0.8 of the bound, {0.8 * limit:.2f}, measured best)")
+                     f"{OVERLAP_DAMPED_SHARE * limit:.2f}; the best measured were 0.5-0.8 of the bound "
+                     f"({0.5 * limit:.2f}-{0.8 * limit:.2f})")
     if overlap in ("delayed", "eager") and members > 1 and inner_steps and inner_steps < OVERLAP_MIN_INNER_STEPS:
         missing = "all" if overlap == "delayed" else f"{members - 1}/{members}"
         found.append(f"outer.overlap = {overlap} with {members} workers and outer.inner_steps {inner_steps}: "

@@ -93,6 +93,13 @@ def test_barely_damped_inside_the_bound_warns_with_the_lr_to_use():
     assert overlap_warning("eager", 4, 0.6, 0.5, True, inner_steps=OVERLAP_MIN_INNER_STEPS) is None
     assert "barely damped" in overlap_warning("delayed", 4, 0.5, 0.5, True)  # delayed's bound at μ 0.5: 0.56
     assert overlap_warning("none", 4, 0.7, 0.5, True) is None
+    # 2 workers, Nesterov 0.9: bound 0.78; DiLoCo's lr 0.7 (0.90 of it) warns with the measured range,
+    # lr 0.4 (0.51 of it: 1.011x core over seeds 0-2 at 240 outer steps) does not
+    limit2 = overlap_max_stable_lr("eager", 2, 0.9, True)
+    assert 0.75 < limit2 < 0.8
+    text2 = overlap_warning("eager", 2, 0.7, 0.9, True, inner_steps=OVERLAP_MIN_INNER_STEPS)
+    assert "barely damped" in text2 and f"({0.5 * limit2:.2f}-{0.8 * limit2:.2f})" in text2
+    assert overlap_warning("eager", 2, 0.4, 0.9, True, inner_steps=OVERLAP_MIN_INNER_STEPS) is None
     past = overlap_warning("eager", 4, 0.7, 0.9, True)
     assert "oscillate unless" in past and "barely damped" not in past  # past the bound: that warning only
 
