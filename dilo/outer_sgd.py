@@ -18,12 +18,20 @@ kernel then does the same (LLVM's `fma` intrinsic, or separate operations: numba
 contracts them on its own). One pass reads g, θ, buf and writes θ, buf and the live
 parameter, instead of torch's three passes and a copy into the model.
 
+`sgd_step_encoded` takes the gradient as the exchange's int8/fp4 bytes instead
+(`comm.protocol.EncodedAverage`): `_DECODE_KERNEL` decodes 4096 elements at a time with
+the codec's own decode kernel into a buffer that stays in cache and runs `_KERNEL` on
+them, so the same values meet the same operations (tests/test_decode_step.py), and the
+θ-sized fp32 average is never written or read back.
+
 Without numba (`codec_kernels.BACKEND == "torch"`) the torch operations run, with the
 look-ahead formed in 4 MiB pieces, and the log says so once (codec_kernels.warn_if_slow).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -138,12 +146,13 @@ def sgd_step_encoded(param: torch.Tensor, opt: torch.optim.Optimizer, encoded,
     m32, neg_lr, fused, b = np.float32(m), np.float32(-lr), _fused(), buf.view(-1)
     int8, block = _DECODED[codec.name], codec.block_size
     stretches = list(_stretches(flat.numel(), live))
+    ends = [hi for _, hi, _ in stretches]
     for offset, count, n, codes in encoded.rows:
         raw = codes.numpy()
-        for lo, hi, t in stretches:  # each row's overlap with each live piece (or θ-only stretch)
+        for lo, hi, t in itertools.islice(stretches, bisect.bisect_right(ends, offset), None):  # the row's overlap with each
+            if lo >= offset + count:  # live piece (or θ-only stretch) it meets
+                break
             x0, x1 = max(lo, offset), min(hi, offset + count)
-            if x0 >= x1:
-                continue
             theta = flat[x0:x1].numpy()
             _DECODE_KERNEL(raw, n, x0 - offset, int8, block, codec_kernels._VALUES, theta, b[x0:x1].numpy(),
                            theta if t is None else t[x0 - lo:x1 - lo].numpy(), m32, neg_lr, first, nesterov, fused)
