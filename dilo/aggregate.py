@@ -219,7 +219,7 @@ def _strength(reason: str) -> int:
 def _fused_mean(add: Callable, raws: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
     """The mean of the contributions' bytes `raws` (member order) in `total`, with `add` of
     `reduce_kernels.fused_contribution`: 0 + the first, + each next, the last add dividing by
-    their number in the same pass (the bits of adding all, then `total.div_(len(raws))`);
+    their number (int8: in the same pass; the bits of adding all, then `total.div_(len(raws))`);
     NO_CONTRIBUTION everywhere when there is none."""
     if not raws:
         return total.fill_(NO_CONTRIBUTION)

@@ -74,8 +74,9 @@ def fused_contribution(codec):
     finite (the blocks they lie in: a chunk's zero padding is not looked at); ``add(buf, total,
     first, divisor=None)`` adds the decoded values into ``total`` as `add_into` would add
     `codec.decode`'s output, and with `divisor` (the last contribution of a mean) divides each
-    sum by it in the same pass: ``fl(fl(t + v) / d)``, the bits of the add then torch's
-    ``total.div_(d)``. Only scaled codecs (no finite limit to check) and only with numba.
+    sum by it: ``fl(fl(t + v) / d)``, the bits of the add then torch's ``total.div_(d)`` (int8
+    in the same pass; fp4 with that `div_`). Only scaled codecs (no finite limit to check) and
+    only with numba.
     """
     if codec_kernels.BACKEND != "numba":
         return None
@@ -87,13 +88,21 @@ def fused_contribution(codec):
     if name == "fp4":
         return (lambda buf, n, count=None: bool(_fp4_finite(_np(buf), (n + 1) // 2,
                                                             -(-(n if count is None else count) // block))),
-                lambda buf, total, first, divisor=None: _fp4_add(_np(buf), _np(total), block, first, _VALUES,
-                                                                 *_division(divisor)))
+                lambda buf, total, first, divisor=None: _fp4_add_then_divide(_np(buf), total, block, first, divisor))
     return None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def _fp4_add_then_divide(buf: np.ndarray, total: torch.Tensor, block: int, first: bool, divisor: float | None) -> None:
+    """fp4's add, then torch's `div_` for a mean's last contribution: fp4's table lookups do
+    not vectorize, and a division in that loop cost more than the separate pass it saves
+    (measured; int8 divides in its add)."""
+    _fp4_add(buf, _np(total), block, first, _VALUES)
+    if divisor is not None:
+        total.div_(divisor)
 
 
 def _division(divisor: float | None) -> tuple[bool, np.float32]:
@@ -170,12 +179,13 @@ if numba is not None:
         return True
 
     @_kernel
-    def _fp4_add(buf, total, block_size, first, values, divide, divisor):
+    def _fp4_add(buf, total, block_size, first, values):
         n = total.size
         payload = (n + 1) // 2
         cell = np.zeros(1, np.float32)
         cell_bytes = cell.view(np.uint8)
         table = np.empty(16, np.float32)
+        zero = np.float32(0)
         for blk, start in enumerate(range(0, n, block_size)):
             scale = _get_scale(buf, payload + 4 * blk, cell, cell_bytes)
             for c in range(16):
@@ -186,10 +196,10 @@ if numba is not None:
                 bb = buf[start >> 1 : (start >> 1) + tb.size // 2]
                 for j in range(bb.size):
                     byte = bb[j]
-                    tb[2 * j] = _summed(tb[2 * j], table[byte & 15], first, divide, divisor)
-                    tb[2 * j + 1] = _summed(tb[2 * j + 1], table[byte >> 4], first, divide, divisor)
+                    tb[2 * j] = (zero if first else tb[2 * j]) + table[byte & 15]
+                    tb[2 * j + 1] = (zero if first else tb[2 * j + 1]) + table[byte >> 4]
                 done = 2 * bb.size
             for k in range(done, tb.size):  # an odd start (odd block sizes), an odd last element
                 i = start + k
                 code = (buf[i >> 1] >> ((i & 1) << 2)) & 15
-                tb[k] = _summed(tb[k], table[code], first, divide, divisor)
+                tb[k] = (zero if first else tb[k]) + table[code]

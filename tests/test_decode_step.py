@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from dilo import DiLoCo, codec_kernels, outer_sgd
+from dilo import codec_kernels, outer_sgd
 from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
 from dilo.comm.protocol import EncodedAverage
 from dilo.comm.two_phase import two_phase_average
-from tests.helpers import Net, adamw, inner_step, run_workers
+from tests.helpers import diloco_pair, run_workers
 
 NO_NUMBA = ("numba not installed: the decode-and-step kernel does not exist without it, the outer step "
             "decodes the average first (`pip install -e .[test]` or `pip install numba` re-enables it)")
@@ -196,27 +196,13 @@ def test_diloco_takes_the_fused_path_and_reaches_the_same_state(codec, backend, 
         groups = local_groups(2)
         for g in groups:
             g.encoded_average = fused
-        models = [Net() for _ in range(2)]  # (built here: Net seeds torch's global generator)
-
-        def worker(r, groups=groups, models=models):
-            model = models[r]
-            opt = adamw(model)
-            d = DiLoCo(model, opt, inner_steps=2, codec=codec, group=groups[r])
-            hashes = []
-            for step in range(6):
-                inner_step(model, opt, r, step)
-                s = d.step()
-                if s is not None:
-                    hashes.append(s.global_hash)
-            live = torch.cat([p.detach().reshape(-1) for p in d.params])
-            d.close()
-            return d.global_params.clone(), d.momentum().clone(), hashes, live
-        out[fused] = (run_workers(worker, 2), sum(calls))
+        out[fused] = (diloco_pair(codec, groups), sum(calls))
     numel = out[True][0][0][0].numel()
     # every element of θ, on both workers, at each of 3 steps (and outer_sgd.warm_up's 4 per worker)
     assert out[True][1] == 2 * (3 * numel + 4)
     assert out[False][1] == 2 * 4
-    for (theta, mom, hashes, live), (theta_d, mom_d, hashes_d, live_d) in zip(out[True][0], out[False][0]):
+    for (theta, mom, stats, live), (theta_d, mom_d, stats_d, _) in zip(out[True][0], out[False][0]):
         assert np.array_equal(_bits(theta), _bits(theta_d)) and np.array_equal(_bits(mom), _bits(mom_d))
-        assert hashes == hashes_d and len(hashes) == 3
+        hashes = [s.global_hash for s in stats]
+        assert hashes == [s.global_hash for s in stats_d] and len(hashes) == 3
         assert np.array_equal(_bits(live), _bits(theta))  # the live model ← θ in the same pass
