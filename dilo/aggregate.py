@@ -142,18 +142,19 @@ class Aggregate:
             total = torch.empty(chunk, dtype=torch.float32)
         if self.name != "mean" or weights is not None:
             fused = None
+        if fused is not None:  # every contribution screened from its bytes, then summed from them
+            screen, add, encoded = fused
+            raws = []
+            for m in range(size):
+                raw = encoded(m)
+                if screen(raw, chunk):
+                    screened.accepted.append(m)
+                    raws.append(raw)
+                else:
+                    screened.rejected.append((m, "non-finite"))
+            return _fused_mean(add, raws, total), screened
         valid, first = [], True  # first: the sum is still 0 (the next add is 0 + part)
         for m in range(size):  # member order: the same sum on every owner
-            if fused is not None:
-                screen, add, encoded = fused
-                raw = encoded(m)
-                if not screen(raw, chunk):
-                    screened.rejected.append((m, "non-finite"))
-                    continue
-                screened.accepted.append(m)
-                add(raw, total, first)
-                first = False
-                continue
             part = decode(m)
             reason = self._invalid(part, limit, norms[m] if norms is not None else None)
             if reason is None and weights is not None and not weights[m] > 0:
@@ -215,6 +216,18 @@ def _strength(reason: str) -> int:
     return 0 if reason == "non-finite" else 2 if reason == "no tokens in the round" else 1
 
 
+def _fused_mean(add: Callable, raws: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    """The mean of the contributions' bytes `raws` (member order) in `total`, with `add` of
+    `reduce_kernels.fused_contribution`: 0 + the first, + each next, the last add dividing by
+    their number (int8: in the same pass; the bits of adding all, then `total.div_(len(raws))`);
+    NO_CONTRIBUTION everywhere when there is none."""
+    if not raws:
+        return total.fill_(NO_CONTRIBUTION)
+    for k, raw in enumerate(raws):
+        add(raw, total, k == 0, len(raws) if k == len(raws) - 1 else None)
+    return total
+
+
 class MeanByPieces:
     """`mean` (equal or token weights) of one owner chunk, reduced piece by piece as the pieces
     arrive (dilo/comm/two_phase.py, `comm.pieces`): per element the same fp32 operations, in the
@@ -239,13 +252,17 @@ class MeanByPieces:
         """Elements [lo, lo + n) of the result, written into `total`; `decode(m)`: member m's
         decoded piece, `encoded(m)`: its bytes (for the fused kernels)."""
         out, first = self.total[lo:lo + n], True
+        if self.fused is not None:  # every contribution screened from its bytes, then summed from them
+            raws = [encoded(m) for m in range(self.size)]
+            for m, raw in enumerate(raws):
+                if not self.fused[0](raw, n):
+                    self._drop(m, "non-finite")
+            accepted = self.screened().accepted  # (not dropped for this piece or an earlier one)
+            self._summed.update(accepted)
+            return _fused_mean(self.fused[1], [raws[m] for m in accepted], out)
         for m in range(self.size):  # member order: the same sum on every owner
-            if self.fused is not None:
-                raw = encoded(m)
-                reason = None if self.fused[0](raw, n) else "non-finite"
-            else:
-                part = decode(m)
-                reason = _invalid_values(part, self.limit)
+            part = decode(m)
+            reason = _invalid_values(part, self.limit)
             if reason is None and self.weights is not None and not self.weights[m] > 0:
                 reason = "no tokens in the round"
             if reason is not None:
@@ -254,11 +271,8 @@ class MeanByPieces:
             if m in self.reasons:  # dropped for another piece
                 continue
             self._summed.add(m)
-            if self.fused is not None:
-                self.fused[1](raw, out, first)
-            else:
-                scale = 1.0 if self.weights is None else self.weights[m]
-                add_into(out, part * scale if scale != 1.0 else part, first)
+            scale = 1.0 if self.weights is None else self.weights[m]
+            add_into(out, part * scale if scale != 1.0 else part, first)
             first = False
         accepted = self.screened().accepted
         if not accepted:

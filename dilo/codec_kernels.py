@@ -171,15 +171,24 @@ if numba is not None:
 
     @_kernel
     def _int8_decode(buf, out, block_size):
-        n = out.size
+        _int8_decode_range(buf, out.size, 0, out, block_size)
+
+    @_kernel
+    def _int8_decode_range(buf, n, lo, out, block_size):
+        """Elements [lo, lo + out.size) of the encoding of n elements in ``buf``, into ``out``."""
         q = buf[:n].view(np.int8)
         cell = np.zeros(1, np.float32)
         cell_bytes = cell.view(np.uint8)
-        for blk, start in enumerate(range(0, n, block_size)):
+        hi = lo + out.size
+        i = lo
+        while i < hi:
+            blk = i // block_size
+            stop = min((blk + 1) * block_size, hi)
             scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
-            qb, ob = q[start : start + block_size], out[start : start + block_size]
-            for i in range(qb.size):
-                ob[i] = np.float32(qb[i]) * scale
+            qb, ob = q[i:stop], out[i - lo : stop - lo]
+            for k in range(qb.size):
+                ob[k] = np.float32(qb[k]) * scale
+            i = stop
 
     @_kernel
     def _fp4_codes(xb, t, codes):
@@ -249,36 +258,44 @@ if numba is not None:
 
     @_kernel
     def _fp4_decode(buf, out, out_bits, block_size, values):
-        n = out.size
+        _fp4_decode_range(buf, out.size, 0, out, out_bits, block_size, values)
+
+    @_kernel
+    def _fp4_decode_range(buf, n, lo, out, out_bits, block_size, values):
+        """Elements [lo, lo + out.size) of the encoding of n elements in ``buf``, into ``out``
+        (``out_bits``: its int32 view)."""
         payload = (n + 1) // 2
         cell = np.zeros(1, np.float32)
         cell_bits, cell_bytes = cell.view(np.int32), cell.view(np.uint8)
         table = np.empty(16, np.float32)
-        for blk, start in enumerate(range(0, n, block_size)):
-            stop = min(start + block_size, n)
+        hi = lo + out.size
+        i = lo
+        while i < hi:
+            blk = i // block_size
+            stop = min((blk + 1) * block_size, hi)
             scale = _get_scale(buf, payload + 4 * blk, cell, cell_bytes)
             for c in range(16):
                 table[c] = values[c] * scale
-            i = start
             if i % 2 == 1:
-                out[i] = table[buf[i // 2] >> 4]
+                out[i - lo] = table[buf[i // 2] >> 4]
                 i += 1
             pairs = (stop - i) // 2
             bb = buf[i // 2 : i // 2 + pairs]
             sbits = cell_bits[0]
             if 0x03800000 <= sbits < 0x7F800000:  # finite, positive, s * 2**-6 normal
-                obits = out_bits[i : i + 2 * pairs]
+                obits = out_bits[i - lo : i - lo + 2 * pairs]
                 for j in range(pairs):
                     obits[2 * j], obits[2 * j + 1] = _fp4_pair_from_bits(np.int32(bb[j]), sbits)
             else:  # zero, subnormal range, inf, NaN: the fp32 products themselves
-                ob = out[i : i + 2 * pairs]
+                ob = out[i - lo : i - lo + 2 * pairs]
                 for j in range(pairs):
                     byte = bb[j]
                     ob[2 * j] = table[byte & 15]
                     ob[2 * j + 1] = table[byte >> 4]
             i += 2 * pairs
             if i < stop:
-                out[i] = table[buf[i // 2] & 15]
+                out[i - lo] = table[buf[i // 2] & 15]
+                i += 1
 
     @njit(cache=True, nogil=True, fastmath={"reassoc"})
     def _block_sumsq(x):

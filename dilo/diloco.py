@@ -221,14 +221,16 @@ class DiLoCo(OuterState):
             if adopted is not None:
                 return adopted
         starting = self.schedule.fragment_applied_at(self.inner_step + self.delay, end_round)
-        if starting is not None:
-            self._start_round(starting, report)
+        if starting is not None:  # (without delay or overlap it is applied just below)
+            self._start_round(starting, report, applied_now=self.delay == 0 and self.overlap == "none")
         ending = self.schedule.fragment_applied_at(self.inner_step, end_round)
         return self._end_round(ending) if ending is not None else None
 
     @torch.no_grad()
-    def _start_round(self, f: int, report: RoundReport | None = None) -> None:
-        """Snapshot fragment f's pseudo-gradient and put it on the wire."""
+    def _start_round(self, f: int, report: RoundReport | None = None, applied_now: bool = False) -> None:
+        """Snapshot fragment f's pseudo-gradient and put it on the wire. `applied_now`: the round
+        is applied before any other exchange starts, so a group that can may hand back the
+        average still encoded (`keep_encoded`): the outer step reads its bytes."""
         frag = self.fragments[f]
         if report is None and self.aggregate.weighting == "tokens":  # weight by the round's inner steps
             report = RoundReport(*(float(self.inner_step - frag.last_snapshot_step),) * 2)
@@ -249,6 +251,8 @@ class DiLoCo(OuterState):
         if reuse:
             named["out"] = wire
         named["owner_error"] = self.owner_feedback and frag.residual is not None  # the owners' re-encode loss
+        if applied_now and self.group.encoded_average and self.after_outer_step is None:
+            named["keep_encoded"] = True
 
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
@@ -308,9 +312,10 @@ class DiLoCo(OuterState):
         return self._apply(rnd)[0] if rnd is not None else None
 
     @torch.no_grad()
-    def _apply(self, rnd: Round, write_live: bool = False) -> tuple[SyncStats, torch.Tensor]:
+    def _apply(self, rnd: Round, write_live: bool = False) -> tuple[SyncStats, torch.Tensor | None]:
         """Wait for a round's exchange and apply the average to its fragment's θ (`write_live`:
-        and θ_p into the live model in the same pass, when it can; `_live_written` says)."""
+        and θ_p into the live model in the same pass, when it can; `_live_written` says). Returns
+        the average too (None when the step read it from its bytes: `keep_encoded`)."""
         outcome = rnd.handle.result()
         if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
             raise RuntimeError("internal error: a superseded exchange reached its apply step")
@@ -336,7 +341,7 @@ class DiLoCo(OuterState):
         stats = self._sync_stats(rnd, result, seconds, digest, adopted, skipped, hook_bytes,
                                  (t_digest - t_apply, time.perf_counter() - t_digest),
                                  round_fields(result.reports, self.group.rank, self.aggregate.weighting))
-        return stats, result.average
+        return stats, result.average if result.encoded is None else None
 
     def flush(self, report: RoundReport | None = None) -> list[SyncStats]:
         """Drain the pipeline and put the live model on θ, identical on every worker.

@@ -27,7 +27,7 @@ import torch.nn as nn
 from dilo import codec_kernels
 from dilo.codecs import Codec
 from dilo.global_layout import flatten_fp32, read_pieces, write_flat
-from dilo.outer_sgd import live_pieces, sgd_step
+from dilo.outer_sgd import live_pieces, sgd_step, sgd_step_encoded
 
 
 def assign_fragments(model: nn.Module, params: list[nn.Parameter], num_fragments: int) -> list[int]:
@@ -193,12 +193,16 @@ class Fragment:
         sgd_step(param, opt, grad, live)
 
     @torch.no_grad()
-    def apply_outer_step(self, average: torch.Tensor, write_live: bool = False) -> bool:
+    def apply_outer_step(self, average: torch.Tensor, write_live: bool = False, encoded=None) -> bool:
         """θ_p ← one outer SGD step with the averaged pseudo-gradient as its gradient; with
         `write_live` the live parameters ← the new θ_p in the same pass when they are all
-        contiguous fp32 CPU tensors (then True: the merge that follows is done)."""
+        contiguous fp32 CPU tensors (then True: the merge that follows is done). `encoded`: the
+        average still in the exchange's bytes (`average` not filled yet): the step reads them
+        (`outer_sgd.sgd_step_encoded`), or they are decoded into `average` first."""
         live = live_pieces(self.params) if write_live else None
-        self._sgd_step(self.theta, self.outer, average, live or ())
+        if encoded is None or not sgd_step_encoded(self.theta, self.outer, encoded, live or ()):
+            self._sgd_step(self.theta, self.outer, average if encoded is None else encoded.decode_into(average),
+                           live or ())
         return live is not None
 
     @torch.no_grad()

@@ -18,12 +18,20 @@ kernel then does the same (LLVM's `fma` intrinsic, or separate operations: numba
 contracts them on its own). One pass reads g, θ, buf and writes θ, buf and the live
 parameter, instead of torch's three passes and a copy into the model.
 
+`sgd_step_encoded` takes the gradient as the exchange's int8/fp4 bytes instead
+(`comm.protocol.EncodedAverage`): `_DECODE_KERNEL` decodes 4096 elements at a time with
+the codec's own decode kernel into a buffer that stays in cache and runs `_KERNEL` on
+them, so the same values meet the same operations (tests/test_decode_step.py), and the
+θ-sized fp32 average is never written or read back.
+
 Without numba (`codec_kernels.BACKEND == "torch"`) the torch operations run, with the
 look-ahead formed in 4 MiB pieces, and the log says so once (codec_kernels.warn_if_slow).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,20 +93,70 @@ def _torch_step(flat: torch.Tensor, state: dict, g: torch.Tensor, lr: float, m: 
         flat[lo:hi].add_(step, alpha=-lr)
 
 
-def _run_kernel(flat, buf, g, live, m, lr, nesterov, first) -> None:
-    m32, neg_lr = np.float32(m), np.float32(-lr)
-    fused = _fused()
-    pieces = sorted((offset, t) for offset, t in live)
+def _stretches(numel: int, live: Sequence[tuple[int, torch.Tensor]]):
+    """(lo, hi, live elements [lo, hi) as a flat tensor, or None between live pieces: θ only)
+    covering [0, numel) in order."""
     pos = 0
-    for offset, t in pieces + [(flat.numel(), None)]:  # the stretches between live pieces: θ only
+    for offset, t in sorted(live, key=lambda piece: piece[0]) + [(numel, None)]:
         if offset > pos:
-            _KERNEL(flat[pos:offset].numpy(), buf[pos:offset].numpy(), g[pos:offset].numpy(),
-                    flat[pos:offset].numpy(), m32, neg_lr, first, nesterov, fused)
+            yield pos, offset, None
         if t is not None:
-            end = offset + t.numel()
-            _KERNEL(flat[offset:end].numpy(), buf[offset:end].numpy(), g[offset:end].numpy(),
-                    t.detach().view(-1).numpy(), m32, neg_lr, first, nesterov, fused)
-            pos = end
+            pos = offset + t.numel()
+            yield offset, pos, t.detach().view(-1)
+
+
+def _run_kernel(flat, buf, g, live, m, lr, nesterov, first) -> None:
+    m32, neg_lr, fused = np.float32(m), np.float32(-lr), _fused()
+    for lo, hi, t in _stretches(flat.numel(), live):
+        theta = flat[lo:hi].numpy()
+        _KERNEL(theta, buf[lo:hi].numpy(), g[lo:hi].numpy(), theta if t is None else t.numpy(),
+                m32, neg_lr, first, nesterov, fused)
+
+
+_DECODED = {"int8": True, "fp4": False}  # codecs the decode-and-step kernel reads (True: int8)
+_said_decoded: list = []
+
+
+@torch.no_grad()
+def sgd_step_encoded(param: torch.Tensor, opt: torch.optim.Optimizer, encoded,
+                     live: Sequence[tuple[int, torch.Tensor]] = ()) -> bool:
+    """`sgd_step(param, opt, encoded.decode_into(g), live)` without g: the kernel decodes each
+    tile of the average's bytes (`comm.protocol.EncodedAverage`) into a small cache-resident
+    buffer with the codec's own decode kernel, then runs `_KERNEL` on it — the same decoded
+    values and the same operations, so the same bits, without writing and reading back a
+    θ-sized fp32 average. False (nothing done; the log says so once) when the kernel cannot
+    run here: no numba, no momentum, another codec, or torch's a + α·b of neither form."""
+    lr, m, nesterov = _check(opt)
+    codec = encoded.codec
+    why = ("the numba kernels are off" if codec_kernels.BACKEND != "numba" else
+           "outer momentum is 0" if m == 0 else
+           f"the {codec.name} codec has no decode-and-step kernel" if codec.name not in _DECODED else
+           "torch's a + α·b is of neither form" if _fused() is None else None)
+    if why is not None:
+        if not _said_decoded:
+            _said_decoded.append(why)
+            codec_kernels.log.warning("outer step: the average is decoded into memory before the step (%s)", why)
+        return False
+    flat = param.view(-1)
+    state = opt.state[param]
+    buf = state.get("momentum_buffer")
+    first = buf is None
+    if first:  # torch: buf ← a copy of g (the kernel writes it)
+        buf = state["momentum_buffer"] = torch.empty_like(flat)
+    m32, neg_lr, fused, b = np.float32(m), np.float32(-lr), _fused(), buf.view(-1)
+    int8, block = _DECODED[codec.name], codec.block_size
+    stretches = list(_stretches(flat.numel(), live))
+    ends = [hi for _, hi, _ in stretches]
+    for offset, count, n, codes in encoded.rows:
+        raw = codes.numpy()
+        for lo, hi, t in itertools.islice(stretches, bisect.bisect_right(ends, offset), None):  # the row's overlap with each
+            if lo >= offset + count:  # live piece (or θ-only stretch) it meets
+                break
+            x0, x1 = max(lo, offset), min(hi, offset + count)
+            theta = flat[x0:x1].numpy()
+            _DECODE_KERNEL(raw, n, x0 - offset, int8, block, codec_kernels._VALUES, theta, b[x0:x1].numpy(),
+                           theta if t is None else t[x0 - lo:x1 - lo].numpy(), m32, neg_lr, first, nesterov, fused)
+    return True
 
 
 _FUSED: list = []
@@ -127,6 +185,8 @@ def _fused() -> bool | None:
 if codec_kernels.numba is not None:
     from numba import types
     from numba.core.extending import intrinsic
+
+    from dilo.codec_kernels import _fp4_decode_range, _int8_decode_range
 
     @intrinsic
     def _fma(typingctx, a, b, c):
@@ -162,11 +222,32 @@ if codec_kernels.numba is not None:
             live[i] = t
 
 
+    _TILE = 4096  # elements decoded at a time by _DECODE_KERNEL (16 KiB: stays in L1)
+
+    @codec_kernels.njit(cache=True, nogil=True)
+    def _DECODE_KERNEL(codes, n, start, int8, block, values, theta, buf, live, m, neg_lr, first, nesterov,
+                       fused):
+        """`_KERNEL` with g = elements [start, start + theta.size) of the encoding `codes` of n
+        elements, decoded a tile at a time by the codec's own kernel."""
+        tile = np.empty(_TILE, np.float32)
+        tile_bits = tile.view(np.int32)
+        for lo in range(0, theta.size, _TILE):
+            hi = min(lo + _TILE, theta.size)
+            g = tile[:hi - lo]
+            if int8:
+                _int8_decode_range(codes, n, start + lo, g, block)
+            else:
+                _fp4_decode_range(codes, n, start + lo, g, tile_bits[:hi - lo], block, values)
+            _KERNEL(theta[lo:hi], buf[lo:hi], g, live[lo:hi], m, neg_lr, first, nesterov, fused)
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) the kernel now, not inside the first outer step."""
     if codec_kernels.BACKEND == "numba" and _fused() is not None:
         x = np.zeros(4, np.float32)
         _KERNEL(x, x.copy(), x.copy(), x.copy(), np.float32(0.9), np.float32(-0.7), False, True, _FUSED[0])
+        _DECODE_KERNEL(np.zeros(8, np.uint8), 4, 0, True, 4, codec_kernels._VALUES, x, x.copy(), x.copy(),
+                       np.float32(0.9), np.float32(-0.7), False, True, _FUSED[0])
 
 
 def live_pieces(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]] | None:

@@ -106,6 +106,8 @@ class OuterState:
                     hook=None) -> tuple[int, tuple[int, int], bool]:
         """Fragment f's outer step with a round's average: (1 if skipped, the hook's bytes,
         whether θ_p was also written into the live model; `write_live`, dilo/outer_sgd.py)."""
+        if result.encoded is not None and (result.finite is None or hook is not None):
+            result.decoded_average()  # (only the plain step reads the bytes themselves)
         finite = result.finite if result.finite is not None else codec_kernels.all_finite(result.average)
         if not finite:
             # Every contributor of some chunk was non-finite; skipping keeps θ finite on
@@ -119,7 +121,7 @@ class OuterState:
         frag = self.fragments[f]
         before = frag.theta.detach().clone() if hook is not None else None
         with self._state_lock:
-            written = frag.apply_outer_step(result.average, write_live)
+            written = frag.apply_outer_step(result.average, write_live, result.encoded)
             self.outer_step += 1
         if owner_feedback and frag.residual is not None and result.owner_error is not None:  # two-phase
             frag.feed_back_owner_error(*result.owner_error, result.num_peers)

@@ -72,24 +72,42 @@ def fused_contribution(codec):
 
     ``screen(buf, numel, count=numel)`` is True when the first `count` decoded values are
     finite (the blocks they lie in: a chunk's zero padding is not looked at); ``add(buf, total,
-    first)`` adds the decoded values into ``total`` as `add_into` would add `codec.decode`'s
-    output. Only scaled codecs (no finite limit to check) and only with numba.
+    first, divisor=None)`` adds the decoded values into ``total`` as `add_into` would add
+    `codec.decode`'s output, and with `divisor` (the last contribution of a mean) divides each
+    sum by it: ``fl(fl(t + v) / d)``, the bits of the add then torch's ``total.div_(d)`` (int8
+    in the same pass; fp4 with that `div_`). Only scaled codecs (no finite limit to check) and
+    only with numba.
     """
     if codec_kernels.BACKEND != "numba":
         return None
     name, block = getattr(codec, "name", None), getattr(codec, "block_size", None)
     if name == "int8":
         return (lambda buf, n, count=None: bool(_int8_finite(_np(buf), n, n if count is None else count, block)),
-                lambda buf, total, first: _int8_add(_np(buf), _np(total), block, first))
+                lambda buf, total, first, divisor=None: _int8_add(_np(buf), _np(total), block, first,
+                                                                  *_division(divisor)))
     if name == "fp4":
         return (lambda buf, n, count=None: bool(_fp4_finite(_np(buf), (n + 1) // 2,
                                                             -(-(n if count is None else count) // block))),
-                lambda buf, total, first: _fp4_add(_np(buf), _np(total), block, first, _VALUES))
+                lambda buf, total, first, divisor=None: _fp4_add_then_divide(_np(buf), total, block, first, divisor))
     return None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def _fp4_add_then_divide(buf: np.ndarray, total: torch.Tensor, block: int, first: bool, divisor: float | None) -> None:
+    """fp4's add, then torch's `div_` for a mean's last contribution: fp4's table lookups do
+    not vectorize, and a division in that loop cost more than the separate pass it saves
+    (measured; int8 divides in its add)."""
+    _fp4_add(buf, _np(total), block, first, _VALUES)
+    if divisor is not None:
+        total.div_(divisor)
+
+
+def _division(divisor: float | None) -> tuple[bool, np.float32]:
+    """(divide?, the divisor in fp32: what torch's `div_` by a Python number divides by)."""
+    return divisor is not None, np.float32(1 if divisor is None else divisor)
 
 
 if numba is not None:
@@ -134,17 +152,22 @@ if numba is not None:
         return True
 
     @_kernel
-    def _int8_add(buf, total, block_size, first):
+    def _summed(prev, part, first, divide, divisor):
+        """0 + part (`first`) or prev + part in fp32; then ÷ divisor when `divide` (an fp32 division)."""
+        v = (np.float32(0) if first else prev) + part
+        return v / divisor if divide else v
+
+    @_kernel
+    def _int8_add(buf, total, block_size, first, divide, divisor):
         n = total.size
         q = buf[:n].view(np.int8)
         cell = np.zeros(1, np.float32)
         cell_bytes = cell.view(np.uint8)
-        zero = np.float32(0)
         for blk, start in enumerate(range(0, n, block_size)):
             scale = _get_scale(buf, n + 4 * blk, cell, cell_bytes)
             qb, tb = q[start : start + block_size], total[start : start + block_size]
-            for i in range(qb.size):  # (the loop-invariant `first` is hoisted by LLVM)
-                tb[i] = (zero if first else tb[i]) + np.float32(qb[i]) * scale
+            for i in range(qb.size):  # (the loop-invariant `first`, `divide` are hoisted by LLVM)
+                tb[i] = _summed(tb[i], np.float32(qb[i]) * scale, first, divide, divisor)
 
     @_kernel
     def _fp4_finite(buf, payload, blocks):

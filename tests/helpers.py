@@ -165,6 +165,30 @@ def inner_step(model, opt, worker: int, step: int) -> None:
     opt.zero_grad()
 
 
+def diloco_pair(codec: str, groups: list, steps: int = 6, inner_steps: int = 2) -> list:
+    """Two in-process workers (`groups`: two of `local_groups`) run `Net` with DiLoCo for `steps`
+    inner steps: per worker (θ, outer momentum, the SyncStats of its outer steps, the live
+    parameters flat), in rank order."""
+    from dilo import DiLoCo  # (helpers imports no dilo at the top)
+
+    models = [Net() for _ in range(2)]  # (built here: Net seeds torch's global generator)
+
+    def worker(r):
+        model = models[r]
+        opt = adamw(model)
+        d = DiLoCo(model, opt, inner_steps=inner_steps, codec=codec, group=groups[r])
+        stats = []
+        for step in range(steps):
+            inner_step(model, opt, r, step)
+            s = d.step()
+            if s is not None:
+                stats.append(s)
+        d.close()
+        live = torch.cat([p.detach().reshape(-1) for p in d.params])
+        return d.global_params.clone(), d.momentum().clone(), stats, live
+    return run_workers(worker, 2)
+
+
 @contextmanager
 def swarm_trio():
     """Three in-process swarm peers on loopback (the first bootstraps the others), sorted by

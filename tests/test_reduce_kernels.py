@@ -105,6 +105,14 @@ def test_fused_screen_and_add_match_decode_then_add(name, block_size, case):
         expected = previous.clone()
         expected += part
         np.testing.assert_array_equal(_bits(summed), _bits(expected), err_msg=label)
+        for divisor in (1, 2, 3, 7):  # a mean's last add: the sum, then torch's div_ (one pass)
+            for first in (True, False):
+                got = previous.clone()
+                add(buf, got, first, divisor)
+                expected = torch.zeros(n) if first else previous.clone()
+                expected += part
+                expected.div_(divisor)
+                np.testing.assert_array_equal(_bits(got), _bits(expected), err_msg=f"{label} ÷{divisor} {first}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

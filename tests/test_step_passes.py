@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from dilo import DiLoCo, codec_kernels
+from dilo import codec_kernels
 from dilo.aggregate import why_unsendable
 from dilo.comm.local import local_groups
 from dilo.comm.protocol import state_digest
 from dilo.comm.two_phase import two_phase_average
 from dilo.fragments import Fragment
 from dilo.reduce_kernels import max_abs
-from tests.helpers import Net, adamw, inner_step, run_workers
+from tests.helpers import diloco_pair, run_workers
 
 NO_NUMBA = ("numba not installed: no kernel to compare with the torch path (`pip install -e .[test]` or "
             "`pip install numba` re-enables it)")
@@ -180,22 +180,8 @@ def test_diloco_kernels_and_torch_path_reach_the_same_state(codec, backend):
     out = {}
     for kernels in ("numba", "torch"):
         backend(kernels)
-        groups = local_groups(2)
-        models = [Net() for _ in range(2)]  # (built here: Net seeds torch's global generator)
-
-        def worker(r, groups=groups, models=models):
-            model = models[r]
-            opt = adamw(model)
-            d = DiLoCo(model, opt, inner_steps=2, codec=codec, group=groups[r])
-            stats = []
-            for step in range(6):
-                inner_step(model, opt, r, step)
-                s = d.step()
-                if s is not None:
-                    stats.append(s)
-            d.close()
-            return d.global_params.clone(), d.momentum().clone(), [(s.global_hash, s.pseudo_grad_norm) for s in stats]
-        out[kernels] = run_workers(worker, 2)
+        out[kernels] = [(theta, mom, [(s.global_hash, s.pseudo_grad_norm) for s in stats])
+                        for theta, mom, stats, _ in diloco_pair(codec, local_groups(2))]
     for r in range(2):
         (theta, mom, st), (theta_t, mom_t, st_t) = out["numba"][r], out["torch"][r]
         assert torch.equal(theta, theta_t) and torch.equal(mom, mom_t)

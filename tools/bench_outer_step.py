@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import socket
 import statistics
@@ -221,7 +222,8 @@ def _plot(doc: dict, png: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     codecs = sorted({r["codec"] for label in doc for r in doc[label].get("rows", [])})
-    for label, style in zip(doc, ("--", ":", "-.", (0, (1, 3)), "-")):
+    # (the styles cycle: zip() with five of them drew only the file's first five labels)
+    for label, style in zip(doc, itertools.cycle(("--", ":", "-.", (0, (1, 3)), "-"))):
         rows = doc[label].get("rows", [])
         for codec in sorted({r["codec"] for r in rows}):  # one colour per codec in every label
             pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)

@@ -47,15 +47,17 @@ class LocalGroup(Group):
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         return torch.cat(self._rv.exchange(self.rank, buf.clone()))
 
+    encoded_average = True  # (only the two-phase exchange keeps the bytes; each result owns them)
+
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
-                owner_error: bool = False) -> ExchangeResult:
+                owner_error: bool = False, keep_encoded: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather,
                                   aggregate=aggregate or self.aggregate, owner_error=owner_error)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  aggregate=aggregate or self.aggregate, report=report, owner_error=owner_error,
-                                 pieces=self.pieces)
+                                 pieces=self.pieces, keep_encoded=keep_encoded)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         flat.copy_(self._rv.exchange(self.rank, flat.clone())[src])

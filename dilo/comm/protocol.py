@@ -109,6 +109,27 @@ class DivergenceError(RuntimeError):
 
 
 @dataclass
+class EncodedAverage:
+    """The average as the gathered bytes of its owners' encodings, not decoded yet
+    (`Group.average(keep_encoded=True)`): each row (offset, count, n, codes) says that
+    elements [offset, offset + count) of the average are the first `count` values of
+    `codec.decode(codes, n)`. The codes are a view of the group's reused buffer: valid
+    until the group's next exchange. dilo/outer_sgd.py's `sgd_step_encoded` applies the
+    outer step straight from them."""
+    codec: Codec
+    rows: list[tuple[int, int, int, torch.Tensor]]
+
+    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
+        """`out` (flat fp32) ← the decoded average; the same bytes the exchange would have written."""
+        for offset, count, n, codes in self.rows:
+            if count == n:
+                self.codec.decode(codes, n, out=out[offset:offset + n])
+            else:
+                out[offset:offset + count].copy_(self.codec.decode(codes, n)[:count])
+        return out
+
+
+@dataclass
 class ExchangeResult:
     average: torch.Tensor
     """Mean of the members' vectors (fp32, CPU), identical bytes on every member."""
@@ -142,9 +163,20 @@ class ExchangeResult:
     finite: bool | None = None
     """Whether every element of `average` is finite, when the exchange read it off the gathered
     bytes (int8/fp4 scales: `reduce_kernels.fused_contribution`); None: not known, check it."""
+    encoded: EncodedAverage | None = None
+    """Set when the caller asked for it (`keep_encoded`) and the exchange could: `average` is
+    then NOT filled yet (only its destination): `decoded_average()` fills it, or the caller
+    applies the encoded rows itself (dilo/outer_sgd.py `sgd_step_encoded`)."""
     adopted: GlobalState | None = None
     """Open-membership backends only: this member could not take part in the round (it fell behind
     the others); instead of applying `average` it must adopt this newer global state."""
+
+    def decoded_average(self) -> torch.Tensor:
+        """`average`, decoded first if the exchange kept it encoded (then `encoded` ← None)."""
+        if self.encoded is not None:
+            self.encoded.decode_into(self.average)
+            self.encoded = None
+        return self.average
 
 
 class Group(ABC):
@@ -168,6 +200,10 @@ class Group(ABC):
     """True when `average` also takes `out=`: a contiguous fp32 CPU tensor of `flat`'s size
     (it may be `flat` itself) that the average is written into, so a caller done with
     `flat` holds one model-sized vector through the exchange, not two."""
+    encoded_average: bool = False
+    """True when `average` also takes `keep_encoded=`: with it, an int8/fp4 average (numba
+    kernels) comes back as `ExchangeResult.encoded`, not decoded, for a caller that applies
+    it before the group's next exchange (DiLoCo's outer step without overlap or delay)."""
     pieces: int = 1
     """Pieces per owner chunk of the two-phase exchange (`comm.pieces`, dilo/comm/two_phase.py):
     the same average for any value; groups that run `two_phase_average` pass it on."""

@@ -68,17 +68,19 @@ class TorchGroup(Group):
         return started(all_gather_single(out, buf, group=self.pg, async_op=True), out)
 
     average_out = True  # (the gather exchange returns its own tensor: `out` is a permission)
+    encoded_average = True  # (likewise `keep_encoded`: only the two-phase exchange keeps the bytes)
 
     def average(self, flat: torch.Tensor, codec: Codec, round: RoundId | None = None,
                 aggregate: Aggregate | None = None, report: RoundReport | None = None,
-                out: torch.Tensor | None = None, owner_error: bool = False) -> ExchangeResult:
+                out: torch.Tensor | None = None, owner_error: bool = False,
+                keep_encoded: bool = False) -> ExchangeResult:
         if codec.exchange == "gather":  # no round reports: token weighting is refused with it (config)
             return gather_average(flat, codec, self.rank, self.size, self._all_gather, buffers=self._buffers,
                                   aggregate=aggregate or self.aggregate, owner_error=owner_error)
         return two_phase_average(flat, codec, self.rank, self.size, self._all_to_all, self._all_gather,
                                  buffers=self._buffers, aggregate=aggregate or self.aggregate, report=report,
                                  out=out, owner_error=owner_error, pieces=self.pieces,
-                                 posts=(self._post_all_to_all, self._post_all_gather))
+                                 posts=(self._post_all_to_all, self._post_all_gather), keep_encoded=keep_encoded)
 
     def broadcast(self, flat: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(flat, src=dist.get_global_rank(self.pg, src) if self.pg else src, group=self.pg)

@@ -31,7 +31,7 @@ import torch
 from dilo import codec_kernels
 from dilo.aggregate import MEAN, Aggregate, MeanByPieces, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
-from dilo.comm.protocol import ExchangeBuffers, ExchangeResult, RoundReport, _as_tuple, chunk_numel
+from dilo.comm.protocol import EncodedAverage, ExchangeBuffers, ExchangeResult, RoundReport, _as_tuple, chunk_numel
 from dilo.reduce_kernels import fused_contribution
 
 Post = Callable[[torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
@@ -84,6 +84,7 @@ def two_phase_average(
     owner_error: bool = False,
     pieces: int = 1,
     posts: tuple[Post, Post] | None = None,
+    keep_encoded: bool = False,
 ) -> ExchangeResult:
     """The exchange described in the module docstring over two byte collectives.
 
@@ -106,6 +107,10 @@ def two_phase_average(
     chunk: zeros for a lossless codec, empty for a member that owns no element of `flat`);
     without it the difference behind `codec_error` goes to a reused chunk.
     `pieces`: K of the module docstring (`comm.pieces`); the same average for any K.
+    `keep_encoded`: with an int8/fp4 one-pass kernel (`reduce_kernels.fused_contribution`),
+    leave the gathered average in its bytes (`ExchangeResult.encoded`, `average` not filled;
+    only the owner's own bytes are decoded, for `codec_error`); they stay in a buffer of
+    their own until the next exchange that keeps them. Otherwise ignored.
     """
     start = time.perf_counter()
     bufs = buffers if buffers is not None else ExchangeBuffers()
@@ -218,7 +223,10 @@ def two_phase_average(
         screened = pieces_of.screened()
     accepted = len(screened.accepted)
     # -- end of the owner's rule
-    gathered = bufs.get("gathered", size * off2[-1], torch.uint8)
+    keep = keep_encoded and kernels is not None
+    # (kept bytes get a buffer of their own: the fp32 exchange of the model's buffers that
+    # follows in the same round reuses "gathered")
+    gathered = bufs.get("gathered_average" if keep else "gathered", size * off2[-1], torch.uint8)
     waits = [post_gather(encoded[off2[k]:off2[k + 1]], gathered[size * off2[k]:size * off2[k + 1]])
              for k in range(count)]
     average = torch.empty(numel, dtype=torch.float32) if out is None else _check_out(out, numel)
@@ -229,6 +237,7 @@ def two_phase_average(
     # else it goes to a reused chunk. ‖b − a‖ = ‖a − b‖ bit for bit.
     errors = torch.empty(chunk, dtype=torch.float32) if owner_error else bufs.get("error", chunk, torch.float32)
     mean_sq = error_sq = 0.0  # the owner's ‖mean‖² and ‖mean − dst‖², summed over its pieces
+    rows = []  # keep: EncodedAverage's rows
     for k in range(count):
         lo, n = bounds[k]
         got = waits[k]().view(size, nbytes[k])
@@ -236,6 +245,13 @@ def two_phase_average(
             a = member * chunk + lo
             if finite and a < numel:
                 finite = kernels[0](got[member], n, min(n, numel - a))
+            if keep:
+                if a < numel:
+                    rows.append((a, min(n, numel - a), n, got[member]))
+                if member == rank:
+                    sq = _error_sums(means[k], codec.decode(got[member], n, out=scratch[:n]), errors[lo:lo + n])
+                    mean_sq, error_sq = mean_sq + sq[0], error_sq + sq[1]
+                continue
             whole = a + n <= numel
             dst = codec.decode(got[member], n, out=average[a:a + n] if whole else scratch[:n])
             if not whole and a < numel:
@@ -255,7 +271,7 @@ def two_phase_average(
                           dropped=size - accepted, codec_error=codec_error, owner_error=loss,
                           rejected=screened.rejected,
                           clipped=[(m, c) for m, c in enumerate(screened.factors) if c < 1.0], reports=reports,
-                          finite=finite)
+                          finite=finite, encoded=EncodedAverage(codec, rows) if keep else None)
 
 
 def _error_sums(mean: torch.Tensor, dst: torch.Tensor, errors: torch.Tensor) -> tuple[float, float]:
