@@ -175,6 +175,22 @@ def test_bench_outer_step_runs(tmp_path):
     assert row["cpu_s"] > 0 and row["cpu_passes"] == row["cpu_s"] / row["memcpy_cpu_s"]
 
 
+def test_bench_outer_step_picture_labels():
+    """The picture draws the first label and the last two (a long history is unreadable), or
+    the labels named; a name not in the JSON is refused with the ones it has."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_outer_step
+    finally:
+        sys.path.pop(0)
+    doc = {label: {"rows": []} for label in ("before", "after", "after2", "before8", "after8")}
+    assert bench_outer_step.plot_labels(doc) == ["before", "before8", "after8"]
+    assert bench_outer_step.plot_labels(doc, ["after2"]) == ["after2"]
+    assert bench_outer_step.plot_labels({"a": {}, "b": {}}) == ["a", "b"]
+    with pytest.raises(SystemExit, match="after9 not in the JSON"):
+        bench_outer_step.plot_labels(doc, ["after9"])
+
+
 def _confirm_worker(rank: int, init: str, result_dir: str) -> None:
     import torch.distributed as dist
 

@@ -214,7 +214,20 @@ def _digest_times(sizes: list[int], repeats: int, repo: str) -> list[dict]:
     return rows
 
 
-def _plot(doc: dict, png: str) -> None:
+def plot_labels(doc: dict, wanted: list[str] | None = None) -> list[str]:
+    """The labels the picture draws: `wanted` (each must be in the file), else the first (the
+    step before any pass) and the last two (the latest before/after pair): every label of a
+    long history in one picture is unreadable; the JSON keeps them all."""
+    labels = list(doc)
+    if wanted:
+        missing = [w for w in wanted if w not in doc]
+        if missing:
+            raise SystemExit(f"--plot-labels: {', '.join(missing)} not in the JSON (it has: {', '.join(labels)})")
+        return wanted
+    return labels if len(labels) <= 3 else [labels[0], *labels[-2:]]
+
+
+def _plot(doc: dict, png: str, wanted: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +236,7 @@ def _plot(doc: dict, png: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     codecs = sorted({r["codec"] for label in doc for r in doc[label].get("rows", [])})
     # (the styles cycle: zip() with five of them drew only the file's first five labels)
-    for label, style in zip(doc, itertools.cycle(("--", ":", "-.", (0, (1, 3)), "-"))):
+    for label, style in zip(plot_labels(doc, wanted), itertools.cycle(("--", ":", "-.", (0, (1, 3)), "-"))):
         rows = doc[label].get("rows", [])
         for codec in sorted({r["codec"] for r in rows}):  # one colour per codec in every label
             pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)
@@ -276,11 +289,16 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print rank 0's cProfile (main-thread CPU time) of the timed steps; "
                    "its top functions also go into the JSON row (`profile`)")
     p.add_argument("--out", default=None)
-    p.add_argument("--png", default=None)
+    p.add_argument("--png", default=None, help="picture of the --out JSON (with --table: of that JSON)")
+    p.add_argument("--plot-labels", type=lambda s: s.split(","), default=None,
+                   help="comma list of the labels the picture draws (default: the first and the last two)")
     p.add_argument("--table", metavar="JSON", help="print a markdown table of an earlier --out and exit")
     args = p.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        doc = json.loads(Path(args.table).read_text())
+        print(table(doc))
+        if args.png:
+            _plot(doc, args.png, args.plot_labels)
         return
     args.repo = str(Path(args.repo).resolve())
 
@@ -319,7 +337,7 @@ def main() -> None:
         doc[args.label] = entry
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
         if args.png:
-            _plot(doc, args.png)
+            _plot(doc, args.png, args.plot_labels)
 
 
 if __name__ == "__main__":
