@@ -1,10 +1,8 @@
 """One-pass numba kernels for the int8 and fp4 codecs, and a one-pass finiteness check.
 
-``dilo.codecs`` defines the wire formats and a torch implementation of them; the
-kernels here produce exactly the same bytes (tests/test_codec_kernels.py compares
-both against an independent reference encoder) at about the cost of a memcpy: each
-block of ``b`` elements is read once into cache, its absmax and scale are formed, and
-its codes are written straight into the caller's output buffer.
+``dilo.codecs`` defines the wire formats and a torch implementation; these kernels give the
+same bytes (tests/test_codec_kernels.py: both against an independent reference encoder) at
+about a memcpy's cost: each block is read once into cache and its codes written in place.
 
 Exactness, operation by operation, as the torch path does it:
 
@@ -20,18 +18,13 @@ Exactness, operation by operation, as the torch path does it:
   sign bit is set when ``x <= -t_1``.
 - decoding multiplies in fp32 (fp4: the 16 products ``value * s`` per block).
 
-`sub_with_max_abs` and `sub_with_sumsq` form a difference ``a - b`` (torch.sub's bytes) and,
-in the same pass, what the outer step logs or checks of it (max |d|, sums of squares), so
-no extra pass over the vector is made for a statistic. Their sums of squares are logged
-figures, never hashed or sent: summed in fp64, each block of 4096 elements in the order the
-compiler vectorizes, then the blocks' sums (more accurate than torch.norm's fp32 sum, which
-overflows past 1.8e19, but not its bits). With torch at T > 1 threads they run on T slices
-of whole blocks (the kernels release the GIL), so Δ forms as fast as torch's parallel
-`sub` did, and the sums are the same for any T.
+`sub_with_max_abs` / `sub_with_sumsq` form ``a - b`` (torch.sub's bytes) and, in the same
+pass, max |d| or sums of squares: logged figures, never hashed or sent, summed in fp64 per
+block of 4096 then over blocks (not torch.norm's bits); at T > 1 torch threads they run on T
+slices of whole blocks (GIL released), with the same sums for any T.
 
-numba is an optional extra (``pip install -e '.[fast]'``). Without it, ``BACKEND`` is
-``"torch"``, ``dilo.codecs`` runs its torch implementation, and the first use says so
-once in the log: never a silent fallback. ``DILO_CODEC_KERNELS=torch`` in the
+numba is an optional extra (``pip install -e '.[fast]'``). Without it ``BACKEND`` is ``"torch"``,
+``dilo.codecs`` runs its torch code, and the first use says so once in the log. ``DILO_CODEC_KERNELS=torch`` in the
 environment, or ``use_backend("torch")``, forces the torch path (tests compare both).
 """
 

@@ -222,20 +222,17 @@ class DiLoCo(OuterState):
                 return adopted
         starting = self.schedule.fragment_applied_at(self.inner_step + self.delay, end_round)
         if starting is not None:  # (without delay or overlap it is applied just below)
-            self._start_round(starting, report, applied_now=self.delay == 0 and self.overlap == "none")
+            self._start_round(starting, report, self.delay == 0 and self.overlap == "none")
         ending = self.schedule.fragment_applied_at(self.inner_step, end_round)
         return self._end_round(ending) if ending is not None else None
 
     @torch.no_grad()
     def _start_round(self, f: int, report: RoundReport | None = None, applied_now: bool = False) -> None:
-        """Snapshot fragment f's pseudo-gradient and put it on the wire. `applied_now`: the round
-        is applied before any other exchange starts, so a group that can may hand back the
-        average still encoded (`keep_encoded`): the outer step reads its bytes."""
+        """Put fragment f's pseudo-gradient on the wire (`applied_now`: the group may `keep_encoded`)."""
         frag = self.fragments[f]
         if report is None and self.aggregate.weighting == "tokens":  # weight by the round's inner steps
             report = RoundReport(*(float(self.inner_step - frag.last_snapshot_step),) * 2)
-        # Without overlap a round is applied before its fragment's next one starts: Δ is formed
-        # in one reused buffer, and a group that can writes the average over it (`average_out`).
+        # Without overlap Δ is formed in one reused buffer the group may write the average over.
         reuse = self.overlap == "none" and self.group.average_out
         pseudo_grad = frag.pseudo_gradient(reuse)
         wire = sent = frag.compensate(pseudo_grad, self.codec)
@@ -252,8 +249,7 @@ class DiLoCo(OuterState):
             named["out"] = wire
         named["owner_error"] = self.owner_feedback and frag.residual is not None  # the owners' re-encode loss
         if applied_now and self.group.encoded_average and self.after_outer_step is None:
-            named["keep_encoded"] = True
-
+            named["keep_encoded"] = True  # (applied before the next exchange: the step reads the bytes)
         def exchange():  # runs on the exchange thread (or inline): touches only its inputs
             result = self.group.average(wire, self.codec, **named)
             mean_buffers = self.group.average(buffers, _FP32, aggregate=MEAN).average if buffers is not None else None
@@ -313,9 +309,8 @@ class DiLoCo(OuterState):
 
     @torch.no_grad()
     def _apply(self, rnd: Round, write_live: bool = False) -> tuple[SyncStats, torch.Tensor | None]:
-        """Wait for a round's exchange and apply the average to its fragment's θ (`write_live`:
-        and θ_p into the live model in the same pass, when it can; `_live_written` says). Returns
-        the average too (None when the step read it from its bytes: `keep_encoded`)."""
+        """Wait for a round's exchange and apply the average to its fragment's θ (`write_live`: and θ_p
+        into the live model in the same pass, when it can); also the average (None if kept encoded)."""
         outcome = rnd.handle.result()
         if outcome is None:  # an earlier round adopted a state, which drops the rounds after it
             raise RuntimeError("internal error: a superseded exchange reached its apply step")

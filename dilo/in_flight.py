@@ -67,12 +67,14 @@ class Round:
 # handed back is adopted before a checkpoint is written (`DiLoCo.settle`). A field added
 # to ExchangeResult is saved; checkpoints without it load its default.
 _RESULT_KEYS = {"seconds": "exchange_seconds"}
-_NOT_SAVED = ("adopted", "rejected", "clipped", "finite")  # (logged when it ran; finite: checked again)
+_NOT_SAVED = ("adopted", "rejected", "clipped", "finite", "encoded")
+"""(logged when it ran; finite: checked again; encoded: views of the group's buffer, decoded first)"""
 
 
 def round_state(rnd: Round) -> dict:
     """A finished round as plain tensors and numbers (for checkpoints)."""
     result, mean_buffers, seconds = rnd.handle.result()
+    result.decoded_average()  # (an average kept in its bytes is saved decoded)
     state = {f.name: getattr(rnd, f.name) for f in fields(Round) if f.name != "handle"}
     state.update({_RESULT_KEYS.get(f.name, f.name): getattr(result, f.name)
                   for f in fields(ExchangeResult) if f.name not in _NOT_SAVED})
