@@ -68,6 +68,7 @@ def shared_settings_of(config: dict) -> dict:
     # Checkpoints from before outer.aggregate (issue 13) ran today's defaults.
     shared["outer"] = {"aggregate": "auto", "trim": 1, "clip_ratio": 2.0, "sync_every_seconds": 0.0,
                        "target_tokens": 0, "weighting": "equal", **shared["outer"]}
+    shared["outer"].pop("digest", None)  # when the hash is computed changes no bit: a resume may switch it
     shared["comm"] = {k: config["comm"].get(k) for k in ("codec", "block_size", "error_feedback")}
     if config["comm"].get("owner_feedback"):
         shared["comm"]["owner_feedback"] = True

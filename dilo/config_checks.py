@@ -14,6 +14,7 @@ import math
 
 from dilo.options import (
     CODEC_NAMES,
+    DIGEST_MODES,
     check_aggregate,
     check_outer_options,
     check_owner_feedback,
@@ -96,6 +97,7 @@ def validate(cfg) -> None:
     _require(c.timeout > 0, f"comm.timeout must be > 0 seconds, got {c.timeout}")
     _validate_peers(cfg)
     _validate_failover(cfg)
+    _validate_digest(cfg)
     _require(k.every >= 0, f"checkpoint.every must be >= 0 (0 = never), got {k.every}")
     _require(k.keep >= 1, f"checkpoint.keep must be >= 1, got {k.keep}")
     _require(not (k.resume not in ("", "fresh") and k.init_from),
@@ -124,6 +126,17 @@ def _validate_shard(cfg) -> None:
     found = [k for k, v in refused.items() if v]
     _require(not found, f"run.shard = fsdp does not support {'; '.join(found)} yet; change those settings "
              "or use run.shard = ddp")
+
+
+def _validate_digest(cfg) -> None:
+    """outer.digest (dilo/global_hash.py): background only where the members are fixed."""
+    d = cfg.outer.digest
+    _require(d in DIGEST_MODES, f"outer.digest must be one of {', '.join(DIGEST_MODES)}, got {d!r}")
+    if d == "background":
+        _require(cfg.comm.backend == "torch" and cfg.run.failover == "restart",
+                 "outer.digest = background needs comm.backend = torch and run.failover = restart: it confirms "
+                 "each state's hash one outer step later, while a swarm repairs a differing peer at the step "
+                 "itself and a healing group changes members between steps; use outer.digest = step")
 
 
 def _validate_failover(cfg) -> None:

@@ -159,6 +159,12 @@ class OuterConfig:
     at lr 0.7, 1.03x at 0.6). Inside the bound the round of staleness still costs quality, less with
     longer rounds (eager ÷ core with 4 workers: 1.18x at H = 20, 1.05x at H = 100 at lr 0.7);
     dilo warns below outer.inner_steps 100 (docs/streaming.md)."""
+    digest: str = "step"
+    """When the global hash of each new state (BLAKE3 over θ and the outer momentum) is computed:
+    `step` (inside the outer step, confirmed with the group before it returns) or `background` (on a
+    thread while the next inner steps run, confirmed at the next outer step or when the run ends; the
+    sync line and record then carry the previous state's hash, `hash_step`). Background needs
+    comm.backend = torch and run.failover = restart (docs/design.md, "The global hash")."""
     lora_aggregate: str = "naive"
     """With model.lora_rank > 0: `naive` (average A and B separately: inexact), `frozen_a` (A fixed from the seed, only B trained and exchanged: exact) or `exact` (fold the residual of the mean of the B·A products into the frozen base after every outer step; docs/adapters.md)."""
     aggregate: str = "auto"

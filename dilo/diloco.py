@@ -61,6 +61,7 @@ from dilo.aggregate import MEAN, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup, checked_owner_error
 from dilo.fragments import Fragment, Schedule, assign_fragments
+from dilo.global_hash import digest_thread
 from dilo.global_layout import flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
 from dilo.options import (check_aggregate, check_outer_options, check_owner_feedback, default_aggregate,
@@ -146,24 +147,13 @@ class DiLoCo(OuterState):
         model: nn.Module,
         inner_optimizer: torch.optim.Optimizer,
         inner_steps: int,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        nesterov: bool = True,
-        codec: str | Codec = "int8",
-        group: Group | None = None,
-        block_size: int = 256,
+        outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
+        codec: str | Codec = "int8", group: Group | None = None, block_size: int = 256,
         check_hashes: bool = True,
-        fragments: int = 1,
-        delay: int = 0,
-        alpha: float = 0.0,
-        overlap: str = "none",
-        error_feedback: bool = False,
-        ef_decay: float = 1.0,
-        owner_feedback: bool = False,
-        aggregate: str = "auto",
-        trim: int = 1,
-        clip_ratio: float = 2.0,
-        weighting: str = "equal",
+        fragments: int = 1, delay: int = 0, alpha: float = 0.0, overlap: str = "none",
+        error_feedback: bool = False, ef_decay: float = 1.0, owner_feedback: bool = False,
+        aggregate: str = "auto", trim: int = 1, clip_ratio: float = 2.0, weighting: str = "equal",
+        digest: str = "step",
     ):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         self.codec.warm_up()  # kernels load now, not inside the first exchange (rounds by time count it)
@@ -199,6 +189,7 @@ class DiLoCo(OuterState):
                          {"fragments": fragments, "delay": delay, "alpha": alpha, "overlap": overlap,
                           "error_feedback": error_feedback, **({"ef_decay": ef_decay} if ef_decay != 1.0 else {}),
                           **({"owner_feedback": True} if owner_feedback else {})})
+        self.background_digest = digest_thread(digest, self.group.open_membership, self._state_lock)
         self.after_outer_step = None
         """Optional hook(θ before, θ after) → (bytes sent, bytes received), called on every
         member after each outer step while the live model still holds its own trained values
@@ -331,9 +322,9 @@ class DiLoCo(OuterState):
         if mean_buffers is not None:
             write_flat(self.buffers, mean_buffers)
         t_digest = time.perf_counter()
-        digest, repaired = self._confirmed_digest(self.check_hashes)
+        digest, hash_step, repaired = self._confirmed_digest(self.check_hashes)
         adopted = adopted or repaired
-        stats = self._sync_stats(rnd, result, seconds, digest, adopted, skipped, hook_bytes,
+        stats = self._sync_stats(rnd, result, seconds, (digest, hash_step), adopted, skipped, hook_bytes,
                                  (t_digest - t_apply, time.perf_counter() - t_digest),
                                  round_fields(result.reports, self.group.rank, self.aggregate.weighting))
         return stats, result.average if result.encoded is None else None
@@ -365,6 +356,7 @@ class DiLoCo(OuterState):
             frag.write_live(frag.theta.detach())
             frag.reset_eager()
             frag.last_merge_step = frag.last_snapshot_step = self.inner_step
+        self.settle_digest()  # (outer.digest = background: the last state's digest)
         self.in_flight.collect_hash_checks(block=True)
         return stats
 
@@ -378,5 +370,7 @@ class DiLoCo(OuterState):
         return False
 
     def close(self) -> None:
-        """Stop the exchange thread (after `flush()`; a hung collective is not waited for)."""
+        """Stop the exchange and digest threads (after `flush()`; a hung collective is not waited for)."""
         self.in_flight.close()
+        if self.background_digest is not None:
+            self.background_digest.close()

@@ -12,6 +12,8 @@ import math
 
 OVERLAPS = ("none", "delayed", "eager")
 """`outer.overlap` / `overlap=`: when an exchange is applied (docs/streaming.md)."""
+DIGEST_MODES = ("step", "background")
+"""`outer.digest` / `digest=`: when the global hash is computed (dilo/global_hash.py)."""
 CODEC_NAMES = ("fp32", "bf16", "fp16", "int8", "fp4", "int2", "sparse")
 """`comm.codec` / `codec=`: the wire formats of dilo/codecs.py."""
 LOSSLESS_CODECS = ("fp32",)

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from dilo import codec_kernels
 from dilo.aggregate import NO_CONTRIBUTION
-from dilo.comm.protocol import ExchangeResult, GlobalState, state_digest
+from dilo.global_hash import BackgroundDigest, GlobalHash
+from dilo.comm.protocol import ExchangeResult, GlobalState
 from dilo.fragments import Fragment, Schedule
 from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
@@ -31,7 +32,7 @@ from dilo.stats import SyncStats
 log = logging.getLogger("dilo")
 
 
-class OuterState:
+class OuterState(GlobalHash):
     """θ, the outer momenta, the counters and the rounds in flight (see the module docstring)."""
 
     def __init__(self, params: list[nn.Parameter], fragments: list[Fragment], owner: list[int],
@@ -53,6 +54,8 @@ class OuterState:
         self._state_lock = threading.Lock()
         self._known_digest: tuple[int, str] | None = None
         """(outer step, global_hash) of the current state, once computed: the base of rounds."""
+        self.background_digest: BackgroundDigest | None = None
+        """Set with outer.digest = background: states are hashed on a thread (dilo/global_hash.py)."""
         self._withheld = self._resets = 0  # since the last SyncStats (issue 13)
 
     @property
@@ -74,16 +77,6 @@ class OuterState:
         residuals and eager copies of every fragment (÷ S per rank with run.shard = fsdp)."""
         held = [t for f in self.fragments for t in (f.theta, f.momentum(), f.residual, f.eager_theta)]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
-
-    def global_hash(self) -> str:
-        """Hex digest over θ, the outer momentum (both in model order) and the outer step."""
-        return state_digest(self.global_copy.digest_views(), self.outer_step)
-
-    def _digest(self) -> str:
-        """`global_hash()` of the current state, computed once per state."""
-        if self._known_digest is None or self._known_digest[0] != self.outer_step:
-            self._known_digest = (self.outer_step, self.global_hash())
-        return self._known_digest[1]
 
     def _withhold(self, f: int, sent: torch.Tensor, why: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(wire, sent) for fragment f's Δ + e that cannot be sent (`why`): the no-contribution
@@ -127,23 +120,7 @@ class OuterState:
             frag.feed_back_owner_error(*result.owner_error, result.num_peers)
         return 0, hook(before, frag.theta.detach()) if hook is not None else (0, 0), written
 
-    def _confirmed_digest(self, check: bool) -> tuple[str, bool]:
-        """The new state's digest, confirmed with the group when `check` (dilo/in_flight.py):
-        (digest, True if the majority's state was adopted). A fixed group raises
-        DivergenceError on a mismatch."""
-        digest = self.global_hash()
-        self._known_digest = (self.outer_step, digest)
-        if not check:  # (a one-worker island still compares its ranks: no size shortcut)
-            return digest, False
-        repaired = self.in_flight.confirm(self.outer_step, digest)
-        if repaired is None:
-            return digest, False
-        log.warning("outer step %d: this worker's global state differs from the group's majority; "
-                    "adopting the majority's state", self.outer_step)
-        self.adopt_state(repaired)
-        return self._digest(), True
-
-    def _sync_stats(self, rnd: Round, result: ExchangeResult, seconds: float, digest: str, adopted: bool,
+    def _sync_stats(self, rnd: Round, result: ExchangeResult, seconds: float, digest: tuple[str, int], adopted: bool,
                     skipped: int, hook_bytes: tuple[int, int], timings: tuple[float, float],
                     rounds: dict) -> SyncStats:
         """The applied round's record (dilo/stats.py); `timings`: apply and digest seconds;
@@ -152,7 +129,7 @@ class OuterState:
         stats = SyncStats(
             outer_step=self.outer_step, seconds=seconds, bytes_sent=result.bytes_sent + hook_bytes[0],
             bytes_received=result.bytes_received + hook_bytes[1], num_peers=result.num_peers,
-            global_hash=digest, dropped=result.dropped, codec_error=result.codec_error,
+            global_hash=digest[0], hash_step=digest[1], dropped=result.dropped, codec_error=result.codec_error,
             pseudo_grad_norm=rnd.pseudo_grad_norm, fragment=rnd.fragment,
             seconds_exposed=exposed, seconds_hidden=seconds - exposed,
             intra_bytes=result.intra_bytes, adopted=adopted, apply_seconds=timings[0], digest_seconds=timings[1],
@@ -182,6 +159,7 @@ class OuterState:
         if params.shape != (self.numel,) or params.dtype != torch.float32:
             raise ValueError(f"received global state holds {params.numel()} {params.dtype} parameters, "
                              f"this model has {self.numel} fp32: model settings differ")
+        self._forget_digest()
         with self._state_lock:
             self.global_copy.write(state.tensors)
             self.outer_step = state.outer_step
@@ -225,6 +203,7 @@ class OuterState:
             raise ValueError(f"checkpoint was written with outer/comm settings {state['settings']}, "
                              f"this run has {self.settings}; resume with the run's original config")
         own = state.get("inner_optimizer") is not None  # None: a new slot or another world's file
+        self._forget_digest()
         with self._state_lock:
             self.global_copy.write_params(flat)
             for frag, frag_state in zip(self.fragments, state["fragments"]):
@@ -246,6 +225,7 @@ class OuterState:
     def load_global_params(self, flat: torch.Tensor) -> None:
         """Start from another run's global weights (no optimizer state, counters at 0)."""
         self._check_numel(flat)
+        self._forget_digest()
         self.global_copy.write_params(flat)
         write_flat(self.params, flat)
         for frag in self.fragments:

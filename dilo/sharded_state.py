@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dilo.comm.protocol import state_digest
 from dilo.diloco import DiLoCo
 
 
@@ -83,19 +82,15 @@ class ShardedDiLoCo(DiLoCo):
         self.full_model = model
         super().__init__(LocalShards(model), inner_optimizer, **kwargs)
 
-    def slice_digest(self) -> str:
-        """The digest of this rank's chunk of θ, the outer momentum and the outer step."""
-        return state_digest(self.global_copy.digest_views(), self.outer_step)
-
-    def global_hash(self) -> str:
-        """sha256 over every rank's `slice_digest`, in local-rank order: a collective over the
-        worker's ranks, unless this rank's state is unchanged since the last call."""
-        mine = self.slice_digest()
-        if self._hash_cache is not None and self._hash_cache[0] == mine:
+    def _whole_digest(self, local: str) -> str:
+        """sha256 over every rank's digest of its chunk (`_local_digest`: θ, the outer momentum
+        and the outer step), in local-rank order: a collective over the worker's ranks, unless
+        this rank's digest is unchanged since the last call."""
+        if self._hash_cache is not None and self._hash_cache[0] == local:
             return self._hash_cache[1]
         digests: list = [None] * dist.get_world_size(self.intra_pg)
-        dist.all_gather_object(digests, mine, group=self.intra_pg)
+        dist.all_gather_object(digests, local, group=self.intra_pg)
         whole = hashlib.sha256("".join(digests).encode()).hexdigest()
-        self._hash_cache = (mine, whole)
+        self._hash_cache = (local, whole)
         return whole
 

@@ -41,7 +41,11 @@ class SyncStats:
     """Wall time of the outer step on θ after the exchange (finiteness check, SGD, buffers)."""
     digest_seconds: float = 0.0
     """Wall time of the global hash and its confirmation with the group (queued, when the
-    exchanges run in the background)."""
+    exchanges run in the background; with outer.digest = background: handing the state to the
+    digest thread and confirming the previous state's digest)."""
+    hash_step: int = 0
+    """The outer step whose state `global_hash` digests: this one, or with outer.digest =
+    background the one before (-1 and an empty hash at the first outer step)."""
     skipped: int = 0
     """1 when no valid contribution arrived for part of Δ: θ and momentum were left unchanged."""
     clipped: int = 0

@@ -162,7 +162,8 @@ def wrap_model(cfg: Config, world: World, built: BuiltModel, optimizer: torch.op
                         error_feedback=cfg.comm.error_feedback, ef_decay=cfg.comm.ef_decay,
                         owner_feedback=cfg.comm.owner_feedback,
                         aggregate=cfg.outer.aggregate,
-                        trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio, weighting=cfg.outer.weighting)
+                        trim=cfg.outer.trim, clip_ratio=cfg.outer.clip_ratio, weighting=cfg.outer.weighting,
+                        digest=cfg.outer.digest)
         attach_aggregation(built, cfg, diloco)
         if world.island and cfg.run.shard == "ddp":  # inner steps: data-parallel over the worker's own ranks only
             ddp = DistributedDataParallel(built.model, device_ids=device_ids,

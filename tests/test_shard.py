@@ -181,20 +181,27 @@ def test_a_ddp_run_refuses_to_resume_over_sharded_checkpoints(runs, tmp_path):
 
 @pytest.mark.e2e
 def test_resume_from_a_mid_run_checkpoint_is_exact(runs, tmp_path):
-    """The files of outer step 1 (as a run stopped there leaves them) resumed: the same end."""
+    """The files of outer step 1 (as a run stopped there leaves them) resumed: the same end, with
+    the resumed run hashing in the background (outer.digest: each rank's chunk on its digest
+    thread, the worker's ranks gathering the digests one outer step later)."""
     cut = tmp_path / "cut"
     shutil.copytree(runs / "fsdp" / "checkpoints", cut / "checkpoints")
     shutil.rmtree(cut / "checkpoints" / "step-000002")
     procs = Procs()
     try:
         res = procs.run(torchrun_cmd(4, [*COMMON, "--run.shard", "fsdp", "--run.dir", str(cut),
-                                         "--checkpoint.resume", "auto"]), tmp_path / "log.txt", timeout=180)
+                                         "--checkpoint.resume", "auto", "--outer.digest", "background"]),
+                        tmp_path / "log.txt", timeout=180)
     finally:
         procs.cleanup()
     assert res.returncode == 0, res.stdout[-3000:]
     assert "resumed (exact) at inner step 5, outer step 1" in res.stdout
     assert [s["global_hash"] for s in summaries(cut)] == [s["global_hash"] for s in summaries(runs / "fsdp")]
     assert [s["final_eval_loss"] for s in summaries(cut)] == [s["final_eval_loss"] for s in summaries(runs / "fsdp")]
+    for n in ("0", "0.1", "1", "1.1"):  # the resumed run's one step: nothing hashed before it here
+        syncs = [r for r in map(json.loads, (cut / f"metrics-{n}.jsonl").read_text().splitlines())
+                 if r["kind"] == "sync"]
+        assert [(r["outer_step"], r["hash_step"], r["global_hash"]) for r in syncs] == [(2, -1, "")]
 
 
 @pytest.mark.e2e

@@ -60,6 +60,26 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _wait_for_digest(d) -> float:
+    """Seconds until the digest thread has hashed the state the last step handed it."""
+    t0 = time.perf_counter()
+    d.background_digest.pending.local.result()
+    return time.perf_counter() - t0
+
+
+def _digest_thread_cpu(d) -> float:
+    """The digest thread's CPU seconds so far (its clock: the thread lives as long as `d`)."""
+    (thread,) = d.background_digest._pool._threads
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def _per_step(totals: list[float]) -> list[float]:
+    """Per-step increments of a running CPU clock read after each step (the first includes the
+    warm-up step's digest, so it is dropped when there are more)."""
+    steps = [b - a for a, b in zip(totals, totals[1:])]
+    return steps or totals
+
+
 def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
     sys.path.insert(0, args.repo)
     import torch
@@ -91,7 +111,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
             group = TorchGroup()
             if args.pieces is not None:  # comm.pieces (a checkout before it has no such attribute to read)
                 group.pieces = args.pieces
-            d = DiLoCo(model, opt, inner_steps=1, codec=name, group=group)
+            d = DiLoCo(model, opt, inner_steps=1, codec=name, group=group,
+                       **({"digest": args.outer_digest} if args.outer_digest else {}))
 
             def move():
                 with torch.no_grad():
@@ -100,7 +121,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
 
             move()
             d.step()  # warm-up: the momentum is created at the first outer step
-            steps, rss, cpu = [], [], []
+            if args.outer_digest == "background":
+                _wait_for_digest(d)
+            steps, rss, cpu, digest_cpu, digest_wait = [], [], [], [], []
             prof = None
             if args.profile and rank == 0:
                 import cProfile
@@ -120,6 +143,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                     prof.disable()
                 cpu.append(time.thread_time() - c0)
                 steps.append(slowest(time.perf_counter() - t0))
+                if args.outer_digest == "background":  # the state this step handed to the digest thread
+                    digest_wait.append(_wait_for_digest(d))
+                    digest_cpu.append(_digest_thread_cpu(d))
                 if rank == 0:
                     rss.append((_status("VmHWM") - before) / (4 * numel))
             if prof is not None:
@@ -162,6 +188,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                        # and of one copy_ of the fp32 vector: the step's cost in memcpy passes
                        "cpu_s": statistics.median(cpu), "memcpy_cpu_s": statistics.median(copies[1:]),
                        "cpu_passes": statistics.median(cpu) / statistics.median(copies[1:])}
+                if digest_cpu:  # outer.digest = background: the digest thread's CPU per step, and how long
+                    # rank 0 waited for it after the step (the part the step's own time did not cover)
+                    row.update(digest="background", digest_cpu_s=statistics.median(_per_step(digest_cpu)),
+                               digest_wait_s=statistics.median(digest_wait))
                 if prof is not None:  # each function's own CPU per step, also in memcpy passes
                     row["profile"] = [dict(p, passes=p["cpu_s_per_step"] / row["memcpy_cpu_s"]) for p in profile]
                 print(json.dumps(row), flush=True)
@@ -286,6 +316,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pieces", type=int, help="comm.pieces of the exchange (default: the checkout's default)")
     p.add_argument("--digest", action="store_true", help="also time sha256 vs blake3 over θ + momentum")
+    p.add_argument("--outer-digest", choices=["step", "background"], default=None,
+                   help="DiLoCo's outer.digest (default: the checkout's default); background also records the "
+                        "digest thread's CPU per step (digest_cpu_s) and rank 0's wait for it after the step")
     p.add_argument("--profile", action="store_true", help="print rank 0's cProfile (main-thread CPU time) of the timed steps; "
                    "its top functions also go into the JSON row (`profile`)")
     p.add_argument("--out", default=None)
@@ -322,7 +355,7 @@ def main() -> None:
                 proc.kill()
                 proc.join()
     entry = {"command": " ".join(sys.argv), "repo": args.repo, "ranks": args.ranks,
-             "repeats": args.repeats, "pieces": args.pieces, "rows": rows,
+             "repeats": args.repeats, "pieces": args.pieces, "outer_digest": args.outer_digest, "rows": rows,
              "note": "2-core machine shared with other jobs; ranks run one thread each"}
     if args.digest:
         entry["digest"] = _digest_times(args.sizes, args.repeats, args.repo)
