@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,9 +134,10 @@ def sgd_step_encoded(param: torch.Tensor, opt: torch.optim.Optimizer, encoded,
            f"the {codec.name} codec has no decode-and-step kernel" if codec.name not in _DECODED else
            "torch's a + α·b is of neither form" if _fused() is None else None)
     if why is not None:
-        if not _said_decoded:
+        if not _said_decoded:  # (momentum 0 is a setting, not a fault: said at INFO)
             _said_decoded.append(why)
-            codec_kernels.log.warning("outer step: the average is decoded into memory before the step (%s)", why)
+            codec_kernels.log.log(logging.INFO if m == 0 else logging.WARNING,
+                                  "outer step: the average is decoded into memory before the step (%s)", why)
         return False
     flat = param.view(-1)
     state = opt.state[param]

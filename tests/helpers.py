@@ -106,6 +106,15 @@ def summaries(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("summary-*.json"))]
 
 
+def numba_skip(what: str) -> tuple[str, object]:
+    """(reason, skip marker) for a test of the numba kernels; `what`: what cannot run without numba."""
+    import pytest
+
+    from dilo import codec_kernels  # (helpers imports no dilo at the top)
+    reason = f"numba not installed: {what} (`pip install -e .[test]` or `pip install numba` re-enables it)"
+    return reason, pytest.mark.skipif(codec_kernels.numba is None, reason=reason)
+
+
 # -- simulated workers ----------------------------------------------------------------------
 def run_workers(fn, num_workers: int, timeout: float = 120.0) -> list:
     """fn(rank) in num_workers threads (with the in-process backend, dilo/comm/local.py);

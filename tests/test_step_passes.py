@@ -20,11 +20,9 @@ from dilo.comm.protocol import state_digest
 from dilo.comm.two_phase import two_phase_average
 from dilo.fragments import Fragment
 from dilo.reduce_kernels import max_abs
-from tests.helpers import diloco_pair, run_workers
+from tests.helpers import diloco_pair, numba_skip, run_workers
 
-NO_NUMBA = ("numba not installed: no kernel to compare with the torch path (`pip install -e .[test]` or "
-            "`pip install numba` re-enables it)")
-needs_numba = pytest.mark.skipif(codec_kernels.numba is None, reason=NO_NUMBA)
+NO_NUMBA, needs_numba = numba_skip("no kernel to compare with the torch path")
 
 
 def _values(n: int, seed: int, specials: tuple = ()) -> torch.Tensor:
