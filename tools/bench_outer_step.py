@@ -266,11 +266,13 @@ def _plot(doc: dict, png: str, wanted: list[str] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     codecs = sorted({r["codec"] for label in doc for r in doc[label].get("rows", [])})
     # (the styles cycle: zip() with five of them drew only the file's first five labels)
-    for label, style in zip(plot_labels(doc, wanted), itertools.cycle(("--", ":", "-.", (0, (1, 3)), "-"))):
+    # (a marker per label too: a label measured at one size is a point, which has no line style)
+    for label, style, marker in zip(plot_labels(doc, wanted), itertools.cycle(("--", ":", "-.", (0, (1, 3)), "-")),
+                                    itertools.cycle("osD^vP")):
         rows = doc[label].get("rows", [])
         for codec in sorted({r["codec"] for r in rows}):  # one colour per codec in every label
             pts = sorted((r["numel"], r["ratio"]) for r in rows if r["codec"] == codec)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style, marker="o",
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style, marker=marker,
                     color=f"C{codecs.index(codec)}", label=f"{codec} ({label})")
     ax.axhline(1.5, color="grey", lw=0.8)
     ax.set_xscale("log")
