@@ -163,10 +163,6 @@ if numba is not None:
             _put_scale(out, n + 4 * blk, scale, cell, cell_bytes)
 
     @_kernel
-    def _int8_decode(buf, out, block_size):
-        _int8_decode_range(buf, out.size, 0, out, block_size)
-
-    @_kernel
     def _int8_decode_range(buf, n, lo, out, block_size):
         """Elements [lo, lo + out.size) of the encoding of n elements in ``buf``, into ``out``."""
         q = buf[:n].view(np.int8)
@@ -250,8 +246,12 @@ if numba is not None:
         )
 
     @_kernel
-    def _fp4_decode(buf, out, out_bits, block_size, values):
-        _fp4_decode_range(buf, out.size, 0, out, out_bits, block_size, values)
+    def _decode_range(buf, n, lo, int8, block_size, values, out, out_bits):
+        """Elements [lo, lo + out.size) of the int8 (`int8`) or fp4 encoding of n elements."""
+        if int8:
+            _int8_decode_range(buf, n, lo, out, block_size)
+        else:
+            _fp4_decode_range(buf, n, lo, out, out_bits, block_size, values)
 
     @_kernel
     def _fp4_decode_range(buf, n, lo, out, out_bits, block_size, values):
@@ -387,7 +387,7 @@ def int8_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
 
 
 def int8_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
-    _int8_decode(_np(buf), _np(out), block_size)
+    _decode_range(_np(buf), out.numel(), 0, True, block_size, _VALUES, _np(out), _np(out).view(np.int32))
 
 
 def fp4_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
@@ -396,5 +396,4 @@ def fp4_encode(x: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
 
 
 def fp4_decode(buf: torch.Tensor, out: torch.Tensor, block_size: int) -> None:
-    on = _np(out)
-    _fp4_decode(_np(buf), on, on.view(np.int32), block_size, _VALUES)
+    _decode_range(_np(buf), out.numel(), 0, False, block_size, _VALUES, _np(out), _np(out).view(np.int32))

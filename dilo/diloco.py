@@ -56,7 +56,7 @@ import time
 import torch
 import torch.nn as nn
 
-from dilo import outer_sgd
+from dilo import codec_error_sums, outer_sgd
 from dilo.aggregate import MEAN, Aggregate, why_unsendable
 from dilo.codecs import Codec, get_codec
 from dilo.comm.protocol import Group, RoundId, RoundReport, SoloGroup, checked_owner_error
@@ -158,6 +158,7 @@ class DiLoCo(OuterState):
         self.codec = get_codec(codec, block_size) if isinstance(codec, str) else codec
         self.codec.warm_up()  # kernels load now, not inside the first exchange (rounds by time count it)
         outer_sgd.warm_up()
+        codec_error_sums.warm_up()
         check_outer_options(inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                             nesterov=nesterov, fragments=fragments, delay=delay, alpha=alpha, overlap=overlap,
                             error_feedback=error_feedback, codec=self.codec.name,

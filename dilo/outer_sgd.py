@@ -188,7 +188,7 @@ if codec_kernels.numba is not None:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from dilo.codec_kernels import _fp4_decode_range, _int8_decode_range
+    from dilo.codec_kernels import _decode_range
 
     @intrinsic
     def _fma(typingctx, a, b, c):
@@ -236,10 +236,7 @@ if codec_kernels.numba is not None:
         for lo in range(0, theta.size, _TILE):
             hi = min(lo + _TILE, theta.size)
             g = tile[:hi - lo]
-            if int8:
-                _int8_decode_range(codes, n, start + lo, g, block)
-            else:
-                _fp4_decode_range(codes, n, start + lo, g, tile_bits[:hi - lo], block, values)
+            _decode_range(codes, n, start + lo, int8, block, values, g, tile_bits[:hi - lo])
             _KERNEL(theta[lo:hi], buf[lo:hi], g, live[lo:hi], m, neg_lr, first, nesterov, fused)
 
 

@@ -119,3 +119,13 @@ def needs_netsim():
     reason = netsim.unavailable()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.fixture
+def backend():
+    """`use_backend` of the codec kernels ("numba" or "torch"), the previous one restored after
+    (tests/test_codec_kernels.py parametrizes its own fixture of this name)."""
+    from dilo import codec_kernels
+    previous = codec_kernels.BACKEND
+    yield codec_kernels.use_backend
+    codec_kernels.use_backend(previous)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from dilo import codec_kernels, outer_sgd
+from dilo import codec_error_sums, codec_kernels, outer_sgd
 from dilo.codecs import get_codec
 from dilo.comm.local import local_groups
 from dilo.comm.protocol import EncodedAverage
@@ -27,13 +27,6 @@ from tests.helpers import diloco_pair, numba_skip, run_workers
 NO_NUMBA, needs_numba = numba_skip("the decode-and-step kernel does not exist without it, the outer step "
                                    "decodes the average first")
 LR, MOMENTUM = 0.7, 0.9
-
-
-@pytest.fixture
-def backend():
-    previous = codec_kernels.BACKEND
-    yield codec_kernels.use_backend
-    codec_kernels.use_backend(previous)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -123,26 +116,32 @@ def test_decode_and_step_matches_decode_then_sgd(name, case, nesterov, backend):
 @needs_numba
 @pytest.mark.parametrize("name", ["int8", "fp4"])
 @pytest.mark.parametrize("pieces", [1, 3])
-def test_kept_bytes_decode_to_the_exchanged_average(name, pieces, backend):
+@pytest.mark.parametrize("owner_error", [True, False])
+def test_kept_bytes_decode_to_the_exchanged_average(name, pieces, owner_error, backend, monkeypatch):
     """`keep_encoded`: the same finiteness, codec_error and owner error, and bytes that decode
-    to exactly the average the exchange writes without it."""
+    to exactly the average the exchange writes without it; without the owner error asked for,
+    codec_error is read off the owner's bytes (dilo/codec_error_sums.py), the same bits."""
     backend("numba")
     members, numel = 3, 10_000 + 37  # not a multiple of the members' chunks: padding
     xs = [torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(members)]
-    got = {}
+    got, calls = {}, []
+    read = codec_error_sums.from_bytes
+    monkeypatch.setattr(codec_error_sums, "from_bytes", lambda *a: calls.append(1) or read(*a))
     for keep in (False, True):
         groups = local_groups(members)
 
         def run(r, groups=groups, keep=keep):
             g = groups[r]
             return two_phase_average(xs[r], get_codec(name, 64), r, members, g._all_to_all, g._all_gather,
-                                     owner_error=True, pieces=pieces, keep_encoded=keep)
+                                     owner_error=owner_error, pieces=pieces, keep_encoded=keep)
         got[keep] = run_workers(run, members)
+    assert len(calls) == (0 if owner_error else members * pieces)  # one per owner and piece, kept only
     for plain, kept in zip(got[False], got[True]):
         assert plain.encoded is None and kept.encoded is not None
         assert kept.finite is plain.finite is True
-        assert kept.codec_error == plain.codec_error
-        assert torch.equal(kept.owner_error[1], plain.owner_error[1])
+        assert kept.codec_error == plain.codec_error and kept.codec_error > 0
+        if owner_error:
+            assert torch.equal(kept.owner_error[1], plain.owner_error[1])
         assert np.array_equal(_bits(kept.decoded_average()), _bits(plain.average))
         assert kept.encoded is None
 

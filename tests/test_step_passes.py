@@ -40,13 +40,6 @@ def _sumsq(x: torch.Tensor) -> float:
     return float((x.double() ** 2).sum())
 
 
-@pytest.fixture
-def backend():
-    previous = codec_kernels.BACKEND
-    yield codec_kernels.use_backend
-    codec_kernels.use_backend(previous)
-
-
 @needs_numba
 @pytest.mark.parametrize("n", [1, 7, 4096, 4097, 3 * 4096 + 5, 100_003])
 @pytest.mark.parametrize("special", [None, math.inf, -math.inf, math.nan])

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from dilo import codec_kernels
+from dilo import codec_error_sums, codec_kernels
 from dilo.aggregate import MEAN, Aggregate, MeanByPieces, codec_limit, exchange_norms, token_weights
 from dilo.codecs import Codec
 from dilo.comm.protocol import EncodedAverage, ExchangeBuffers, ExchangeResult, RoundReport, _as_tuple, chunk_numel
@@ -109,7 +109,8 @@ def two_phase_average(
     `pieces`: K of the module docstring (`comm.pieces`); the same average for any K.
     `keep_encoded`: with an int8/fp4 one-pass kernel (`reduce_kernels.fused_contribution`),
     leave the gathered average in its bytes (`ExchangeResult.encoded`, `average` not filled;
-    only the owner's own bytes are decoded, for `codec_error`); they stay in a buffer of
+    `codec_error` is read off the owner's own bytes a tile at a time, dilo/codec_error_sums.py, or
+    they are decoded when `owner_error` asks for the difference); they stay in a buffer of
     their own until the next exchange that keeps them. Otherwise ignored.
     """
     start = time.perf_counter()
@@ -248,8 +249,10 @@ def two_phase_average(
             if keep:
                 if a < numel:
                     rows.append((a, min(n, numel - a), n, got[member]))
-                if member == rank:
-                    sq = _error_sums(means[k], codec.decode(got[member], n, out=scratch[:n]), errors[lo:lo + n])
+                if member == rank:  # (the sums straight from the bytes unless the error itself is asked for)
+                    sq = None if owner_error else codec_error_sums.from_bytes(codec, got[member], n, means[k])
+                    if sq is None:
+                        sq = _error_sums(means[k], codec.decode(got[member], n, out=scratch[:n]), errors[lo:lo + n])
                     mean_sq, error_sq = mean_sq + sq[0], error_sq + sq[1]
                 continue
             whole = a + n <= numel
