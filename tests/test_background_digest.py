@@ -20,15 +20,15 @@ from dilo.config import parse_args
 from tests.helpers import SMALL, Net, adamw, inner_step, run_workers, summaries, torchrun_cmd
 
 
-def pair(mode: str, steps: int = 10, corrupt_after: int | None = None) -> list:
-    """Two in-process workers, H = 2: per worker (θ, momentum, [(outer step, hash step, hash)],
-    the final global_hash, whether the last digest was confirmed). `corrupt_after`: worker 1
-    flips one bit of θ right after that outer step returns."""
+def pair(mode: str, steps: int = 10, corrupt_after: int | None = None, **options) -> list:
+    """Two in-process workers, H = 2 (or `options`' DiLoCo settings): per worker (θ, momentum,
+    [(outer step, hash step, hash)], the final global_hash, whether the last digest was
+    confirmed). `corrupt_after`: worker 1 flips one bit of θ right after that outer step returns."""
     groups, models = local_groups(2), [Net() for _ in range(2)]
 
     def worker(r):
         model, opt = models[r], adamw(models[r])
-        d = DiLoCo(model, opt, inner_steps=2, group=groups[r], digest=mode)
+        d = DiLoCo(model, opt, group=groups[r], digest=mode, **{"inner_steps": 2, **options})
         stats = []
         try:
             for step in range(steps):
@@ -62,6 +62,19 @@ def test_background_digest_gives_the_same_bits_and_every_hash_one_step_later():
     assert late == behind[1][2]
     assert behind[0][4] and behind[1][4]  # flush confirmed the last state's digest
     assert len({d for _, _, d in records}) == 5
+
+
+@pytest.mark.parametrize("options", [
+    {"overlap": "delayed", "outer_lr": 0.2},  # the checks queue behind the exchanges on their thread
+    {"inner_steps": 4, "fragments": 2, "delay": 1},
+])
+def test_with_exchanges_in_the_background_too(options):
+    at_step, behind = pair("step", steps=16, **options), pair("background", steps=16, **options)
+    for r in range(2):
+        assert torch.equal(at_step[r][0], behind[r][0]) and torch.equal(at_step[r][1], behind[r][1])
+        assert at_step[r][3] == behind[r][3] and behind[r][4]
+    records, late = at_step[0][2], behind[0][2]
+    assert [(o, h, d) for o, h, d in late[1:]] == [(o + 1, o, d) for o, _, d in records[:-1]]
 
 
 def test_the_thread_hashes_the_state_it_was_handed_and_a_divergence_is_caught_a_step_later():
