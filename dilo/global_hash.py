@@ -37,7 +37,6 @@ from dilo.options import DIGEST_MODES
 log = logging.getLogger("dilo")
 
 
-
 @dataclass
 class PendingDigest:
     """The digest of the state at `outer_step`, being computed or done; `confirmed` once the

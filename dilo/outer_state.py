@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from dilo import codec_kernels
 from dilo.aggregate import NO_CONTRIBUTION
-from dilo.global_hash import BackgroundDigest, GlobalHash
 from dilo.comm.protocol import ExchangeResult, GlobalState
 from dilo.fragments import Fragment, Schedule
+from dilo.global_hash import BackgroundDigest, GlobalHash
 from dilo.global_layout import FragmentLayout, GlobalCopy, flatten_fp32, write_flat
 from dilo.in_flight import Round, RoundsInFlight
 from dilo.stats import SyncStats
