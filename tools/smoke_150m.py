@@ -18,13 +18,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.runs import REPO, metrics, run_logged, summaries, train_cmd  # noqa: E402
+
 ARGS = ["--config", "configs/150m.toml", "--run.device", "cpu", "--model.seq_len", "32", "--data.batch_size", "1",
         "--data.max_bytes", "300000", "--data.eval_batches", "1", "--data.eval_every", "1", "--run.steps", "4",
         "--outer.inner_steps", "2", "--inner.warmup_steps", "1", "--checkpoint.every", "0",
@@ -34,17 +35,15 @@ KEEP = ("outer_step", "seconds", "apply_seconds", "digest_seconds", "hash_step",
 
 
 def run(digest: str, workdir: Path) -> dict:
-    run_dir = workdir / digest
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "-m", "dilo.train", *ARGS, "--outer.digest", digest, "--run.dir", str(run_dir)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    """One torchrun of 2 workers under /usr/bin/time -v (its report lands in the log); ended,
+    with every process it started, on a failure or after 30 minutes (tools/runs.py)."""
+    run_dir, log = workdir / digest, workdir / f"{digest}.log"
     start = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise SystemExit(f"the {digest} run failed (rc {res.returncode}):\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
-    summary = json.loads((run_dir / "summary-0.json").read_text())
-    syncs = [r for r in map(json.loads, (run_dir / "metrics-0.jsonl").read_text().splitlines()) if r["kind"] == "sync"]
+    run_logged(["/usr/bin/time", "-v", *train_cmd([*ARGS, "--outer.digest", digest, "--run.dir", str(run_dir)],
+                                                  nproc=2)], log, 1800, f"the {digest} run")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text(errors="replace"))
+    summary = summaries(run_dir)[0]
+    syncs = [r for r in metrics(run_dir) if r["kind"] == "sync"]
     return {"digest": digest, "wall_s": time.perf_counter() - start,
             "peak_rss_bytes_one_worker": int(rss.group(1)) * 1024 if rss else None,
             "synced_params": summary["synced_params"], "global_hash": summary["global_hash"],
