@@ -14,8 +14,8 @@ import math
 
 from dilo.options import (
     CODEC_NAMES,
-    DIGEST_MODES,
     check_aggregate,
+    check_digest,
     check_outer_options,
     check_owner_feedback,
     check_pieces,
@@ -130,9 +130,8 @@ def _validate_shard(cfg) -> None:
 
 def _validate_digest(cfg) -> None:
     """outer.digest (dilo/global_hash.py): background only where the members are fixed."""
-    d = cfg.outer.digest
-    _require(d in DIGEST_MODES, f"outer.digest must be one of {', '.join(DIGEST_MODES)}, got {d!r}")
-    if d == "background":
+    check_digest(cfg.outer.digest)
+    if cfg.outer.digest == "background":
         _require(cfg.comm.backend == "torch" and cfg.run.failover == "restart",
                  "outer.digest = background needs comm.backend = torch and run.failover = restart: it confirms "
                  "each state's hash one outer step later, while a swarm repairs a differing peer at the step "

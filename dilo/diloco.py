@@ -357,7 +357,7 @@ class DiLoCo(OuterState):
             frag.write_live(frag.theta.detach())
             frag.reset_eager()
             frag.last_merge_step = frag.last_snapshot_step = self.inner_step
-        self.settle_digest()  # (outer.digest = background: the last state's digest)
+        self.settle_digest(self.check_hashes)  # (outer.digest = background: the last state's digest)
         self.in_flight.collect_hash_checks(block=True)
         return stats
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from dilo.comm.protocol import state_digest
-from dilo.options import DIGEST_MODES
+from dilo.options import check_digest
 
 log = logging.getLogger("dilo")
 
@@ -154,12 +154,12 @@ class GlobalHash:
         pending.confirmed = True
         return digest
 
-    def settle_digest(self) -> None:
-        """outer.digest = background: confirm the last state's digest (the end of a run; every
-        member calls it, as `flush()` does)."""
+    def settle_digest(self, check: bool) -> None:
+        """outer.digest = background: confirm the last state's digest when `check` (the end of
+        a run; every member calls it, as `flush()` does)."""
         pending = self.background_digest.unconfirmed() if self.background_digest else None
         if pending is not None:
-            self._confirm_pending(pending, self.check_hashes)
+            self._confirm_pending(pending, check)
 
     def _forget_digest(self) -> None:
         """Before the state is replaced: the digest thread finishes (it holds the state lock)."""
@@ -169,8 +169,7 @@ class GlobalHash:
 
 def digest_thread(mode: str, open_membership: bool, state_lock: threading.Lock) -> BackgroundDigest | None:
     """The digest thread `outer.digest` asks for (None: hash at the step); refuses what cannot run it."""
-    if mode not in DIGEST_MODES:
-        raise ValueError(f"outer.digest must be one of {', '.join(DIGEST_MODES)}, got {mode!r}")
+    check_digest(mode)
     if mode == "step":
         return None
     if open_membership:

@@ -34,6 +34,12 @@ chosen by measurement (docs/results.md, issue 12's fourth pass)."""
 MAX_PIECES = 64
 
 
+def check_digest(digest: str) -> None:
+    """Raise ValueError unless `digest` is a valid `outer.digest`."""
+    if digest not in DIGEST_MODES:
+        raise ValueError(f"outer.digest must be one of {', '.join(DIGEST_MODES)}, got {digest!r}")
+
+
 def check_pieces(pieces: int) -> None:
     """Raise ValueError unless `pieces` is a valid `comm.pieces`."""
     if isinstance(pieces, bool) or not isinstance(pieces, int) or not 1 <= pieces <= MAX_PIECES:

@@ -109,7 +109,8 @@ class RunReport:
         intra = f" (+{mb(stats.intra_bytes)} in-worker)" if stats.intra_bytes else ""
         frag = f" | fragment {stats.fragment}" if self.cfg.outer.fragments > 1 else ""
         hidden = f" ({stats.seconds_hidden:.3f} s hidden)" if stats.seconds_hidden else ""
-        hashed = "" if stats.hash_step == stats.outer_step else f" (of outer {stats.hash_step})"  # outer.digest
+        hashed = ("" if stats.hash_step == stats.outer_step else " (none yet)" if stats.hash_step < 0
+                  else f" (of outer {stats.hash_step})")  # outer.digest = background: the previous state's
         log.info("outer %d | step %d%s | loss %.4f | sent %s recv %s%s | %.3f s%s | peers %d | hash %s%s",
                  stats.outer_step, inner_step, frag, loss, mb(stats.bytes_sent), mb(stats.bytes_received),
                  intra, stats.seconds, hidden, stats.num_peers, stats.global_hash[:12] or "-", hashed)

@@ -127,6 +127,8 @@ def test_torchrun_with_background_digest_ends_on_the_same_state(procs, tmp_path)
         assert [(r["hash_step"], r["global_hash"]) for r in lines[0]] == \
                [(r["hash_step"], r["global_hash"]) for r in lines[1]]
         hashes[mode] = (found[0]["global_hash"], [(r["hash_step"], r["global_hash"]) for r in lines[0]])
+        if mode == "background":  # the sync lines say whose hash they print
+            assert "hash - (none yet)" in res.stdout and f"hash {lines[0][1]['global_hash'][:12]} (of outer 1)" in res.stdout
     (final, records), (final_bg, late) = hashes["step"], hashes["background"]
     assert final == final_bg and [h for h, _ in records] == [1, 2, 3, 4]
     assert late == [(-1, "")] + records[:-1]
